@@ -1,0 +1,3 @@
+"""crlf: Contrastive Representation Learning Framework."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,27 @@
+"""The exceptions crlf raises on purpose; each carries the exit code the CLI returns for it."""
+
+from __future__ import annotations
+
+
+class CrlfError(Exception):
+    """A failure with a one-line message meant for the user (no traceback is shown)."""
+
+    exit_code = 1
+
+
+class InputError(CrlfError):
+    """Bad usage or invalid input: a setting, a data set, a checkpoint, a path (exit 2)."""
+
+    exit_code = 2
+
+
+class RunError(CrlfError):
+    """Failure during work: diverged loss, out of memory, I/O (exit 1)."""
+
+    exit_code = 1
+
+
+class LockedError(CrlfError):
+    """Another process holds the run directory's lock (exit 75, EX_TEMPFAIL)."""
+
+    exit_code = 75

@@ -1,0 +1,224 @@
+"""Validated settings, one model per subcommand, built from small shared groups.
+
+Precedence: CLI flags > ``CRLF_*`` environment variables > ``--config`` TOML file > defaults.
+The groups are flat (one field = one flag = one env var = one TOML key), so ``--epochs``,
+``CRLF_EPOCHS`` and ``epochs = 3`` are the same setting. Field descriptions are the ``--help`` text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from crlf.errors import InputError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+_STRICT = ConfigDict(extra="forbid", validate_assignment=True)
+
+DataSource = Literal["digits", "cifar10", "cifar100", "stl10", "folder", "npy", "npz"]
+
+
+class DataSettings(BaseModel):
+    """Where the images come from and how they are prepared (shared by every subcommand)."""
+
+    model_config = _STRICT
+
+    data: DataSource = Field("digits", description="Data source: digits (offline, ships with scikit-learn), cifar10, cifar100, stl10, folder (a tree of images), npy / npz (uint8 N x H x W x C arrays).")
+    data_dir: Path | None = Field(None, description="Where the data lives: the download / root folder for cifar10, cifar100 and stl10 (default ./data), the image folder for 'folder', the file for npy / npz.")
+    split: Literal["train", "test", "unlabeled", "train+unlabeled"] | None = Field(None, description="Which split to read; default: train (stl10: train+unlabeled for pretraining).")
+    image_size: int | None = Field(None, gt=0, description="Side of the square images in pixels; default: the source's own (32 for digits and CIFAR, 96 for STL-10, 64 for folders).")
+    limit: int | None = Field(None, gt=0, description="Use a random subset of this many images (fixed seed): for quick runs.")
+    download: bool = Field(True, description="Download cifar10 / cifar100 / stl10 when absent (--no-download: fail with a message instead).")
+    cache_dir: Path | None = Field(None, description="Where decoded image folders are cached (default: $XDG_CACHE_HOME/crlf or ~/.cache/crlf).")
+
+    @model_validator(mode="after")
+    def _needs_path(self) -> "DataSettings":
+        if self.data in ("folder", "npy", "npz") and self.data_dir is None:
+            raise ValueError(f"--data {self.data} needs --data-dir (the {'folder' if self.data == 'folder' else 'file'} to read)")
+        return self
+
+
+class DeviceSettings(BaseModel):
+    """Which accelerator and numeric precision to use."""
+
+    model_config = _STRICT
+
+    device: str = Field("auto", description="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on CUDA, float32 elsewhere.")
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
+            raise ValueError(f"unknown device '{v}': use auto, cpu, cuda, cuda:N or mps")
+        return v
+
+
+class ModelSettings(BaseModel):
+    """The encoder (backbone) and the projection head."""
+
+    model_config = _STRICT
+
+    arch: Literal["resnet18", "resnet34", "resnet50"] = Field("resnet18", description="Backbone architecture (torchvision ResNet).")
+    stem: Literal["auto", "cifar", "imagenet"] = Field("auto", description="cifar: 3x3 conv, stride 1, no max-pool; imagenet: 7x7 conv, stride 2, max-pool; auto: cifar for images <= 64 px.")
+    head_hidden: int = Field(2048, gt=0, description="Width of the projection head's hidden layers.")
+    head_out: int = Field(128, gt=0, description="Output size of the projection head (the space the loss works in).")
+    head_layers: int = Field(2, ge=1, le=4, description="Linear layers in the projection head (2 = SimCLR's MLP).")
+    head_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before each hidden linear layer of the head except the first (the seeds use 0.1).")
+
+
+class AugmentSettings(BaseModel):
+    """Strengths of the SimCLR augmentations, applied batched with per-image random parameters."""
+
+    model_config = _STRICT
+
+    crop_min_scale: float = Field(0.2, gt=0.0, le=1.0, description="Random resized crop: smallest area fraction.")
+    crop_max_scale: float = Field(1.0, gt=0.0, le=1.0, description="Random resized crop: largest area fraction.")
+    flip_p: float = Field(0.5, ge=0.0, le=1.0, description="Probability of a horizontal flip.")
+    jitter_strength: float = Field(0.5, ge=0.0, description="Colour jitter strength s: brightness, contrast, saturation 0.8 s, hue 0.2 s.")
+    jitter_p: float = Field(0.8, ge=0.0, le=1.0, description="Probability of colour jitter.")
+    grayscale_p: float = Field(0.2, ge=0.0, le=1.0, description="Probability of converting to grayscale.")
+    blur_p: float = Field(0.0, ge=0.0, le=1.0, description="Probability of Gaussian blur (kernel 10% of the image, sigma 0.1-2).")
+    rotation: float = Field(0.0, ge=0.0, le=180.0, description="Largest random rotation in degrees (0: off).")
+    noise_std: float = Field(0.0, ge=0.0, description="Standard deviation of additive Gaussian noise on [0, 1] pixels (0: off).")
+    solarize_p: float = Field(0.0, ge=0.0, le=1.0, description="Probability of solarization (pixels above 0.5 inverted).")
+
+    @model_validator(mode="after")
+    def _crop_range(self) -> "AugmentSettings":
+        if self.crop_min_scale > self.crop_max_scale:
+            raise ValueError(f"crop_min_scale ({self.crop_min_scale}) must not exceed crop_max_scale ({self.crop_max_scale})")
+        return self
+
+
+class OptimSettings(BaseModel):
+    """Optimizer, learning-rate schedule and loss."""
+
+    model_config = _STRICT
+
+    epochs: int = Field(100, ge=1, description="Passes over the data set.")
+    batch_size: int = Field(512, ge=2, description="Source images per step (each gives two views).")
+    optimizer: Literal["sgd", "lars", "adam"] = Field("sgd", description="sgd (momentum 0.9), lars (SimCLR's) or adam (the seeds').")
+    lr: float | None = Field(None, gt=0.0, description="Peak learning rate; default: 0.06 x batch/64 for sgd, 0.3 x batch/256 for lars, 3e-4 for adam.")
+    weight_decay: float | None = Field(None, ge=0.0, description="Weight decay; default: 5e-4 for sgd, 1e-6 for lars, 1e-4 for adam.")
+    schedule: Literal["cosine", "none", "plateau"] = Field("cosine", description="cosine: warm-up then cosine decay to 0 over the epoch budget; none: constant; plateau: halve when the epoch loss stalls for 5 epochs.")
+    warmup_epochs: float = Field(1.0, ge=0.0, description="Linear warm-up length in epochs (clipped to the run).")
+    grad_clip: float = Field(0.0, ge=0.0, description="Clip the gradient norm to this value (0: off).")
+    temperature: float = Field(0.2, gt=0.0, description="NT-Xent temperature; 0.1-0.5 suits CIFAR, below 0.07 is often unstable.")
+    seed: int = Field(0, ge=0, description="Seed for weights, shuffling and augmentation: the same seed gives the same run on CPU.")
+
+    @property
+    def resolved_lr(self) -> float:
+        """The learning rate actually used: explicit, or the optimizer's default scaled with the batch."""
+        if self.lr is not None:
+            return self.lr
+        return {"sgd": 0.06 * self.batch_size / 64, "lars": 0.3 * self.batch_size / 256, "adam": 3e-4}[self.optimizer]
+
+    @property
+    def resolved_weight_decay(self) -> float:
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return {"sgd": 5e-4, "lars": 1e-6, "adam": 1e-4}[self.optimizer]
+
+
+class RunSettings(BaseModel):
+    """The run directory and how often it is written."""
+
+    model_config = _STRICT
+
+    out: Path = Field(Path("runs/pretrain"), description="Run directory: config, metrics, checkpoints and the final encoder.")
+    checkpoint_every: int = Field(1, ge=1, description="Save a snapshot in checkpoints/ every N epochs (last.safetensors is written every epoch).")
+    keep_checkpoints: int = Field(3, ge=1, description="How many snapshots to keep in checkpoints/.")
+    compile: bool = Field(False, description="torch.compile the model (CUDA; slower start, faster steps).")
+    log_every: float = Field(30.0, gt=0.0, description="Seconds between plain progress lines when stderr is not a terminal.")
+
+
+_config_file: ContextVar[Path | None] = ContextVar("crlf_config_file", default=None)
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    """Values from the ``--config`` TOML file (flat keys, or one ``[pretrain]``-style table)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None, section: str):
+        super().__init__(settings_cls)
+        self.values = read_toml(path, section) if path is not None else {}
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self.values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self.values)
+
+
+def read_toml(path: Path, section: str) -> dict[str, Any]:
+    """Read a config file; a table named after the subcommand (e.g. ``[pretrain]``) is merged over the top level."""
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read config file {path}: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(f"config file {path} is not valid TOML: {e}") from None
+    table = data.pop(section, {})
+    if not isinstance(table, dict):
+        raise InputError(f"config file {path}: '{section}' must be a table")
+    return {**{k: v for k, v in data.items() if not isinstance(v, dict)}, **table}
+
+
+class _CommandSettings(BaseSettings):
+    """Base of the per-subcommand models: env prefix, TOML source, strict keys."""
+
+    model_config = SettingsConfigDict(env_prefix="CRLF_", extra="forbid", validate_assignment=True)
+    section: ClassVar[str] = ""  # the subcommand: also the name of its table in a config file
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):  # type: ignore[override]
+        return (init_settings, env_settings, _TomlSource(settings_cls, _config_file.get(), cls.section))
+
+
+class PretrainSettings(RunSettings, OptimSettings, AugmentSettings, ModelSettings, DeviceSettings, DataSettings, _CommandSettings):
+    """Everything ``crlf pretrain`` needs."""
+
+    section: ClassVar[str] = "pretrain"
+
+
+def resolve(cls: type[_CommandSettings], cli_values: dict[str, Any], config: Path | None = None) -> _CommandSettings:
+    """Build settings with precedence CLI > CRLF_* env > TOML > defaults; raise InputError listing every problem."""
+    token = _config_file.set(config)
+    try:
+        return cls(**{k: v for k, v in cli_values.items() if v is not None})
+    except ValidationError as e:
+        raise InputError("invalid settings: " + "; ".join(_describe(err) for err in e.errors())) from None
+    finally:
+        _config_file.reset(token)
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err.get("loc", ()))
+    msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+    if err.get("type") == "extra_forbidden":
+        return f"unknown setting '{loc}'"
+    if not loc:
+        return msg
+    value = err.get("input")
+    shown = "" if isinstance(value, dict) or value is None else f" (got {value!r})"
+    return f"{loc.replace('_', '-')}: {msg}{shown}"
+
+
+def to_toml(settings: BaseModel) -> str:
+    """The resolved settings as a TOML file that ``--config`` reads back (None values are left out)."""
+    lines = []
+    for name, value in settings.model_dump(mode="json").items():
+        if value is not None:
+            lines.append(f"{name} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"

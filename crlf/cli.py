@@ -1,0 +1,160 @@
+"""The Typer app: one thin function per subcommand (settings -> engine call -> output).
+
+Each subcommand's options are generated from its Pydantic settings model, so a flag, its env var, its TOML
+key and its --help text cannot drift apart. Only flags the user typed are passed on (they default to None),
+which is what gives the precedence CLI > CRLF_* env > --config file > defaults.
+"""
+
+import inspect
+import os
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from pydantic import BaseModel
+
+from crlf import __version__, output
+from crlf.errors import CrlfError
+from crlf.settings import (AugmentSettings, DataSettings, DeviceSettings, ModelSettings, OptimSettings,
+                           PretrainSettings, RunSettings, resolve, to_toml)
+
+app = typer.Typer(
+    name="crlf",
+    help="Contrastive Representation Learning Framework: self-supervised image encoders (SimCLR).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_PANELS = [(DataSettings, "Data"), (ModelSettings, "Model"), (AugmentSettings, "Augmentation"),
+           (OptimSettings, "Optimisation"), (DeviceSettings, "Device"), (RunSettings, "Run directory")]
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", envvar="CRLF_CONFIG", help="TOML file of settings (flat keys, or a table named after the subcommand).", rich_help_panel="Output")]
+PrintConfigOpt = Annotated[bool, typer.Option("--print-config", help="Print the resolved settings as TOML (JSON with --json) and exit.", rich_help_panel="Output")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Write the result to stdout as JSON.", rich_help_panel="Output")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and warnings on stderr.", rich_help_panel="Output")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug messages on stderr.", rich_help_panel="Output")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"crlf {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_version, help="Print the version and exit.")] = False) -> None:
+    """Contrastive Representation Learning Framework: self-supervised image encoders (SimCLR)."""
+
+
+def _panel(name: str) -> str:
+    return next((title for group, title in _PANELS if name in group.model_fields), "Options")
+
+
+def _cli_type(annotation: Any) -> type:
+    """The type Typer parses a field as: numbers and booleans natively, everything else as text for Pydantic."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    base = args[0] if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union else annotation
+    return base if base in (int, float, bool) else str
+
+
+def settings_options(model: type[BaseModel]) -> list[inspect.Parameter]:
+    """One keyword parameter (a Typer option, default None = not given) per settings field."""
+    params = []
+    for name, field in model.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        kind = _cli_type(field.annotation)
+        decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
+        default = field.default
+        shown = str(default) if default is not None else False
+        opt = typer.Option(*decls, help=field.description, show_default=shown, rich_help_panel=_panel(name))
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[kind], opt]))
+    return params
+
+
+def settings_command(name: str, model: type[BaseModel], extra: Callable[..., Any], help: str) -> None:
+    """Register `extra` (which declares the non-setting options) as a subcommand taking every settings field too."""
+    own = list(inspect.signature(extra).parameters.values())
+
+    def command(**kwargs: Any) -> None:
+        settings_values = {k: kwargs.pop(k) for k in list(kwargs) if k in model.model_fields}
+        extra(settings_values=settings_values, **kwargs)
+
+    command.__signature__ = inspect.Signature([p for p in own if p.name != "settings_values"] + settings_options(model))  # type: ignore[attr-defined]
+    command.__doc__ = help
+    app.command(name, help=help)(command)
+
+
+def _guarded(quiet: bool, verbose: bool, work: Callable[[], int | None]) -> None:
+    """Run `work`, turning known failures into one line and their exit code (CRLF_DEBUG=1 shows tracebacks)."""
+    output.setup_logging(quiet=quiet, verbose=verbose)
+    debug = os.environ.get("CRLF_DEBUG", "") not in ("", "0")
+    try:
+        code = work()
+    except CrlfError as e:
+        if debug:
+            raise
+        output.error(str(e))
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        output.error("interrupted")
+        raise typer.Exit(130) from None
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if debug:
+            raise
+        if type(e).__name__ == "OutOfMemoryError":
+            output.error("out of memory on the device; try a smaller --batch-size")
+        else:
+            output.error(f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (set CRLF_DEBUG=1 for the traceback)")
+        raise typer.Exit(1) from None
+    if code:
+        raise typer.Exit(code)
+
+
+def _pretrain(settings_values: dict[str, Any], config: ConfigOpt = None, resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint; do nothing if it is complete; start fresh if it has none.", rich_help_panel="Output")] = False,
+              force: Annotated[bool, typer.Option("--force", help="Discard the run already in --out and start over.", rich_help_panel="Output")] = False,
+              print_config: PrintConfigOpt = False, json: JsonOpt = False, quiet: QuietOpt = False, verbose: VerboseOpt = False) -> None:
+    def work() -> None:
+        settings = resolve(PretrainSettings, settings_values, config)
+        if print_config:
+            if json:
+                output.emit_json(settings.model_dump(mode="json"))
+            else:
+                sys.stdout.write(to_toml(settings))
+            return
+        from crlf.engine.train import pretrain  # torch is imported only when there is work to do
+
+        reporter = output.TrainingReporter(quiet=quiet, bar=not json, log_every=settings.log_every)
+        try:
+            summary = pretrain(settings, reporter, resume=resume, force=force)
+        finally:
+            reporter.close()
+        if json:
+            output.emit_json(summary)
+        elif summary["status"] == "trained":
+            output.console.print(f"done: {summary['epochs']} epochs, final loss {summary['final_loss']}, encoder in {summary['encoder']}", markup=False)
+
+    _guarded(quiet, verbose, work)
+
+
+settings_command("pretrain", PretrainSettings, _pretrain, "Pretrain an image encoder without labels (SimCLR) and write a run directory.")
+
+
+def _not_yet(name: str) -> None:
+    @app.command(name, help=f"(not yet available in crlf {__version__})", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def command(ctx: typer.Context) -> None:
+        output.error(f"'crlf {name}' is not yet available in crlf {__version__}")
+        raise typer.Exit(2)
+
+
+for _name in ("extract", "linear-eval", "visualize"):
+    _not_yet(_name)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="crlf")

@@ -1,0 +1,165 @@
+"""Safetensors checkpoints: atomic writes, self-describing metadata, the encoder file and the resumable state.
+
+Two kinds of file, told apart by the metadata key ``format``:
+- ``crlf-encoder``: the backbone alone, keys as in torchvision's ResNet (``conv1.weight``, ``layer1.0...``).
+- ``crlf-state``: everything ``--resume`` needs: ``model.*`` (backbone + head), ``optim.*`` (optimizer
+  buffers), and in the metadata the optimizer's param groups, the epoch, the schedule state and the config.
+No pickle anywhere: tensors go to safetensors, everything else to JSON strings in the metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as st_save
+from torch import nn
+
+from crlf import __version__
+from crlf.engine.model import build_backbone
+from crlf.errors import InputError
+
+ENCODER_FORMAT = "crlf-encoder"
+STATE_FORMAT = "crlf-state"
+FORMAT_VERSION = "1"
+
+
+def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """Write via `write(file)` to a temp file in the same directory, fsync, then rename over `path`.
+
+    A crash at any moment leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Atomically write a safetensors file (tensors moved to CPU and made contiguous)."""
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    data = st_save(cpu, metadata={"crlf_version": __version__, "format_version": FORMAT_VERSION, **metadata})
+    atomic_write(path, lambda f: f.write(data))
+
+
+def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read every tensor and the metadata of a safetensors file; InputError when it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise InputError(f"{path} is not a readable safetensors file (truncated or corrupt?): {str(e).splitlines()[0]}") from None
+    return tensors, metadata
+
+
+def encoder_metadata(config: dict[str, Any], *, stem: str, image_size: int, feature_dim: int, mean: list[float], std: list[float], epoch: int) -> dict[str, str]:
+    """What a reader of the encoder needs without the run directory: architecture, input size, normalisation, config."""
+    return {
+        "arch": config["arch"],
+        "stem": stem,
+        "feature_dim": str(feature_dim),
+        "image_size": str(image_size),
+        "mean": json.dumps(mean),
+        "std": json.dumps(std),
+        "epoch": str(epoch),
+        "config": json.dumps(config),
+    }
+
+
+def save_encoder(path: Path, backbone: nn.Module, metadata: dict[str, str]) -> None:
+    """The backbone alone, in torchvision key names, for extract / linear-eval / other programs."""
+    save_tensors(path, backbone.state_dict(), {"format": ENCODER_FORMAT, **metadata})
+
+
+def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Load a crlf encoder (or the backbone of a training state) ready for inference, with its parsed metadata.
+
+    Raises InputError for a file that is not a crlf checkpoint, is truncated, or does not match its architecture.
+    """
+    tensors, meta = read_tensors(Path(path))
+    fmt = meta.get("format")
+    if fmt == STATE_FORMAT:
+        tensors = {k[len("model.backbone."):]: v for k, v in tensors.items() if k.startswith("model.backbone.")}
+    elif fmt != ENCODER_FORMAT:
+        raise InputError(f"{path} is not a crlf checkpoint (no crlf format in its metadata); expected a file written by crlf pretrain")
+    info = parse_metadata(meta, path)
+    backbone = build_backbone(info["arch"], info["stem"])
+    try:
+        backbone.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise InputError(f"{path} does not match a {info['arch']} ({info['stem']} stem) encoder: {first}") from None
+    return backbone.to(device).eval(), info
+
+
+def parse_metadata(meta: dict[str, str], path: str | Path) -> dict[str, Any]:
+    """Metadata strings -> typed values; InputError naming the missing key when the file is incomplete."""
+    try:
+        return {
+            "format": meta["format"],
+            "crlf_version": meta.get("crlf_version", "?"),
+            "arch": meta["arch"],
+            "stem": meta["stem"],
+            "feature_dim": int(meta["feature_dim"]),
+            "image_size": int(meta["image_size"]),
+            "mean": json.loads(meta["mean"]),
+            "std": json.loads(meta["std"]),
+            "epoch": int(meta["epoch"]),
+            "config": json.loads(meta["config"]),
+        }
+    except (KeyError, ValueError) as e:
+        raise InputError(f"{path}: crlf checkpoint metadata is incomplete or damaged ({e}); re-create it with crlf pretrain") from None
+
+
+def save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, metadata: dict[str, str], progress: dict[str, Any]) -> None:
+    """Full training state for --resume: weights, optimizer buffers and param groups, progress (epoch, schedule state)."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for idx, buffers in opt["state"].items():
+        for name, value in buffers.items():
+            tensors[f"optim.{idx}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    meta = {**metadata, "format": STATE_FORMAT, "param_groups": json.dumps(opt["param_groups"]), "progress": json.dumps(progress)}
+    save_tensors(path, tensors, meta)
+
+
+def load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore weights and optimizer from a state file (strictly); returns the saved progress dict."""
+    tensors, meta = read_tensors(path)
+    if meta.get("format") != STATE_FORMAT:
+        raise InputError(f"{path} is not a crlf training state; delete it or start a fresh run in another --out")
+    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(weights, strict=True)
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, idx, name = key.split(".", 2)
+                state.setdefault(int(idx), {})[name] = value
+        optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+        return json.loads(meta["progress"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise InputError(f"{path} does not match this run's model or optimizer ({str(e).splitlines()[0]}); use --force to start over") from None

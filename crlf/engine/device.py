@@ -1,0 +1,70 @@
+"""Device choice (auto: cuda > mps > cpu), precision policy and seeding."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from typing import ContextManager
+
+import numpy as np
+import torch
+
+from crlf.errors import InputError
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """Resolve 'auto' / 'cpu' / 'cuda' / 'cuda:N' / 'mps' to an available torch.device, or raise InputError."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {name}: no CUDA GPU is available here; use --device cpu (or auto)")
+        device = torch.device(name)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+        return device
+    if name == "mps":
+        if not _mps_available():
+            raise InputError("--device mps: Apple's MPS backend is not available here; use --device cpu (or auto)")
+        return torch.device("mps")
+    raise InputError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps")
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for this device: bf16 on CUDA under 'auto', None (float32) elsewhere."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16" or device.type == "cuda":
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
+    """An autocast context for the forward pass, or a no-op when running in float32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices): the same seed gives the same CPU run."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_generator(device: torch.device, seed: int) -> torch.Generator:
+    """A torch.Generator on `device` (augmentation draws stay on the device: no host round trip)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen

@@ -1,0 +1,90 @@
+"""Optimizers (SGD, LARS, Adam) and the learning-rate schedules, as small pure pieces."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+class LARS(torch.optim.Optimizer):
+    """Layer-wise Adaptive Rate Scaling (You et al. 2017) as SimCLR uses it: SGD with momentum whose step for each
+    weight matrix is scaled by trust * ||w|| / ||grad + wd * w||; biases and norm parameters (1-D) are neither
+    adapted nor decayed. The ratio stays on the device (torch.where), so a step never synchronises with the host.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, trust: float = 0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust=trust))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if p.ndim > 1:  # weight matrices / conv kernels: decay and adapt
+                    grad = grad.add(p, alpha=group["weight_decay"])
+                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(grad)
+                    ratio = torch.where((w_norm > 0) & (g_norm > 0), group["trust"] * w_norm / g_norm, torch.ones_like(w_norm))
+                    grad = grad.mul(ratio)
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = grad.clone()
+                else:
+                    buf.mul_(group["momentum"]).add_(grad)
+                p.add_(buf, alpha=-group["lr"])
+        return None
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """sgd (momentum 0.9, nesterov off), lars, or adam; 1-D parameters (biases, BatchNorm) get no weight decay."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    if name == "lars":
+        return LARS(groups, lr=lr)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    raise ValueError(f"unknown optimizer '{name}': choose sgd, lars or adam")
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, schedule: str) -> float:
+    """Learning rate at `step` (0-based): linear warm-up to `peak`, then cosine decay to 0 ('cosine') or flat."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    if schedule != "cosine":
+        return peak
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class Plateau:
+    """ReduceLROnPlateau on the epoch loss (the seeds' schedule): halve the lr after `patience` epochs without a
+    relative improvement of `threshold`. Its state is a few numbers, saved as JSON in the checkpoint."""
+
+    factor: float = 0.5
+    patience: int = 5
+    threshold: float = 1e-4
+    best: float = math.inf
+    bad_epochs: int = 0
+    scale: float = 1.0
+
+    def update(self, loss: float) -> float:
+        """Record an epoch's loss; returns the lr multiplier for the next epoch."""
+        if loss < self.best * (1.0 - self.threshold):
+            self.best, self.bad_epochs = loss, 0
+        else:
+            self.bad_epochs += 1
+            if self.bad_epochs > self.patience:
+                self.scale *= self.factor
+                self.bad_epochs = 0
+        return self.scale
+
+    def state(self) -> dict:
+        return asdict(self)

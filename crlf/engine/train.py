@@ -1,0 +1,238 @@
+"""The pretraining loop: data on the device as uint8, batched augmentation, one forward over both views, NT-Xent.
+
+No DataLoader and no per-image Python: each step indexes a batch, draws two augmented views with per-sample
+parameters on the device, and runs encoder + head on the 2B views at once. Nothing in the step loop reads a
+value back to the host; the epoch's loss is summed on the device and read once at the end of the epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+import torch
+
+from crlf.engine import augment, data
+from crlf.engine.checkpoint import atomic_write, encoder_metadata, load_state, save_encoder, save_state
+from crlf.engine.device import autocast, autocast_dtype, make_generator, seed_everything, select_device
+from crlf.engine.loss import nt_xent
+from crlf.engine.model import SimCLR, build_backbone, build_head, feature_dim, resolve_stem
+from crlf.engine.optim import Plateau, build_optimizer, lr_at
+from crlf.engine.rundir import RunDir
+from crlf.errors import InputError, RunError
+from crlf.settings import PretrainSettings
+
+log = logging.getLogger(__name__)
+
+# Settings that define what a run *is*: resuming with another value would silently mix two experiments.
+IDENTITY_KEYS = ("data", "data_dir", "split", "image_size", "limit", "arch", "stem", "head_hidden", "head_out",
+                 "head_layers", "head_dropout", "batch_size", "optimizer", "seed")
+
+
+class Reporter(Protocol):
+    """How the loop tells the outside world about progress (output.py draws it; tests may record it)."""
+
+    def on_start(self, info: dict[str, Any]) -> None: ...
+    def on_step(self, epoch: int, step: int, steps: int) -> None: ...
+    def on_epoch(self, metrics: dict[str, Any]) -> None: ...
+
+
+class _Silent:
+    def on_start(self, info: dict[str, Any]) -> None: ...
+    def on_step(self, epoch: int, step: int, steps: int) -> None: ...
+    def on_epoch(self, metrics: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class _Setup:
+    """Everything built once before the first step."""
+
+    model: torch.nn.Module
+    step_model: torch.nn.Module  # the model, compiled when asked
+    optimizer: torch.optim.Optimizer
+    images: torch.Tensor  # uint8 (N, 3, H, W), on the device when it fits
+    mean: torch.Tensor  # (1, 3, 1, 1) on the device
+    std: torch.Tensor
+    stem: str
+    device: torch.device
+    amp: torch.dtype | None
+
+
+def pretrain(settings: PretrainSettings, reporter: Reporter | None = None, *, resume: bool = False, force: bool = False) -> dict[str, Any]:
+    """Train an encoder with SimCLR as `settings` say, writing the run directory; returns a summary dict.
+
+    resume: continue from last.safetensors when there is one (a no-op when the run is complete);
+    force: discard whatever run the directory holds and start over.
+    """
+    reporter = reporter or _Silent()
+    run = RunDir(settings.out)
+    with run.locked(), run.logging_to_file():
+        progress = _prepare(run, settings, resume=resume, force=force)
+        if progress is not None and progress["epoch"] >= settings.epochs and run.encoder.is_file():
+            log.info("run %s is complete (%d epochs): nothing to do", run.path, progress["epoch"])
+            return {"status": "complete", "run_dir": str(run.path), "encoder": str(run.encoder), "epochs": progress["epoch"]}
+        atomic_write(run.config, lambda f: f.write(json.dumps(settings.model_dump(mode="json"), indent=2).encode()))
+        setup = _build(settings)
+        plateau = Plateau()
+        start = 0
+        if progress is not None:
+            progress = load_state(run.last, setup.model, setup.optimizer)
+            start = progress["epoch"]
+            plateau = Plateau(**progress["plateau"])
+            run.truncate_metrics(start)
+            log.info("resuming %s after epoch %d of %d", run.path, start, settings.epochs)
+        return _loop(settings, setup, run, reporter, start, plateau)
+
+
+def _prepare(run: RunDir, settings: PretrainSettings, *, resume: bool, force: bool) -> dict[str, Any] | None:
+    """Decide between fresh start and resume; returns the saved progress when resuming, else None."""
+    if force:
+        run.clear()
+        return None
+    if not run.has_run():
+        return None
+    if not resume:
+        raise InputError(f"{run.path} already holds a run: pass --resume to continue it, --force to start over, or choose another --out")
+    saved = run.saved_config()
+    if not run.last.is_file():
+        log.info("%s has no checkpoint yet: starting fresh", run.path)
+        return None
+    conflicts = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in settings.model_dump(mode="json").items()
+                 if k in IDENTITY_KEYS and k in saved and saved[k] != v]
+    if conflicts:
+        raise InputError(f"cannot resume {run.path}: settings differ from the saved run ({'; '.join(conflicts)}); use --force to start over")
+    return run.progress()
+
+
+def _build(settings: PretrainSettings) -> _Setup:
+    """Load the data, pick the device, build model and optimizer (seeded, so weights are reproducible)."""
+    images = data.load(settings)
+    if len(images) < settings.batch_size:
+        raise InputError(f"batch size {settings.batch_size} is larger than the data set ({len(images)} images): use --batch-size {len(images)} or less")
+    device = select_device(settings.device)
+    amp = autocast_dtype(device, settings.precision)
+    size = images.images.shape[-1]
+    stem = resolve_stem(settings.stem, size)
+    seed_everything(settings.seed)
+    model = SimCLR(build_backbone(settings.arch, stem),
+                   build_head(feature_dim(settings.arch), settings.head_hidden, settings.head_out, settings.head_layers, settings.head_dropout))
+    mean, std = channel_stats(images.images)
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, settings.optimizer, settings.resolved_lr, settings.resolved_weight_decay)
+    log.info("%d images %dx%d from %s; %s (%s stem) on %s%s; %d steps/epoch", len(images), size, size, images.source, settings.arch,
+             stem, device, f" ({str(amp).removeprefix('torch.')})" if amp else "", len(images) // settings.batch_size)
+    return _Setup(model=model, step_model=torch.compile(model) if settings.compile else model, optimizer=optimizer,
+                  images=_place(images.images, device), mean=torch.tensor(mean, device=device).view(1, 3, 1, 1),
+                  std=torch.tensor(std, device=device).view(1, 3, 1, 1), stem=stem, device=device, amp=amp)
+
+
+def _place(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Put the uint8 data set on the accelerator when it fits comfortably (CIFAR-10 is 150 MB), else pin it."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if images.nbytes < 0.3 * free:
+            return images.to(device)
+        log.info("data set (%.1f GB) stays in pinned host memory", images.nbytes / 1e9)
+        return images.pin_memory()
+    return images.to(device)
+
+
+def channel_stats(images: torch.Tensor, sample: int = 10_000) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std on [0, 1] of (up to `sample` evenly spaced) images: the normalisation the encoder keeps."""
+    step = max(1, len(images) // sample)
+    x = images[::step].to(torch.float64) / 255.0
+    return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+
+
+def _loop(settings: PretrainSettings, s: _Setup, run: RunDir, reporter: Reporter, start: int, plateau: Plateau) -> dict[str, Any]:
+    n = len(s.images)
+    bsz = settings.batch_size
+    steps = n // bsz  # drop the last partial batch: every step sees the same number of negatives
+    total_steps = steps * settings.epochs
+    warmup = min(total_steps, round(settings.warmup_epochs * steps))
+    peak = settings.resolved_lr
+    gen = make_generator(s.device, settings.seed)
+    index_device = s.images.device  # batches are drawn where the data lives
+    index_gen = gen if index_device == s.device else make_generator(index_device, settings.seed)
+    reporter.on_start({"epochs": settings.epochs, "start_epoch": start, "steps": steps, "images": n, "device": str(s.device)})
+    history = []
+    for epoch in range(start, settings.epochs):
+        # Every epoch's randomness depends on (seed, epoch) alone, so a run resumed at an epoch boundary
+        # draws exactly the batches and augmentations the uninterrupted run would have.
+        epoch_seed = settings.seed * 1_000_003 + epoch
+        gen.manual_seed(epoch_seed)
+        index_gen.manual_seed(epoch_seed)
+        torch.manual_seed(epoch_seed)  # dropout
+        perm = torch.randperm(n, generator=index_gen, device=index_device)
+        s.model.train()
+        loss_sum = torch.zeros((), device=s.device)
+        t0 = time.perf_counter()
+        lr = peak
+        for step in range(steps):
+            lr = lr_at(epoch * steps + step, total_steps, warmup, peak, settings.schedule) * plateau.scale
+            for group in s.optimizer.param_groups:
+                group["lr"] = lr
+            batch = s.images[perm[step * bsz:(step + 1) * bsz]].to(s.device, non_blocking=True)
+            loss_sum += _step(settings, s, batch, gen)
+            reporter.on_step(epoch, step + 1, steps)
+        loss = (loss_sum / steps).item()  # the one host sync of the epoch
+        seconds = time.perf_counter() - t0
+        if not math.isfinite(loss):
+            raise RunError(f"loss became {loss} in epoch {epoch + 1}; the last good checkpoint (epoch {epoch}) is kept in {run.path}. "
+                           "Try a lower --lr, --grad-clip 1.0 or a higher --temperature")
+        if settings.schedule == "plateau":
+            plateau.update(loss)
+        metrics = {"epoch": epoch + 1, "loss": round(loss, 6), "lr": lr, "images_per_s": round(steps * bsz / seconds, 1),
+                   "seconds": round(seconds, 3), "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        _save(settings, s, run, epoch + 1, plateau)
+        run.append_metrics(metrics)
+        history.append(metrics)
+        reporter.on_epoch(metrics)
+    _save_encoder(settings, s, run, settings.epochs)
+    return {"status": "trained", "run_dir": str(run.path), "encoder": str(run.encoder), "epochs": settings.epochs,
+            "epochs_run": len(history), "final_loss": history[-1]["loss"] if history else None,
+            "images_per_s": round(sum(m["images_per_s"] for m in history) / max(1, len(history)), 1),
+            "seconds": round(sum(m["seconds"] for m in history), 3), "device": str(s.device)}
+
+
+def _step(settings: PretrainSettings, s: _Setup, batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One optimisation step on a uint8 batch; returns the loss as a device tensor (no host sync)."""
+    v1, v2 = augment.views(batch, settings, gen)
+    x = (torch.cat([v1, v2]) - s.mean) / s.std  # (2B, 3, H, W)
+    if s.device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(s.device, s.amp):
+        z = s.step_model(x)
+    loss = nt_xent(z[: len(batch)], z[len(batch):], settings.temperature)
+    s.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if settings.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(s.model.parameters(), settings.grad_clip)
+    s.optimizer.step()
+    return loss.detach()
+
+
+def _metadata(settings: PretrainSettings, s: _Setup, epoch: int) -> dict[str, str]:
+    return encoder_metadata(settings.model_dump(mode="json"), stem=s.stem, image_size=s.images.shape[-1],
+                            feature_dim=feature_dim(settings.arch), mean=s.mean.flatten().tolist(), std=s.std.flatten().tolist(), epoch=epoch)
+
+
+def _save(settings: PretrainSettings, s: _Setup, run: RunDir, epoch: int, plateau: Plateau) -> None:
+    """last.safetensors every epoch; a snapshot in checkpoints/ every `checkpoint_every` epochs, keeping the newest K."""
+    meta = _metadata(settings, s, epoch)
+    save_state(run.last, s.model, s.optimizer, meta, {"epoch": epoch, "plateau": plateau.state()})
+    if epoch % settings.checkpoint_every == 0 or epoch == settings.epochs:
+        run.snapshot(epoch, settings.keep_checkpoints)
+
+
+def _save_encoder(settings: PretrainSettings, s: _Setup, run: RunDir, epoch: int) -> None:
+    save_encoder(run.encoder, s.model.backbone, _metadata(settings, s, epoch))
+    log.info("encoder written to %s", run.encoder)
+

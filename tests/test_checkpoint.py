@@ -1,0 +1,117 @@
+"""Safetensors checkpoints: round trips, metadata, atomic writes, and clear errors for bad files."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torchvision import models
+
+from crlf import load_encoder
+from crlf.engine.checkpoint import atomic_write, encoder_metadata, load_state, read_tensors, save_encoder, save_state
+from crlf.engine.model import SimCLR, build_backbone, build_head
+from crlf.engine.optim import build_optimizer
+from crlf.errors import InputError
+
+
+def meta(arch="resnet18", stem="cifar"):
+    return encoder_metadata({"arch": arch, "epochs": 1}, stem=stem, image_size=32, feature_dim=512,
+                            mean=[0.5, 0.4, 0.3], std=[0.2, 0.2, 0.2], epoch=1)
+
+
+def test_encoder_round_trip(tmp_path):
+    torch.manual_seed(0)
+    net = build_backbone("resnet18", "cifar").eval()
+    path = tmp_path / "enc.safetensors"
+    save_encoder(path, net, meta())
+    loaded, info = load_encoder(path)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded(x), net(x))
+    assert not loaded.training
+    assert info["arch"] == "resnet18" and info["stem"] == "cifar" and info["image_size"] == 32
+    assert info["mean"] == [0.5, 0.4, 0.3] and info["config"]["epochs"] == 1 and info["format"] == "crlf-encoder"
+
+
+def test_encoder_weights_load_into_plain_torchvision(tmp_path):
+    net = build_backbone("resnet18", "imagenet")
+    path = tmp_path / "enc.safetensors"
+    save_encoder(path, net, meta(stem="imagenet"))
+    tensors, metadata = read_tensors(path)
+    plain = models.resnet18(weights=None)
+    missing, unexpected = plain.load_state_dict(tensors, strict=False)
+    assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
+    assert metadata["format"] == "crlf-encoder" and json.loads(metadata["std"]) == [0.2, 0.2, 0.2]
+
+
+def test_truncated_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "enc.safetensors"
+    save_encoder(path, build_backbone("resnet18", "cifar"), meta())
+    data = path.read_bytes()
+    for cut in (10, len(data) // 2, len(data) - 1):
+        path.write_bytes(data[:cut])
+        with pytest.raises(InputError, match="not a readable safetensors file"):
+            load_encoder(path)
+
+
+def test_foreign_and_missing_files(tmp_path):
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(InputError, match="not a crlf checkpoint"):
+        load_encoder(foreign)
+    with pytest.raises(InputError, match="does not exist"):
+        load_encoder(tmp_path / "nope.safetensors")
+    text = tmp_path / "notes.safetensors"
+    text.write_text("hello")
+    with pytest.raises(InputError, match="not a readable"):
+        load_encoder(text)
+
+
+def test_mismatched_architecture(tmp_path):
+    path = tmp_path / "enc.safetensors"
+    save_encoder(path, build_backbone("resnet34", "cifar"), meta(arch="resnet18"))  # metadata lies
+    with pytest.raises(InputError, match="does not match a resnet18"):
+        load_encoder(path)
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "f.bin"
+    atomic_write(path, lambda f: f.write(b"old"))
+
+    def broken(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        atomic_write(path, broken)
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "lars", "adam"])
+def test_state_round_trip_continues_identically(tmp_path, optimizer):
+    def make():
+        torch.manual_seed(0)
+        model = SimCLR(build_backbone("resnet18", "cifar"), build_head(512, 16, 8))
+        return model, build_optimizer(model, optimizer, 0.01, 1e-4)
+
+    def step(model, opt, seed):
+        torch.manual_seed(seed)
+        loss = model(torch.randn(4, 3, 8, 8)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    model, opt = make()
+    step(model, opt, 1)
+    save_state(tmp_path / "last.safetensors", model, opt, meta(), {"epoch": 1, "plateau": {}})
+    step(model, opt, 2)
+
+    model2, opt2 = make()
+    progress = load_state(tmp_path / "last.safetensors", model2, opt2)
+    assert progress["epoch"] == 1
+    step(model2, opt2, 2)
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)
+    # the backbone of a training state loads as an encoder too
+    enc, info = load_encoder(tmp_path / "last.safetensors")
+    assert info["format"] == "crlf-state"

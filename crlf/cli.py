@@ -136,7 +136,7 @@ def _pretrain(settings_values: dict[str, Any], config: ConfigOpt = None, resume:
         if json:
             output.emit_json(summary)
         elif summary["status"] == "trained":
-            output.console.print(f"done: {summary['epochs']} epochs, final loss {summary['final_loss']}, encoder in {summary['encoder']}", markup=False)
+            output.log.info("done: %d epochs, final loss %s, encoder in %s", summary["epochs"], summary["final_loss"], summary["encoder"])
 
     _guarded(quiet, verbose, work)
 

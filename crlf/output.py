@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True, highlight=False)
+log = logging.getLogger("crlf.cli")
 
 
 class _ConsoleHandler(logging.Handler):
@@ -26,7 +27,7 @@ class _ConsoleHandler(logging.Handler):
         prefix = {logging.WARNING: "warning: ", logging.ERROR: "error: "}.get(record.levelno, "")
         if console.is_terminal:
             style = {logging.WARNING: "yellow", logging.ERROR: "red"}.get(record.levelno)
-            console.print(f"{prefix}{msg}", style=style, markup=False)
+            console.print(f"{prefix}{msg}", style=style, markup=False, soft_wrap=True)
         else:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
             console.file.write(f"{stamp} {prefix}{msg}\n")
@@ -55,12 +56,6 @@ def emit_json(result: Any) -> None:
     """A result on stdout as one JSON document (the only thing crlf ever writes to stdout besides data)."""
     sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
     sys.stdout.flush()
-
-
-def epoch_line(m: dict[str, Any], epochs: int) -> str:
-    """The human line for one epoch's metrics."""
-    return (f"epoch {m['epoch']}/{epochs}  loss {m['loss']:.4f}  lr {m['lr']:.4g}  "
-            f"{m['images_per_s']:,.0f} img/s  {m['seconds']:.1f} s")
 
 
 class TrainingReporter:
@@ -94,8 +89,7 @@ class TrainingReporter:
             self.log.info("epoch %d/%d  step %d/%d", epoch + 1, self.epochs, step, steps)
 
     def on_epoch(self, metrics: dict[str, Any]) -> None:
-        self.last_line = time.monotonic()
-        self.log.info(epoch_line(metrics, self.epochs))
+        self.last_line = time.monotonic()  # the engine has just logged the epoch's line
 
     def close(self) -> None:
         if self.progress is not None:

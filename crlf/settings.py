@@ -36,7 +36,7 @@ class DataSettings(BaseModel):
     data: DataSource = Field("digits", description="Data source: digits (offline, ships with scikit-learn), cifar10, cifar100, stl10, folder (a tree of images), npy / npz (uint8 N x H x W x C arrays).")
     data_dir: Path | None = Field(None, description="Where the data lives: the download / root folder for cifar10, cifar100 and stl10 (default ./data), the image folder for 'folder', the file for npy / npz.")
     split: Literal["train", "test", "unlabeled", "train+unlabeled"] | None = Field(None, description="Which split to read; default: train (stl10: train+unlabeled for pretraining).")
-    image_size: int | None = Field(None, gt=0, description="Side of the square images in pixels; default: the source's own (32 for digits and CIFAR, 96 for STL-10, 64 for folders).")
+    image_size: int | None = Field(None, gt=0, description="Side of the square images in pixels; default: the source's own (16 for digits, 32 for CIFAR, 96 for STL-10, 64 for folders).")
     limit: int | None = Field(None, gt=0, description="Use a random subset of this many images (fixed seed): for quick runs.")
     download: bool = Field(True, description="Download cifar10 / cifar100 / stl10 when absent (--no-download: fail with a message instead).")
     cache_dir: Path | None = Field(None, description="Where decoded image folders are cached (default: $XDG_CACHE_HOME/crlf or ~/.cache/crlf).")

@@ -64,12 +64,17 @@ class RunDir:
         """Copy crlf's log lines into train.log for the duration of the run."""
         handler = logging.FileHandler(self.log_file, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler.setLevel(logging.INFO)
         root = logging.getLogger("crlf")
+        level = root.level
+        if root.getEffectiveLevel() > logging.INFO:  # used as a library, with no logging set up
+            root.setLevel(logging.INFO)
         root.addHandler(handler)
         try:
             yield
         finally:
             root.removeHandler(handler)
+            root.setLevel(level)
             handler.close()
 
     def has_run(self) -> bool:

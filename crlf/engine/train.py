@@ -111,10 +111,10 @@ def _prepare(run: RunDir, settings: PretrainSettings, *, resume: bool, force: bo
 
 def _build(settings: PretrainSettings) -> _Setup:
     """Load the data, pick the device, build model and optimizer (seeded, so weights are reproducible)."""
+    device = select_device(settings.device)  # before the data: fail fast on a missing GPU
     images = data.load(settings)
     if len(images) < settings.batch_size:
         raise InputError(f"batch size {settings.batch_size} is larger than the data set ({len(images)} images): use --batch-size {len(images)} or less")
-    device = select_device(settings.device)
     amp = autocast_dtype(device, settings.precision)
     size = images.images.shape[-1]
     stem = resolve_stem(settings.stem, size)
@@ -194,6 +194,8 @@ def _loop(settings: PretrainSettings, s: _Setup, run: RunDir, reporter: Reporter
         _save(settings, s, run, epoch + 1, plateau)
         run.append_metrics(metrics)
         history.append(metrics)
+        log.info("epoch %d/%d  loss %.4f  lr %.4g  %s img/s  %.1f s", epoch + 1, settings.epochs, loss, lr,
+                 f"{metrics['images_per_s']:,.0f}", seconds)
         reporter.on_epoch(metrics)
     _save_encoder(settings, s, run, settings.epochs)
     return {"status": "trained", "run_dir": str(run.path), "encoder": str(run.encoder), "epochs": settings.epochs,

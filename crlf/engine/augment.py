@@ -1,0 +1,231 @@
+"""Batched SimCLR augmentations with per-sample random parameters, on any device.
+
+Modelled on airbench: the data set stays on the device as uint8 and each batch is augmented by a
+handful of batched tensor ops (no per-image Python, no DataLoader). Every op is a standard op that
+runs on cpu, cuda and mps, and nothing reads device data back to the host (no ``.item()``, no
+boolean indexing): per-sample choices are masks applied with ``torch.where`` or neutral factors.
+The colour ops match ``torchvision.transforms.v2.functional`` on float images in [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+from crlf.errors import InputError
+from crlf.settings import AugmentSettings
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class AugmentParams:
+    """Per-sample parameters of one batch, so a batch can be re-augmented or inspected; all (B,) tensors on one device.
+
+    ``None`` turns an op off for the whole batch: decided from the settings in Python, so ``apply``
+    skips the work without looking at device data.
+    """
+
+    top: Tensor  # crop box in source pixels, float; edge coordinates, so the full image is 0, 0, H, W
+    left: Tensor
+    height: Tensor
+    width: Tensor
+    flip: Tensor  # bool: mirror horizontally (after the crop)
+    angle: Tensor | None  # rotation in degrees, counter-clockwise like torchvision (after the flip)
+    jitter: Tensor | None  # bool: colour jitter, in the fixed order brightness, contrast, saturation, hue
+    brightness: Tensor  # jitter factors, drawn for every sample and used only where `jitter` is set
+    contrast: Tensor
+    saturation: Tensor
+    hue: Tensor  # in [-0.5, 0.5] turns
+    grayscale: Tensor | None  # bool
+    blur: Tensor | None  # bool
+    blur_sigma: Tensor  # pixels of the output image
+    solarize: Tensor | None  # bool: invert pixels >= 0.5
+    noise_std: Tensor | None  # additive Gaussian noise std on [0, 1] pixels
+
+    def to(self, device: torch.device | str) -> AugmentParams:
+        """The same parameters on `device` (a no-op when already there)."""
+        return AugmentParams(**{f.name: None if (v := getattr(self, f.name)) is None else v.to(device) for f in fields(self)})
+
+
+def sample_params(n: int, height: int, width: int, cfg: AugmentSettings, generator: torch.Generator) -> AugmentParams:
+    """Draw the parameters of `n` augmentations of `height` x `width` images, all from `generator` (a seed reproduces them).
+
+    Random resized crop as torchvision's RandomResizedCrop: area fraction U(crop_min_scale, crop_max_scale),
+    log aspect ratio U(log 3/4, log 4/3). torchvision redraws boxes that do not fit (then falls back to a
+    central crop); batched, a box that is too wide (tall) is clamped to the image width (height) and the
+    other side grown to keep the drawn area, so the area fraction is always exact, and the box is placed
+    uniformly inside the image. On square images the aspect ratio then stays within [3/4, 4/3].
+    """
+    dev = generator.device
+    # one draw for everything: 15 rows of U[0, 1), one per random choice
+    (u_area, u_ratio, u_top, u_left, u_flip, u_angle, u_jit, u_b, u_c, u_s, u_h, u_gray, u_blur, u_sigma, u_sol) = torch.rand(
+        15, n, generator=generator, device=dev
+    )
+    area = (cfg.crop_min_scale + (cfg.crop_max_scale - cfg.crop_min_scale) * u_area) * (height * width)
+    ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u_ratio)  # w / h
+    w = torch.sqrt(area * ratio).clamp(max=width)  # too wide: full width
+    h = (area / w).clamp(max=height)  # keeps the area if w was clamped; too tall: full height
+    w = area / h  # back to the drawn area (<= width, since area <= height * width)
+
+    s = cfg.jitter_strength
+    lo, hi = max(0.0, 1 - 0.8 * s), 1 + 0.8 * s  # brightness / contrast / saturation range
+    hue_max = min(0.2 * s, 0.5)
+
+    def on(p: float, u: Tensor) -> Tensor | None:
+        return u < p if p > 0 else None  # a Bernoulli(p) mask; None switches the op off for the batch
+
+    return AugmentParams(
+        top=u_top * (height - h),
+        left=u_left * (width - w),
+        height=h,
+        width=w,
+        flip=u_flip < cfg.flip_p,
+        angle=(2 * u_angle - 1) * cfg.rotation if cfg.rotation > 0 else None,
+        jitter=on(cfg.jitter_p, u_jit) if s > 0 else None,
+        brightness=lo + (hi - lo) * u_b,
+        contrast=lo + (hi - lo) * u_c,
+        saturation=lo + (hi - lo) * u_s,
+        hue=(2 * u_h - 1) * hue_max,
+        grayscale=on(cfg.grayscale_p, u_gray),
+        blur=on(cfg.blur_p, u_blur),
+        blur_sigma=0.1 + 1.9 * u_sigma,
+        solarize=on(cfg.solarize_p, u_sol),
+        noise_std=torch.full((n,), cfg.noise_std, device=dev) if cfg.noise_std > 0 else None,
+    )
+
+
+def apply(images: Tensor, params: AugmentParams, out_size: int, generator: torch.Generator | None = None) -> Tensor:
+    """Augment uint8 (B, 3, H, W) images with `params`: float32 (B, 3, out_size, out_size) in [0, 1], not normalised.
+
+    Order: crop + resize + flip + rotation (one resampling), colour jitter, grayscale, blur, solarize,
+    noise. `generator` draws the noise (the only randomness not in `params`).
+    """
+    if images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
+        raise InputError(f"augmentation expects uint8 (B, 3, H, W) images, got {images.dtype} {tuple(images.shape)}")
+    p = params.to(images.device)
+    x = resized_crop(images.float(), p.top, p.left, p.height, p.width, out_size, p.flip, p.angle).mul_(1 / 255)
+    if p.jitter is not None:  # neutral factors where the mask is off: no gather, no sync
+        x = adjust_brightness(x, torch.where(p.jitter, p.brightness, 1.0))
+        x = adjust_contrast(x, torch.where(p.jitter, p.contrast, 1.0))
+        x = adjust_saturation(x, torch.where(p.jitter, p.saturation, 1.0))
+        x = adjust_hue(x, torch.where(p.jitter, p.hue, 0.0))
+    if p.grayscale is not None:
+        x = torch.where(p.grayscale.view(-1, 1, 1, 1), rgb_to_grayscale(x), x)
+    if p.blur is not None:  # kernel ~10% of the image side, odd, >= 3 (SimCLR's)
+        x = torch.where(p.blur.view(-1, 1, 1, 1), gaussian_blur(x, p.blur_sigma, max(3, int(0.1 * out_size) | 1)), x)
+    if p.solarize is not None:
+        x = solarize(x, p.solarize)
+    if p.noise_std is not None:
+        dev = generator.device if generator is not None else x.device
+        noise = torch.randn(x.shape, generator=generator, device=dev).to(x.device)
+        x = x.add_(noise.mul_(p.noise_std.view(-1, 1, 1, 1))).clamp_(0, 1)
+    return x
+
+
+def views(images: Tensor, cfg: AugmentSettings, generator: torch.Generator, out_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """The SimCLR pair: two independent augmentations of a uint8 batch, in one batched pass; out_size defaults to the shorter side."""
+    n, (h, w) = len(images), images.shape[-2:]
+    size = out_size or min(h, w)
+    x = apply(torch.cat([images, images]), sample_params(2 * n, h, w, cfg, generator), size, generator)
+    return x[:n], x[n:]
+
+
+def resized_crop(
+    x: Tensor, top: Tensor, left: Tensor, height: Tensor, width: Tensor, out_size: int,
+    flip: Tensor | None = None, angle: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """Crop per-sample boxes of float (B, C, H, W) images, resize to out_size^2 (bilinear), flip, rotate: one affine grid_sample.
+
+    Matches torchvision's crop + resize (antialias off) exactly inside the box. Two deliberate differences:
+    within half a source pixel of a box edge that is not an image edge we interpolate with the real pixel
+    beyond it (torchvision clamps to the edge pixel of the crop), and a rotation shows real pixels beyond
+    the box where the image has them, zeros only outside the image (torchvision fills the corners with 0).
+    """
+    b, c, h, w = x.shape
+    # box in normalised source coordinates (align_corners=False: -1 and +1 are the outer pixel edges)
+    sx, sy = width / w, height / h  # (B,) half-extents
+    cx, cy = (2 * left + width) / w - 1, (2 * top + height) / h - 1  # (B,) centres
+    one, zero = torch.ones_like(sx), torch.zeros_like(sx)
+    fx = one - 2 * flip.to(x.dtype) if flip is not None else one  # -1 mirrors x
+    rad = torch.deg2rad(angle.to(x.dtype)) if angle is not None else zero
+    cos, sin = rad.cos(), rad.sin()
+    # output pixel centre p (normalised, square) -> rotate back (y points down, so this undoes a counter-clockwise
+    # turn) -> mirror x -> scale into the box and move to its centre: source = S F R^-1 p + c. Built by broadcasting,
+    # (B, 1, 1, 2) columns times the centres' x and y, which is F.affine_grid without its batched 3x2 matmul (slow on CPU).
+    col_x = torch.stack([sx * fx * cos, sy * sin], 1).view(b, 1, 1, 2)
+    col_y = torch.stack([-sx * fx * sin, sy * cos], 1).view(b, 1, 1, 2)
+    centre = torch.stack([cx, cy], 1).view(b, 1, 1, 2)
+    p = torch.linspace(-1 + 1 / out_size, 1 - 1 / out_size, out_size, dtype=x.dtype, device=x.device)  # (out,)
+    grid = (col_x * p.view(1, 1, -1, 1) + centre) + col_y * p.view(1, -1, 1, 1)  # (B, out, out, 2): source (x, y)
+    # border padding = torchvision's resize, which clamps to the edge pixels within the outer half pixel
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if angle is not None:  # rotated corners can leave the image: zero them (a crop alone never does)
+        out = out * (grid.abs() <= 1).all(-1).unsqueeze(1)
+    return out
+
+
+def _luma(x: Tensor) -> Tensor:
+    """ITU-R 601 luma of float (B, 3, H, W) as (B, 1, H, W), with torchvision's weights and arithmetic."""
+    r, g, b = x.unbind(1)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(1)
+
+
+def rgb_to_grayscale(x: Tensor) -> Tensor:
+    """Grayscale of float (B, 3, H, W), repeated over 3 channels (a broadcast view)."""
+    return _luma(x).expand_as(x)
+
+
+def adjust_brightness(x: Tensor, f: Tensor) -> Tensor:
+    """Scale each sample by its factor f (B,), clamped to [0, 1]."""
+    return (x * f.view(-1, 1, 1, 1)).clamp_(0, 1)
+
+
+def adjust_contrast(x: Tensor, f: Tensor) -> Tensor:
+    """Blend each sample with the mean of its grayscale image by factor f (B,), clamped to [0, 1]."""
+    mean = _luma(x).mean((1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+    return torch.lerp(mean, x, f.view(-1, 1, 1, 1)).clamp_(0, 1)  # mean + f (x - mean) = f x + (1 - f) mean
+
+
+def adjust_saturation(x: Tensor, f: Tensor) -> Tensor:
+    """Blend each sample with its grayscale image by factor f (B,), clamped to [0, 1]."""
+    return torch.lerp(_luma(x), x, f.view(-1, 1, 1, 1)).clamp_(0, 1)
+
+
+def adjust_hue(x: Tensor, f: Tensor) -> Tensor:
+    """Shift the HSV hue of each sample by f (B,) turns in [-0.5, 0.5], as torchvision's _rgb2hsv / _hsv2rgb do.
+
+    The HSV round trip is fused: saturation and value never change, and v * s = max - min, so only the
+    hue is computed (torchvision's branches, red winning ties, then green) and fed to the closed form of
+    HSV -> RGB: channel = v - v s clamp(min(k, 4 - k), 0, 1) with k = (n + 6 h) mod 6, n = 5, 3, 1 for r, g, b.
+    """
+    r, g, b = x.unbind(1)  # (B, H, W) each
+    maxc, minc = x.amax(1), x.amin(1)
+    rng = maxc - minc
+    # hue in sixths of a turn, in [-1, 5); gray pixels (rng == 0) get 0, like torchvision
+    h6 = torch.where(maxc == r, g - b, torch.where(maxc == g, 2 * rng + b - r, 4 * rng + r - g))
+    h6 = h6 / torch.where(rng == 0, 1.0, rng) + 6 * f.view(-1, 1, 1)
+    n = torch.arange(5, 0, -2, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    k = (h6.unsqueeze(1) + n).remainder_(6)  # (B, 3, H, W)
+    return maxc.unsqueeze(1) - rng.unsqueeze(1) * torch.minimum(k, 4 - k).clamp_(0, 1)
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
+    """Blur each sample of float (B, C, H, W) with its own sigma (B,): torchvision's kernel and reflect padding, separable."""
+    b, c, h, w = x.shape
+    r = kernel_size // 2
+    offsets = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)  # (k,)
+    kernel = torch.softmax(-(offsets**2) / (2 * sigma.to(x.dtype).view(-1, 1) ** 2), dim=1)  # (B, k), sums to 1
+    weight = kernel.repeat_interleave(c, 0)  # (B*C, k): one filter per (sample, channel), for a grouped conv
+    y = F.pad(x, (r, r, r, r), mode="reflect").view(1, b * c, h + 2 * r, w + 2 * r)
+    y = F.conv2d(y, weight.view(b * c, 1, -1, 1), groups=b * c)  # vertical pass
+    y = F.conv2d(y, weight.view(b * c, 1, 1, -1), groups=b * c)  # horizontal pass
+    return y.view(b, c, h, w)
+
+
+def solarize(x: Tensor, mask: Tensor) -> Tensor:
+    """Invert pixels >= 0.5 of the samples whose mask (B,) is set."""
+    return torch.where(mask.view(-1, 1, 1, 1) & (x >= 0.5), 1 - x, x)

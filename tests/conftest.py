@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny data sets written to tmp dirs (never the network), and a private cache dir per test."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point $XDG_CACHE_HOME at a fresh tmp dir so no test reads or writes ~/.cache."""
+    cache = tmp_path_factory.mktemp("xdg-cache")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    return cache
+
+
+@pytest.fixture
+def tiny_folder(tmp_path: Path) -> Path:
+    """An image folder with class sub-folders 'cat', 'dog', 'frog' (labels 0, 1, 2), 20 images each (60 in all).
+
+    Sizes vary (20x30, 40x40, 30x20, 17x25 ...), formats are PNG and JPEG, and the modes are mixed:
+    each class holds RGB, grayscale 'L', 'RGBA', palette 'P' and one 16-bit grayscale 'I;16' PNG.
+    Image k of a class is named ``img_k.png`` / ``img_k.jpg``; pixels are random (seed 0).
+    """
+    root = tmp_path / "tiny_folder"
+    rng = np.random.default_rng(0)
+    sizes = [(20, 30), (40, 40), (30, 20), (17, 25), (64, 48)]
+    for name in ("cat", "dog", "frog"):
+        (root / name).mkdir(parents=True)
+        for k in range(20):
+            w, h = sizes[k % len(sizes)]
+            rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            mode = ["RGB", "L", "RGBA", "P", "RGB"][k % 5] if k else "I;16"
+            if mode == "I;16":
+                im = Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))
+            elif mode == "RGBA":
+                im = Image.fromarray(np.dstack([rgb, rng.integers(0, 256, (h, w), dtype=np.uint8)]))
+            else:
+                im = Image.fromarray(rgb).convert(mode)
+            jpeg = k % 2 == 1 and mode in ("RGB", "L")
+            im.save(root / name / f"img_{k}.{'jpg' if jpeg else 'png'}")
+    return root
+
+
+@pytest.fixture
+def tiny_npy(tmp_path: Path) -> Path:
+    """``images.npy``: (120, 16, 16, 3) uint8 random pixels, with ``images.labels.npy``: int64 labels i % 4 (4 classes)."""
+    path = tmp_path / "images.npy"
+    rng = np.random.default_rng(1)
+    np.save(path, rng.integers(0, 256, (120, 16, 16, 3), dtype=np.uint8))
+    np.save(tmp_path / "images.labels.npy", np.arange(120, dtype=np.int64) % 4)
+    return path
+
+
+@pytest.fixture
+def tiny_npz(tmp_path: Path) -> Path:
+    """``images.npz`` with 'images' (50, 12, 12, 3) uint8, 'labels' i % 5 and 'class_names' ['a', 'b', 'c', 'd', 'e']."""
+    path = tmp_path / "images.npz"
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (50, 12, 12, 3), dtype=np.uint8)
+    np.savez(path, images=images, labels=np.arange(50) % 5, class_names=np.array(list("abcde")))
+    return path
+
+
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+@pytest.fixture
+def tiny_cifar_root(tmp_path: Path) -> Path:
+    """A data root holding a fake ``cifar-10-batches-py/``: data_batch_1..5 (40 images each, 200 in all) and
+    test_batch (40), pickled like the real ones; batches.meta has the 10 real class names.
+
+    Image i of a batch has every pixel equal to (batch number * 40 + i) % 256 (test_batch: batch number 6),
+    and label i % 10, so rows can be traced back to their batch and position.
+    """
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for b, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], start=1):
+        values = (b * 40 + np.arange(40)) % 256
+        data = np.repeat(values.astype(np.uint8)[:, None], 3072, axis=1)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"batch_label": name, "labels": [i % 10 for i in range(40)], "data": data, "filenames": [f"{i}.png" for i in range(40)]}, f, protocol=2)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": CIFAR10_NAMES, "num_cases_per_batch": 40, "num_vis": 3072}, f, protocol=2)
+    return tmp_path
+
+
+@pytest.fixture
+def tiny_stl10_root(tmp_path: Path) -> Path:
+    """A data root holding a fake ``stl10_binary/``: 10 train, 6 test and 8 unlabeled images of 3x96x96, stored
+    column-major like the real files; class_names.txt lists 10 names.
+
+    Pixel (channel c, row y, column x) of image i is (i + c + y + 2 * x) % 256 in train and unlabeled and
+    (i + c + y + 2 * x + 100) % 256 in test; train labels (1-based on disk) are i % 10 + 1, test labels 10 - i.
+    """
+    folder = tmp_path / "stl10_binary"
+    folder.mkdir()
+    c, y, x = np.meshgrid(np.arange(3), np.arange(96), np.arange(96), indexing="ij")
+    for part, n, shift in (("train", 10, 0), ("test", 6, 100), ("unlabeled", 8, 0)):
+        images = np.stack([(i + c + y + 2 * x + shift) % 256 for i in range(n)]).astype(np.uint8)  # (n, 3, H, W)
+        images.transpose(0, 1, 3, 2).tofile(folder / f"{part}_X.bin")  # column-major within each channel
+    (np.arange(10) % 10 + 1).astype(np.uint8).tofile(folder / "train_y.bin")
+    (10 - np.arange(6)).astype(np.uint8).tofile(folder / "test_y.bin")
+    (folder / "class_names.txt").write_text("\n".join(["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]) + "\n")
+    return tmp_path

@@ -1,0 +1,146 @@
+"""The pretraining loop, in-process: learning, exact resume, divergence, run-directory rules."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from crlf import PretrainSettings, load_encoder, pretrain
+from crlf.engine import train
+from crlf.engine.rundir import RunDir
+from crlf.errors import InputError, LockedError, RunError
+
+
+@pytest.fixture(autouse=True)
+def _no_crlf_env(monkeypatch):
+    import os
+    for key in [k for k in os.environ if k.startswith("CRLF_")]:
+        monkeypatch.delenv(key)
+
+
+def tiny(tmp_path, name="run", **overrides) -> PretrainSettings:
+    """A small but real run: 64 digits at their native 8 px, ResNet-18, batch 16 (4 steps per epoch), on CPU."""
+    values = dict(data="digits", limit=64, image_size=8, batch_size=16, epochs=2, head_hidden=64, head_out=32,
+                  device="cpu", out=tmp_path / name, cache_dir=tmp_path / "cache")
+    values.update(overrides)
+    return PretrainSettings(**values)
+
+
+class StopAfter:
+    """A reporter that interrupts the run after `epochs` epochs, as a Ctrl-C at an epoch boundary would."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+        self.seen: list[dict] = []
+
+    def on_start(self, info):
+        self.info = info
+
+    def on_step(self, epoch, step, steps):
+        pass
+
+    def on_epoch(self, metrics):
+        self.seen.append(metrics)
+        if metrics["epoch"] >= self.epochs:
+            raise KeyboardInterrupt
+
+
+def weights(path):
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+def test_loss_goes_down_and_run_dir_is_complete(tmp_path):
+    s = tiny(tmp_path, epochs=6, lr=0.2, warmup_epochs=0, checkpoint_every=2, keep_checkpoints=2)
+    summary = pretrain(s)
+    run = RunDir(s.out)
+    metrics = run.read_metrics()
+    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    losses = [m["loss"] for m in metrics]
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert summary["status"] == "trained" and summary["final_loss"] == losses[-1]
+    assert json.loads(run.config.read_text())["epochs"] == 6
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["epoch-0004.safetensors", "epoch-0006.safetensors"]
+    assert "epoch 6/6" in run.log_file.read_text()
+    encoder, meta = load_encoder(run.encoder)
+    assert meta["epoch"] == 6 and meta["image_size"] == 8 and meta["stem"] == "cifar" and len(meta["mean"]) == 3
+    with torch.no_grad():
+        feats = encoder(torch.rand(3, 3, 8, 8))
+    assert feats.shape == (3, 512) and torch.isfinite(feats).all()
+
+
+@pytest.mark.parametrize("optimizer,schedule", [("sgd", "cosine"), ("adam", "plateau"), ("lars", "none")])
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, optimizer, schedule):
+    full = tiny(tmp_path, "full", epochs=3, optimizer=optimizer, schedule=schedule, head_dropout=0.1, head_layers=3)
+    pretrain(full)
+
+    part = tiny(tmp_path, "part", epochs=3, optimizer=optimizer, schedule=schedule, head_dropout=0.1, head_layers=3)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(part, StopAfter(1))
+    assert RunDir(part.out).progress()["epoch"] == 1
+    pretrain(part, resume=True)
+
+    a, b = weights(full.out / "last.safetensors"), weights(part.out / "last.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
+    strip = lambda ms: [{k: v for k, v in m.items() if k in ("epoch", "loss", "lr")} for m in ms]  # noqa: E731
+    assert strip(RunDir(full.out).read_metrics()) == strip(RunDir(part.out).read_metrics())
+
+
+def test_different_seed_gives_different_weights(tmp_path):
+    pretrain(tiny(tmp_path, "a", epochs=1, seed=1))
+    pretrain(tiny(tmp_path, "b", epochs=1, seed=2))
+    a, b = weights(tmp_path / "a" / "encoder.safetensors"), weights(tmp_path / "b" / "encoder.safetensors")
+    assert not torch.equal(a["conv1.weight"], b["conv1.weight"])
+
+
+def test_resume_rules(tmp_path):
+    s = tiny(tmp_path, epochs=1)
+    pretrain(s)
+    with pytest.raises(InputError, match="already holds a run"):
+        pretrain(s)
+    assert pretrain(s, resume=True)["status"] == "complete"  # no-op
+    with pytest.raises(InputError, match=r"batch_size: 16 -> 8"):
+        pretrain(tiny(tmp_path, epochs=1, batch_size=8), resume=True)
+    longer = pretrain(tiny(tmp_path, epochs=2), resume=True)  # extending a finished run
+    assert longer["epochs_run"] == 1 and [m["epoch"] for m in RunDir(s.out).read_metrics()] == [1, 2]
+    forced = pretrain(tiny(tmp_path, epochs=1, batch_size=8), force=True)
+    assert forced["status"] == "trained" and [m["epoch"] for m in RunDir(s.out).read_metrics()] == [1]
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path):
+    s = tiny(tmp_path, epochs=1)
+    assert pretrain(s, resume=True)["status"] == "trained"
+
+
+def test_diverged_loss_exits_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    s = tiny(tmp_path, epochs=3)
+    real = train.nt_xent
+    calls = {"n": 0}
+
+    def poisoned(z1, z2, t):
+        calls["n"] += 1
+        loss = real(z1, z2, t)
+        return loss * float("nan") if calls["n"] > 4 else loss  # epoch 2 (steps 5-8) diverges
+
+    monkeypatch.setattr(train, "nt_xent", poisoned)
+    with pytest.raises(RunError, match=r"loss became nan in epoch 2.*epoch 1"):
+        pretrain(s)
+    run = RunDir(s.out)
+    assert run.progress()["epoch"] == 1
+    assert all(torch.isfinite(v.float()).all() for v in weights(run.last).values())
+    assert not run.encoder.exists()
+
+
+def test_batch_larger_than_data(tmp_path):
+    with pytest.raises(InputError, match="batch size 256 is larger than the data set \\(64 images\\)"):
+        pretrain(tiny(tmp_path, batch_size=256))
+
+
+def test_locked_run_dir(tmp_path):
+    s = tiny(tmp_path)
+    with RunDir(s.out).locked():
+        with pytest.raises(LockedError, match=r"in use by another crlf process \(PID \d+\)"):
+            pretrain(s)

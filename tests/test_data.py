@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from crlf.engine import data
+from crlf.engine import data, folder
 from crlf.engine.data import ImageSet, load
 from crlf.errors import InputError
 from crlf.settings import DataSettings
@@ -279,7 +279,7 @@ def test_folder_skips_non_images_and_corrupt_files_with_one_warning(tiny_folder,
     (tiny_folder / "cat" / "notes.txt").write_text("hello")
     (tiny_folder / "dog" / "broken.png").write_bytes(b"not a png")
     (tiny_folder / ".DS_Store").write_bytes(b"ignored")
-    with caplog.at_level(logging.WARNING, logger="crlf.engine.data"):
+    with caplog.at_level(logging.WARNING, logger="crlf.engine"):
         s = load(settings(data="folder", data_dir=tiny_folder, image_size=16))
     assert len(s) == 60
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -306,16 +306,16 @@ def test_folder_cache_reused_then_invalidated(tiny_folder, tmp_path, monkeypatch
     first = load(settings(**kw))
     assert len(list(cache.glob("*.npz"))) == 1
 
-    real_decode = data._decode
-    monkeypatch.setattr(data, "_decode", lambda *a: pytest.fail("decoded although the cache is valid"))
-    with caplog.at_level(logging.INFO, logger="crlf.engine.data"):
+    real_decode = folder._decode
+    monkeypatch.setattr(folder, "_decode", lambda *a: pytest.fail("decoded although the cache is valid"))
+    with caplog.at_level(logging.INFO, logger="crlf.engine"):
         again = load(settings(**kw))
     assert "using the cached decode" in caplog.text
     assert torch.equal(again.images, first.images) and torch.equal(again.labels, first.labels)
     assert again.ids == first.ids and again.class_names == first.class_names
 
     calls = []
-    monkeypatch.setattr(data, "_decode", lambda *a: calls.append(a) or real_decode(*a))
+    monkeypatch.setattr(folder, "_decode", lambda *a: calls.append(a) or real_decode(*a))
     Image.new("RGB", (20, 20), (1, 2, 3)).save(tiny_folder / "cat" / "new.png")
     changed = load(settings(**kw))
     assert len(changed) == 61 and len(calls) == 61
@@ -325,7 +325,7 @@ def test_folder_cache_reused_then_invalidated(tiny_folder, tmp_path, monkeypatch
 def test_folder_unwritable_cache_warns_and_continues(tiny_folder, tmp_path, caplog):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the cache dir should be")
-    with caplog.at_level(logging.WARNING, logger="crlf.engine.data"):
+    with caplog.at_level(logging.WARNING, logger="crlf.engine"):
         s = load(settings(data="folder", data_dir=tiny_folder, image_size=8, cache_dir=blocker / "sub"))
     assert len(s) == 60 and "cannot write the image cache" in caplog.text
 

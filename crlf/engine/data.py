@@ -3,16 +3,9 @@
 from __future__ import annotations
 
 import codecs
-import functools
-import hashlib
-import json
 import logging
-import os
 import pickle
 import tarfile
-import tempfile
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -21,7 +14,6 @@ from urllib.error import URLError
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
 
 from crlf.errors import InputError
 from crlf.settings import DataSettings
@@ -36,7 +28,6 @@ except ImportError:  # numpy < 2
 log = logging.getLogger(__name__)
 
 _DEFAULT_SIZE = {"digits": 16, "cifar10": 32, "cifar100": 32, "stl10": 96, "folder": 64}
-_CACHE_VERSION = 1  # bump when folder decoding changes, so old caches are not reused
 
 
 @dataclass
@@ -72,7 +63,9 @@ def load(settings: DataSettings, split: str | None = None) -> ImageSet:
         images = _stl10(path, split, settings.download, settings.limit)
     elif settings.data == "folder":
         assert path is not None and size is not None  # DataSettings requires a path for folder / npy / npz
-        images = _folder(path, split, size, _cache_dir(settings.cache_dir))
+        from crlf.engine.folder import load_folder  # here, not at the top: folder.py builds on this module
+
+        images = load_folder(path, split, size, settings.cache_dir)
     else:
         assert path is not None
         images = _array_file(path, settings.data, split)
@@ -105,7 +98,7 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
     return out
 
 
-def _short(e: BaseException) -> str:
+def short_reason(e: BaseException) -> str:
     """A one-line reason for an exception, at most 120 characters (a URLError: its reason)."""
     text = (str(e.reason) if isinstance(e, URLError) else str(e)).strip()
     text = text.splitlines()[0] if text else type(e).__name__
@@ -171,7 +164,7 @@ def _locate(spec: _Archive, data_dir: Path | None, download: bool) -> Path:
                 download_url(spec.url, str(root), spec.tarball, spec.md5)
             except Exception as e:  # any failure (network, disk, checksum) becomes one message
                 tarball.unlink(missing_ok=True)
-                reason = f"the download failed ({_short(e)})"
+                reason = f"the download failed ({short_reason(e)})"
         if not tarball.is_file():
             raise InputError(f"{spec.name} not found in {shown} and {reason}: put {spec.tarball} or its extracted {spec.folder}/ folder in {shown} (or point --data-dir at it)")
     log.info("extracting %s", tarball)
@@ -179,7 +172,7 @@ def _locate(spec: _Archive, data_dir: Path | None, download: bool) -> Path:
         with tarfile.open(tarball) as tar:
             tar.extractall(root, filter="data")  # refuses absolute paths, '..', devices and links out of root
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise InputError(f"cannot extract {tarball} ({_short(e)}): delete it and download it again") from None
+        raise InputError(f"cannot extract {tarball} ({short_reason(e)}): delete it and download it again") from None
     if not (root / spec.folder / spec.marker).is_file():
         raise InputError(f"{tarball} has no {spec.folder}/{spec.marker}: it is not the {spec.name} archive; delete it and download it again")
     return root / spec.folder
@@ -214,7 +207,7 @@ def _read_batch(path: Path) -> dict[str, Any]:
     except _Refused as e:
         raise InputError(f"refusing to unpickle {e} from {path}: a CIFAR batch holds only numpy arrays; replace the file with the original download") from None
     except Exception as e:  # missing, truncated or not a pickle: pickle raises many types
-        raise InputError(f"cannot read {path} ({_short(e)}): replace it with the file from the original download") from None
+        raise InputError(f"cannot read {path} ({short_reason(e)}): replace it with the file from the original download") from None
     if not isinstance(obj, dict):
         raise InputError(f"{path} holds a {type(obj).__name__}, not a CIFAR batch dict: replace it with the original download")
     return obj
@@ -300,7 +293,7 @@ def _array_file(path: Path, kind: str, split: str) -> ImageSet:
                 y = next((loaded[k] for k in ("labels", "y") if k in loaded.files), None)
                 names = [str(n) for n in loaded["class_names"].tolist()] if "class_names" in loaded.files else None
             except ValueError as e:  # object arrays would need pickle, which stays off
-                raise InputError(f"cannot read {path} ({_short(e)}): store plain numeric and string arrays") from None
+                raise InputError(f"cannot read {path} ({short_reason(e)}): store plain numeric and string arrays") from None
     images = _check_images(x, path)
     labels = None if y is None else _check_labels(y, len(images), path)
     if labels is not None and names is not None and len(names) <= int(labels.max()):
@@ -317,7 +310,7 @@ def _np_load(path: Path) -> Any:
     try:
         return np.load(path, allow_pickle=False)
     except Exception as e:  # numpy raises ValueError / OSError / EOFError / BadZipFile for bad files
-        raise InputError(f"cannot read {path} ({_short(e)}): save it with numpy.save / numpy.savez (no object arrays)") from None
+        raise InputError(f"cannot read {path} ({short_reason(e)}): save it with numpy.save / numpy.savez (no object arrays)") from None
 
 
 def _check_images(x: np.ndarray, path: Path) -> torch.Tensor:
@@ -339,169 +332,3 @@ def _check_labels(y: np.ndarray, n: int, path: Path) -> torch.Tensor:
     if n and y.min() < 0:
         raise InputError(f"{path}: labels must be >= 0, found {y.min()}")
     return torch.from_numpy(y.astype(np.int64))
-
-
-# --- image folders -------------------------------------------------------------------------------
-@functools.cache
-def _formats_for(suffix: str) -> tuple[str, ...]:
-    """Pillow formats to try on a file, its suffix's own first (guesses cost time); () for non-image suffixes; no EPS (Ghostscript)."""
-    Image.init()
-    readable, own = [f for f in Image.OPEN if f != "EPS"], Image.registered_extensions().get(suffix)
-    return () if suffix and own not in readable else tuple(sorted(readable, key=lambda f: f != own))
-
-
-def _cache_dir(configured: Path | None) -> Path:
-    if configured is not None:
-        return configured.expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "crlf"
-
-
-def _folder(data_dir: Path, split: str, size: int, cache_dir: Path) -> ImageSet:
-    """A tree of images (class sub-folders give labels) decoded to size x size, cached while its files are unchanged."""
-    base = data_dir.resolve()
-    if not base.is_dir():
-        raise InputError(f"{data_dir} does not exist or is not a folder: point --data-dir at a folder of images")
-    root = base / split if (base / split).is_dir() else base
-    if root == base and split != "train":
-        raise InputError(f"{data_dir} has no {split}/ sub-folder: use --split train, or a folder that has {split}/ in it")
-    files = _scan(root)
-    if not files:
-        raise InputError(f"{root} is empty: put images in it (one sub-folder per class gives labels)")
-    where = hashlib.sha256(json.dumps([str(root), split, size, _CACHE_VERSION]).encode()).hexdigest()[:16]
-    cache = cache_dir / f"folder-{where}-{hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]}.npz"
-    cached = _read_cache(cache, f"folder:{root}")
-    if cached is not None:
-        log.info("using the cached decode of %s (%s images): %s", root, f"{len(cached[0]):,}", cache)
-        images, skipped = cached
-    else:
-        log.info("no valid cache for %s: decoding it", root)
-        images, skipped = _decode_folder(base, root, [f[0] for f in files], size)
-        _write_cache(cache, images, skipped)
-    if skipped:
-        named = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3:,} more" if len(skipped) > 3 else "")
-        log.warning("skipped %s of %s files in %s that are not readable images: %s", f"{len(skipped):,}", f"{len(files):,}", root, named)
-    return images
-
-
-def _scan(root: Path) -> list[tuple[str, int, int]]:
-    """Every non-hidden file under root as (posix path relative to root, size, mtime_ns), sorted."""
-    found, stack = [], [root]
-    try:
-        while stack:
-            with os.scandir(stack.pop()) as entries:
-                for e in entries:
-                    if e.name.startswith("."):
-                        continue
-                    if e.is_dir(follow_symlinks=False):
-                        stack.append(Path(e.path))
-                    elif e.is_file():
-                        st = e.stat()
-                        found.append((Path(e.path).relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
-    except OSError as e:
-        raise InputError(f"cannot list {root} ({_short(e)}): check the path and its permissions") from None
-    return sorted(found)
-
-
-def _decode_folder(base: Path, root: Path, rels: list[str], size: int) -> tuple[ImageSet, list[str]]:
-    """Decode the image files with a thread pool; also returns 'path (reason)' for each skipped file."""
-    is_image = [bool(_formats_for(Path(r).suffix.lower())) for r in rels]
-    skipped = [f"{r} (not an image)" for r, ok in zip(rels, is_image) if not ok]
-    candidates = [r for r, ok in zip(rels, is_image) if ok]
-    classes = sorted({r.split("/", 1)[0] for r in candidates if "/" in r})
-    if classes:
-        skipped += [f"{r} (not in a class folder)" for r in candidates if "/" not in r]
-        candidates = [r for r in candidates if "/" in r]
-    out = np.empty((len(candidates), 3, size, size), np.uint8)
-
-    def work(i: int) -> str | None:
-        try:
-            out[i] = _decode(root / candidates[i], size).transpose(2, 0, 1)
-            return None
-        except Exception as e:  # one bad file (any decoder error) is skipped and reported, not fatal
-            return _short(e)
-
-    workers = os.cpu_count() or 1
-    log.info("decoding %s images from %s (%d threads)", f"{len(candidates):,}", root, workers)
-    start = last = time.monotonic()
-    errors: list[str | None] = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for error in pool.map(work, range(len(candidates))):
-            errors.append(error)
-            if time.monotonic() - last > 10:
-                last = time.monotonic()
-                log.info("decoded %s / %s images", f"{len(errors):,}", f"{len(candidates):,}")
-    skipped += [f"{r} ({e})" for r, e in zip(candidates, errors) if e is not None]
-    keep = [i for i, e in enumerate(errors) if e is None]
-    if not keep:
-        raise InputError(f"no readable images in {root} ({', '.join(skipped[:3])}): use files Pillow can read (png, jpg, bmp, tiff, webp, ...)")
-    log.info("decoded %s images in %.1f s", f"{len(keep):,}", time.monotonic() - start)
-    kept, index = [candidates[i] for i in keep], {name: i for i, name in enumerate(classes)}
-    labels = torch.tensor([index[r.split("/", 1)[0]] for r in kept]) if classes else None
-    ids = [(root.relative_to(base) / r).as_posix() for r in kept]
-    return ImageSet(torch.from_numpy(out if len(keep) == len(out) else out[keep]), labels, classes, ids, f"folder:{root}"), skipped
-
-
-def _decode(path: Path, size: int) -> np.ndarray:
-    """One image file -> uint8 (size, size, 3): RGB, upright, shorter side scaled to size, center-cropped."""
-    with Image.open(path, formats=_formats_for(path.suffix.lower())) as im:
-        im.draft(None, (size, size))  # JPEG: decode at a reduced scale that is still >= size
-        if "exif" in im.info or im.format == "TIFF":
-            ImageOps.exif_transpose(im, in_place=True)
-        rgb = _to_rgb(im)
-        w, h = rgb.size
-        side = min(w, h)
-        box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
-        return np.asarray(rgb.resize((size, size), Image.Resampling.BILINEAR, box=box))
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Any Pillow mode -> RGB; 16/32-bit integer grey is scaled to 8 bit, transparency composited on white."""
-    if im.mode.startswith("I"):
-        grey = np.clip(np.asarray(im).astype(np.float32), 0, 65535) / 257
-        return Image.fromarray(grey.round().astype(np.uint8)).convert("RGB")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
-        rgba = im.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return im if im.mode == "RGB" else im.convert("RGB")
-
-
-def _read_cache(path: Path, source: str) -> tuple[ImageSet, list[str]] | None:
-    """The cached decode of a folder and its skipped files, or None when absent or unreadable."""
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            labels = torch.from_numpy(z["labels"]) if "labels" in z.files else None
-            images = ImageSet(torch.from_numpy(z["images"]), labels, z["class_names"].tolist(), z["ids"].tolist(), source)
-            skipped = z["skipped"].tolist()
-        if len(images.ids) != len(images) or (labels is not None and len(labels) != len(images)):
-            raise ValueError("its arrays have different lengths")
-        return images, skipped
-    except Exception as e:  # a damaged cache is only a miss
-        log.warning("ignoring the unreadable cache %s (%s): decoding again", path, _short(e))
-        return None
-
-
-def _write_cache(path: Path, images: ImageSet, skipped: list[str]) -> None:
-    """Save the decode atomically (temp file, fsync, rename) and drop older caches of the same folder."""
-    arrays = {"images": images.images.numpy(), **{k: np.array(v, dtype=np.str_) for k, v in (("class_names", images.class_names), ("ids", images.ids), ("skipped", skipped))}}
-    if images.labels is not None:
-        arrays["labels"] = images.labels.numpy()
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        for old in path.parent.glob(path.stem.rsplit("-", 1)[0] + "-*.npz"):
-            if old != path:
-                old.unlink(missing_ok=True)
-        log.info("cached the decoded images in %s", path)
-    except OSError as e:
-        log.warning("cannot write the image cache in %s (%s): continuing without it (point --cache-dir at a writable folder)", path.parent, _short(e))
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)

@@ -1,0 +1,180 @@
+"""The 'folder' source: a tree of images decoded once (thread pool) and cached while its files are unchanged."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from crlf.engine.checkpoint import atomic_write
+from crlf.engine.data import ImageSet, short_reason
+from crlf.errors import InputError
+
+log = logging.getLogger(__name__)
+
+_CACHE_VERSION = 1  # bump when folder decoding changes, so old caches are not reused
+
+
+@functools.cache
+def _formats_for(suffix: str) -> tuple[str, ...]:
+    """Pillow formats to try on a file, its suffix's own first (guesses cost time); () for non-image suffixes; no EPS (Ghostscript)."""
+    Image.init()
+    readable, own = [f for f in Image.OPEN if f != "EPS"], Image.registered_extensions().get(suffix)
+    return () if suffix and own not in readable else tuple(sorted(readable, key=lambda f: f != own))
+
+
+def _cache_dir(configured: Path | None) -> Path:
+    if configured is not None:
+        return configured.expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "crlf"
+
+
+def load_folder(data_dir: Path, split: str, size: int, cache_dir: Path | None = None) -> ImageSet:
+    """A tree of images (class sub-folders give labels) decoded to size x size, cached while its files are unchanged."""
+    base = data_dir.resolve()
+    if not base.is_dir():
+        raise InputError(f"{data_dir} does not exist or is not a folder: point --data-dir at a folder of images")
+    root = base / split if (base / split).is_dir() else base
+    if root == base and split != "train":
+        raise InputError(f"{data_dir} has no {split}/ sub-folder: use --split train, or a folder that has {split}/ in it")
+    files = _scan(root)
+    if not files:
+        raise InputError(f"{root} is empty: put images in it (one sub-folder per class gives labels)")
+    where = hashlib.sha256(json.dumps([str(root), split, size, _CACHE_VERSION]).encode()).hexdigest()[:16]
+    cache = _cache_dir(cache_dir) / f"folder-{where}-{hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]}.npz"
+    cached = _read_cache(cache, f"folder:{root}")
+    if cached is not None:
+        log.info("using the cached decode of %s (%s images): %s", root, f"{len(cached[0]):,}", cache)
+        images, skipped = cached
+    else:
+        log.info("no valid cache for %s: decoding it", root)
+        images, skipped = _decode_folder(base, root, [f[0] for f in files], size)
+        _write_cache(cache, images, skipped)
+    if skipped:
+        named = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3:,} more" if len(skipped) > 3 else "")
+        log.warning("skipped %s of %s files in %s that are not readable images: %s", f"{len(skipped):,}", f"{len(files):,}", root, named)
+    return images
+
+
+def _scan(root: Path) -> list[tuple[str, int, int]]:
+    """Every non-hidden file under root as (posix path relative to root, size, mtime_ns), sorted."""
+    found, stack = [], [root]
+    try:
+        while stack:
+            with os.scandir(stack.pop()) as entries:
+                for e in entries:
+                    if e.name.startswith("."):
+                        continue
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(Path(e.path))
+                    elif e.is_file():
+                        st = e.stat()
+                        found.append((Path(e.path).relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+    except OSError as e:
+        raise InputError(f"cannot list {root} ({short_reason(e)}): check the path and its permissions") from None
+    return sorted(found)
+
+
+def _decode_folder(base: Path, root: Path, rels: list[str], size: int) -> tuple[ImageSet, list[str]]:
+    """Decode the image files with a thread pool; also returns 'path (reason)' for each skipped file."""
+    is_image = [bool(_formats_for(Path(r).suffix.lower())) for r in rels]
+    skipped = [f"{r} (not an image)" for r, ok in zip(rels, is_image) if not ok]
+    candidates = [r for r, ok in zip(rels, is_image) if ok]
+    classes = sorted({r.split("/", 1)[0] for r in candidates if "/" in r})
+    if classes:
+        skipped += [f"{r} (not in a class folder)" for r in candidates if "/" not in r]
+        candidates = [r for r in candidates if "/" in r]
+    out = np.empty((len(candidates), 3, size, size), np.uint8)
+
+    def work(i: int) -> str | None:
+        try:
+            out[i] = _decode(root / candidates[i], size).transpose(2, 0, 1)
+            return None
+        except Exception as e:  # one bad file (any decoder error) is skipped and reported, not fatal
+            return short_reason(e)
+
+    workers = os.cpu_count() or 1
+    log.info("decoding %s images from %s (%d threads)", f"{len(candidates):,}", root, workers)
+    start = last = time.monotonic()
+    errors: list[str | None] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for error in pool.map(work, range(len(candidates))):
+            errors.append(error)
+            if time.monotonic() - last > 10:
+                last = time.monotonic()
+                log.info("decoded %s / %s images", f"{len(errors):,}", f"{len(candidates):,}")
+    skipped += [f"{r} ({e})" for r, e in zip(candidates, errors) if e is not None]
+    keep = [i for i, e in enumerate(errors) if e is None]
+    if not keep:
+        raise InputError(f"no readable images in {root} ({', '.join(skipped[:3])}): use files Pillow can read (png, jpg, bmp, tiff, webp, ...)")
+    log.info("decoded %s images in %.1f s", f"{len(keep):,}", time.monotonic() - start)
+    kept, index = [candidates[i] for i in keep], {name: i for i, name in enumerate(classes)}
+    labels = torch.tensor([index[r.split("/", 1)[0]] for r in kept]) if classes else None
+    ids = [(root.relative_to(base) / r).as_posix() for r in kept]
+    return ImageSet(torch.from_numpy(out if len(keep) == len(out) else out[keep]), labels, classes, ids, f"folder:{root}"), skipped
+
+
+def _decode(path: Path, size: int) -> np.ndarray:
+    """One image file -> uint8 (size, size, 3): RGB, upright, shorter side scaled to size, center-cropped."""
+    with Image.open(path, formats=_formats_for(path.suffix.lower())) as im:
+        im.draft(None, (size, size))  # JPEG: decode at a reduced scale that is still >= size
+        if "exif" in im.info or im.format == "TIFF":
+            ImageOps.exif_transpose(im, in_place=True)
+        rgb = _to_rgb(im)
+        w, h = rgb.size
+        side = min(w, h)
+        box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+        return np.asarray(rgb.resize((size, size), Image.Resampling.BILINEAR, box=box))
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB; 16/32-bit integer grey is scaled to 8 bit, transparency composited on white."""
+    if im.mode.startswith("I"):
+        grey = np.clip(np.asarray(im).astype(np.float32), 0, 65535) / 257
+        return Image.fromarray(grey.round().astype(np.uint8)).convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def _read_cache(path: Path, source: str) -> tuple[ImageSet, list[str]] | None:
+    """The cached decode of a folder and its skipped files, or None when absent or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            labels = torch.from_numpy(z["labels"]) if "labels" in z.files else None
+            images = ImageSet(torch.from_numpy(z["images"]), labels, z["class_names"].tolist(), z["ids"].tolist(), source)
+            skipped = z["skipped"].tolist()
+        if len(images.ids) != len(images) or (labels is not None and len(labels) != len(images)):
+            raise ValueError("its arrays have different lengths")
+        return images, skipped
+    except Exception as e:  # a damaged cache is only a miss
+        log.warning("ignoring the unreadable cache %s (%s): decoding again", path, short_reason(e))
+        return None
+
+
+def _write_cache(path: Path, images: ImageSet, skipped: list[str]) -> None:
+    """Save the decode atomically (temp file, fsync, rename) and drop older caches of the same folder."""
+    arrays = {"images": images.images.numpy(), **{k: np.array(v, dtype=np.str_) for k, v in (("class_names", images.class_names), ("ids", images.ids), ("skipped", skipped))}}
+    if images.labels is not None:
+        arrays["labels"] = images.labels.numpy()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: np.savez(f, **arrays))
+        for old in path.parent.glob(path.stem.rsplit("-", 1)[0] + "-*.npz"):
+            if old != path:
+                old.unlink(missing_ok=True)
+        log.info("cached the decoded images in %s", path)
+    except OSError as e:
+        log.warning("cannot write the image cache in %s (%s): continuing without it (point --cache-dir at a writable folder)", path.parent, short_reason(e))

@@ -126,7 +126,7 @@ def _build(settings: PretrainSettings) -> _Setup:
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, settings.optimizer, settings.resolved_lr, settings.resolved_weight_decay)
-    log.info("%d images %dx%d from %s; %s (%s stem) on %s%s; %d steps/epoch", len(images), size, size, images.source, settings.arch,
+    log.info("%s images %dx%d from %s; %s (%s stem) on %s%s; %d steps/epoch", f"{len(images):,}", size, size, images.source, settings.arch,
              stem, device, f" ({str(amp).removeprefix('torch.')})" if amp else "", len(images) // settings.batch_size)
     return _Setup(model=model, step_model=torch.compile(model) if settings.compile else model, optimizer=optimizer,
                   images=_place(images.images, device), mean=torch.tensor(mean, device=device).view(1, 3, 1, 1),

@@ -1,0 +1,19 @@
+"""Pretrain on scikit-learn's digits from Python, then embed images with the saved encoder.
+
+    python examples/pretrain_digits.py
+"""
+
+import torch
+
+from crlf import PretrainSettings, load_data, load_encoder, pretrain
+
+settings = PretrainSettings(data="digits", epochs=3, batch_size=256, device="cpu", out="runs/digits-py", head_hidden=512)
+summary = pretrain(settings, force=True)
+print(f"final loss {summary['final_loss']:.3f} at {summary['images_per_s']:.0f} images/s")
+
+encoder, meta = load_encoder(summary["encoder"])
+images = load_data(settings).images[:8]  # uint8 (8, 3, 16, 16)
+mean, std = torch.tensor(meta["mean"]).view(1, 3, 1, 1), torch.tensor(meta["std"]).view(1, 3, 1, 1)
+with torch.no_grad():
+    features = encoder((images.float() / 255 - mean) / std)
+print("features:", tuple(features.shape))  # (8, 512)

@@ -25,3 +25,11 @@ class LockedError(CrlfError):
     """Another process holds the run directory's lock (exit 75, EX_TEMPFAIL)."""
 
     exit_code = 75
+
+
+class Interrupted(CrlfError):
+    """Stopped by a signal after saving a resumable checkpoint (exit 128 + signal: 130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + signum

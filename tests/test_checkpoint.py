@@ -103,12 +103,13 @@ def test_state_round_trip_continues_identically(tmp_path, optimizer):
 
     model, opt = make()
     step(model, opt, 1)
-    save_state(tmp_path / "last.safetensors", model, opt, meta(), {"epoch": 1, "plateau": {}})
+    rng = {"torch": torch.get_rng_state()}
+    save_state(tmp_path / "last.safetensors", model, opt, meta(), {"epoch": 1, "plateau": {}}, rng)
     step(model, opt, 2)
 
     model2, opt2 = make()
-    progress = load_state(tmp_path / "last.safetensors", model2, opt2)
-    assert progress["epoch"] == 1
+    progress, rng2 = load_state(tmp_path / "last.safetensors", model2, opt2)
+    assert progress["epoch"] == 1 and torch.equal(rng2["torch"], rng["torch"])
     step(model2, opt2, 2)
     for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
         assert torch.equal(a, b)

@@ -131,6 +131,28 @@ def test_invalid_toml_and_unknown_key(tmp_path):
     one_error_line(crlf("pretrain", "--config", bad, "--print-config"), "unknown setting 'epocs'")
 
 
+def test_sigterm_saves_exits_143_and_resume_finishes(tmp_path, tiny_npy):
+    import signal
+    import time
+    out = tmp_path / "run"
+    args = ["pretrain", "--data", "npy", "--data-dir", tiny_npy, "--epochs", "50", "--out", out, *TINY]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRLF_")}
+    proc = subprocess.Popen([CRLF, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while not (out / "metrics.jsonl").is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert stdout == "" and "Traceback" not in stderr and "--resume" in stderr
+    from crlf.engine.rundir import RunDir
+    done = RunDir(out).progress()["epoch"]
+    assert 1 <= done < 50
+    r = crlf(*args[:6], "2", *args[7:], "--resume", "--json")  # finish early: --epochs 2
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["status"] in ("trained", "complete")
+
+
 def test_locked_run_dir_exits_75(tmp_path):
     from crlf.engine.rundir import RunDir
     with RunDir(tmp_path / "run").locked():

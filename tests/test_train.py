@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch
 from crlf import PretrainSettings, load_encoder, pretrain
 from crlf.engine import train
 from crlf.engine.rundir import RunDir
-from crlf.errors import InputError, LockedError, RunError
+from crlf.errors import InputError, Interrupted, LockedError, RunError
 
 
 @pytest.fixture(autouse=True)
@@ -87,6 +89,40 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, optimizer, sche
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
     strip = lambda ms: [{k: v for k, v in m.items() if k in ("epoch", "loss", "lr")} for m in ms]  # noqa: E731
     assert strip(RunDir(full.out).read_metrics()) == strip(RunDir(part.out).read_metrics())
+
+
+class SignalAt:
+    """A reporter that sends this process `sig` after step `step` of epoch `epoch` (1-based), as `kill` would."""
+
+    def __init__(self, epoch: int, step: int, sig: int):
+        self.when, self.sig = (epoch, step), sig
+
+    def on_start(self, info):
+        pass
+
+    def on_step(self, epoch, step, steps):
+        if (epoch + 1, step) == self.when:
+            os.kill(os.getpid(), self.sig)
+
+    def on_epoch(self, metrics):
+        pass
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_mid_epoch_saves_and_resume_is_exact(tmp_path, sig, code):
+    full = tiny(tmp_path, "full", epochs=2, head_dropout=0.1)
+    pretrain(full)
+    part = tiny(tmp_path, "part", epochs=2, head_dropout=0.1)
+    with pytest.raises(Interrupted) as info:
+        pretrain(part, SignalAt(epoch=2, step=2, sig=sig))
+    assert info.value.exit_code == code and "--resume" in str(info.value)
+    assert signal.getsignal(sig) is not None and signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    progress = RunDir(part.out).progress()
+    assert (progress["epoch"], progress["step"]) == (1, 2)
+    pretrain(part, resume=True)
+    a, b = weights(full.out / "last.safetensors"), weights(part.out / "last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "a run stopped mid-epoch and resumed differs from the uninterrupted one"
+    assert [m["loss"] for m in RunDir(full.out).read_metrics()] == [m["loss"] for m in RunDir(part.out).read_metrics()]
 
 
 def test_different_seed_gives_different_weights(tmp_path):

@@ -135,9 +135,12 @@ def parse_metadata(meta: dict[str, str], path: str | Path) -> dict[str, Any]:
         raise InputError(f"{path}: crlf checkpoint metadata is incomplete or damaged ({e}); re-create it with crlf pretrain") from None
 
 
-def save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, metadata: dict[str, str], progress: dict[str, Any]) -> None:
-    """Full training state for --resume: weights, optimizer buffers and param groups, progress (epoch, schedule state)."""
+def save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, metadata: dict[str, str],
+               progress: dict[str, Any], rng: dict[str, torch.Tensor] | None = None) -> None:
+    """Full training state for --resume: weights, optimizer buffers and param groups, progress (epoch, step,
+    schedule state) and, for a run stopped inside an epoch, the random generators' states (`rng`)."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"rng.{k}": v for k, v in (rng or {}).items()})
     opt = optimizer.state_dict()
     for idx, buffers in opt["state"].items():
         for name, value in buffers.items():
@@ -146,8 +149,8 @@ def save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, m
     save_tensors(path, tensors, meta)
 
 
-def load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore weights and optimizer from a state file (strictly); returns the saved progress dict."""
+def load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Restore weights and optimizer from a state file (strictly); returns the saved progress and generator states."""
     tensors, meta = read_tensors(path)
     if meta.get("format") != STATE_FORMAT:
         raise InputError(f"{path} is not a crlf training state; delete it or start a fresh run in another --out")
@@ -160,6 +163,7 @@ def load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -
                 _, idx, name = key.split(".", 2)
                 state.setdefault(int(idx), {})[name] = value
         optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-        return json.loads(meta["progress"])
+        rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
+        return json.loads(meta["progress"]), rng
     except (RuntimeError, ValueError, KeyError) as e:
         raise InputError(f"{path} does not match this run's model or optimizer ({str(e).splitlines()[0]}); use --force to start over") from None

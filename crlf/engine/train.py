@@ -7,13 +7,16 @@ value back to the host; the epoch's loss is summed on the device and read once a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 
@@ -24,7 +27,7 @@ from crlf.engine.loss import nt_xent
 from crlf.engine.model import SimCLR, build_backbone, build_head, feature_dim, resolve_stem
 from crlf.engine.optim import Plateau, build_optimizer, lr_at
 from crlf.engine.rundir import RunDir
-from crlf.errors import InputError, RunError
+from crlf.errors import InputError, Interrupted, RunError
 from crlf.settings import PretrainSettings
 
 log = logging.getLogger(__name__)
@@ -78,15 +81,14 @@ def pretrain(settings: PretrainSettings, reporter: Reporter | None = None, *, re
             return {"status": "complete", "run_dir": str(run.path), "encoder": str(run.encoder), "epochs": progress["epoch"]}
         atomic_write(run.config, lambda f: f.write(json.dumps(settings.model_dump(mode="json"), indent=2).encode()))
         setup = _build(settings)
-        plateau = Plateau()
-        start = 0
+        rng: dict[str, torch.Tensor] = {}
         if progress is not None:
-            progress = load_state(run.last, setup.model, setup.optimizer)
-            start = progress["epoch"]
-            plateau = Plateau(**progress["plateau"])
-            run.truncate_metrics(start)
-            log.info("resuming %s after epoch %d of %d", run.path, start, settings.epochs)
-        return _loop(settings, setup, run, reporter, start, plateau)
+            progress, rng = load_state(run.last, setup.model, setup.optimizer)
+            run.truncate_metrics(progress["epoch"])
+            log.info("resuming %s at epoch %d, step %d (of %d epochs)", run.path, progress["epoch"] + 1, progress.get("step", 0), settings.epochs)
+        stop = _StopFlag()
+        with stop.installed():
+            return _loop(settings, setup, run, reporter, progress or {"epoch": 0, "plateau": Plateau().state()}, rng, stop)
 
 
 def _prepare(run: RunDir, settings: PretrainSettings, *, resume: bool, force: bool) -> dict[str, Any] | None:
@@ -151,7 +153,36 @@ def channel_stats(images: torch.Tensor, sample: int = 10_000) -> tuple[list[floa
     return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
 
 
-def _loop(settings: PretrainSettings, s: _Setup, run: RunDir, reporter: Reporter, start: int, plateau: Plateau) -> dict[str, Any]:
+class _StopFlag:
+    """SIGINT / SIGTERM ask the loop to stop at the next step boundary and save; a second SIGINT aborts at once."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("%s received: finishing this step and saving a resumable checkpoint (Ctrl-C again aborts at once)",
+                    signal.Signals(signum).name)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Handle the signals for the duration of the loop (only possible in the main thread)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+
+def _loop(settings: PretrainSettings, s: _Setup, run: RunDir, reporter: Reporter, progress: dict[str, Any],
+          rng: dict[str, torch.Tensor], stop: _StopFlag) -> dict[str, Any]:
+    start, plateau = progress["epoch"], Plateau(**progress["plateau"])
     n = len(s.images)
     bsz = settings.batch_size
     steps = n // bsz  # drop the last partial batch: every step sees the same number of negatives
@@ -173,17 +204,29 @@ def _loop(settings: PretrainSettings, s: _Setup, run: RunDir, reporter: Reporter
         perm = torch.randperm(n, generator=index_gen, device=index_device)
         s.model.train()
         loss_sum = torch.zeros((), device=s.device)
+        first, before = 0, 0.0  # a run stopped inside this epoch continues at its next step
+        if epoch == start and progress.get("step"):
+            first, before = progress["step"], progress["seconds"]
+            loss_sum += progress["loss_sum"]
+            _set_rng(gen, rng, s.device)
         t0 = time.perf_counter()
         lr = peak
-        for step in range(steps):
+        for step in range(first, steps):
             lr = lr_at(epoch * steps + step, total_steps, warmup, peak, settings.schedule) * plateau.scale
             for group in s.optimizer.param_groups:
                 group["lr"] = lr
             batch = s.images[perm[step * bsz:(step + 1) * bsz]].to(s.device, non_blocking=True)
             loss_sum += _step(settings, s, batch, gen)
             reporter.on_step(epoch, step + 1, steps)
+            if stop.signum:
+                mid = {"epoch": epoch, "step": step + 1, "loss_sum": loss_sum.item(), "seconds": before + time.perf_counter() - t0,
+                       "plateau": plateau.state()}
+                save_state(run.last, s.model, s.optimizer, _metadata(settings, s, epoch), mid, _get_rng(gen, s.device))
+                name = signal.Signals(stop.signum).name
+                raise Interrupted(stop.signum, f"stopped by {name} at step {step + 1}/{steps} of epoch {epoch + 1}; "
+                                               f"the state is saved: run the same command with --resume to continue")
         loss = (loss_sum / steps).item()  # the one host sync of the epoch
-        seconds = time.perf_counter() - t0
+        seconds = before + time.perf_counter() - t0
         if not math.isfinite(loss):
             raise RunError(f"loss became {loss} in epoch {epoch + 1}; the last good checkpoint (epoch {epoch}) is kept in {run.path}. "
                            "Try a lower --lr, --grad-clip 1.0 or a higher --temperature")
@@ -197,11 +240,26 @@ def _loop(settings: PretrainSettings, s: _Setup, run: RunDir, reporter: Reporter
         log.info("epoch %d/%d  loss %.4f  lr %.4g  %s img/s  %.1f s", epoch + 1, settings.epochs, loss, lr,
                  f"{metrics['images_per_s']:,.0f}", seconds)
         reporter.on_epoch(metrics)
-    _save_encoder(settings, s, run, settings.epochs)
+    _save_encoder(settings, s, run, max(start, settings.epochs))
     return {"status": "trained", "run_dir": str(run.path), "encoder": str(run.encoder), "epochs": settings.epochs,
             "epochs_run": len(history), "final_loss": history[-1]["loss"] if history else None,
             "images_per_s": round(sum(m["images_per_s"] for m in history) / max(1, len(history)), 1),
             "seconds": round(sum(m["seconds"] for m in history), 3), "device": str(s.device)}
+
+
+def _get_rng(gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    """The generator states a run stopped inside an epoch needs to continue exactly."""
+    states = {"augment": gen.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _set_rng(gen: torch.Generator, states: dict[str, torch.Tensor], device: torch.device) -> None:
+    gen.set_state(states["augment"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda"], device)
 
 
 def _step(settings: PretrainSettings, s: _Setup, batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -229,7 +287,7 @@ def _metadata(settings: PretrainSettings, s: _Setup, epoch: int) -> dict[str, st
 def _save(settings: PretrainSettings, s: _Setup, run: RunDir, epoch: int, plateau: Plateau) -> None:
     """last.safetensors every epoch; a snapshot in checkpoints/ every `checkpoint_every` epochs, keeping the newest K."""
     meta = _metadata(settings, s, epoch)
-    save_state(run.last, s.model, s.optimizer, meta, {"epoch": epoch, "plateau": plateau.state()})
+    save_state(run.last, s.model, s.optimizer, meta, {"epoch": epoch, "step": 0, "plateau": plateau.state()})
     if epoch % settings.checkpoint_every == 0 or epoch == settings.epochs:
         run.snapshot(epoch, settings.keep_checkpoints)
 

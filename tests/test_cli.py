@@ -153,6 +153,13 @@ def test_sigterm_saves_exits_143_and_resume_finishes(tmp_path, tiny_npy):
     assert json.loads(r.stdout)["status"] in ("trained", "complete")
 
 
+def test_diverging_loss_exits_1(tmp_path):
+    r = crlf("pretrain", "--out", tmp_path / "run", "--lr", "1e12", "--warmup-epochs", "0", "--epochs", "2", *TINY)
+    assert r.returncode == 1
+    one_error_line(r, "loss became nan in epoch 1; no checkpoint was written")
+    assert not (tmp_path / "run" / "encoder.safetensors").exists()
+
+
 def test_locked_run_dir_exits_75(tmp_path):
     from crlf.engine.rundir import RunDir
     with RunDir(tmp_path / "run").locked():

@@ -97,3 +97,11 @@ def test_optimizer_defaults_scale_with_batch(optimizer, lr, wd):
     s = resolve(PretrainSettings, {"optimizer": optimizer, "batch_size": 256})
     assert s.resolved_lr == pytest.approx(lr) and s.resolved_weight_decay == wd
     assert resolve(PretrainSettings, {"optimizer": optimizer, "lr": 0.1}).resolved_lr == 0.1
+
+
+def test_readme_documents_every_pretrain_option():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for name in PretrainSettings.model_fields:
+        assert f"`--{name.replace('_', '-')}" in readme, f"README lacks --{name.replace('_', '-')}"
+    for flag in ("--config", "--resume", "--force", "--print-config", "--json", "--quiet", "--verbose"):
+        assert flag in readme

@@ -180,3 +180,13 @@ def test_locked_run_dir(tmp_path):
     with RunDir(s.out).locked():
         with pytest.raises(LockedError, match=r"in use by another crlf process \(PID \d+\)"):
             pretrain(s)
+
+
+def test_grad_clip_is_applied_when_set(tmp_path, monkeypatch):
+    norms = []
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: norms.append(max_norm) or real(params, max_norm))
+    pretrain(tiny(tmp_path, "clipped", epochs=1, grad_clip=0.5))
+    assert norms == [0.5] * 4  # every step of the epoch
+    pretrain(tiny(tmp_path, "free", epochs=1))
+    assert len(norms) == 4  # 0 = off

@@ -228,8 +228,8 @@ def _loop(settings: PretrainSettings, s: _Setup, run: RunDir, reporter: Reporter
         loss = (loss_sum / steps).item()  # the one host sync of the epoch
         seconds = before + time.perf_counter() - t0
         if not math.isfinite(loss):
-            raise RunError(f"loss became {loss} in epoch {epoch + 1}; the last good checkpoint (epoch {epoch}) is kept in {run.path}. "
-                           "Try a lower --lr, --grad-clip 1.0 or a higher --temperature")
+            kept = f"the last good checkpoint (epoch {epoch}) is kept in {run.path}" if epoch else "no checkpoint was written"
+            raise RunError(f"loss became {loss} in epoch {epoch + 1}; {kept}. Try a lower --lr, --grad-clip 1.0 or a higher --temperature")
         if settings.schedule == "plateau":
             plateau.update(loss)
         metrics = {"epoch": epoch + 1, "loss": round(loss, 6), "lr": lr, "images_per_s": round(steps * bsz / seconds, 1),

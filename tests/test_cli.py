@@ -96,6 +96,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, fragment):
     r = crlf("pretrain", "--out", tmp_path / "run", "--device", "cpu", *args)
     assert r.returncode == 2
     one_error_line(r, fragment)
+    run = tmp_path / "run"
+    assert not run.exists() or [p.name for p in run.iterdir()] == [".lock"]  # nothing half-made to trip over later
 
 
 def test_unknown_flag_is_usage_error():

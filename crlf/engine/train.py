@@ -79,8 +79,8 @@ def pretrain(settings: PretrainSettings, reporter: Reporter | None = None, *, re
         if progress is not None and progress["epoch"] >= settings.epochs and run.encoder.is_file():
             log.info("run %s is complete (%d epochs): nothing to do", run.path, progress["epoch"])
             return {"status": "complete", "run_dir": str(run.path), "encoder": str(run.encoder), "epochs": progress["epoch"]}
+        setup = _build(settings)  # bad data or settings fail here, before anything is written
         atomic_write(run.config, lambda f: f.write(json.dumps(settings.model_dump(mode="json"), indent=2).encode()))
-        setup = _build(settings)
         rng: dict[str, torch.Tensor] = {}
         if progress is not None:
             progress, rng = load_state(run.last, setup.model, setup.optimizer)

@@ -96,8 +96,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, fragment):
     r = crlf("pretrain", "--out", tmp_path / "run", "--device", "cpu", *args)
     assert r.returncode == 2
     one_error_line(r, fragment)
-    run = tmp_path / "run"
-    assert not run.exists() or [p.name for p in run.iterdir()] == [".lock"]  # nothing half-made to trip over later
+    from crlf.engine.rundir import RunDir
+    assert not RunDir(tmp_path / "run").has_run()  # nothing half-made that a later run would trip over
 
 
 def test_unknown_flag_is_usage_error():

@@ -19,6 +19,8 @@ _EXPORTS = {
     "ImageSet": "crlf.engine.data",
     "load_data": ("crlf.engine.data", "load"),
     "select_device": "crlf.engine.device",
+    "embed": "crlf.engine.embeddings",
+    "Embeddings": "crlf.engine.embeddings",
 }
 __all__ = ["__version__", *_EXPORTS]
 

@@ -15,11 +15,13 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
 
 from crlf import __version__, output
-from crlf.errors import CrlfError
-from crlf.settings import (AugmentSettings, DataSettings, DeviceSettings, ModelSettings, OptimSettings,
-                           PretrainSettings, RunSettings, resolve, to_toml)
+from crlf.errors import CrlfError, InputError
+from crlf.settings import (AugmentSettings, DataSettings, DeviceSettings, EmbeddingsInput, EncoderInput, ExtractSettings,
+                           KnnEvalSettings, KnnSettings, LinearEvalSettings, ModelSettings, OptimSettings, PretrainSettings, RunSettings,
+                           resolve, to_toml)
 
 app = typer.Typer(
     name="crlf",
@@ -30,8 +32,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-_PANELS = [(DataSettings, "Data"), (ModelSettings, "Model"), (AugmentSettings, "Augmentation"),
-           (OptimSettings, "Optimisation"), (DeviceSettings, "Device"), (RunSettings, "Run directory")]
+_PANELS = [(EncoderInput, "Encoder"), (EmbeddingsInput, "Embeddings"), (DataSettings, "Data"), (ModelSettings, "Model"),
+           (AugmentSettings, "Augmentation"), (OptimSettings, "Optimisation"), (KnnSettings, "kNN"), (DeviceSettings, "Device"), (RunSettings, "Run directory")]
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", envvar="CRLF_CONFIG", help="TOML file of settings (flat keys, or a table named after the subcommand).", rich_help_panel="Output")]
 PrintConfigOpt = Annotated[bool, typer.Option("--print-config", help="Print the resolved settings as TOML (JSON with --json) and exit.", rich_help_panel="Output")]
@@ -55,10 +57,12 @@ def _panel(name: str) -> str:
     return next((title for group, title in _PANELS if name in group.model_fields), "Options")
 
 
-def _cli_type(annotation: Any) -> type:
-    """The type Typer parses a field as: numbers and booleans natively, everything else as text for Pydantic."""
+def _cli_type(annotation: Any) -> Any:
+    """The type Typer parses a field as: numbers, booleans and lists of floats natively, the rest as text for Pydantic."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     base = args[0] if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union else annotation
+    if typing.get_origin(base) is list:
+        return list[float]  # a repeatable flag
     return base if base in (int, float, bool) else str
 
 
@@ -68,9 +72,9 @@ def settings_options(model: type[BaseModel]) -> list[inspect.Parameter]:
     for name, field in model.model_fields.items():
         flag = "--" + name.replace("_", "-")
         kind = _cli_type(field.annotation)
-        decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag]
+        decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag, f"-{name}"] if len(name) == 1 else [flag]
         default = field.default
-        shown = str(default) if default is not None else False
+        shown = False if default is None or default is PydanticUndefined else str(default)
         opt = typer.Option(*decls, help=field.description, show_default=shown, rich_help_panel=_panel(name))
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[kind], opt]))
     return params
@@ -115,16 +119,24 @@ def _guarded(quiet: bool, verbose: bool, work: Callable[[], int | None]) -> None
         raise typer.Exit(code)
 
 
+def _resolved(cls: type, values: dict[str, Any], config: Optional[Path], print_config: bool, json: bool) -> Any:
+    """Resolve the settings; with --print-config print them (TOML, or JSON with --json) and return None."""
+    settings = resolve(cls, values, config)
+    if not print_config:
+        return settings
+    if json:
+        output.emit_json(settings.model_dump(mode="json"))
+    else:
+        sys.stdout.write(to_toml(settings))
+    return None
+
+
 def _pretrain(settings_values: dict[str, Any], config: ConfigOpt = None, resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint; do nothing if it is complete; start fresh if it has none.", rich_help_panel="Output")] = False,
               force: Annotated[bool, typer.Option("--force", help="Discard the run already in --out and start over.", rich_help_panel="Output")] = False,
               print_config: PrintConfigOpt = False, json: JsonOpt = False, quiet: QuietOpt = False, verbose: VerboseOpt = False) -> None:
     def work() -> None:
-        settings = resolve(PretrainSettings, settings_values, config)
-        if print_config:
-            if json:
-                output.emit_json(settings.model_dump(mode="json"))
-            else:
-                sys.stdout.write(to_toml(settings))
+        settings = _resolved(PretrainSettings, settings_values, config, print_config, json)
+        if settings is None:
             return
         from crlf.engine.train import pretrain  # torch is imported only when there is work to do
 
@@ -144,6 +156,49 @@ def _pretrain(settings_values: dict[str, Any], config: ConfigOpt = None, resume:
 settings_command("pretrain", PretrainSettings, _pretrain, "Pretrain an image encoder without labels (SimCLR) and write a run directory.")
 
 
+def _extract(settings_values: dict[str, Any], config: ConfigOpt = None, print_config: PrintConfigOpt = False,
+             json: JsonOpt = False, quiet: QuietOpt = False, verbose: VerboseOpt = False) -> None:
+    def work() -> None:
+        settings = _resolved(ExtractSettings, settings_values, config, print_config, json)
+        if settings is None:
+            return
+        if json and settings.out == "-":
+            raise InputError("--json and --out - both want stdout: write the embeddings to a file, or drop --json")
+        from crlf.engine.embeddings import extract
+
+        summary = extract(settings, sys.stdout.buffer)
+        if json:
+            output.emit_json(summary)
+
+    _guarded(quiet, verbose, work)
+
+
+def _evaluation(cls: type, run: str) -> Callable[..., None]:
+    def command(settings_values: dict[str, Any], config: ConfigOpt = None, print_config: PrintConfigOpt = False,
+                json: JsonOpt = False, quiet: QuietOpt = False, verbose: VerboseOpt = False) -> None:
+        def work() -> None:
+            settings = _resolved(cls, settings_values, config, print_config, json)
+            if settings is None:
+                return
+            from crlf.engine import embeddings
+
+            result = getattr(embeddings, run)(settings)
+            if not quiet:
+                output.results_table(result)
+            if json:
+                output.emit_json(result)
+
+        _guarded(quiet, verbose, work)
+
+    return command
+
+
+settings_command("extract", ExtractSettings, _extract, "Embed a data set with a saved encoder: .npy (+ .json provenance), .npz, or .npy on stdout.")
+settings_command("linear-eval", LinearEvalSettings, _evaluation(LinearEvalSettings, "linear_eval"),
+                 "Linear probe on frozen features (or --finetune): top-1, top-5, per-class accuracy, confusion matrix.")
+settings_command("knn-eval", KnnEvalSettings, _evaluation(KnnEvalSettings, "knn_eval"), "Weighted kNN classification on cosine similarity (k = 200, temperature 0.1).")
+
+
 def _not_yet(name: str) -> None:
     @app.command(name, help=f"(not yet available in crlf {__version__})", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     def command(ctx: typer.Context) -> None:
@@ -151,8 +206,7 @@ def _not_yet(name: str) -> None:
         raise typer.Exit(2)
 
 
-for _name in ("extract", "linear-eval", "visualize"):
-    _not_yet(_name)
+_not_yet("visualize")
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True, highlight=False)
@@ -95,3 +96,21 @@ class TrainingReporter:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+def results_table(result: dict[str, Any]) -> None:
+    """An evaluation result for a person: accuracy per label fraction (mean +- std over seeds), then per class."""
+    table = Table(title=f"{result['protocol']} evaluation: {result['train_size']:,} train / {result['test_size']:,} test, {result['dim']} dims")
+    for column in ("label fraction", "runs", "top-1 %", "top-5 %"):
+        table.add_column(column, justify="right")
+    for row in result["summary"]:
+        table.add_row(f"{row['fraction']:g}", str(row["runs"]), f"{row['top1_mean']:.2f} ± {row['top1_std']:.2f}",
+                      f"{row['top5_mean']:.2f} ± {row['top5_std']:.2f}")
+    console.print(table)
+    per_class = result.get("per_class")
+    if per_class and len(per_class) <= 20:
+        classes = Table(title="per-class top-1 %")
+        for name in result["class_names"]:
+            classes.add_column(str(name), justify="right")
+        classes.add_row(*("-" if a is None else f"{a:.1f}" for a in per_class))
+        console.print(classes)

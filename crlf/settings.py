@@ -11,7 +11,7 @@ import json
 import re
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -24,6 +24,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 _STRICT = ConfigDict(extra="forbid", validate_assignment=True)
+BaseModelT = TypeVar("BaseModelT", bound=BaseModel)
 
 DataSource = Literal["digits", "cifar10", "cifar100", "stl10", "folder", "npy", "npz"]
 
@@ -140,6 +141,16 @@ class RunSettings(BaseModel):
     keep_checkpoints: int = Field(3, ge=1, description="How many snapshots to keep in checkpoints/.")
     compile: bool = Field(False, description="torch.compile the model (CUDA; slower start, faster steps).")
     log_every: float = Field(30.0, gt=0.0, description="Seconds between plain progress lines when stderr is not a terminal.")
+    knn_every: int = Field(0, ge=0, description="Every N epochs (and after the last), kNN top-1 of the test split against the training images, in metrics.jsonl (0: off; needs labelled data with a test split).")
+
+
+class KnnSettings(BaseModel):
+    """The weighted kNN classifier (knn-eval, and pretrain's --knn-every monitor)."""
+
+    model_config = _STRICT
+
+    k: int = Field(200, ge=1, description="Neighbours that vote (clipped to the train size).")
+    knn_temperature: float = Field(0.1, gt=0.0, description="Vote weight exp(similarity / temperature).")
 
 
 _config_file: ContextVar[Path | None] = ContextVar("crlf_config_file", default=None)
@@ -172,7 +183,20 @@ def read_toml(path: Path, section: str) -> dict[str, Any]:
     table = data.pop(section, {})
     if not isinstance(table, dict):
         raise InputError(f"config file {path}: '{section}' must be a table")
-    return {**{k: v for k, v in data.items() if not isinstance(v, dict)}, **table}
+    flat = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    # flat keys are shared by every subcommand: each takes its own and passes over the others' (a key that no
+    # subcommand knows is still an error); keys in the subcommand's own table are all checked by its model
+    known = set().union(*(c.model_fields for c in _COMMANDS))
+    unknown = sorted(set(flat) - known)
+    if unknown:
+        raise InputError(f"config file {path}: unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(repr(k) for k in unknown)}")
+    mine = next((c for c in _COMMANDS if c.section == section), None)
+    if mine is not None:
+        flat = {k: v for k, v in flat.items() if k in mine.model_fields}
+    return {**flat, **table}
+
+
+_COMMANDS: list[type[BaseSettings]] = []
 
 
 class _CommandSettings(BaseSettings):
@@ -181,19 +205,111 @@ class _CommandSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CRLF_", extra="forbid", validate_assignment=True)
     section: ClassVar[str] = ""  # the subcommand: also the name of its table in a config file
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _COMMANDS.append(cls)
+
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):  # type: ignore[override]
         return (init_settings, env_settings, _TomlSource(settings_cls, _config_file.get(), cls.section))
 
 
-class PretrainSettings(RunSettings, OptimSettings, AugmentSettings, ModelSettings, DeviceSettings, DataSettings, _CommandSettings):
+class PretrainSettings(KnnSettings, RunSettings, OptimSettings, AugmentSettings, ModelSettings, DeviceSettings, DataSettings, _CommandSettings):
     """Everything ``crlf pretrain`` needs."""
 
     section: ClassVar[str] = "pretrain"
 
 
-def resolve(cls: type[_CommandSettings], cli_values: dict[str, Any], config: Path | None = None) -> _CommandSettings:
-    """Build settings with precedence CLI > CRLF_* env > TOML > defaults; raise InputError listing every problem."""
+class EncoderInput(BaseModel):
+    """A saved encoder to embed with, and how to batch it (extract, linear-eval, knn-eval)."""
+
+    model_config = _STRICT
+
+    ckpt: Path | None = Field(None, description="Encoder checkpoint: encoder.safetensors (or last.safetensors) written by crlf pretrain.")
+    embed_batch_size: int = Field(512, ge=1, description="Images per batch when embedding.")
+
+
+class EmbeddingsInput(BaseModel):
+    """Precomputed embeddings instead of a checkpoint (linear-eval, knn-eval)."""
+
+    model_config = _STRICT
+
+    train_emb: Path | None = Field(None, description="Train-split embeddings written by crlf extract (.npy with its .json sidecar, or .npz).")
+    test_emb: Path | None = Field(None, description="Test-split embeddings written by crlf extract.")
+    results: Path | None = Field(None, description="Write the results JSON here (default: beside the checkpoint when it is in a run directory).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "EmbeddingsInput":
+        ckpt = getattr(self, "ckpt", None)
+        given = (self.train_emb is not None, self.test_emb is not None)
+        if ckpt is not None and any(given):
+            raise ValueError("give either --ckpt (with --data) or --train-emb and --test-emb, not both")
+        if ckpt is None and not all(given):
+            raise ValueError("needs --ckpt (with --data), or both --train-emb and --test-emb")
+        return self
+
+
+class EmbedSettings(EncoderInput, DeviceSettings, DataSettings):
+    """What ``crlf.embed`` needs: an encoder, a data set and the device (extract adds where to write)."""
+
+    normalize: bool = Field(False, description="L2-normalise each embedding.")
+
+    @model_validator(mode="after")
+    def _needs_ckpt(self) -> "EmbedSettings":
+        if self.ckpt is None:
+            raise ValueError("needs --ckpt (the encoder to embed with)")
+        return self
+
+
+class ExtractSettings(EmbedSettings, _CommandSettings):
+    """Everything ``crlf extract`` needs."""
+
+    section: ClassVar[str] = "extract"
+    out: str = Field(..., description="Output file: .npy (with a .json sidecar beside it), .npz (embeddings, labels, ids and provenance), or - for .npy on stdout.")
+
+    @model_validator(mode="after")
+    def _out_kind(self) -> "ExtractSettings":
+        if self.out != "-" and not self.out.endswith((".npy", ".npz")):
+            raise ValueError(f"--out must end in .npy or .npz, or be - for stdout (got {self.out!r})")
+        return self
+
+
+class LinearEvalSettings(EmbeddingsInput, EncoderInput, DeviceSettings, DataSettings, _CommandSettings):
+    """Everything ``crlf linear-eval`` needs."""
+
+    section: ClassVar[str] = "linear-eval"
+    label_fraction: list[float] = Field([1.0], description="Train on this class-balanced fraction of the labels; repeat the flag for a label-efficiency curve.")
+    seeds: int = Field(1, ge=1, description="Repeat each label fraction with this many seeds and report mean and std.")
+    probe_epochs: int = Field(100, ge=1, description="Epochs of the linear classifier (fine-tuning: of the whole network).")
+    probe_lr: float | None = Field(None, gt=0.0, description="Learning rate of the classifier (default: the protocol's own).")
+    probe_weight_decay: float = Field(0.0, ge=0.0, description="Weight decay of the classifier.")
+    finetune: bool = Field(False, description="Unfreeze the encoder and train it with the linear head (needs --ckpt and --data).")
+    seed: int = Field(0, ge=0, description="Base seed of the label subsets and the classifier.")
+
+    @field_validator("label_fraction")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        bad = [f for f in v if not 0.0 < f <= 1.0]
+        if bad or not v:
+            raise ValueError(f"label fractions must lie in (0, 1], got {bad or v}")
+        return v
+
+    @model_validator(mode="after")
+    def _finetune_needs_images(self) -> "LinearEvalSettings":
+        if self.finetune and self.ckpt is None:
+            raise ValueError("--finetune needs --ckpt and --data (it trains the encoder on the images)")
+        return self
+
+
+class KnnEvalSettings(KnnSettings, EmbeddingsInput, EncoderInput, DeviceSettings, DataSettings, _CommandSettings):
+    """Everything ``crlf knn-eval`` needs."""
+
+    section: ClassVar[str] = "knn-eval"
+
+
+def resolve(cls: type[BaseModelT], cli_values: dict[str, Any], config: Path | None = None) -> BaseModelT:
+    """Build settings with precedence CLI > CRLF_* env > TOML > defaults (plain groups: the values alone); raise
+    InputError listing every problem."""
     token = _config_file.set(config)
     try:
         return cls(**{k: v for k, v in cli_values.items() if v is not None})

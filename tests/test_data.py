@@ -35,17 +35,23 @@ def assert_images(s: ImageSet, n: int, size: int) -> None:
 
 def test_digits_default_is_16px_three_channels_with_labels():
     s = load(settings())
-    assert_images(s, 1797, 16)
+    assert_images(s, 1438, 16)
     assert s.labels.dtype == torch.int64 and sorted(s.labels.unique().tolist()) == list(range(10))
     assert s.class_names == [str(i) for i in range(10)]
-    assert s.ids[:2] == ["train/0", "train/1"] and s.source == "digits:train"
+    assert s.ids[:5] == ["train/0", "train/1", "train/2", "train/3", "train/5"] and s.source == "digits:train"
     assert torch.equal(s.images[:, 0], s.images[:, 2])  # grey replicated
     assert s.images.max() == 255 and s.images.min() == 0
 
 
-def test_digits_has_no_test_split():
-    with pytest.raises(InputError, match="only a 'train' split"):
-        load(settings(), split="test")
+def test_digits_test_split_is_every_fifth_image_disjoint_from_train():
+    train, test = load(settings()), load(settings(), split="test")
+    assert_images(test, 359, 16)
+    assert test.ids[:2] == ["test/4", "test/9"] and test.source == "digits:test"
+    assert not {i.split("/")[1] for i in train.ids} & {i.split("/")[1] for i in test.ids}
+    assert len(train) + len(test) == 1797
+    assert sorted(test.labels.unique().tolist()) == list(range(10))
+    with pytest.raises(InputError, match="splits train .* and test"):
+        load(settings(), split="unlabeled")
 
 
 def test_limit_is_a_seeded_subset_in_original_order_and_image_size_resizes():
@@ -55,7 +61,8 @@ def test_limit_is_a_seeded_subset_in_original_order_and_image_size_resizes():
     assert order == sorted(order) and order != list(range(100))
     assert load(settings(limit=100, image_size=16)).ids == s.ids  # same seed, same subset
     full = load(settings())
-    assert torch.equal(s.labels, full.labels[order])
+    position = {id_: row for row, id_ in enumerate(full.ids)}
+    assert torch.equal(s.labels, full.labels[[position[i] for i in s.ids]])
 
 
 def test_npy_with_sibling_labels(tiny_npy):

@@ -190,3 +190,21 @@ def test_grad_clip_is_applied_when_set(tmp_path, monkeypatch):
     assert norms == [0.5] * 4  # every step of the epoch
     pretrain(tiny(tmp_path, "free", epochs=1))
     assert len(norms) == 4  # 0 = off
+
+
+def test_knn_monitor_scores_epochs_without_changing_the_run(tmp_path):
+    plain = pretrain(tiny(tmp_path, "plain", epochs=3))
+    watched = tiny(tmp_path, "watched", epochs=3, knn_every=2, k=10)
+    pretrain(watched)
+    metrics = RunDir(watched.out).read_metrics()
+    scored = [m["epoch"] for m in metrics if "knn_top1" in m]
+    assert scored == [2, 3]  # every 2nd epoch and after the last
+    assert all(0 <= m["knn_top1"] <= 100 and m["knn_seconds"] > 0 for m in metrics if "knn_top1" in m)
+    a, b = weights(RunDir(plain["run_dir"]).encoder), weights(RunDir(watched.out).encoder)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # eval mode, no random draws
+
+
+def test_knn_monitor_needs_a_labelled_test_split(tmp_path, tiny_npy):
+    with pytest.raises(InputError, match="has no 'test' split"):
+        pretrain(tiny(tmp_path, data="npy", data_dir=tiny_npy, limit=None, knn_every=1))
+    assert not (tmp_path / "run" / "config.json").exists()

@@ -110,15 +110,21 @@ def _ids(split: str, n: int) -> list[str]:
 
 
 def _digits(split: str) -> ImageSet:
-    """scikit-learn's 1,797 8x8 digits (offline): 0..16 scaled to 0..255, replicated to 3 channels."""
-    if split != "train":
-        raise InputError(f"digits has only a 'train' split (all 1,797 images), not '{split}': drop --split, or use another --data for a held-out test set")
+    """scikit-learn's 1,797 8x8 digits (offline): 0..16 scaled to 0..255, replicated to 3 channels.
+
+    Every fifth image (359) is the test split, the other 1,438 the train split: fixed, so evaluations can hold out.
+    """
+    if split not in ("train", "test"):
+        raise InputError(f"digits has the splits train (1,438 images) and test (359), not '{split}'")
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    grey = torch.from_numpy(np.round(d.images * (255 / 16)).astype(np.uint8))
+    rows = np.arange(len(d.images))
+    rows = rows[rows % 5 == 4] if split == "test" else rows[rows % 5 != 4]
+    grey = torch.from_numpy(np.round(d.images[rows] * (255 / 16)).astype(np.uint8))
     images = grey.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
-    return ImageSet(images, torch.from_numpy(d.target.astype(np.int64)), [str(i) for i in range(10)], _ids("train", len(images)), "digits:train")
+    return ImageSet(images, torch.from_numpy(d.target[rows].astype(np.int64)), [str(i) for i in range(10)],
+                    [f"{split}/{i}" for i in rows.tolist()], f"digits:{split}")
 
 
 # --- CIFAR and STL-10: tarballs, found, extracted or downloaded ---------------------------------

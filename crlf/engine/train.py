@@ -20,7 +20,7 @@ from typing import Any, Iterator, Protocol
 
 import torch
 
-from crlf.engine import augment, data
+from crlf.engine import augment, data, evaluate
 from crlf.engine.checkpoint import atomic_write, encoder_metadata, load_state, save_encoder, save_state
 from crlf.engine.device import autocast, autocast_dtype, make_generator, seed_everything, select_device
 from crlf.engine.loss import nt_xent
@@ -52,6 +52,16 @@ class _Silent:
 
 
 @dataclass
+class _Monitor:
+    """Labels of the training images and the labelled test split that --knn-every scores."""
+
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    num_classes: int
+
+
+@dataclass
 class _Setup:
     """Everything built once before the first step."""
 
@@ -64,6 +74,7 @@ class _Setup:
     stem: str
     device: torch.device
     amp: torch.dtype | None
+    monitor: _Monitor | None  # the --knn-every evaluation data, when asked for
 
 
 def pretrain(settings: PretrainSettings, reporter: Reporter | None = None, *, resume: bool = False, force: bool = False) -> dict[str, Any]:
@@ -128,11 +139,23 @@ def _build(settings: PretrainSettings) -> _Setup:
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, settings.optimizer, settings.resolved_lr, settings.resolved_weight_decay)
+    monitor = _monitor_data(settings, images) if settings.knn_every else None
     log.info("%s images %dx%d from %s; %s (%s stem) on %s%s; %d steps/epoch", f"{len(images):,}", size, size, images.source, settings.arch,
              stem, device, f" ({str(amp).removeprefix('torch.')})" if amp else "", len(images) // settings.batch_size)
     return _Setup(model=model, step_model=torch.compile(model) if settings.compile else model, optimizer=optimizer,
                   images=_place(images.images, device), mean=torch.tensor(mean, device=device).view(1, 3, 1, 1),
-                  std=torch.tensor(std, device=device).view(1, 3, 1, 1), stem=stem, device=device, amp=amp)
+                  std=torch.tensor(std, device=device).view(1, 3, 1, 1), stem=stem, device=device, amp=amp, monitor=monitor)
+
+
+def _monitor_data(settings: PretrainSettings, images: data.ImageSet) -> _Monitor:
+    """The test split for the kNN monitor, at the training image size; labels are required on both sides."""
+    if images.labels is None:
+        raise InputError(f"--knn-every needs labelled training images, and {images.source} has none: use a labelled split (e.g. --split train) or --knn-every 0")
+    test = data.load(settings.model_copy(update={"image_size": images.images.shape[-1]}), "test")
+    if test.labels is None:
+        raise InputError(f"--knn-every needs a labelled test split, and {test.source} has none: use --knn-every 0")
+    classes = int(max(images.labels.max(), test.labels.max())) + 1
+    return _Monitor(images.labels, test.images, test.labels, classes)
 
 
 def _place(images: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -234,17 +257,31 @@ def _loop(settings: PretrainSettings, s: _Setup, run: RunDir, reporter: Reporter
             plateau.update(loss)
         metrics = {"epoch": epoch + 1, "loss": round(loss, 6), "lr": lr, "images_per_s": round(steps * bsz / seconds, 1),
                    "seconds": round(seconds, 3), "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        if s.monitor is not None and ((epoch + 1) % settings.knn_every == 0 or epoch + 1 == settings.epochs):
+            metrics.update(_knn(settings, s, s.monitor))
         _save(settings, s, run, epoch + 1, plateau)
         run.append_metrics(metrics)
         history.append(metrics)
-        log.info("epoch %d/%d  loss %.4f  lr %.4g  %s img/s  %.1f s", epoch + 1, settings.epochs, loss, lr,
-                 f"{metrics['images_per_s']:,.0f}", seconds)
+        log.info("epoch %d/%d  loss %.4f  lr %.4g  %s img/s  %.1f s%s", epoch + 1, settings.epochs, loss, lr,
+                 f"{metrics['images_per_s']:,.0f}", seconds, f"  kNN top-1 {metrics['knn_top1']:.2f}%" if "knn_top1" in metrics else "")
         reporter.on_epoch(metrics)
     _save_encoder(settings, s, run, max(start, settings.epochs))
     return {"status": "trained", "run_dir": str(run.path), "encoder": str(run.encoder), "epochs": settings.epochs,
             "epochs_run": len(history), "final_loss": history[-1]["loss"] if history else None,
             "images_per_s": round(sum(m["images_per_s"] for m in history) / max(1, len(history)), 1),
             "seconds": round(sum(m["seconds"] for m in history), 3), "device": str(s.device)}
+
+
+def _knn(settings: PretrainSettings, s: _Setup, m: _Monitor) -> dict[str, float]:
+    """kNN top-1 of the test split against the training images, embedded by the backbone in eval mode (no randomness
+    is drawn, so the monitor does not change the run)."""
+    t0 = time.perf_counter()
+    meta = {"mean": s.mean.flatten().tolist(), "std": s.std.flatten().tolist()}
+    bank = evaluate.embed(s.model.backbone, meta, s.images, s.device, settings.batch_size)
+    queries = evaluate.embed(s.model.backbone, meta, m.test_images, s.device, settings.batch_size)
+    result = evaluate.knn_classify(bank, m.train_labels, queries, m.test_labels, m.num_classes, k=settings.k,
+                                   temperature=settings.knn_temperature, device=s.device)
+    return {"knn_top1": round(result["top1"], 2), "knn_seconds": round(time.perf_counter() - t0, 3)}
 
 
 def _get_rng(gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:

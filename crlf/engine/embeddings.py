@@ -1,0 +1,253 @@
+"""Embedding files and the evaluation commands' plumbing: extract to .npy / .npz with provenance, read them
+back, and run the linear / kNN protocols on a checkpoint + data or on files written by ``extract``.
+
+Files: ``emb.npy`` (float32 N x D) with ``emb.npy.json`` beside it (provenance, ids, labels), or one ``emb.npz``
+holding ``embeddings``, ``labels`` (when known), ``ids``, ``class_names`` and ``provenance`` (a JSON string).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import torch
+
+from crlf import __version__
+from crlf.engine import data, evaluate
+from crlf.engine.checkpoint import atomic_write, load_encoder
+from crlf.engine.device import select_device
+from crlf.errors import InputError
+from crlf.settings import DataSettings, EmbedSettings, EncoderInput, ExtractSettings, KnnEvalSettings, LinearEvalSettings, resolve
+
+log = logging.getLogger(__name__)
+
+
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _open_encoder(settings: EncoderInput, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    assert settings.ckpt is not None
+    return load_encoder(settings.ckpt.expanduser(), device)
+
+
+def _data_for(settings: DataSettings, meta: dict[str, Any]) -> DataSettings:
+    """The data settings with the encoder's image size unless the user chose one."""
+    return settings.model_copy(update={"image_size": settings.image_size or meta["image_size"]})
+
+
+def _embed_split(settings: EncoderInput, encoder: torch.nn.Module, meta: dict[str, Any], device: torch.device,
+                 split: str | None) -> tuple[torch.Tensor, data.ImageSet]:
+    images = data.load(_data_for(settings, meta), split)  # type: ignore[arg-type]
+    t0 = time.perf_counter()
+    x = evaluate.embed(encoder, meta, images.images, device, settings.embed_batch_size)
+    log.info("embedded %s %s images in %.1f s (%d dims)", f"{len(images):,}", images.source, time.perf_counter() - t0, x.shape[1])
+    return x, images
+
+
+@dataclass
+class Embeddings:
+    """Embeddings of a data set in its row order, with what is known about the rows and where they came from."""
+
+    x: torch.Tensor  # float32 (N, D) on the CPU
+    labels: torch.Tensor | None  # int64 (N,), or None for unlabelled data
+    ids: list[str]  # image ids / file paths, row by row
+    class_names: list[str]
+    provenance: dict[str, Any]
+
+
+def embed(ckpt: str | Path, **options: Any) -> Embeddings:
+    """``crlf extract`` without files: embed a data set with a saved encoder.
+
+    options are extract's settings: data, data_dir, split, image_size, limit, device, embed_batch_size, normalize, ...
+    e.g. ``crlf.embed("runs/c10/encoder.safetensors", data="cifar10", data_dir="~/data", split="test")``.
+    """
+    return _embed(resolve(EmbedSettings, {"ckpt": ckpt, **options}))
+
+
+def _embed(settings: EmbedSettings) -> Embeddings:
+    device = select_device(settings.device)
+    encoder, meta = _open_encoder(settings, device)
+    x, images = _embed_split(settings, encoder, meta, device, settings.split)
+    if settings.normalize:
+        x = torch.nn.functional.normalize(x, dim=1)
+    provenance = {
+        "crlf_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "checkpoint": str(settings.ckpt), "checkpoint_sha256": sha256(settings.ckpt.expanduser()),  # type: ignore[union-attr]
+        "data": settings.data, "data_dir": None if settings.data_dir is None else str(settings.data_dir),
+        "split": settings.split or ("train+unlabeled" if settings.data == "stl10" else "train"),
+        "source": images.source, "count": len(x), "dim": x.shape[1], "l2_normalized": settings.normalize,
+        "image_size": images.images.shape[-1], "mean": meta["mean"], "std": meta["std"], "arch": meta["arch"],
+    }
+    return Embeddings(x, images.labels, images.ids, images.class_names, provenance)
+
+
+def extract(settings: ExtractSettings, stdout: BinaryIO | None = None) -> dict[str, Any]:
+    """Embed a data set with a saved encoder and write it (``--out -``: the .npy goes to `stdout`); returns a summary."""
+    out = None if settings.out == "-" else Path(settings.out).expanduser()
+    if out is not None and not out.parent.is_dir():
+        raise InputError(f"cannot write {out}: the folder {out.parent} does not exist")
+    emb = _embed(settings)
+    arr = emb.x.numpy()
+    if out is None:
+        assert stdout is not None, "--out - needs a stream"
+        np.save(stdout, arr)
+        stdout.flush()
+    else:
+        _write_embeddings(out, arr, emb)
+    return {"out": settings.out, "count": len(arr), "dim": arr.shape[1], "labels": emb.labels is not None,
+            "sidecar": None if out is None or out.suffix == ".npz" else str(out) + ".json", "source": emb.provenance["source"]}
+
+
+def _write_embeddings(out: Path, arr: np.ndarray, emb: Embeddings) -> None:
+    """.npz: everything in one file; .npy: the array, then its JSON sidecar (each written atomically)."""
+    labels, provenance = None if emb.labels is None else emb.labels.numpy(), emb.provenance
+    try:
+        if out.suffix == ".npz":
+            arrays: dict[str, np.ndarray] = {"embeddings": arr, "ids": np.array(emb.ids, dtype=np.str_),
+                                             "class_names": np.array(emb.class_names, dtype=np.str_),
+                                             "provenance": np.array(json.dumps(provenance))}
+            if labels is not None:
+                arrays["labels"] = labels
+            atomic_write(out, lambda f: np.savez(f, **arrays))
+        else:
+            sidecar = {**provenance, "ids": emb.ids, "class_names": emb.class_names,
+                       "labels": None if labels is None else labels.tolist()}
+            atomic_write(out, lambda f: np.save(f, arr))
+            atomic_write(Path(str(out) + ".json"), lambda f: f.write(json.dumps(sidecar).encode()))
+    except OSError as e:
+        raise InputError(f"cannot write {out}: {e.strerror or e}; choose a writable --out") from None
+    log.info("wrote %s x %d embeddings to %s", f"{len(arr):,}", arr.shape[1], out)
+
+
+def read_embeddings(path: Path) -> tuple[torch.Tensor, torch.Tensor | None, list[str], dict[str, Any]]:
+    """Embeddings written by extract -> (float32 N x D, labels or None, class names, provenance)."""
+    path = path.expanduser()
+    if not path.is_file():
+        raise InputError(f"{path} does not exist: write it with crlf extract --out {path.name}")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                x = z["embeddings"]
+                labels = z["labels"] if "labels" in z.files else None
+                names, prov = z["class_names"].tolist(), json.loads(str(z["provenance"]))
+        else:
+            x = np.load(path, allow_pickle=False)
+            side = Path(str(path) + ".json")
+            meta = json.loads(side.read_text()) if side.is_file() else {}
+            labels = None if meta.get("labels") is None else np.asarray(meta["labels"])
+            names, prov = meta.get("class_names", []), meta
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"{path} is not an embeddings file written by crlf extract ({str(e).splitlines()[0]})") from None
+    if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
+        raise InputError(f"{path}: expected a float N x D array, found {x.dtype} {x.shape}")
+    if labels is not None and len(labels) != len(x):
+        raise InputError(f"{path}: {len(labels)} labels for {len(x)} embeddings; re-create it with crlf extract")
+    y = None if labels is None else torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), y, list(names), {k: v for k, v in prov.items() if k not in ("ids", "labels")}
+
+
+def _labelled(settings: KnnEvalSettings | LinearEvalSettings, device: torch.device) -> dict[str, Any]:
+    """Train and test features with labels, from a checkpoint + data or from two embeddings files."""
+    if settings.ckpt is not None:
+        encoder, meta = _open_encoder(settings, device)
+        train_x, train = _embed_split(settings, encoder, meta, device, settings.split)
+        test_x, test = _embed_split(settings, encoder, meta, device, "test")
+        parts = {"train_x": train_x, "train_y": train.labels, "test_x": test_x, "test_y": test.labels,
+                 "class_names": train.class_names, "source": {"checkpoint": str(settings.ckpt), "data": train.source}}
+    else:
+        assert settings.train_emb is not None and settings.test_emb is not None
+        train_x, train_y, names, prov = read_embeddings(settings.train_emb)
+        test_x, test_y, _, _ = read_embeddings(settings.test_emb)
+        parts = {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y, "class_names": names,
+                 "source": {"train_emb": str(settings.train_emb), "test_emb": str(settings.test_emb), "checkpoint": prov.get("checkpoint")}}
+    for split in ("train", "test"):
+        if parts[f"{split}_y"] is None:
+            raise InputError(f"the {split} split has no labels: evaluation needs a labelled data set (class sub-folders, CIFAR, STL-10 train/test, npz with labels)")
+    if parts["train_x"].shape[1] != parts["test_x"].shape[1]:
+        raise InputError(f"train and test embeddings differ in size ({parts['train_x'].shape[1]} vs {parts['test_x'].shape[1]}): extract both with the same checkpoint")
+    parts["num_classes"] = int(max(parts["train_y"].max(), parts["test_y"].max())) + 1
+    parts["class_names"] = parts["class_names"] or [str(i) for i in range(parts["num_classes"])]
+    return parts
+
+
+def linear_eval(settings: LinearEvalSettings) -> dict[str, Any]:
+    """The linear probe (or fine-tuning) over every label fraction x seed; mean and std per fraction."""
+    device = select_device(settings.device)
+    parts = _labelled(settings, device)
+    runs = []
+    for fraction in settings.label_fraction:
+        for seed in range(settings.seed, settings.seed + settings.seeds):
+            idx = evaluate.balanced_subset(parts["train_y"], fraction, seed) if fraction < 1 else torch.arange(len(parts["train_y"]))
+            if settings.finetune:
+                result = _finetune(settings, device, parts, idx, seed)
+            else:
+                result = evaluate.linear_probe(parts["train_x"][idx], parts["train_y"][idx], parts["test_x"], parts["test_y"],
+                                               parts["num_classes"], device=device, seed=seed, epochs=settings.probe_epochs,
+                                               lr=settings.probe_lr, weight_decay=settings.probe_weight_decay)
+            log.info("label fraction %g, seed %d: top-1 %.2f%%  top-5 %.2f%%  (%s train images, %.1f s)", fraction, seed,
+                     result["top1"], result["top5"], f"{len(idx):,}", result["seconds"])
+            runs.append({"fraction": fraction, "seed": seed, **result})
+    return _report("finetune" if settings.finetune else "linear", settings, parts, runs)
+
+
+def _finetune(settings: LinearEvalSettings, device: torch.device, parts: dict[str, Any], idx: torch.Tensor, seed: int) -> dict[str, Any]:
+    encoder, meta = _open_encoder(settings, device)
+    train = data.load(_data_for(settings, meta), settings.split)
+    test = data.load(_data_for(settings, meta), "test")
+    return evaluate.finetune(encoder, meta, train.images[idx], parts["train_y"][idx], test.images, parts["test_y"],
+                             parts["num_classes"], device=device, epochs=settings.probe_epochs, seed=seed,
+                             **({"lr": settings.probe_lr} if settings.probe_lr else {}))
+
+
+def knn_eval(settings: KnnEvalSettings) -> dict[str, Any]:
+    """Weighted kNN (cosine, k neighbours, temperature) on the test split."""
+    device = select_device(settings.device)
+    parts = _labelled(settings, device)
+    result = evaluate.knn_classify(parts["train_x"], parts["train_y"], parts["test_x"], parts["test_y"], parts["num_classes"],
+                                   k=settings.k, temperature=settings.knn_temperature, device=device)
+    return _report("knn", settings, parts, [{"fraction": 1.0, "seed": 0, **result}])
+
+
+def _report(protocol: str, settings: KnnEvalSettings | LinearEvalSettings, parts: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The result document: every run, mean / std per label fraction, the main run's details; saved when asked or known."""
+    summary = []
+    for fraction in dict.fromkeys(r["fraction"] for r in runs):
+        group = [r for r in runs if r["fraction"] == fraction]
+        stats = {m: (round(statistics.fmean(r[m] for r in group), 4), round(statistics.pstdev(r[m] for r in group), 4)) for m in ("top1", "top5")}
+        summary.append({"fraction": fraction, "runs": len(group), "top1_mean": stats["top1"][0], "top1_std": stats["top1"][1],
+                        "top5_mean": stats["top5"][0], "top5_std": stats["top5"][1]})
+    main = max(runs, key=lambda r: r["fraction"])
+    result = {"protocol": protocol, **parts["source"], "train_size": len(parts["train_x"]), "test_size": len(parts["test_x"]),
+              "dim": parts["train_x"].shape[1], "class_names": parts["class_names"], "top1": main["top1"], "top5": main["top5"],
+              "summary": summary, "runs": [{k: v for k, v in r.items() if k not in ("confusion", "per_class")} for r in runs]}
+    if "confusion" in main:
+        result["per_class"], result["confusion"] = main["per_class"], main["confusion"]
+    target = settings.results
+    ckpt = settings.ckpt.expanduser() if settings.ckpt is not None else None
+    if target is None and ckpt is not None and (ckpt.parent / "config.json").is_file():
+        target = ckpt.parent / f"{'knn' if protocol == 'knn' else 'linear'}_eval.json"  # the run directory's results
+    if target is not None:
+        try:
+            atomic_write(Path(target).expanduser(), lambda f: f.write(json.dumps(result, indent=1).encode()))
+            if "confusion" in result:
+                conf = np.asarray(result["confusion"], dtype=np.int64)
+                atomic_write(Path(str(target).removesuffix(".json") + "_confusion.npy"), lambda f: np.save(f, conf))
+        except OSError as e:
+            raise InputError(f"cannot write {target}: {e.strerror or e}; choose a writable --results") from None
+        result["results_file"] = str(target)
+        log.info("results written to %s", target)
+    return result

@@ -1,0 +1,169 @@
+"""extract / linear-eval / knn-eval as a user runs them: files, provenance, stdout, results, bad input."""
+
+import io
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import crlf as crlf_api
+from crlf.engine.checkpoint import encoder_metadata, save_encoder
+from crlf.engine.embeddings import read_embeddings, sha256
+from crlf.engine.model import build_backbone
+from crlf.errors import InputError
+from crlf.settings import DataSettings
+
+CRLF = shutil.which("crlf")
+pytestmark = pytest.mark.skipif(CRLF is None, reason="the crlf entry point is not installed (pip install -e .)")
+
+
+def crlf(*args, timeout=300):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRLF_")}
+    return subprocess.run([CRLF, *map(str, args)], capture_output=True, env=env, timeout=timeout)
+
+
+@pytest.fixture
+def encoder_run(tmp_path):
+    """A run directory holding an encoder (random ResNet-18 weights, CIFAR stem, 8 px input) and a config.json."""
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.manual_seed(0)
+    meta = encoder_metadata({"arch": "resnet18"}, stem="cifar", image_size=8, feature_dim=512,
+                            mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], epoch=1)
+    save_encoder(run / "encoder.safetensors", build_backbone("resnet18", "cifar"), meta)
+    (run / "config.json").write_text("{}")
+    return run
+
+
+def test_extract_npy_with_sidecar(tmp_path, encoder_run, tiny_cifar_root):
+    ckpt, out = encoder_run / "encoder.safetensors", tmp_path / "emb.npy"
+    r = crlf("extract", "--ckpt", ckpt, "--data", "cifar10", "--data-dir", tiny_cifar_root, "--split", "test", "--out", out, "--device", "cpu", "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    summary = json.loads(r.stdout)
+    assert summary["count"] == 40 and summary["dim"] == 512 and summary["labels"] is True
+    x = np.load(out)
+    assert x.dtype == np.float32 and x.shape == (40, 512)
+    side = json.loads((tmp_path / "emb.npy.json").read_text())
+    assert side["checkpoint_sha256"] == sha256(ckpt) and side["split"] == "test" and side["dim"] == 512
+    assert side["ids"] == [f"test/{i}" for i in range(40)] and side["labels"] == [i % 10 for i in range(40)]
+    assert side["mean"] == [0.5, 0.5, 0.5] and side["crlf_version"] and side["class_names"][0] == "airplane"
+
+
+def test_embed_api_rows_follow_the_data_order(encoder_run, tiny_folder):
+    """crlf.embed row i is the encoder's output for image i of the data set, whatever the batch it was in."""
+    ckpt = encoder_run / "encoder.safetensors"
+    emb = crlf_api.embed(ckpt, data="folder", data_dir=tiny_folder, device="cpu", embed_batch_size=7)
+    images = crlf_api.load_data(DataSettings(data="folder", data_dir=tiny_folder, image_size=8))
+    assert emb.ids == images.ids and torch.equal(emb.labels, images.labels) and emb.x.shape == (60, 512)
+    assert emb.provenance["image_size"] == 8 and emb.provenance["checkpoint_sha256"] == sha256(ckpt)
+    encoder, _ = crlf_api.load_encoder(ckpt)
+    encoder.eval()
+    with torch.no_grad():
+        for i in (0, 6, 7, 33, 59):  # batch starts, middles and the ragged end
+            direct = encoder((images.images[i : i + 1].float() / 255 - 0.5) / 0.25)[0]
+            assert torch.allclose(emb.x[i], direct, atol=1e-4), i
+    assert not torch.allclose(emb.x[0], emb.x[1], atol=1e-3)
+    with pytest.raises(InputError, match="needs --ckpt"):
+        crlf_api.embed(None, data="digits")
+
+
+def test_extract_stdout_npz_and_batch_size_invariance(tmp_path, encoder_run, tiny_cifar_root):
+    common = ["--ckpt", encoder_run / "encoder.safetensors", "--data", "cifar10", "--data-dir", tiny_cifar_root, "--device", "cpu"]
+    piped = crlf("extract", *common, "--out", "-", "--embed-batch-size", "7")
+    assert piped.returncode == 0, piped.stderr.decode()
+    streamed = np.load(io.BytesIO(piped.stdout))  # stdout holds exactly one .npy and nothing else
+    r = crlf("extract", *common, "--out", tmp_path / "emb.npz", "--embed-batch-size", "64", "--normalize")
+    assert r.returncode == 0, r.stderr.decode()
+    with np.load(tmp_path / "emb.npz") as z:
+        assert set(z.files) == {"embeddings", "labels", "ids", "class_names", "provenance"}
+        stored = z["embeddings"]
+        assert json.loads(str(z["provenance"]))["l2_normalized"] is True
+    assert streamed.shape == stored.shape == (200, 512)
+    assert np.allclose(streamed / np.linalg.norm(streamed, axis=1, keepdims=True), stored, atol=1e-5)
+    x, y, names, prov = read_embeddings(tmp_path / "emb.npz")
+    assert x.shape == (200, 512) and y.tolist() == [i % 10 for i in range(40)] * 5 and len(names) == 10
+
+
+def test_linear_and_knn_eval_from_files_and_checkpoint(tmp_path, encoder_run, tiny_cifar_root):
+    common = ["--ckpt", encoder_run / "encoder.safetensors", "--data", "cifar10", "--data-dir", tiny_cifar_root, "--device", "cpu"]
+    for split in ("train", "test"):
+        assert crlf("extract", *common, "--split", split, "--out", tmp_path / f"{split}.npy").returncode == 0
+    r = crlf("linear-eval", "--train-emb", tmp_path / "train.npy", "--test-emb", tmp_path / "test.npy", "--device", "cpu",
+             "--label-fraction", "0.5", "--label-fraction", "1", "--seeds", "2", "--probe-epochs", "20", "--json",
+             "--results", tmp_path / "lin.json")
+    assert r.returncode == 0, r.stderr.decode()
+    result = json.loads(r.stdout)
+    assert [s["fraction"] for s in result["summary"]] == [0.5, 1.0] and all(s["runs"] == 2 for s in result["summary"])
+    assert {run["train_size"] for run in result["runs"] if run["fraction"] == 0.5} == {100}
+    assert len(result["confusion"]) == 10 and sum(map(sum, result["confusion"])) == 40
+    assert json.loads((tmp_path / "lin.json").read_text())["top1"] == result["top1"]
+    assert np.load(tmp_path / "lin_confusion.npy").sum() == 40
+    assert "top-1" in r.stderr.decode()  # the table for a person
+
+    k = crlf("knn-eval", *common, "-k", "5", "--json")
+    assert k.returncode == 0, k.stderr.decode()
+    knn = json.loads(k.stdout)
+    assert knn["protocol"] == "knn" and knn["runs"][0]["k"] == 5 and 0 <= knn["top1"] <= 100
+    assert json.loads((encoder_run / "knn_eval.json").read_text())["top1"] == knn["top1"]  # saved in the run directory
+
+
+@pytest.mark.parametrize("case,fragment", [
+    ("missing_ckpt", "does not exist"),
+    ("truncated_ckpt", "not a readable safetensors file"),
+    ("missing_out_dir", "does not exist"),
+    ("bad_suffix", "--out must end in .npy or .npz"),
+    ("json_and_stdout", "both want stdout"),
+    ("no_ckpt", "needs --ckpt"),
+])
+def test_extract_bad_input(tmp_path, encoder_run, tiny_npz, case, fragment):
+    ckpt, out = encoder_run / "encoder.safetensors", tmp_path / "emb.npy"
+    extra = []
+    if case == "missing_ckpt":
+        ckpt = tmp_path / "nope.safetensors"
+    elif case == "truncated_ckpt":
+        ckpt = tmp_path / "cut.safetensors"
+        ckpt.write_bytes((encoder_run / "encoder.safetensors").read_bytes()[:5000])
+    elif case == "missing_out_dir":
+        out = tmp_path / "no" / "such" / "emb.npy"
+    elif case == "bad_suffix":
+        out = tmp_path / "emb.txt"
+    elif case == "json_and_stdout":
+        out, extra = "-", ["--json"]
+    args = ["extract", "--data", "npz", "--data-dir", tiny_npz, "--out", out, "--device", "cpu", *extra]
+    if case != "no_ckpt":
+        args += ["--ckpt", ckpt]
+    r = crlf(*args)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and r.stdout == b"" and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: ") and fragment in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "emb.npy").exists()
+
+
+def test_extract_into_read_only_dir_leaves_nothing(tmp_path, encoder_run, tiny_npz):
+    """A folder that refuses new files: a chmod 500 one, or for root (who ignores modes) /proc."""
+    ro = tmp_path / "ro" if os.geteuid() else Path("/proc")
+    if os.geteuid():
+        ro.mkdir()
+        ro.chmod(0o500)
+    r = crlf("extract", "--ckpt", encoder_run / "encoder.safetensors", "--data", "npz", "--data-dir", tiny_npz, "--out", ro / "e.npy", "--device", "cpu")
+    if os.geteuid():
+        ro.chmod(0o700)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "cannot write" in err and "Traceback" not in err, err
+    assert not [p for p in ro.iterdir() if p.name.startswith("e.npy") or p.name.startswith(".e.npy")]
+
+
+def test_eval_needs_labels(tmp_path, encoder_run, tiny_npz):
+    x = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)
+    np.save(tmp_path / "a.npy", x)
+    np.save(tmp_path / "b.npy", x)
+    r = crlf("knn-eval", "--train-emb", tmp_path / "a.npy", "--test-emb", tmp_path / "b.npy", "--device", "cpu")
+    assert r.returncode == 2 and "has no labels" in r.stderr.decode()
+    np.save(tmp_path / "c.npy", x.astype(np.int32))
+    r = crlf("knn-eval", "--train-emb", tmp_path / "c.npy", "--test-emb", tmp_path / "b.npy", "--device", "cpu")
+    assert r.returncode == 2 and "expected a float N x D array" in r.stderr.decode()

@@ -21,7 +21,7 @@ from crlf import __version__, output
 from crlf.errors import CrlfError, InputError
 from crlf.settings import (AugmentSettings, DataSettings, DeviceSettings, EmbeddingsInput, EncoderInput, ExtractSettings,
                            KnnEvalSettings, KnnSettings, LinearEvalSettings, ModelSettings, OptimSettings, PretrainSettings, RunSettings,
-                           resolve, to_toml)
+                           VisualizeSettings, resolve, to_toml)
 
 app = typer.Typer(
     name="crlf",
@@ -32,7 +32,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-_PANELS = [(EncoderInput, "Encoder"), (EmbeddingsInput, "Embeddings"), (DataSettings, "Data"), (ModelSettings, "Model"),
+_PANELS = [(VisualizeSettings, "Figures"), (LinearEvalSettings, "Linear probe"), (ExtractSettings, "Output"),
+           (EncoderInput, "Encoder"), (EmbeddingsInput, "Embeddings"), (DataSettings, "Data"), (ModelSettings, "Model"),
            (AugmentSettings, "Augmentation"), (OptimSettings, "Optimisation"), (KnnSettings, "kNN"), (DeviceSettings, "Device"), (RunSettings, "Run directory")]
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", envvar="CRLF_CONFIG", help="TOML file of settings (flat keys, or a table named after the subcommand).", rich_help_panel="Output")]
@@ -53,16 +54,18 @@ def _root(version: Annotated[bool, typer.Option("--version", is_eager=True, call
     """Contrastive Representation Learning Framework: self-supervised image encoders (SimCLR)."""
 
 
-def _panel(name: str) -> str:
-    return next((title for group, title in _PANELS if name in group.model_fields), "Options")
+def _panel(model: type[BaseModel], name: str) -> str:
+    """The help panel of a field: named after the settings class that declares it."""
+    owner = next((c for c in model.__mro__ if name in c.__dict__.get("__annotations__", {})), model)
+    return dict(_PANELS).get(owner, "Options")
 
 
 def _cli_type(annotation: Any) -> Any:
     """The type Typer parses a field as: numbers, booleans and lists of floats natively, the rest as text for Pydantic."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     base = args[0] if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union else annotation
-    if typing.get_origin(base) is list:
-        return list[float]  # a repeatable flag
+    if typing.get_origin(base) is list:  # a repeatable flag
+        return list[float] if typing.get_args(base) == (float,) else list[str]
     return base if base in (int, float, bool) else str
 
 
@@ -75,7 +78,7 @@ def settings_options(model: type[BaseModel]) -> list[inspect.Parameter]:
         decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag, f"-{name}"] if len(name) == 1 else [flag]
         default = field.default
         shown = False if default is None or default is PydanticUndefined else str(default)
-        opt = typer.Option(*decls, help=field.description, show_default=shown, rich_help_panel=_panel(name))
+        opt = typer.Option(*decls, help=field.description, show_default=shown, rich_help_panel=_panel(model, name))
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[kind], opt]))
     return params
 
@@ -199,14 +202,23 @@ settings_command("linear-eval", LinearEvalSettings, _evaluation(LinearEvalSettin
 settings_command("knn-eval", KnnEvalSettings, _evaluation(KnnEvalSettings, "knn_eval"), "Weighted kNN classification on cosine similarity (k = 200, temperature 0.1).")
 
 
-def _not_yet(name: str) -> None:
-    @app.command(name, help=f"(not yet available in crlf {__version__})", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def command(ctx: typer.Context) -> None:
-        output.error(f"'crlf {name}' is not yet available in crlf {__version__}")
-        raise typer.Exit(2)
+def _visualize(settings_values: dict[str, Any], config: ConfigOpt = None, print_config: PrintConfigOpt = False,
+               json: JsonOpt = False, quiet: QuietOpt = False, verbose: VerboseOpt = False) -> None:
+    def work() -> None:
+        settings = _resolved(VisualizeSettings, settings_values, config, print_config, json)
+        if settings is None:
+            return
+        from crlf.engine.visualize import visualize
+
+        result = visualize(settings)
+        if json:
+            output.emit_json(result)
+
+    _guarded(quiet, verbose, work)
 
 
-_not_yet("visualize")
+settings_command("visualize", VisualizeSettings, _visualize,
+                 "Figures: loss curves, PCA / t-SNE maps, confusion matrix, nearest neighbours, augmented views; --run DIR draws them all with an index.html.")
 
 
 def main() -> None:

@@ -307,6 +307,36 @@ class KnnEvalSettings(KnnSettings, EmbeddingsInput, EncoderInput, DeviceSettings
     section: ClassVar[str] = "knn-eval"
 
 
+FigureKind = Literal["loss", "pca", "tsne", "umap", "confusion", "neighbors", "augmentations"]
+
+
+class VisualizeSettings(AugmentSettings, EncoderInput, DeviceSettings, DataSettings, _CommandSettings):
+    """Everything ``crlf visualize`` needs. With --run, data and augmentation settings the user did not give come
+    from the run's config.json."""
+
+    section: ClassVar[str] = "visualize"
+    run: list[Path] = Field([], description="Run directory to draw (repeat to overlay several runs' loss curves); figures go to RUN/figures/ with an index.html.")
+    emb: Path | None = Field(None, description="Embeddings written by crlf extract (.npy with its sidecar, or .npz) for pca / tsne / umap.")
+    results: Path | None = Field(None, description="A linear-eval result JSON for the confusion figure (default: the run's linear_eval.json).")
+    kind: list[FigureKind] = Field([], description="Figure to draw: loss, pca, tsne, umap, confusion, neighbors, augmentations; repeat for several (default: all the inputs allow).")
+    out: Path | None = Field(None, description="An image file (.png, .svg, .pdf) for one figure, or a folder for several (default: RUN/figures, else ./figures).")
+    max_points: int = Field(10_000, ge=10, description="Embeddings drawn in pca / tsne / umap (a seeded random subset; t-SNE is slow beyond 10,000).")
+    queries: int = Field(6, ge=1, le=20, description="neighbors: query images (rows of the grid).")
+    neighbors: int = Field(8, ge=1, le=20, description="neighbors: nearest neighbours shown per query.")
+    views: int = Field(4, ge=1, le=12, description="augmentations: view pairs shown per image.")
+    seed: int = Field(0, ge=0, description="Seed of the subsets, the t-SNE layout and the augmentations drawn.")
+
+    @model_validator(mode="after")
+    def _inputs(self) -> "VisualizeSettings":
+        if self.emb is not None and self.ckpt is not None:
+            raise ValueError("give --emb or --ckpt, not both")
+        if self.out is not None and self.out.suffix.lower() not in ("", ".png", ".svg", ".pdf"):
+            raise ValueError(f"--out must be a folder or end in .png, .svg or .pdf (got {str(self.out)!r})")
+        if self.out is not None and self.out.suffix and len(self.kind) != 1:
+            raise ValueError(f"--out {self.out} names one file: choose one figure with --kind, or give a folder")
+        return self
+
+
 def resolve(cls: type[BaseModelT], cli_values: dict[str, Any], config: Path | None = None) -> BaseModelT:
     """Build settings with precedence CLI > CRLF_* env > TOML > defaults (plain groups: the values alone); raise
     InputError listing every problem."""

@@ -99,9 +99,13 @@ def test_optimizer_defaults_scale_with_batch(optimizer, lr, wd):
     assert resolve(PretrainSettings, {"optimizer": optimizer, "lr": 0.1}).resolved_lr == 0.1
 
 
-def test_readme_documents_every_pretrain_option():
+def test_readme_documents_every_option_of_every_subcommand():
+    from crlf.settings import _COMMANDS
+
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    for name in PretrainSettings.model_fields:
-        assert f"`--{name.replace('_', '-')}" in readme, f"README lacks --{name.replace('_', '-')}"
+    assert {c.section for c in _COMMANDS} == {"pretrain", "extract", "linear-eval", "knn-eval", "visualize"}
+    for command in _COMMANDS:
+        for name in command.model_fields:
+            assert f"`--{name.replace('_', '-')}" in readme, f"README lacks {command.section} --{name.replace('_', '-')}"
     for flag in ("--config", "--resume", "--force", "--print-config", "--json", "--quiet", "--verbose"):
         assert flag in readme

@@ -44,14 +44,14 @@ def _open_encoder(settings: EncoderInput, device: torch.device) -> tuple[torch.n
     return load_encoder(settings.ckpt.expanduser(), device)
 
 
-def _data_for(settings: DataSettings, meta: dict[str, Any]) -> DataSettings:
+def encoder_data(settings: DataSettings, meta: dict[str, Any]) -> DataSettings:
     """The data settings with the encoder's image size unless the user chose one."""
     return settings.model_copy(update={"image_size": settings.image_size or meta["image_size"]})
 
 
 def _embed_split(settings: EncoderInput, encoder: torch.nn.Module, meta: dict[str, Any], device: torch.device,
                  split: str | None) -> tuple[torch.Tensor, data.ImageSet]:
-    images = data.load(_data_for(settings, meta), split)  # type: ignore[arg-type]
+    images = data.load(encoder_data(settings, meta), split)  # type: ignore[arg-type]
     t0 = time.perf_counter()
     x = evaluate.embed(encoder, meta, images.images, device, settings.embed_batch_size)
     log.info("embedded %s %s images in %.1f s (%d dims)", f"{len(images):,}", images.source, time.perf_counter() - t0, x.shape[1])
@@ -206,8 +206,8 @@ def linear_eval(settings: LinearEvalSettings) -> dict[str, Any]:
 
 def _finetune(settings: LinearEvalSettings, device: torch.device, parts: dict[str, Any], idx: torch.Tensor, seed: int) -> dict[str, Any]:
     encoder, meta = _open_encoder(settings, device)
-    train = data.load(_data_for(settings, meta), settings.split)
-    test = data.load(_data_for(settings, meta), "test")
+    train = data.load(encoder_data(settings, meta), settings.split)
+    test = data.load(encoder_data(settings, meta), "test")
     return evaluate.finetune(encoder, meta, train.images[idx], parts["train_y"][idx], test.images, parts["test_y"],
                              parts["num_classes"], device=device, epochs=settings.probe_epochs, seed=seed,
                              **({"lr": settings.probe_lr} if settings.probe_lr else {}))

@@ -1,0 +1,373 @@
+"""``crlf visualize``: find the inputs each figure needs (run directory, embeddings file, checkpoint + data,
+linear-eval result), compute what is drawn (projections, neighbours, augmented views), and write the files.
+
+With --run and no --kind, every figure the directory allows is drawn into RUN/figures/ with an index.html.
+A figure asked for by name whose input is missing is an InputError naming the file that is needed.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+
+from crlf.engine import augment, data, evaluate, plots
+from crlf.engine.checkpoint import atomic_write, load_encoder
+from crlf.engine.device import select_device
+from crlf.engine.embeddings import encoder_data, read_embeddings
+from crlf.engine.rundir import RunDir
+from crlf.errors import InputError
+from crlf.settings import AugmentSettings, DataSettings, VisualizeSettings
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_KINDS = ("pca", "tsne", "umap")
+ORDER = ("loss", "confusion", "pca", "tsne", "umap", "neighbors", "augmentations")
+
+
+@dataclass
+class _Points:
+    """Embeddings to draw, with their labels and (when known) their images."""
+
+    x: np.ndarray  # float32 (N, D)
+    labels: np.ndarray | None
+    class_names: list[str]
+    images: np.ndarray | None  # uint8 (N, H, W, 3)
+    source: str
+
+
+class _Inputs:
+    """What the settings and the run directory provide; each input is loaded once, on first use."""
+
+    def __init__(self, settings: VisualizeSettings):
+        self.settings = settings
+        self.runs = [RunDir(p.expanduser()) for p in settings.run]
+        for run in self.runs:
+            if not run.path.is_dir():
+                raise InputError(f"run directory {run.path} does not exist: pass the --out folder of a crlf pretrain run")
+        self.run = self.runs[0] if self.runs else None
+        self._points: _Points | None = None
+
+    # --- what is available ---
+    @property
+    def checkpoint(self) -> Path | None:
+        if self.settings.ckpt is not None:
+            return self.settings.ckpt.expanduser()
+        if self.run is not None:
+            return next((p for p in (self.run.encoder, self.run.last) if p.is_file()), None)
+        return None
+
+    @property
+    def results(self) -> Path | None:
+        if self.settings.results is not None:
+            return self.settings.results.expanduser()
+        return self.run.path / "linear_eval.json" if self.run is not None else None
+
+    def missing(self, kind: str) -> str | None:
+        """Why `kind` cannot be drawn from these inputs (None: it can)."""
+        s, run = self.settings, self.run
+        if kind == "loss":
+            if run is None:
+                return "loss needs a run directory: --run DIR (its metrics.jsonl)"
+            empty = [str(r.metrics) for r in self.runs if not r.metrics.is_file() or not r.metrics.stat().st_size]
+            return f"loss needs {empty[0]}, written by crlf pretrain" if empty else None
+        if kind == "confusion":
+            path = self.results
+            if path is None:
+                return "confusion needs a linear-eval result: --results FILE.json or --run DIR holding linear_eval.json (crlf linear-eval writes it)"
+            return None if path.is_file() else f"confusion needs {path}: write it with crlf linear-eval (--results {path.name})"
+        if kind in EMBEDDING_KINDS or kind == "neighbors":
+            if kind == "neighbors" and s.emb is not None:
+                return "neighbors needs the images: use --ckpt FILE with the data options, or --run DIR"
+            if s.emb is not None:
+                return None if s.emb.expanduser().is_file() else f"{kind} needs {s.emb}: write it with crlf extract --out {s.emb.name}"
+            if self.checkpoint is None:
+                where = f"{run.encoder}, written by crlf pretrain" if run is not None else "--emb FILE, --ckpt FILE or --run DIR"
+                return f"{kind} needs {where}"
+            return None if self.checkpoint.is_file() else f"{kind} needs {self.checkpoint}: a checkpoint written by crlf pretrain"
+        return None  # augmentations: the data options (or the run's) are enough
+
+    def default_kinds(self) -> list[str]:
+        """With no --kind: everything these inputs allow (run: all figures; otherwise what the inputs were given for)."""
+        s = self.settings
+        if self.run is not None:
+            kinds = list(ORDER)
+        else:
+            kinds = (["pca", "tsne"] if s.emb is not None else []) + (["pca", "tsne", "neighbors"] if s.ckpt is not None else [])
+            kinds += ["confusion"] if s.results is not None else []
+        kinds = [k for k in ORDER if k in kinds and k != "umap"]  # umap only when asked: its package is optional
+        if not kinds:
+            raise InputError("nothing to draw: give --run DIR, --emb FILE, --ckpt FILE with the data options, "
+                             "--results FILE, or --kind augmentations with the data options")
+        return kinds
+
+    # --- loaded inputs ---
+    def merged(self, model: type[DataSettings] | type[AugmentSettings]) -> Any:
+        """Data / augmentation settings: those the user gave, else the run's config.json, else the defaults."""
+        s = self.settings
+        saved = self.run.saved_config() if self.run is not None else {}
+        values = {k: saved[k] for k in model.model_fields if k in saved}
+        values.update({k: getattr(s, k) for k in model.model_fields if k in s.model_fields_set})
+        try:
+            return model(**values)
+        except ValidationError as e:
+            raise InputError(f"settings of {self.run.path if self.run else 'visualize'} are invalid: {e.errors()[0]['msg']}") from None
+
+    def points(self) -> _Points:
+        if self._points is None:
+            self._points = self._read_points() if self.settings.emb is not None else self._embed_points()
+        return self._points
+
+    def _read_points(self) -> _Points:
+        assert self.settings.emb is not None
+        x, y, names, prov = read_embeddings(self.settings.emb)
+        keep = _subset(len(x), self.settings.max_points, self.settings.seed)
+        return _Points(x[keep].numpy(), None if y is None else y[keep].numpy(), names, None,
+                       prov.get("source") or str(self.settings.emb))
+
+    def _embed_points(self) -> _Points:
+        s, ckpt = self.settings, self.checkpoint
+        assert ckpt is not None
+        device = select_device(s.device)
+        encoder, meta = load_encoder(ckpt, device)
+        data_settings = encoder_data(self.merged(DataSettings), meta)
+        images = None
+        if self.run is not None and "split" not in s.model_fields_set:
+            try:  # a run's figures show its held-out images when the source has them
+                images = data.load(data_settings, "test")
+            except InputError:
+                images = None
+        if images is None:
+            images = data.load(data_settings)
+        keep = torch.from_numpy(_subset(len(images), s.max_points, s.seed))
+        images = images.subset(keep)
+        t0 = time.perf_counter()
+        x = evaluate.embed(encoder, meta, images.images, device, s.embed_batch_size)
+        log.info("embedded %s images of %s in %.1f s", f"{len(x):,}", images.source, time.perf_counter() - t0)
+        return _Points(x.numpy(), None if images.labels is None else images.labels.numpy(), images.class_names,
+                       images.images.permute(0, 2, 3, 1).numpy(), images.source)
+
+
+def _subset(n: int, limit: int, seed: int) -> np.ndarray:
+    """Sorted rows of a seeded random subset of at most `limit` of n."""
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
+
+
+def project(x: np.ndarray, method: str, seed: int = 0) -> tuple[np.ndarray, float]:
+    """2-D coordinates of (N, D) embeddings by PCA, t-SNE (after PCA to 50 dims) or UMAP; and the seconds it took."""
+    t0 = time.perf_counter()
+    x = np.asarray(x, dtype=np.float64)
+    if len(x) < 3:
+        raise InputError(f"a {method} map needs at least 3 embeddings, got {len(x)}")
+    centred = x - x.mean(0)
+    if method == "pca":
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        coords = centred @ vt[:2].T
+    elif method == "tsne":
+        from sklearn.decomposition import PCA
+        from sklearn.manifold import TSNE
+
+        reduced = PCA(n_components=min(50, *x.shape), random_state=seed).fit_transform(centred)
+        perplexity = float(min(30.0, max(2.0, (len(x) - 1) / 3)))
+        coords = TSNE(n_components=2, init="pca", learning_rate="auto", perplexity=perplexity, random_state=seed).fit_transform(reduced)
+    elif method == "umap":
+        try:
+            import umap  # type: ignore[import-not-found]
+        except ImportError:
+            raise InputError("the umap figure needs the umap-learn package: pip install umap-learn (or use --kind tsne)") from None
+        coords = umap.UMAP(n_components=2, random_state=seed).fit_transform(x)
+    else:
+        raise InputError(f"unknown projection {method!r}: use pca, tsne or umap")
+    return np.asarray(coords, dtype=np.float32), time.perf_counter() - t0
+
+
+# --- one function per figure: inputs -> Figure (+ facts for the result) ------------------------------------
+def _loss(inp: _Inputs) -> tuple[Any, dict[str, Any]]:
+    runs = []
+    for run in inp.runs:
+        try:
+            runs.append((run.path.name, run.read_metrics()))
+        except ValueError:
+            raise InputError(f"{run.metrics} is not valid JSON lines: it was not written by crlf pretrain") from None
+    return plots.loss_curves(runs), {"runs": [str(r.path) for r in inp.runs]}
+
+
+def _confusion(inp: _Inputs) -> tuple[Any, dict[str, Any]]:
+    path = inp.results
+    assert path is not None
+    try:
+        result = json.loads(path.read_text())
+        matrix = np.asarray(result["confusion"], dtype=np.int64)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(f"{path} holds no confusion matrix: write it with crlf linear-eval (knn-eval results have none)") from None
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise InputError(f"{path}: the confusion matrix is not square {matrix.shape}")
+    protocol = {"linear": "Linear probe", "finetune": "Fine-tuning"}.get(result.get("protocol"), "Classifier")
+    title = f"{protocol} confusion: top-1 {result.get('top1', float('nan')):.2f}% on {matrix.sum():,} test images"
+    return plots.confusion(matrix, result.get("class_names") or [], title), {"results": str(path)}
+
+
+def _embedding(method: str) -> Callable[[_Inputs], tuple[Any, dict[str, Any]]]:
+    def draw(inp: _Inputs) -> tuple[Any, dict[str, Any]]:
+        pts = inp.points()
+        coords, seconds = project(pts.x, method, inp.settings.seed)
+        name = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}[method]
+        how = " after PCA to 50 dims" if method == "tsne" else ""
+        note = f"{len(coords):,} points{how}, {seconds:.1f} s" + ("" if pts.labels is not None else " (no labels)")
+        log.info("%s of %s points in %.1f s", name, f"{len(coords):,}", seconds)
+        fig = plots.embedding_map(coords, pts.labels, pts.class_names, f"{name} of the embeddings of {pts.source}", name, note)
+        return fig, {"points": len(coords), "seconds": round(seconds, 2), "coords_shape": list(coords.shape)}
+
+    return draw
+
+
+def _neighbors(inp: _Inputs) -> tuple[Any, dict[str, Any]]:
+    s, pts = inp.settings, inp.points()
+    assert pts.images is not None
+    n = len(pts.x)
+    k = min(s.neighbors, n - 1)
+    if k < 1:
+        raise InputError("neighbors needs at least 2 images")
+    rng = np.random.default_rng(s.seed)
+    q = np.sort(rng.choice(n, min(s.queries, n), replace=False))
+    z = torch.nn.functional.normalize(torch.from_numpy(pts.x), dim=1)
+    sim = z[q] @ z.T
+    sim[torch.arange(len(q)), torch.from_numpy(q)] = -2.0  # never the query itself
+    top, idx = sim.topk(k, dim=1)
+    idx_np = idx.numpy()
+    names = pts.class_names
+
+    def caption(row: int) -> str:
+        return "" if pts.labels is None else (names[pts.labels[row]] if pts.labels[row] < len(names) else str(pts.labels[row]))
+
+    match = None if pts.labels is None else pts.labels[idx_np] == pts.labels[q][:, None]
+    fig = plots.neighbors(pts.images[q], pts.images[idx_np], top.numpy(), [caption(r) for r in q],
+                          [[caption(r) for r in row] for row in idx_np], match,
+                          f"Nearest neighbours (cosine) among {n:,} images of {pts.source}")
+    facts = {"queries": len(q), "neighbors": k}
+    if match is not None:
+        facts["same_class"] = round(float(match.mean()), 4)
+    return fig, facts
+
+
+def _augmentations(inp: _Inputs) -> tuple[Any, dict[str, Any]]:
+    s = inp.settings
+    data_settings, cfg = inp.merged(DataSettings), inp.merged(AugmentSettings)
+    images = data.load(data_settings)
+    rows = torch.from_numpy(np.sort(np.random.default_rng(s.seed).choice(len(images), min(s.queries, len(images)), replace=False)))
+    batch = images.images[rows]
+    gen = torch.Generator().manual_seed(s.seed)
+    pairs = [torch.stack(augment.views(batch, cfg, gen), dim=1) for _ in range(s.views)]  # each (R, 2, 3, H, W)
+    views = (torch.stack(pairs, dim=1).permute(0, 1, 2, 4, 5, 3).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    captions = [images.class_names[int(images.labels[r])] if images.labels is not None and images.class_names else images.ids[r].split("/")[-1]
+                for r in rows.tolist()]
+    changed = {k: v for k, v in cfg.model_dump().items() if v != AugmentSettings.model_fields[k].default}
+    subtitle = ", ".join(f"{k}={v}" for k, v in changed.items()) or "default settings"
+    fig = plots.augmentations(batch.permute(0, 2, 3, 1).numpy(), views, captions, f"Augmented view pairs of {images.source} ({subtitle})")
+    return fig, {"images": len(rows), "pairs": s.views, "settings": cfg.model_dump()}
+
+
+_DRAW: dict[str, Callable[[_Inputs], tuple[Any, dict[str, Any]]]] = {
+    "loss": _loss, "confusion": _confusion, "pca": _embedding("pca"), "tsne": _embedding("tsne"), "umap": _embedding("umap"),
+    "neighbors": _neighbors, "augmentations": _augmentations,
+}
+
+
+def visualize(settings: VisualizeSettings) -> dict[str, Any]:
+    """Draw the figures the settings ask for (or all the inputs allow); returns where they went and what was skipped."""
+    inp = _Inputs(settings)
+    asked = list(dict.fromkeys(settings.kind))
+    kinds = asked or inp.default_kinds()
+    for kind in asked:  # named figures must be possible: say which input is missing before drawing anything
+        reason = inp.missing(kind)
+        if reason:
+            raise InputError(reason)
+    out = (settings.out.expanduser() if settings.out is not None
+           else inp.run.path / "figures" if inp.run is not None else Path("figures"))
+    single = out.suffix != ""
+    folder = out.parent if single else out
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create {folder}: {e.strerror or e}; choose another --out") from None
+    figures: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    for kind in kinds:
+        reason = inp.missing(kind)
+        if reason:
+            skipped[kind] = reason
+            log.info("skipping %s: %s", kind, reason)
+            continue
+        t0 = time.perf_counter()
+        try:
+            fig, facts = _DRAW[kind](inp)
+        except InputError as e:
+            if asked:
+                raise
+            skipped[kind] = str(e)  # drawing everything a run allows: one figure's missing data is not fatal
+            log.warning("skipping %s: %s", kind, e)
+            continue
+        path = out if single else folder / f"{kind}.png"
+        try:
+            plots.save(fig, path)
+        except OSError as e:
+            raise InputError(f"cannot write {path}: {e.strerror or e}; choose another --out") from None
+        figures[kind] = {"path": str(path), **facts, "seconds_total": round(time.perf_counter() - t0, 2)}
+        log.info("wrote %s", path)
+    result: dict[str, Any] = {"out": str(out), "figures": figures, "skipped": skipped}
+    if inp.run is not None and not single:
+        result["index"] = str(_write_index(inp, folder, figures))
+    return result
+
+
+def _write_index(inp: _Inputs, folder: Path, figures: dict[str, dict[str, Any]]) -> Path:
+    """One static page: the figures, the run's settings and its final metrics and evaluation results."""
+    run = inp.run
+    assert run is not None
+    esc = html.escape
+    config = run.saved_config()
+    try:
+        metrics = run.read_metrics()
+    except ValueError:
+        metrics = []
+    final = metrics[-1] if metrics else {}
+    evals = {}
+    for name in ("linear_eval", "knn_eval"):
+        path = run.path / f"{name}.json"
+        if path.is_file():
+            try:
+                evals[name] = json.loads(path.read_text())
+            except ValueError:
+                pass
+
+    def table(rows: dict[str, Any]) -> str:
+        return "<table>" + "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>" for k, v in rows.items()) + "</table>"
+
+    results = {f"{name.replace('_', ' ')} top-1 / top-5": f"{r.get('top1', float('nan')):.2f}% / {r.get('top5', float('nan')):.2f}%"
+               for name, r in evals.items()}
+    images = "".join(f'<figure><img src="{esc(Path(f["path"]).name)}" alt="{esc(kind)}"><figcaption>{esc(kind)}</figcaption></figure>'
+                     for kind, f in figures.items())
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>crlf run {esc(run.path.name)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} img{{max-width:100%;border:1px solid #ddd}}
+table{{border-collapse:collapse;margin-bottom:1.5em}} th,td{{text-align:left;padding:2px 12px 2px 0;font-size:14px}}
+figure{{margin:0 0 2em 0}} figcaption{{color:#555}}</style></head>
+<body><h1>Run {esc(run.path.name)}</h1>
+<h2>Final metrics</h2>{table({**final, **results}) if final or results else "<p>no metrics yet</p>"}
+<h2>Figures</h2>{images or "<p>no figures</p>"}
+<h2>Settings</h2>{table(config) if config else "<p>no config.json</p>"}
+</body></html>
+"""
+    path = folder / "index.html"
+    atomic_write(path, lambda f: f.write(page.encode()))
+    return path

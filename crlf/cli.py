@@ -145,7 +145,7 @@ def _pretrain(settings_values: dict[str, Any], config: ConfigOpt = None, resume:
 
         reporter = output.TrainingReporter(quiet=quiet, bar=not json, log_every=settings.log_every)
         try:
-            summary = pretrain(settings, reporter, resume=resume, force=force)
+            summary = pretrain(settings, reporter, resume=resume, force=force, hard_abort=True)
         finally:
             reporter.close()
         if json:

@@ -48,11 +48,6 @@ def test_pretrain_help_lists_every_setting():
         assert "--" + name.replace("_", "-") in r.stdout, name
 
 
-def test_later_subcommands_say_not_yet():
-    one_error_line(crlf("visualize", "--ckpt", "x.safetensors"), "not yet available")
-    assert crlf("visualize").returncode == 2
-
-
 def test_pretrain_json_on_npy(tmp_path, tiny_npy):
     out = tmp_path / "run"
     r = crlf("pretrain", "--data", "npy", "--data-dir", tiny_npy, "--epochs", "2", "--out", out, "--json", *TINY)

@@ -10,6 +10,7 @@ No pickle anywhere: tensors go to safetensors, everything else to JSON strings i
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -55,10 +56,23 @@ def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
             os.close(dfd)
 
 
+def digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes and over the metadata: safetensors has no checksum
+    of its own, and a flipped bit in the weights would otherwise load silently."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(json.dumps({k: v for k, v in metadata.items() if k != "sha256"}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Atomically write a safetensors file (tensors moved to CPU and made contiguous)."""
+    """Atomically write a safetensors file (tensors moved to CPU and made contiguous) with its checksum."""
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    data = st_save(cpu, metadata={"crlf_version": __version__, "format_version": FORMAT_VERSION, **metadata})
+    meta = {"crlf_version": __version__, "format_version": FORMAT_VERSION, **metadata}
+    data = st_save(cpu, metadata={**meta, "sha256": digest(cpu, meta)})
     atomic_write(path, lambda f: f.write(data))
 
 
@@ -71,8 +85,10 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise InputError(f"{path} is not a readable safetensors file (truncated or corrupt?): {str(e).splitlines()[0]}") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not a readable safetensors file (truncated or corrupt?): {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+    if "sha256" in metadata and digest(tensors, metadata) != metadata["sha256"]:
+        raise InputError(f"{path} is damaged (its checksum does not match its contents): use an earlier checkpoint or re-create it")
     return tensors, metadata
 
 

@@ -121,6 +121,7 @@ def embed(encoder: nn.Module, meta: dict, images: torch.Tensor, device: torch.de
     mean, std = _normaliser(meta, device)
     dtype, was_training = autocast_dtype(device), encoder.training
     out: torch.Tensor | None = None
+    shown = time.monotonic()
     encoder.eval()
     try:
         with torch.no_grad():
@@ -131,6 +132,9 @@ def embed(encoder: nn.Module, meta: dict, images: torch.Tensor, device: torch.de
                 if out is None:
                     out = torch.empty((len(images), z.shape[1]), dtype=torch.float32)
                 out[i : i + len(z)] = z.float()
+                if time.monotonic() - shown > 30:  # a plain progress line for long CPU runs
+                    shown = time.monotonic()
+                    log.info("embedded %s of %s images", f"{i + len(z):,}", f"{len(images):,}")
     finally:
         encoder.train(was_training)
     assert out is not None

@@ -96,6 +96,25 @@ class RunDir:
         except (OSError, ValueError) as e:
             raise InputError(f"{self.config} is unreadable ({e}); use --force to start over") from None
 
+    def checkpoints_newest_first(self) -> list[Path]:
+        """Files a resume can start from: last.safetensors, then the snapshots, newest first."""
+        snapshots = sorted(self.checkpoints.glob("epoch-*.safetensors"), reverse=True) if self.checkpoints.is_dir() else []
+        return ([self.last] if self.last.is_file() else []) + snapshots
+
+    def finished_epoch(self) -> int | None:
+        """The epoch last.safetensors completed, from its metadata alone (None when it is missing or damaged)."""
+        try:
+            return int(self.progress()["epoch"]) if self.last.is_file() else None
+        except (InputError, KeyError, ValueError):
+            return None
+
+    def remove_temp_files(self) -> None:
+        """Delete the temporary files of writes that a killed process never finished (only crlf's own names)."""
+        for folder in (self.path, self.checkpoints):
+            if folder.is_dir():
+                for tmp in folder.glob(".*.tmp"):
+                    tmp.unlink(missing_ok=True)
+
     def progress(self) -> dict[str, Any]:
         """The progress record of last.safetensors (epoch, schedule state), read from its metadata alone."""
         try:

@@ -11,7 +11,9 @@ import contextlib
 import json
 import logging
 import math
+import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -77,49 +79,79 @@ class _Setup:
     monitor: _Monitor | None  # the --knn-every evaluation data, when asked for
 
 
-def pretrain(settings: PretrainSettings, reporter: Reporter | None = None, *, resume: bool = False, force: bool = False) -> dict[str, Any]:
+def pretrain(settings: PretrainSettings, reporter: Reporter | None = None, *, resume: bool = False, force: bool = False,
+             hard_abort: bool = False) -> dict[str, Any]:
     """Train an encoder with SimCLR as `settings` say, writing the run directory; returns a summary dict.
 
     resume: continue from last.safetensors when there is one (a no-op when the run is complete);
-    force: discard whatever run the directory holds and start over.
+    force: discard whatever run the directory holds and start over;
+    hard_abort: a second SIGINT ends the process at once, even inside a long native op (the CLI's choice).
     """
     reporter = reporter or _Silent()
     run = RunDir(settings.out)
     with run.locked(), run.logging_to_file():
-        progress = _prepare(run, settings, resume=resume, force=force)
-        if progress is not None and progress["epoch"] >= settings.epochs and run.encoder.is_file():
-            log.info("run %s is complete (%d epochs): nothing to do", run.path, progress["epoch"])
-            return {"status": "complete", "run_dir": str(run.path), "encoder": str(run.encoder), "epochs": progress["epoch"]}
+        run.remove_temp_files()  # left by a process killed while writing
+        resuming = _prepare(run, settings, resume=resume, force=force)
+        done = run.finished_epoch() if resuming else None
+        if done is not None and done >= settings.epochs and run.encoder.is_file():
+            log.info("run %s is complete (%d epochs): nothing to do", run.path, done)
+            return {"status": "complete", "run_dir": str(run.path), "encoder": str(run.encoder), "epochs": done}
         setup = _build(settings)  # bad data or settings fail here, before anything is written
-        atomic_write(run.config, lambda f: f.write(json.dumps(settings.model_dump(mode="json"), indent=2).encode()))
-        rng: dict[str, torch.Tensor] = {}
-        if progress is not None:
-            progress, rng = load_state(run.last, setup.model, setup.optimizer)
-            run.truncate_metrics(progress["epoch"])
-            log.info("resuming %s at epoch %d, step %d (of %d epochs)", run.path, progress["epoch"] + 1, progress.get("step", 0), settings.epochs)
-        stop = _StopFlag()
+        with _writing(run):
+            atomic_write(run.config, lambda f: f.write(json.dumps(settings.model_dump(mode="json"), indent=2).encode()))
+        progress, rng = _restore(run, setup) if resuming else (None, {})
+        stop = _StopFlag(hard_abort)
         with stop.installed():
             return _loop(settings, setup, run, reporter, progress or {"epoch": 0, "plateau": Plateau().state()}, rng, stop)
 
 
-def _prepare(run: RunDir, settings: PretrainSettings, *, resume: bool, force: bool) -> dict[str, Any] | None:
-    """Decide between fresh start and resume; returns the saved progress when resuming, else None."""
+def _prepare(run: RunDir, settings: PretrainSettings, *, resume: bool, force: bool) -> bool:
+    """Decide between a fresh start (False) and a resume (True); refuse what would mix two experiments."""
     if force:
         run.clear()
-        return None
+        return False
     if not run.has_run():
-        return None
+        return False
     if not resume:
         raise InputError(f"{run.path} already holds a run: pass --resume to continue it, --force to start over, or choose another --out")
     saved = run.saved_config()
-    if not run.last.is_file():
+    if not run.checkpoints_newest_first():
         log.info("%s has no checkpoint yet: starting fresh", run.path)
-        return None
+        return False
     conflicts = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in settings.model_dump(mode="json").items()
                  if k in IDENTITY_KEYS and k in saved and saved[k] != v]
     if conflicts:
         raise InputError(f"cannot resume {run.path}: settings differ from the saved run ({'; '.join(conflicts)}); use --force to start over")
-    return run.progress()
+    return True
+
+
+def _restore(run: RunDir, s: _Setup) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Load the newest checkpoint that is intact (last.safetensors, else the newest good snapshot)."""
+    problems = []
+    for path in run.checkpoints_newest_first():
+        try:
+            progress, rng = load_state(path, s.model, s.optimizer)
+        except InputError as e:
+            problems.append(str(e))
+            log.warning("cannot resume from %s: %s", path, e)
+            continue
+        if path != run.last:
+            log.warning("resuming from the snapshot %s instead", path)
+        with _writing(run):
+            run.truncate_metrics(progress["epoch"])
+        log.info("resuming %s at epoch %d, step %d", run.path, progress["epoch"] + 1, progress.get("step", 0))
+        return progress, rng
+    raise InputError(f"no intact checkpoint in {run.path} ({problems[0]}); use --force to start over")
+
+
+@contextlib.contextmanager
+def _writing(run: RunDir) -> Iterator[None]:
+    """A failed write (full disk, read-only or vanished folder) is a RunError: exit 1; the previous files are intact."""
+    try:
+        yield
+    except OSError as e:
+        raise RunError(f"cannot write to {run.path}: {e.strerror or e}; the previous checkpoint is kept: "
+                       "free some space (or fix the folder) and run the same command with --resume") from None
 
 
 def _build(settings: PretrainSettings) -> _Setup:
@@ -177,10 +209,17 @@ def channel_stats(images: torch.Tensor, sample: int = 10_000) -> tuple[list[floa
 
 
 class _StopFlag:
-    """SIGINT / SIGTERM ask the loop to stop at the next step boundary and save; a second SIGINT aborts at once."""
+    """SIGINT / SIGTERM ask the loop to stop at the next step boundary and save; a second SIGINT aborts at once.
 
-    def __init__(self) -> None:
+    Python runs signal handlers only between bytecodes, so inside a long native op (a CPU backward pass can take
+    seconds) two Ctrl-Cs arrive as one handler call. With `hard_abort` (the CLI), a watcher thread reads every
+    signal from a wakeup pipe the moment it arrives and ends the process on the second SIGINT; files on disk are
+    safe (atomic writes) and the next start removes any temp file left behind.
+    """
+
+    def __init__(self, hard_abort: bool = False) -> None:
         self.signum = 0
+        self.hard_abort = hard_abort
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum and signum == signal.SIGINT:
@@ -189,18 +228,40 @@ class _StopFlag:
         log.warning("%s received: finishing this step and saving a resumable checkpoint (Ctrl-C again aborts at once)",
                     signal.Signals(signum).name)
 
+    @staticmethod
+    def _watch(fd: int) -> None:
+        interrupts = 0
+        while data := os.read(fd, 64):  # b"" once the write end is closed
+            interrupts += data.count(signal.SIGINT)
+            if interrupts >= 2:
+                sys.stderr.write("error: interrupted: a second Ctrl-C aborted the run; --resume continues from the last checkpoint\n")
+                sys.stderr.flush()
+                os._exit(130)
+
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         """Handle the signals for the duration of the loop (only possible in the main thread)."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
+        watcher, old_fd = None, None
+        if self.hard_abort:
+            read_end, write_end = os.pipe()
+            os.set_blocking(write_end, False)  # the C-level handler must never block
+            old_fd = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+            watcher = threading.Thread(target=self._watch, args=(read_end,), name="crlf-signals", daemon=True)
+            watcher.start()
         old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
         finally:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
+            if watcher is not None:
+                signal.set_wakeup_fd(old_fd)  # type: ignore[arg-type]
+                os.close(write_end)
+                watcher.join()
+                os.close(read_end)
 
 
 def _loop(settings: PretrainSettings, s: _Setup, run: RunDir, reporter: Reporter, progress: dict[str, Any],
@@ -239,12 +300,19 @@ def _loop(settings: PretrainSettings, s: _Setup, run: RunDir, reporter: Reporter
             for group in s.optimizer.param_groups:
                 group["lr"] = lr
             batch = s.images[perm[step * bsz:(step + 1) * bsz]].to(s.device, non_blocking=True)
-            loss_sum += _step(settings, s, batch, gen)
+            try:
+                loss_sum += _step(settings, s, batch, gen)
+            except RuntimeError as e:
+                if not isinstance(e, torch.cuda.OutOfMemoryError) and "out of memory" not in str(e) and "allocate memory" not in str(e):
+                    raise
+                raise RunError(f"out of memory on {s.device} at --batch-size {bsz} ({str(e).splitlines()[0][:80]}); "
+                               f"try --batch-size {max(2, bsz // 2)}; the last checkpoint is kept") from None
             reporter.on_step(epoch, step + 1, steps)
             if stop.signum:
                 mid = {"epoch": epoch, "step": step + 1, "loss_sum": loss_sum.item(), "seconds": before + time.perf_counter() - t0,
                        "plateau": plateau.state()}
-                save_state(run.last, s.model, s.optimizer, _metadata(settings, s, epoch), mid, _get_rng(gen, s.device))
+                with _writing(run):
+                    save_state(run.last, s.model, s.optimizer, _metadata(settings, s, epoch), mid, _get_rng(gen, s.device))
                 name = signal.Signals(stop.signum).name
                 raise Interrupted(stop.signum, f"stopped by {name} at step {step + 1}/{steps} of epoch {epoch + 1}; "
                                                f"the state is saved: run the same command with --resume to continue")
@@ -259,13 +327,15 @@ def _loop(settings: PretrainSettings, s: _Setup, run: RunDir, reporter: Reporter
                    "seconds": round(seconds, 3), "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         if s.monitor is not None and ((epoch + 1) % settings.knn_every == 0 or epoch + 1 == settings.epochs):
             metrics.update(_knn(settings, s, s.monitor))
-        _save(settings, s, run, epoch + 1, plateau)
-        run.append_metrics(metrics)
+        with _writing(run):  # the metrics line first: a crash between the two re-runs this epoch, never skips its line
+            run.append_metrics(metrics)
+            _save(settings, s, run, epoch + 1, plateau)
         history.append(metrics)
         log.info("epoch %d/%d  loss %.4f  lr %.4g  %s img/s  %.1f s%s", epoch + 1, settings.epochs, loss, lr,
                  f"{metrics['images_per_s']:,.0f}", seconds, f"  kNN top-1 {metrics['knn_top1']:.2f}%" if "knn_top1" in metrics else "")
         reporter.on_epoch(metrics)
-    _save_encoder(settings, s, run, max(start, settings.epochs))
+    with _writing(run):
+        _save_encoder(settings, s, run, max(start, settings.epochs))
     return {"status": "trained", "run_dir": str(run.path), "encoder": str(run.encoder), "epochs": settings.epochs,
             "epochs_run": len(history), "final_loss": history[-1]["loss"] if history else None,
             "images_per_s": round(sum(m["images_per_s"] for m in history) / max(1, len(history)), 1),

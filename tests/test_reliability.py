@@ -1,0 +1,326 @@
+"""Faults, for real: processes killed at random moments and while writing, a second Ctrl-C, checkpoints corrupted
+byte by byte, a full disk, out of memory, and a table of bad inputs with their exit codes and messages."""
+
+import errno
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from crlf import PretrainSettings, pretrain
+from crlf.engine import checkpoint, train
+from crlf.engine.checkpoint import load_encoder, load_state, read_tensors
+from crlf.engine.model import SimCLR, build_backbone, build_head
+from crlf.engine.optim import build_optimizer
+from crlf.engine.rundir import RunDir
+from crlf.errors import InputError, RunError
+
+CRLF = shutil.which("crlf")
+needs_cli = pytest.mark.skipif(CRLF is None, reason="the crlf entry point is not installed (pip install -e .)")
+# 64 digits at 8 px, ResNet-18 with a small head, batch 16: 4 steps per epoch, well under a second each on a CPU
+TINY = ["--data", "digits", "--limit", "64", "--image-size", "8", "--batch-size", "16", "--head-hidden", "32",
+        "--head-out", "16", "--device", "cpu", "--lr", "0.1"]
+
+
+@pytest.fixture(autouse=True)
+def _no_crlf_env(monkeypatch):
+    for key in [k for k in os.environ if k.startswith("CRLF_")]:
+        monkeypatch.delenv(key)
+
+
+def env():
+    return {k: v for k, v in os.environ.items() if not k.startswith("CRLF_")}
+
+
+def start(*args, log=None):
+    return subprocess.Popen([CRLF, *map(str, args)], stdout=subprocess.DEVNULL, stderr=log or subprocess.DEVNULL, env=env(),
+                            start_new_session=True)
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([CRLF, *map(str, args)], capture_output=True, text=True, env=env(), timeout=timeout)
+
+
+def settings(out, **overrides):
+    values = dict(data="digits", limit=64, image_size=8, batch_size=16, head_hidden=32, head_out=16, device="cpu", lr=0.1,
+                  epochs=4, out=out)
+    values.update(overrides)
+    return PretrainSettings(**values)
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    x, y = load_file(str(a)), load_file(str(b))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    return [(m["epoch"], m["loss"]) for m in RunDir(run).read_metrics()]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 6-epoch CLI run that the faulted runs must reproduce exactly."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    r = run_cli("pretrain", *TINY, "--epochs", "6", "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+# --- killed processes ----------------------------------------------------------------------------------------
+@needs_cli
+def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path, reference):
+    out, rng = tmp_path / "run", random.Random(1234)
+    for _ in range(4):  # bounded and seeded: kill somewhere between start-up and the middle of training
+        proc = start("pretrain", *TINY, "--epochs", "6", "--out", out, "--resume")
+        time.sleep(rng.uniform(2.0, 9.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        for path in RunDir(out).checkpoints_newest_first():
+            read_tensors(path)  # whatever is on disk after a SIGKILL is intact
+    final = run_cli("pretrain", *TINY, "--epochs", "6", "--out", out, "--resume")
+    assert final.returncode == 0, final.stderr
+    assert same_weights(out / "encoder.safetensors", reference / "encoder.safetensors")
+    assert losses(out) == losses(reference)  # every epoch once, the same numbers
+    assert not list(out.glob(".*.tmp")) and not list((out / "checkpoints").glob(".*.tmp"))
+
+
+@needs_cli
+def test_sigkill_while_a_checkpoint_is_being_written(tmp_path, reference):
+    out = tmp_path / "run"
+    proc = start("pretrain", *TINY, "--epochs", "6", "--out", out)
+    caught, deadline = None, time.monotonic() + 120
+    while caught is None and proc.poll() is None and time.monotonic() < deadline:
+        temps = list(out.glob(".last.safetensors.*.tmp")) if (out / "last.safetensors").is_file() else []
+        if temps:
+            proc.send_signal(signal.SIGKILL)
+            caught = temps[0]
+        time.sleep(0.0005)
+    proc.wait(timeout=60)
+    assert caught is not None, "the run ended before a checkpoint write could be interrupted"
+    assert caught.exists()  # killed mid-write: the temp file is there, half written ...
+    progress, _ = load_state(out / "last.safetensors", *_fresh_model_and_optimizer())  # ... and the previous one is whole
+    assert 1 <= progress["epoch"] < 6
+    final = run_cli("pretrain", *TINY, "--epochs", "6", "--out", out, "--resume")
+    assert final.returncode == 0, final.stderr
+    assert not caught.exists()  # the stale temp file is cleaned up
+    assert same_weights(out / "encoder.safetensors", reference / "encoder.safetensors")
+
+
+def _fresh_model_and_optimizer():
+    model = SimCLR(build_backbone("resnet18", "cifar"), build_head(512, 32, 16, 2, 0.0))
+    return model, build_optimizer(model, "sgd", 0.1, 5e-4)
+
+
+@needs_cli
+def test_second_sigint_aborts_at_once(tmp_path):
+    out = tmp_path / "run"
+    log = open(tmp_path / "stderr.txt", "w")
+    # big steps (batch 256 of 32 px images): the first Ctrl-C would wait for the step to end; the second must not
+    proc = start("pretrain", "--data", "digits", "--image-size", "32", "--batch-size", "256", "--epochs", "3", "--device", "cpu",
+                 "--out", out, log=log)
+    deadline = time.monotonic() + 120
+    while "steps/epoch" not in (tmp_path / "stderr.txt").read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # inside the first step
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    code = proc.wait(timeout=60)
+    waited = time.monotonic() - t0
+    log.close()
+    err = (tmp_path / "stderr.txt").read_text()
+    assert code == 130 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: interrupted"), err  # aborted, not "stopped ... state is saved"
+    assert waited < 5, waited
+    assert not (out / "last.safetensors").exists() and not list(out.glob(".*.tmp"))
+
+
+# --- corrupted files -----------------------------------------------------------------------------------------
+def test_checkpoints_corrupted_byte_by_byte_never_load(tmp_path):
+    s = settings(tmp_path / "run", epochs=1, head_hidden=8, head_out=8)
+    pretrain(s)
+    for name in ("last.safetensors", "encoder.safetensors"):
+        good = (tmp_path / "run" / name).read_bytes()
+        header = 8 + int.from_bytes(good[:8], "little")
+        rng = random.Random(name)
+        positions = sorted(rng.sample(range(header), 40) + rng.sample(range(header, len(good)), 40)) + [0, 7, header - 1, len(good) - 1]
+        bad = tmp_path / "bad.safetensors"
+        for pos in positions:
+            data = bytearray(good)
+            data[pos] ^= 1 << rng.randrange(8)
+            bad.write_bytes(bytes(data))
+            with pytest.raises(InputError):
+                load_encoder(bad)
+        for cut in [0, 4, 8, header // 2, header, header + 1, len(good) // 2, len(good) - 1]:
+            bad.write_bytes(good[:cut])
+            with pytest.raises(InputError):
+                load_encoder(bad)
+
+
+def test_resume_falls_back_to_the_newest_intact_snapshot(tmp_path):
+    whole = settings(tmp_path / "whole", epochs=4)
+    pretrain(whole)
+    s = settings(tmp_path / "run", epochs=4, keep_checkpoints=2)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(s, _StopAfter(3))
+    last = tmp_path / "run" / "last.safetensors"
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a flipped byte in the weights: only the checksum can tell
+    last.write_bytes(bytes(data))
+    assert [p.name for p in RunDir(s.out).checkpoints_newest_first()][1:] == ["epoch-0003.safetensors", "epoch-0002.safetensors"]
+    pretrain(s, resume=True)
+    assert same_weights(tmp_path / "run" / "encoder.safetensors", tmp_path / "whole" / "encoder.safetensors")
+    assert losses(tmp_path / "run") == losses(tmp_path / "whole")
+
+
+class _StopAfter:
+    def __init__(self, epochs):
+        self.epochs = epochs
+
+    def on_start(self, info): ...
+    def on_step(self, epoch, step, steps): ...
+
+    def on_epoch(self, metrics):
+        if metrics["epoch"] >= self.epochs:
+            raise KeyboardInterrupt
+
+
+# --- full disk and out of memory -------------------------------------------------------------------------------
+def test_full_disk_on_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    whole = settings(tmp_path / "whole", epochs=3)
+    pretrain(whole)
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, fd, *args, **kwargs):
+            self.f = real_fdopen(fd, *args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 3])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    class FillDiskAfterEpoch1(_StopAfter):
+        def on_epoch(self, metrics):
+            if metrics["epoch"] == 1:
+                monkeypatch.setattr(checkpoint.os, "fdopen", FullDisk)
+
+    s = settings(tmp_path / "run", epochs=3)
+    with pytest.raises(RunError, match="No space left on device.*previous checkpoint is kept.*--resume"):
+        pretrain(s, FillDiskAfterEpoch1(0))
+    monkeypatch.setattr(checkpoint.os, "fdopen", real_fdopen)
+    assert RunDir(s.out).finished_epoch() == 1 and not list(s.out.glob(".*.tmp"))
+    read_tensors(s.out / "last.safetensors")
+    pretrain(s, resume=True)  # space is back
+    assert same_weights(s.out / "encoder.safetensors", whole.out / "encoder.safetensors")
+    assert losses(s.out) == losses(whole.out)
+
+
+def test_out_of_memory_is_a_clear_run_error(tmp_path, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "_step", oom)
+    with pytest.raises(RunError, match=r"out of memory on cpu at --batch-size 16 .*try --batch-size 8"):
+        pretrain(settings(tmp_path / "run"))
+
+
+# --- bad input: one line, a documented exit code, no traceback -----------------------------------------------------
+def _bad_inputs(tmp: Path) -> None:
+    """Write every bad input the table below refers to into `tmp`."""
+    import numpy as np
+    from PIL import Image
+
+    (tmp / "empty").mkdir()
+    (tmp / "a_file.txt").write_text("not a folder")
+    junk = tmp / "junk" / "cls"
+    junk.mkdir(parents=True)
+    for i in range(20):
+        Image.fromarray(np.full((12, 12, 3), i * 10, np.uint8)).save(junk / f"ok_{i}.png")
+    (junk / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (junk / "notes.txt").write_text("hello")
+    np.save(tmp / "floats.npy", np.zeros((10, 8, 8, 3), np.float32))
+    np.save(tmp / "flat.npy", np.zeros((10, 8), np.uint8))
+    torch.manual_seed(0)
+    save_file({"w": torch.zeros(3)}, str(tmp / "foreign.safetensors"))
+    meta = checkpoint.encoder_metadata({"arch": "resnet34"}, stem="cifar", image_size=8, feature_dim=512, mean=[0.5] * 3,
+                                       std=[0.2] * 3, epoch=1)
+    checkpoint.save_encoder(tmp / "r18_as_r34.safetensors", build_backbone("resnet18", "cifar"), meta)
+    good = tmp / "good.safetensors"
+    checkpoint.save_encoder(good, build_backbone("resnet18", "cifar"), {**meta, "arch": "resnet18"})
+    (tmp / "truncated.safetensors").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    (tmp / "bad.toml").write_text("epochs = [unclosed\n")
+    (tmp / "unknown.toml").write_text("epochs = 2\nlearning_rate = 0.1\n")
+
+
+BAD = [  # (command line, exit code, fragment of the one error line)
+    ("pretrain --data folder --data-dir {tmp}/missing", 2, "does not exist"),
+    ("pretrain --data folder --data-dir {tmp}/empty", 2, "is empty"),
+    ("pretrain --data folder --data-dir {tmp}/a_file.txt", 2, "not a folder"),
+    ("pretrain --data npy --data-dir {tmp}/floats.npy", 2, "uint8"),
+    ("pretrain --data npy --data-dir {tmp}/flat.npy", 2, "found (10, 8)"),
+    ("pretrain --config {tmp}/bad.toml", 2, "bad.toml"),
+    ("pretrain --config {tmp}/unknown.toml", 2, "unknown setting 'learning_rate'"),
+    ("pretrain --crop-min-scale 0.9 --crop-max-scale 0.5", 2, "must not exceed"),
+    ("pretrain --out /proc/crlf-run", 2, "cannot create run directory"),
+    ("extract --ckpt {tmp}/truncated.safetensors --out {tmp}/e.npy", 2, "not a readable safetensors file"),
+    ("extract --ckpt {tmp}/foreign.safetensors --out {tmp}/e.npy", 2, "not a crlf checkpoint"),
+    ("extract --ckpt {tmp}/r18_as_r34.safetensors --out {tmp}/e.npy", 2, "does not match a resnet34"),
+    ("extract --ckpt {tmp}/good.safetensors --out {tmp}/missing/e.npy", 2, "does not exist"),
+    ("extract --ckpt {tmp}/good.safetensors --out /proc/e.npy", 2, "cannot write"),
+    ("linear-eval --ckpt {tmp}/good.safetensors --train-emb {tmp}/x.npy --test-emb {tmp}/y.npy", 2, "not both"),
+    ("knn-eval --train-emb {tmp}/missing.npy --test-emb {tmp}/missing.npy", 2, "does not exist"),
+    ("visualize --run {tmp}/empty --kind loss", 2, "metrics.jsonl"),
+]
+
+
+@needs_cli
+@pytest.mark.parametrize("line,code,fragment", BAD, ids=[b[0].split(" --")[0] + ":" + b[2][:20] for b in BAD])
+def test_bad_input_table(tmp_path, line, code, fragment):
+    _bad_inputs(tmp_path)
+    args = line.replace("{tmp}", str(tmp_path)).split()
+    defaults = ["--device", "cpu"] + (["--out", str(tmp_path / "run")] if args[0] == "pretrain" and "--out" not in args else [])
+    r = run_cli(*args, *defaults)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == code and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
+    assert lines and lines[-1].startswith("error: ") and fragment in lines[-1], r.stderr
+    assert not (tmp_path / "e.npy").exists() and not RunDir(tmp_path / "run").has_run()
+
+
+@needs_cli
+def test_corrupt_and_non_image_files_are_skipped_and_counted(tmp_path):
+    _bad_inputs(tmp_path)
+    r = run_cli("pretrain", "--data", "folder", "--data-dir", tmp_path / "junk", "--image-size", "8", "--batch-size", "10",
+                "--epochs", "1", "--head-hidden", "16", "--head-out", "8", "--device", "cpu", "--out", tmp_path / "run", "--json")
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if "warning:" in line]
+    assert len(warnings) == 1 and "2" in warnings[0] and "skipped" in warnings[0], r.stderr
+    assert json.loads(r.stdout)["status"] == "trained"
+
+
+# --- security --------------------------------------------------------------------------------------------------
+def test_no_pickle_and_no_shell_anywhere_in_the_package():
+    """Only the restricted CIFAR unpickler may touch pickle; nothing runs a shell or interpolates paths into one."""
+    package = Path(checkpoint.__file__).parents[1]
+    forbidden = [r"torch\.load\(", r"allow_pickle=True", r"pickle\.loads?\(", r"os\.system\(", r"os\.popen\(", r"shell=True",
+                 r"\bsubprocess\b", r"(?<![\w.])eval\(", r"(?<![\w.])exec\("]
+    for path in package.rglob("*.py"):
+        text = path.read_text()
+        for pattern in forbidden:
+            assert not re.search(pattern, text), f"{path.name} matches {pattern}"
+    assert "pickle.Unpickler" in (package / "engine" / "data.py").read_text()  # the one, restricted, reader

@@ -148,6 +148,8 @@ def _pretrain(settings_values: dict[str, Any], config: ConfigOpt = None, resume:
             summary = pretrain(settings, reporter, resume=resume, force=force, hard_abort=True)
         finally:
             reporter.close()
+        if summary.get("rank", 0) != 0:
+            return  # torchrun: the main process alone reports
         if json:
             output.emit_json(summary)
         elif summary["status"] == "trained":

@@ -104,8 +104,12 @@ def results_table(result: dict[str, Any]) -> None:
     for column in ("label fraction", "runs", "top-1 %", "top-5 %"):
         table.add_column(column, justify="right")
     for row in result["summary"]:
-        table.add_row(f"{row['fraction']:g}", str(row["runs"]), f"{row['top1_mean']:.2f} ± {row['top1_std']:.2f}",
-                      f"{row['top5_mean']:.2f} ± {row['top5_std']:.2f}")
+        spread = row["runs"] > 1  # a std over one run says nothing
+
+        def cell(metric: str) -> str:
+            return f"{row[metric + '_mean']:.2f}" + (f" ± {row[metric + '_std']:.2f}" if spread else "")
+
+        table.add_row(f"{row['fraction']:g}", str(row["runs"]), cell("top1"), cell("top5"))
     console.print(table)
     per_class = result.get("per_class")
     if per_class and len(per_class) <= 20:

@@ -141,6 +141,7 @@ class RunSettings(BaseModel):
     keep_checkpoints: int = Field(3, ge=1, description="How many snapshots to keep in checkpoints/.")
     compile: bool = Field(False, description="torch.compile the model (CUDA; slower start, faster steps).")
     log_every: float = Field(30.0, gt=0.0, description="Seconds between plain progress lines when stderr is not a terminal.")
+    sync_bn: bool = Field(False, description="With several processes (torchrun): BatchNorm statistics over the global batch instead of each process's share.")
     knn_every: int = Field(0, ge=0, description="Every N epochs (and after the last), kNN top-1 of the test split against the training images, in metrics.jsonl (0: off; needs labelled data with a test split).")
 
 

@@ -58,6 +58,12 @@ def loss_curves(runs: Sequence[tuple[str, list[dict[str, Any]]]]) -> Figure:
         ax.grid(alpha=0.3)
         if key == "lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    epochs = [m["epoch"] for _, metrics in runs for m in metrics]
+    if epochs:  # the same epoch axis on every panel, also when a panel has a single point
+        lo, hi = min(epochs), max(epochs)
+        pad = max(0.5, 0.03 * (hi - lo))
+        for ax in axes[: len(panels)]:
+            ax.set_xlim(lo - pad, hi + pad)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     if len(runs) > 1 or runs[0][0]:
@@ -71,7 +77,7 @@ def embedding_map(coords: np.ndarray, labels: np.ndarray | None, class_names: Se
     """A 2-D map of embeddings, coloured by class with a legend (grey dots when there are no labels)."""
     fig = _figure(9, 7.5)
     ax = fig.subplots()
-    size = max(2.0, min(20.0, 6000 / max(len(coords), 1)))
+    size = max(4.0, min(20.0, 6000 / max(len(coords), 1)))
     if labels is None:
         ax.scatter(coords[:, 0], coords[:, 1], s=size, c="0.35", alpha=0.6, linewidths=0)
     else:

@@ -11,10 +11,7 @@ import contextlib
 import json
 import logging
 import math
-import os
 import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -22,13 +19,14 @@ from typing import Any, Iterator, Protocol
 
 import torch
 
-from crlf.engine import augment, data, evaluate
+from crlf.engine import augment, data, distributed, evaluate
 from crlf.engine.checkpoint import atomic_write, encoder_metadata, load_state, save_encoder, save_state
-from crlf.engine.device import autocast, autocast_dtype, make_generator, seed_everything, select_device
+from crlf.engine.device import autocast, autocast_dtype, make_generator, seed_everything
 from crlf.engine.loss import nt_xent
 from crlf.engine.model import SimCLR, build_backbone, build_head, feature_dim, resolve_stem
 from crlf.engine.optim import Plateau, build_optimizer, lr_at
 from crlf.engine.rundir import RunDir
+from crlf.engine.signals import StopFlag
 from crlf.errors import InputError, Interrupted, RunError
 from crlf.settings import PretrainSettings
 
@@ -76,7 +74,8 @@ class _Setup:
     stem: str
     device: torch.device
     amp: torch.dtype | None
-    monitor: _Monitor | None  # the --knn-every evaluation data, when asked for
+    monitor: _Monitor | None  # the --knn-every evaluation data, when asked for (main process only)
+    world: distributed.World
 
 
 def pretrain(settings: PretrainSettings, reporter: Reporter | None = None, *, resume: bool = False, force: bool = False,
@@ -87,20 +86,43 @@ def pretrain(settings: PretrainSettings, reporter: Reporter | None = None, *, re
     force: discard whatever run the directory holds and start over;
     hard_abort: a second SIGINT ends the process at once, even inside a long native op (the CLI's choice).
     """
-    reporter = reporter or _Silent()
+    world = distributed.join(settings.device)
+    logger, level = logging.getLogger("crlf"), logging.getLogger("crlf").level
+    if not world.main:
+        logger.setLevel(logging.WARNING)  # the main process tells the story; the others speak up only about problems
+    try:
+        return _pretrain(settings, (reporter or _Silent()) if world.main else _Silent(), world, resume, force, hard_abort)
+    finally:
+        logger.setLevel(level)
+        distributed.leave(world)
+
+
+def _pretrain(settings: PretrainSettings, reporter: Reporter, world: distributed.World, resume: bool, force: bool,
+              hard_abort: bool) -> dict[str, Any]:
+    """The run, in every process; the main process (rank 0) alone locks, decides, writes and reports."""
+    if settings.batch_size % world.world_size:
+        raise InputError(f"--batch-size {settings.batch_size} is the global batch: it must divide evenly among {world.world_size} processes")
     run = RunDir(settings.out)
-    with run.locked(), run.logging_to_file():
-        run.remove_temp_files()  # left by a process killed while writing
-        resuming = _prepare(run, settings, resume=resume, force=force)
-        done = run.finished_epoch() if resuming else None
-        if done is not None and done >= settings.epochs and run.encoder.is_file():
+    main = world.main
+    with run.locked() if main else contextlib.nullcontext(), run.logging_to_file() if main else contextlib.nullcontext():
+        plan = 0  # 0: fresh start, 1: resume, 2: complete (main decides; the others follow)
+        if main:
+            run.remove_temp_files()  # left by a process killed while writing
+            if _prepare(run, settings, resume=resume, force=force):
+                done = run.finished_epoch()
+                plan = 2 if done is not None and done >= settings.epochs and run.encoder.is_file() else 1
+        plan = distributed.any_flag(plan, world)
+        if plan == 2:
+            done = run.finished_epoch()
             log.info("run %s is complete (%d epochs): nothing to do", run.path, done)
             return {"status": "complete", "run_dir": str(run.path), "encoder": str(run.encoder), "epochs": done}
-        setup = _build(settings)  # bad data or settings fail here, before anything is written
-        with _writing(run):
-            atomic_write(run.config, lambda f: f.write(json.dumps(settings.model_dump(mode="json"), indent=2).encode()))
-        progress, rng = _restore(run, setup) if resuming else (None, {})
-        stop = _StopFlag(hard_abort)
+        setup = _build(settings, world)  # bad data or settings fail here, before anything is written
+        if main:
+            with _writing(run):
+                atomic_write(run.config, lambda f: f.write(json.dumps(settings.model_dump(mode="json"), indent=2).encode()))
+        distributed.any_flag(0, world)  # the others read checkpoints only after the main process has set up
+        progress, rng = _restore(run, setup, world) if plan == 1 else (None, {})
+        stop = StopFlag(hard_abort)
         with stop.installed():
             return _loop(settings, setup, run, reporter, progress or {"epoch": 0, "plateau": Plateau().state()}, rng, stop)
 
@@ -125,7 +147,7 @@ def _prepare(run: RunDir, settings: PretrainSettings, *, resume: bool, force: bo
     return True
 
 
-def _restore(run: RunDir, s: _Setup) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _restore(run: RunDir, s: _Setup, world: distributed.World) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Load the newest checkpoint that is intact (last.safetensors, else the newest good snapshot)."""
     problems = []
     for path in run.checkpoints_newest_first():
@@ -137,8 +159,14 @@ def _restore(run: RunDir, s: _Setup) -> tuple[dict[str, Any], dict[str, torch.Te
             continue
         if path != run.last:
             log.warning("resuming from the snapshot %s instead", path)
-        with _writing(run):
-            run.truncate_metrics(progress["epoch"])
+        if progress.get("step") and progress.get("world_size", 1) != world.world_size:
+            log.warning("the run stopped inside epoch %d with %d processes, now %d: that epoch starts over",
+                        progress["epoch"] + 1, progress.get("world_size", 1), world.world_size)
+            progress = {**progress, "step": 0}
+        rng = distributed.own_states(rng, world)
+        if world.main:
+            with _writing(run):
+                run.truncate_metrics(progress["epoch"])
         log.info("resuming %s at epoch %d, step %d", run.path, progress["epoch"] + 1, progress.get("step", 0))
         return progress, rng
     raise InputError(f"no intact checkpoint in {run.path} ({problems[0]}); use --force to start over")
@@ -154,9 +182,9 @@ def _writing(run: RunDir) -> Iterator[None]:
                        "free some space (or fix the folder) and run the same command with --resume") from None
 
 
-def _build(settings: PretrainSettings) -> _Setup:
-    """Load the data, pick the device, build model and optimizer (seeded, so weights are reproducible)."""
-    device = select_device(settings.device)  # before the data: fail fast on a missing GPU
+def _build(settings: PretrainSettings, world: distributed.World) -> _Setup:
+    """Load the data, build model and optimizer (seeded, so weights are reproducible) on this process's device."""
+    device = world.device
     images = data.load(settings)
     if len(images) < settings.batch_size:
         raise InputError(f"batch size {settings.batch_size} is larger than the data set ({len(images)} images): use --batch-size {len(images)} or less")
@@ -168,15 +196,19 @@ def _build(settings: PretrainSettings) -> _Setup:
                    build_head(feature_dim(settings.arch), settings.head_hidden, settings.head_out, settings.head_layers, settings.head_dropout))
     mean, std = channel_stats(images.images)
     model = model.to(device)
+    if settings.sync_bn and world.active:
+        model = distributed.sync_batchnorm(model, device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, settings.optimizer, settings.resolved_lr, settings.resolved_weight_decay)
-    monitor = _monitor_data(settings, images) if settings.knn_every else None
-    log.info("%s images %dx%d from %s; %s (%s stem) on %s%s; %d steps/epoch", f"{len(images):,}", size, size, images.source, settings.arch,
-             stem, device, f" ({str(amp).removeprefix('torch.')})" if amp else "", len(images) // settings.batch_size)
-    return _Setup(model=model, step_model=torch.compile(model) if settings.compile else model, optimizer=optimizer,
+    monitor = _monitor_data(settings, images) if settings.knn_every and world.main else None
+    step_model = distributed.wrap(model, world)
+    log.info("%s images %dx%d from %s; %s (%s stem) on %s%s; %d steps/epoch%s", f"{len(images):,}", size, size, images.source, settings.arch,
+             stem, device, f" ({str(amp).removeprefix('torch.')})" if amp else "", len(images) // settings.batch_size,
+             f"; {world.world_size} processes x {settings.batch_size // world.world_size} images" if world.active else "")
+    return _Setup(model=model, step_model=torch.compile(step_model) if settings.compile else step_model, optimizer=optimizer,
                   images=_place(images.images, device), mean=torch.tensor(mean, device=device).view(1, 3, 1, 1),
-                  std=torch.tensor(std, device=device).view(1, 3, 1, 1), stem=stem, device=device, amp=amp, monitor=monitor)
+                  std=torch.tensor(std, device=device).view(1, 3, 1, 1), stem=stem, device=device, amp=amp, monitor=monitor, world=world)
 
 
 def _monitor_data(settings: PretrainSettings, images: data.ImageSet) -> _Monitor:
@@ -208,67 +240,12 @@ def channel_stats(images: torch.Tensor, sample: int = 10_000) -> tuple[list[floa
     return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
 
 
-class _StopFlag:
-    """SIGINT / SIGTERM ask the loop to stop at the next step boundary and save; a second SIGINT aborts at once.
-
-    Python runs signal handlers only between bytecodes, so inside a long native op (a CPU backward pass can take
-    seconds) two Ctrl-Cs arrive as one handler call. With `hard_abort` (the CLI), a watcher thread reads every
-    signal from a wakeup pipe the moment it arrives and ends the process on the second SIGINT; files on disk are
-    safe (atomic writes) and the next start removes any temp file left behind.
-    """
-
-    def __init__(self, hard_abort: bool = False) -> None:
-        self.signum = 0
-        self.hard_abort = hard_abort
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        log.warning("%s received: finishing this step and saving a resumable checkpoint (Ctrl-C again aborts at once)",
-                    signal.Signals(signum).name)
-
-    @staticmethod
-    def _watch(fd: int) -> None:
-        interrupts = 0
-        while data := os.read(fd, 64):  # b"" once the write end is closed
-            interrupts += data.count(signal.SIGINT)
-            if interrupts >= 2:
-                sys.stderr.write("error: interrupted: a second Ctrl-C aborted the run; --resume continues from the last checkpoint\n")
-                sys.stderr.flush()
-                os._exit(130)
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        """Handle the signals for the duration of the loop (only possible in the main thread)."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        watcher, old_fd = None, None
-        if self.hard_abort:
-            read_end, write_end = os.pipe()
-            os.set_blocking(write_end, False)  # the C-level handler must never block
-            old_fd = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
-            watcher = threading.Thread(target=self._watch, args=(read_end,), name="crlf-signals", daemon=True)
-            watcher.start()
-        old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
-            if watcher is not None:
-                signal.set_wakeup_fd(old_fd)  # type: ignore[arg-type]
-                os.close(write_end)
-                watcher.join()
-                os.close(read_end)
-
-
 def _loop(settings: PretrainSettings, s: _Setup, run: RunDir, reporter: Reporter, progress: dict[str, Any],
-          rng: dict[str, torch.Tensor], stop: _StopFlag) -> dict[str, Any]:
+          rng: dict[str, torch.Tensor], stop: StopFlag) -> dict[str, Any]:
     start, plateau = progress["epoch"], Plateau(**progress["plateau"])
-    n = len(s.images)
-    bsz = settings.batch_size
+    n, world = len(s.images), s.world
+    bsz = settings.batch_size  # global: this process takes its share of each batch
+    share = bsz // world.world_size
     steps = n // bsz  # drop the last partial batch: every step sees the same number of negatives
     total_steps = steps * settings.epochs
     warmup = min(total_steps, round(settings.warmup_epochs * steps))
@@ -281,8 +258,10 @@ def _loop(settings: PretrainSettings, s: _Setup, run: RunDir, reporter: Reporter
     for epoch in range(start, settings.epochs):
         # Every epoch's randomness depends on (seed, epoch) alone, so a run resumed at an epoch boundary
         # draws exactly the batches and augmentations the uninterrupted run would have.
+        # Several processes: the same permutation everywhere, each its own augmentation stream (rank 0's is
+        # the single-process one).
         epoch_seed = settings.seed * 1_000_003 + epoch
-        gen.manual_seed(epoch_seed)
+        gen.manual_seed(epoch_seed + world.rank * 0x9E3779B1)
         index_gen.manual_seed(epoch_seed)
         torch.manual_seed(epoch_seed)  # dropout
         perm = torch.randperm(n, generator=index_gen, device=index_device)
@@ -299,7 +278,8 @@ def _loop(settings: PretrainSettings, s: _Setup, run: RunDir, reporter: Reporter
             lr = lr_at(epoch * steps + step, total_steps, warmup, peak, settings.schedule) * plateau.scale
             for group in s.optimizer.param_groups:
                 group["lr"] = lr
-            batch = s.images[perm[step * bsz:(step + 1) * bsz]].to(s.device, non_blocking=True)
+            rows = step * bsz + world.rank * share
+            batch = s.images[perm[rows:rows + share]].to(s.device, non_blocking=True)
             try:
                 loss_sum += _step(settings, s, batch, gen)
             except RuntimeError as e:
@@ -308,13 +288,20 @@ def _loop(settings: PretrainSettings, s: _Setup, run: RunDir, reporter: Reporter
                 raise RunError(f"out of memory on {s.device} at --batch-size {bsz} ({str(e).splitlines()[0][:80]}); "
                                f"try --batch-size {max(2, bsz // 2)}; the last checkpoint is kept") from None
             reporter.on_step(epoch, step + 1, steps)
-            if stop.signum:
+            # one process reads its own flag at every step; several agree every 8 steps (a host sync) on one stop
+            if world.active:
+                signum = distributed.any_flag(stop.signum, world) if step % 8 == 7 or step == steps - 1 else 0
+            else:
+                signum = stop.signum
+            if signum:
                 mid = {"epoch": epoch, "step": step + 1, "loss_sum": loss_sum.item(), "seconds": before + time.perf_counter() - t0,
-                       "plateau": plateau.state()}
-                with _writing(run):
-                    save_state(run.last, s.model, s.optimizer, _metadata(settings, s, epoch), mid, _get_rng(gen, s.device))
-                name = signal.Signals(stop.signum).name
-                raise Interrupted(stop.signum, f"stopped by {name} at step {step + 1}/{steps} of epoch {epoch + 1}; "
+                       "plateau": plateau.state(), "world_size": world.world_size}
+                states = distributed.gather_states(_get_rng(gen, s.device), world)
+                if world.main:
+                    with _writing(run):
+                        save_state(run.last, s.model, s.optimizer, _metadata(settings, s, epoch), mid, states)
+                name = signal.Signals(signum).name
+                raise Interrupted(signum, f"stopped by {name} at step {step + 1}/{steps} of epoch {epoch + 1}; "
                                                f"the state is saved: run the same command with --resume to continue")
         loss = (loss_sum / steps).item()  # the one host sync of the epoch
         seconds = before + time.perf_counter() - t0
@@ -327,19 +314,22 @@ def _loop(settings: PretrainSettings, s: _Setup, run: RunDir, reporter: Reporter
                    "seconds": round(seconds, 3), "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         if s.monitor is not None and ((epoch + 1) % settings.knn_every == 0 or epoch + 1 == settings.epochs):
             metrics.update(_knn(settings, s, s.monitor))
-        with _writing(run):  # the metrics line first: a crash between the two re-runs this epoch, never skips its line
-            run.append_metrics(metrics)
-            _save(settings, s, run, epoch + 1, plateau)
+        if world.main:
+            with _writing(run):  # the metrics line first: a crash between the two re-runs this epoch, never skips its line
+                run.append_metrics(metrics)
+                _save(settings, s, run, epoch + 1, plateau)
         history.append(metrics)
         log.info("epoch %d/%d  loss %.4f  lr %.4g  %s img/s  %.1f s%s", epoch + 1, settings.epochs, loss, lr,
                  f"{metrics['images_per_s']:,.0f}", seconds, f"  kNN top-1 {metrics['knn_top1']:.2f}%" if "knn_top1" in metrics else "")
         reporter.on_epoch(metrics)
-    with _writing(run):
-        _save_encoder(settings, s, run, max(start, settings.epochs))
-    return {"status": "trained", "run_dir": str(run.path), "encoder": str(run.encoder), "epochs": settings.epochs,
-            "epochs_run": len(history), "final_loss": history[-1]["loss"] if history else None,
-            "images_per_s": round(sum(m["images_per_s"] for m in history) / max(1, len(history)), 1),
-            "seconds": round(sum(m["seconds"] for m in history), 3), "device": str(s.device)}
+    if world.main:
+        with _writing(run):
+            _save_encoder(settings, s, run, max(start, settings.epochs))
+    summary = {"status": "trained", "run_dir": str(run.path), "encoder": str(run.encoder), "epochs": settings.epochs,
+               "epochs_run": len(history), "final_loss": history[-1]["loss"] if history else None,
+               "images_per_s": round(sum(m["images_per_s"] for m in history) / max(1, len(history)), 1),
+               "seconds": round(sum(m["seconds"] for m in history), 3), "device": str(s.device)}
+    return {**summary, "rank": world.rank, "world_size": world.world_size} if world.active else summary
 
 
 def _knn(settings: PretrainSettings, s: _Setup, m: _Monitor) -> dict[str, float]:
@@ -377,7 +367,10 @@ def _step(settings: PretrainSettings, s: _Setup, batch: torch.Tensor, gen: torch
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(s.device, s.amp):
         z = s.step_model(x)
-    loss = nt_xent(z[: len(batch)], z[len(batch):], settings.temperature)
+    z1, z2 = z[: len(batch)], z[len(batch):]
+    if s.world.active:  # every process's embeddings, with gradients: the loss of the global batch
+        z1, z2 = distributed.gather(z1), distributed.gather(z2)
+    loss = nt_xent(z1, z2, settings.temperature)
     s.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if settings.grad_clip > 0:

@@ -114,7 +114,7 @@ class _Inputs:
         """Data / augmentation settings: those the user gave, else the run's config.json, else the defaults."""
         s = self.settings
         saved = self.run.saved_config() if self.run is not None else {}
-        values = {k: saved[k] for k in model.model_fields if k in saved}
+        values = {k: saved[k] for k in model.model_fields if k in saved and k != "limit"}  # --limit shrank training, not the figures
         values.update({k: getattr(s, k) for k in model.model_fields if k in s.model_fields_set})
         try:
             return model(**values)

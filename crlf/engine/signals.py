@@ -1,0 +1,69 @@
+"""Stopping a training run cleanly: SIGINT / SIGTERM set a flag that the loop reads at step boundaries."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Any, Iterator
+
+log = logging.getLogger("crlf.engine.train")
+
+
+class StopFlag:
+    """SIGINT / SIGTERM ask the loop to stop at the next step boundary and save; a second SIGINT aborts at once.
+
+    Python runs signal handlers only between bytecodes, so inside a long native op (a CPU backward pass can take
+    seconds) two Ctrl-Cs arrive as one handler call. With `hard_abort` (the CLI), a watcher thread reads every
+    signal from a wakeup pipe the moment it arrives and ends the process on the second SIGINT; files on disk are
+    safe (atomic writes) and the next start removes any temp file left behind.
+    """
+
+    def __init__(self, hard_abort: bool = False) -> None:
+        self.signum = 0
+        self.hard_abort = hard_abort
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("%s received: finishing this step and saving a resumable checkpoint (Ctrl-C again aborts at once)",
+                    signal.Signals(signum).name)
+
+    @staticmethod
+    def _watch(fd: int) -> None:
+        interrupts = 0
+        while data := os.read(fd, 64):  # b"" once the write end is closed
+            interrupts += data.count(signal.SIGINT)
+            if interrupts >= 2:
+                sys.stderr.write("error: interrupted: a second Ctrl-C aborted the run; --resume continues from the last checkpoint\n")
+                sys.stderr.flush()
+                os._exit(130)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Handle the signals for the duration of the loop (only possible in the main thread)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        watcher, old_fd = None, None
+        if self.hard_abort:
+            read_end, write_end = os.pipe()
+            os.set_blocking(write_end, False)  # the C-level handler must never block
+            old_fd = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+            watcher = threading.Thread(target=self._watch, args=(read_end,), name="crlf-signals", daemon=True)
+            watcher.start()
+        old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+            if watcher is not None:
+                signal.set_wakeup_fd(old_fd)  # type: ignore[arg-type]
+                os.close(write_end)
+                watcher.join()
+                os.close(read_end)

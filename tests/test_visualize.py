@@ -123,9 +123,12 @@ def test_unlabelled_map_and_many_classes_still_draw(tmp_path):
     (dict(emb="e.npy", kind=["neighbors"]), "neighbors needs the images"),
     (dict(emb="missing.npy", kind=["pca"]), "pca needs missing.npy: write it with crlf extract"),
     (dict(run=["nope"]), "run directory nope does not exist"),
+    (dict(run=["empty"], kind=["confusion"]), "confusion needs empty/linear_eval.json"),
+    (dict(run=["empty"], kind=["pca"]), "pca needs empty/encoder.safetensors"),
 ])
 def test_missing_inputs_name_what_is_needed(tmp_path, monkeypatch, settings, fragment):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match=fragment):
         visualize(VisualizeSettings(**settings))
     assert not (tmp_path / "figures").exists() or not list((tmp_path / "figures").iterdir())
@@ -136,7 +139,7 @@ def test_missing_run_files_exit_2_naming_the_file(tmp_path):
         pytest.skip("the crlf entry point is not installed")
     (tmp_path / "empty").mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRLF_")}
-    for kind, needed in (("loss", "metrics.jsonl"), ("confusion", "linear_eval.json"), ("pca", "encoder.safetensors")):
+    for kind, needed in (("loss", "metrics.jsonl"),):  # the other files' messages: test_missing_inputs_name_what_is_needed
         r = subprocess.run([CRLF, "visualize", "--run", tmp_path / "empty", "--kind", kind], capture_output=True, text=True, env=env)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr

@@ -139,6 +139,8 @@ def _prepare(run: RunDir, settings: PretrainSettings, *, resume: bool, force: bo
     saved = run.saved_config()
     if not run.checkpoints_newest_first():
         log.info("%s has no checkpoint yet: starting fresh", run.path)
+        with _writing(run):
+            run.truncate_metrics(0)  # a line of an epoch whose checkpoint was never written
         return False
     conflicts = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in settings.model_dump(mode="json").items()
                  if k in IDENTITY_KEYS and k in saved and saved[k] != v]

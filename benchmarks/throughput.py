@@ -65,12 +65,12 @@ def _model_and_step(device: torch.device, compile_: bool, batch: int):
     return model, step
 
 
-def _flops_per_image(device: torch.device) -> float:
+def _flops_per_image(device: torch.device, size: int) -> float:
     """Forward + backward FLOPs of one source image (two views), counted by torch on a small batch."""
     from torch.utils.flop_counter import FlopCounterMode
 
     _, step = _model_and_step(device, False, 8)
-    x = torch.randn(16, 3, 32, 32, device=device)
+    x = torch.randn(16, 3, size, size, device=device)
     with FlopCounterMode(display=False) as counter:
         step(x)
     return counter.get_total_flops() / 8
@@ -234,7 +234,7 @@ def main() -> None:
     from crlf.engine.device import select_device
 
     device = select_device(args.device)
-    flops = _flops_per_image(device)
+    flops = _flops_per_image(device, args.image_size)
     rows = []
     for batch in args.batch_sizes:
         for mode in args.modes:

@@ -167,3 +167,15 @@ def test_eval_needs_labels(tmp_path, encoder_run, tiny_npz):
     np.save(tmp_path / "c.npy", x.astype(np.int32))
     r = crlf("knn-eval", "--train-emb", tmp_path / "c.npy", "--test-emb", tmp_path / "b.npy", "--device", "cpu")
     assert r.returncode == 2 and "expected a float N x D array" in r.stderr.decode()
+
+
+def test_linear_eval_finetune_from_the_cli(tmp_path, encoder_run, tiny_cifar_root):
+    ckpt = encoder_run / "encoder.safetensors"
+    before = ckpt.read_bytes()
+    r = crlf("linear-eval", "--ckpt", ckpt, "--data", "cifar10", "--data-dir", tiny_cifar_root, "--limit", "64", "--device", "cpu",
+             "--finetune", "--probe-epochs", "1", "--json", "--results", tmp_path / "ft.json")
+    assert r.returncode == 0, r.stderr.decode()
+    result = json.loads(r.stdout)
+    assert result["protocol"] == "finetune" and result["train_size"] == 64 and sum(map(sum, result["confusion"])) == 40
+    assert json.loads((tmp_path / "ft.json").read_text())["top1"] == result["top1"]
+    assert ckpt.read_bytes() == before  # the checkpoint itself is never changed

@@ -161,35 +161,16 @@ def _pretrain(settings_values: dict[str, Any], config: ConfigOpt = None, resume:
 settings_command("pretrain", PretrainSettings, _pretrain, "Pretrain an image encoder without labels (SimCLR) and write a run directory.")
 
 
-def _extract(settings_values: dict[str, Any], config: ConfigOpt = None, print_config: PrintConfigOpt = False,
-             json: JsonOpt = False, quiet: QuietOpt = False, verbose: VerboseOpt = False) -> None:
-    def work() -> None:
-        settings = _resolved(ExtractSettings, settings_values, config, print_config, json)
-        if settings is None:
-            return
-        if json and settings.out == "-":
-            raise InputError("--json and --out - both want stdout: write the embeddings to a file, or drop --json")
-        from crlf.engine.embeddings import extract
-
-        summary = extract(settings, sys.stdout.buffer)
-        if json:
-            output.emit_json(summary)
-
-    _guarded(quiet, verbose, work)
-
-
-def _evaluation(cls: type, run: str) -> Callable[..., None]:
+def _command(cls: type, run: Callable[[Any, bool, bool], Any]) -> Callable[..., None]:
+    """A subcommand with the common options: resolve the settings (or print them), `run(settings, json, quiet)`
+    (which imports torch only when there is work), and print its result as JSON with --json."""
     def command(settings_values: dict[str, Any], config: ConfigOpt = None, print_config: PrintConfigOpt = False,
                 json: JsonOpt = False, quiet: QuietOpt = False, verbose: VerboseOpt = False) -> None:
         def work() -> None:
             settings = _resolved(cls, settings_values, config, print_config, json)
             if settings is None:
                 return
-            from crlf.engine import embeddings
-
-            result = getattr(embeddings, run)(settings)
-            if not quiet:
-                output.results_table(result)
+            result = run(settings, json, quiet)
             if json:
                 output.emit_json(result)
 
@@ -198,28 +179,39 @@ def _evaluation(cls: type, run: str) -> Callable[..., None]:
     return command
 
 
-settings_command("extract", ExtractSettings, _extract, "Embed a data set with a saved encoder: .npy (+ .json provenance), .npz, or .npy on stdout.")
-settings_command("linear-eval", LinearEvalSettings, _evaluation(LinearEvalSettings, "linear_eval"),
+def _extract(settings: ExtractSettings, json: bool, quiet: bool) -> dict[str, Any]:
+    if json and settings.out == "-":
+        raise InputError("--json and --out - both want stdout: write the embeddings to a file, or drop --json")
+    from crlf.engine.embeddings import extract
+
+    return extract(settings, sys.stdout.buffer)
+
+
+def _evaluation(name: str) -> Callable[[Any, bool, bool], dict[str, Any]]:
+    def run(settings: Any, json: bool, quiet: bool) -> dict[str, Any]:
+        from crlf.engine import embeddings
+
+        result = getattr(embeddings, name)(settings)
+        if not quiet:
+            output.results_table(result)
+        return result
+
+    return run
+
+
+def _visualize(settings: VisualizeSettings, json: bool, quiet: bool) -> dict[str, Any]:
+    from crlf.engine.visualize import visualize
+
+    return visualize(settings)
+
+
+settings_command("extract", ExtractSettings, _command(ExtractSettings, _extract),
+                 "Embed a data set with a saved encoder: .npy (+ .json provenance), .npz, or .npy on stdout.")
+settings_command("linear-eval", LinearEvalSettings, _command(LinearEvalSettings, _evaluation("linear_eval")),
                  "Linear probe on frozen features (or --finetune): top-1, top-5, per-class accuracy, confusion matrix.")
-settings_command("knn-eval", KnnEvalSettings, _evaluation(KnnEvalSettings, "knn_eval"), "Weighted kNN classification on cosine similarity (k = 200, temperature 0.1).")
-
-
-def _visualize(settings_values: dict[str, Any], config: ConfigOpt = None, print_config: PrintConfigOpt = False,
-               json: JsonOpt = False, quiet: QuietOpt = False, verbose: VerboseOpt = False) -> None:
-    def work() -> None:
-        settings = _resolved(VisualizeSettings, settings_values, config, print_config, json)
-        if settings is None:
-            return
-        from crlf.engine.visualize import visualize
-
-        result = visualize(settings)
-        if json:
-            output.emit_json(result)
-
-    _guarded(quiet, verbose, work)
-
-
-settings_command("visualize", VisualizeSettings, _visualize,
+settings_command("knn-eval", KnnEvalSettings, _command(KnnEvalSettings, _evaluation("knn_eval")),
+                 "Weighted kNN classification on cosine similarity (k = 200, temperature 0.1).")
+settings_command("visualize", VisualizeSettings, _command(VisualizeSettings, _visualize),
                  "Figures: loss curves, PCA / t-SNE maps, confusion matrix, nearest neighbours, augmented views; --run DIR draws them all with an index.html.")
 
 

@@ -228,8 +228,8 @@ def test_stl10_transposition_labels_and_splits(tiny_stl10_root):
     both = load(settings(**kw))  # default: train+unlabeled
     assert len(both) == 18 and both.labels is None and both.class_names == [] and both.ids[10] == "unlabeled/0"
     some = load(settings(**kw, limit=5))
-    assert len(some) == 5 and some.ids == [both.ids[i] for i in data._pick(18, 5).tolist()]
-    assert torch.equal(some.images, both.images[data._pick(18, 5)])
+    assert len(some) == 5 and some.ids == [both.ids[i] for i in data.pick(18, 5).tolist()]
+    assert torch.equal(some.images, both.images[data.pick(18, 5)])
 
 
 # --- folders --------------------------------------------------------------------------------------
@@ -278,7 +278,7 @@ def test_folder_exif_orientation_and_limit(tmp_path):
     photo = s.images[s.ids.index("photo.jpg")].float()
     assert photo[:, 0].mean() < 40 and photo[:, 7].mean() > 215
     some = load(settings(data="folder", data_dir=root, image_size=8, limit=3))
-    assert some.ids == [s.ids[i] for i in data._pick(6, 3).tolist()]
+    assert some.ids == [s.ids[i] for i in data.pick(6, 3).tolist()]
 
 
 def test_folder_skips_non_images_and_corrupt_files_with_one_warning(tiny_folder, caplog):

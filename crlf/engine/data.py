@@ -69,7 +69,7 @@ def load(settings: DataSettings, split: str | None = None) -> ImageSet:
     else:
         assert path is not None
         images = _array_file(path, settings.data, split)
-    keep = _pick(len(images), settings.limit)
+    keep = pick(len(images), settings.limit)
     if keep is not None:
         images = images.subset(keep)
     if size is not None and tuple(images.images.shape[-2:]) != (size, size):
@@ -77,11 +77,11 @@ def load(settings: DataSettings, split: str | None = None) -> ImageSet:
     return images
 
 
-def _pick(n: int, limit: int | None) -> torch.Tensor | None:
-    """Indices of a seed-0 random subset of ``limit`` rows, in original order (None: keep all)."""
+def pick(n: int, limit: int | None, seed: int = 0) -> torch.Tensor | None:
+    """Indices of a seeded random subset of ``limit`` of n rows, in original order (None: keep all)."""
     if limit is None or limit >= n:
         return None
-    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:limit].sort().values
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
 
 
 def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -254,7 +254,7 @@ def _stl10(data_dir: Path | None, split: str, download: bool, limit: int | None)
         if not path.is_file() or path.stat().st_size % pixels:
             raise InputError(f"{path} is missing or truncated: extract the complete stl10_binary.tar.gz")
         counts.append(path.stat().st_size // pixels)
-    rows = _pick(sum(counts), limit)
+    rows = pick(sum(counts), limit)
     rows = torch.arange(sum(counts)) if rows is None else rows
     images = np.empty((len(rows), 3, 96, 96), np.uint8)
     labels: list[np.ndarray] | None = None if "unlabeled" in parts else []

@@ -78,6 +78,12 @@ def any_flag(value: int, world: World) -> int:
     return int(flag.item())
 
 
+def barrier(world: World) -> None:
+    """Wait until every process gets here."""
+    if world.active:
+        dist.barrier()
+
+
 def gather_states(states: dict[str, torch.Tensor], world: World) -> dict[str, torch.Tensor]:
     """Random generator states of every process, keyed ``name.rank`` (for a mid-epoch checkpoint)."""
     if not world.active:

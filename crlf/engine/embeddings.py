@@ -49,13 +49,13 @@ def encoder_data(settings: DataSettings, meta: dict[str, Any]) -> DataSettings:
     return settings.model_copy(update={"image_size": settings.image_size or meta["image_size"]})
 
 
-def _embed_split(settings: EncoderInput, encoder: torch.nn.Module, meta: dict[str, Any], device: torch.device,
-                 split: str | None) -> tuple[torch.Tensor, data.ImageSet]:
-    images = data.load(encoder_data(settings, meta), split)  # type: ignore[arg-type]
+def embed_images(settings: EncoderInput, encoder: torch.nn.Module, meta: dict[str, Any], device: torch.device,
+                 images: data.ImageSet) -> torch.Tensor:
+    """Features of a loaded data set (float32 N x D on the CPU), with a log line of how long it took."""
     t0 = time.perf_counter()
     x = evaluate.embed(encoder, meta, images.images, device, settings.embed_batch_size)
     log.info("embedded %s %s images in %.1f s (%d dims)", f"{len(images):,}", images.source, time.perf_counter() - t0, x.shape[1])
-    return x, images
+    return x
 
 
 @dataclass
@@ -81,7 +81,8 @@ def embed(ckpt: str | Path, **options: Any) -> Embeddings:
 def _embed(settings: EmbedSettings) -> Embeddings:
     device = select_device(settings.device)
     encoder, meta = _open_encoder(settings, device)
-    x, images = _embed_split(settings, encoder, meta, device, settings.split)
+    images = data.load(encoder_data(settings, meta), settings.split)
+    x = embed_images(settings, encoder, meta, device, images)
     if settings.normalize:
         x = torch.nn.functional.normalize(x, dim=1)
     provenance = {
@@ -160,24 +161,33 @@ def read_embeddings(path: Path) -> tuple[torch.Tensor, torch.Tensor | None, list
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), y, list(names), {k: v for k, v in prov.items() if k not in ("ids", "labels")}
 
 
-def _labelled(settings: KnnEvalSettings | LinearEvalSettings, device: torch.device) -> dict[str, Any]:
-    """Train and test features with labels, from a checkpoint + data or from two embeddings files."""
+def _labelled(settings: KnnEvalSettings | LinearEvalSettings, device: torch.device, features: bool = True) -> dict[str, Any]:
+    """Train and test labels with their features, from a checkpoint + data or from two embeddings files.
+
+    features=False (fine-tuning, which trains on the images): the encoder and the loaded images instead of features.
+    """
     if settings.ckpt is not None:
         encoder, meta = _open_encoder(settings, device)
-        train_x, train = _embed_split(settings, encoder, meta, device, settings.split)
-        test_x, test = _embed_split(settings, encoder, meta, device, "test")
-        parts = {"train_x": train_x, "train_y": train.labels, "test_x": test_x, "test_y": test.labels,
-                 "class_names": train.class_names, "source": {"checkpoint": str(settings.ckpt), "data": train.source}}
+        train = data.load(encoder_data(settings, meta), settings.split)
+        test = data.load(encoder_data(settings, meta), "test")
+        parts = {"train_y": train.labels, "test_y": test.labels, "class_names": train.class_names,
+                 "source": {"checkpoint": str(settings.ckpt), "data": train.source},
+                 "train_size": len(train), "test_size": len(test), "dim": meta["feature_dim"]}
+        if features:
+            parts.update(train_x=embed_images(settings, encoder, meta, device, train), test_x=embed_images(settings, encoder, meta, device, test))
+        else:
+            parts.update(encoder=encoder, meta=meta, train_images=train.images, test_images=test.images)
     else:
         assert settings.train_emb is not None and settings.test_emb is not None
         train_x, train_y, names, prov = read_embeddings(settings.train_emb)
         test_x, test_y, _, _ = read_embeddings(settings.test_emb)
         parts = {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y, "class_names": names,
-                 "source": {"train_emb": str(settings.train_emb), "test_emb": str(settings.test_emb), "checkpoint": prov.get("checkpoint")}}
+                 "source": {"train_emb": str(settings.train_emb), "test_emb": str(settings.test_emb), "checkpoint": prov.get("checkpoint")},
+                 "train_size": len(train_x), "test_size": len(test_x), "dim": train_x.shape[1]}
     for split in ("train", "test"):
         if parts[f"{split}_y"] is None:
             raise InputError(f"the {split} split has no labels: evaluation needs a labelled data set (class sub-folders, CIFAR, STL-10 train/test, npz with labels)")
-    if parts["train_x"].shape[1] != parts["test_x"].shape[1]:
+    if features and parts["train_x"].shape[1] != parts["test_x"].shape[1]:
         raise InputError(f"train and test embeddings differ in size ({parts['train_x'].shape[1]} vs {parts['test_x'].shape[1]}): extract both with the same checkpoint")
     parts["num_classes"] = int(max(parts["train_y"].max(), parts["test_y"].max())) + 1
     parts["class_names"] = parts["class_names"] or [str(i) for i in range(parts["num_classes"])]
@@ -187,13 +197,15 @@ def _labelled(settings: KnnEvalSettings | LinearEvalSettings, device: torch.devi
 def linear_eval(settings: LinearEvalSettings) -> dict[str, Any]:
     """The linear probe (or fine-tuning) over every label fraction x seed; mean and std per fraction."""
     device = select_device(settings.device)
-    parts = _labelled(settings, device)
+    parts = _labelled(settings, device, features=not settings.finetune)
     runs = []
     for fraction in settings.label_fraction:
         for seed in range(settings.seed, settings.seed + settings.seeds):
             idx = evaluate.balanced_subset(parts["train_y"], fraction, seed) if fraction < 1 else torch.arange(len(parts["train_y"]))
-            if settings.finetune:
-                result = _finetune(settings, device, parts, idx, seed)
+            if settings.finetune:  # evaluate.finetune trains a copy: the one encoder serves every run
+                result = evaluate.finetune(parts["encoder"], parts["meta"], parts["train_images"][idx], parts["train_y"][idx],
+                                           parts["test_images"], parts["test_y"], parts["num_classes"], device=device,
+                                           epochs=settings.probe_epochs, seed=seed, **({"lr": settings.probe_lr} if settings.probe_lr else {}))
             else:
                 result = evaluate.linear_probe(parts["train_x"][idx], parts["train_y"][idx], parts["test_x"], parts["test_y"],
                                                parts["num_classes"], device=device, seed=seed, epochs=settings.probe_epochs,
@@ -202,15 +214,6 @@ def linear_eval(settings: LinearEvalSettings) -> dict[str, Any]:
                      result["top1"], result["top5"], f"{len(idx):,}", result["seconds"])
             runs.append({"fraction": fraction, "seed": seed, **result})
     return _report("finetune" if settings.finetune else "linear", settings, parts, runs)
-
-
-def _finetune(settings: LinearEvalSettings, device: torch.device, parts: dict[str, Any], idx: torch.Tensor, seed: int) -> dict[str, Any]:
-    encoder, meta = _open_encoder(settings, device)
-    train = data.load(encoder_data(settings, meta), settings.split)
-    test = data.load(encoder_data(settings, meta), "test")
-    return evaluate.finetune(encoder, meta, train.images[idx], parts["train_y"][idx], test.images, parts["test_y"],
-                             parts["num_classes"], device=device, epochs=settings.probe_epochs, seed=seed,
-                             **({"lr": settings.probe_lr} if settings.probe_lr else {}))
 
 
 def knn_eval(settings: KnnEvalSettings) -> dict[str, Any]:
@@ -231,8 +234,8 @@ def _report(protocol: str, settings: KnnEvalSettings | LinearEvalSettings, parts
         summary.append({"fraction": fraction, "runs": len(group), "top1_mean": stats["top1"][0], "top1_std": stats["top1"][1],
                         "top5_mean": stats["top5"][0], "top5_std": stats["top5"][1]})
     main = max(runs, key=lambda r: r["fraction"])
-    result = {"protocol": protocol, **parts["source"], "train_size": len(parts["train_x"]), "test_size": len(parts["test_x"]),
-              "dim": parts["train_x"].shape[1], "class_names": parts["class_names"], "top1": main["top1"], "top5": main["top5"],
+    result = {"protocol": protocol, **parts["source"], "train_size": parts["train_size"], "test_size": parts["test_size"],
+              "dim": parts["dim"], "class_names": parts["class_names"], "top1": main["top1"], "top5": main["top5"],
               "summary": summary, "runs": [{k: v for k, v in r.items() if k not in ("confusion", "per_class")} for r in runs]}
     if "confusion" in main:
         result["per_class"], result["confusion"] = main["per_class"], main["confusion"]

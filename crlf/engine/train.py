@@ -120,7 +120,7 @@ def _pretrain(settings: PretrainSettings, reporter: Reporter, world: distributed
         if main:
             with _writing(run):
                 atomic_write(run.config, lambda f: f.write(json.dumps(settings.model_dump(mode="json"), indent=2).encode()))
-        distributed.any_flag(0, world)  # the others read checkpoints only after the main process has set up
+        distributed.barrier(world)  # the others read checkpoints only after the main process has set up
         progress, rng = _restore(run, setup, world) if plan == 1 else (None, {})
         stop = StopFlag(hard_abort)
         with stop.installed():

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from crlf.engine import augment, data, evaluate, plots
+from crlf.engine import augment, data, plots
 from crlf.engine.checkpoint import atomic_write, load_encoder
 from crlf.engine.device import select_device
-from crlf.engine.embeddings import encoder_data, read_embeddings
+from crlf.engine.embeddings import embed_images, encoder_data, read_embeddings
 from crlf.engine.rundir import RunDir
 from crlf.errors import InputError
 from crlf.settings import AugmentSettings, DataSettings, VisualizeSettings
@@ -129,8 +129,10 @@ class _Inputs:
     def _read_points(self) -> _Points:
         assert self.settings.emb is not None
         x, y, names, prov = read_embeddings(self.settings.emb)
-        keep = _subset(len(x), self.settings.max_points, self.settings.seed)
-        return _Points(x[keep].numpy(), None if y is None else y[keep].numpy(), names, None,
+        keep = data.pick(len(x), self.settings.max_points, self.settings.seed)
+        if keep is not None:
+            x, y = x[keep], None if y is None else y[keep]
+        return _Points(x.numpy(), None if y is None else y.numpy(), names, None,
                        prov.get("source") or str(self.settings.emb))
 
     def _embed_points(self) -> _Points:
@@ -147,20 +149,12 @@ class _Inputs:
                 images = None
         if images is None:
             images = data.load(data_settings)
-        keep = torch.from_numpy(_subset(len(images), s.max_points, s.seed))
-        images = images.subset(keep)
-        t0 = time.perf_counter()
-        x = evaluate.embed(encoder, meta, images.images, device, s.embed_batch_size)
-        log.info("embedded %s images of %s in %.1f s", f"{len(x):,}", images.source, time.perf_counter() - t0)
+        keep = data.pick(len(images), s.max_points, s.seed)
+        if keep is not None:
+            images = images.subset(keep)
+        x = embed_images(s, encoder, meta, device, images)
         return _Points(x.numpy(), None if images.labels is None else images.labels.numpy(), images.class_names,
                        images.images.permute(0, 2, 3, 1).numpy(), images.source)
-
-
-def _subset(n: int, limit: int, seed: int) -> np.ndarray:
-    """Sorted rows of a seeded random subset of at most `limit` of n."""
-    if n <= limit:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
 
 
 def project(x: np.ndarray, method: str, seed: int = 0) -> tuple[np.ndarray, float]:

@@ -56,7 +56,7 @@ def _model_and_step(device: torch.device, compile_: bool, batch: int):
     def step(x: torch.Tensor) -> torch.Tensor:
         with autocast(device, amp):
             z = net(x)
-        loss = nt_xent(z[: len(x) // 2], z[len(x) // 2:], 0.2)
+        loss = nt_xent(z[: len(x) // 2], z[len(x) // 2 :], 0.2)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -105,11 +105,24 @@ def run_crlf(args: argparse.Namespace, device: torch.device, batch: int, compile
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(args.data) if args.data else _dataset(args, Path(tmp))
         kind = "folder" if data.is_dir() else "npy"
-        settings = PretrainSettings(data=kind, data_dir=data, image_size=args.image_size, batch_size=batch, epochs=args.epochs,
-                                    device=str(device), compile=compile_, out=Path(tmp) / "run", head_hidden=2048, head_out=128)
+        settings = PretrainSettings(
+            data=kind,
+            data_dir=data,
+            image_size=args.image_size,
+            batch_size=batch,
+            epochs=args.epochs,
+            device=str(device),
+            compile=compile_,
+            out=Path(tmp) / "run",
+            head_hidden=2048,
+            head_out=128,
+        )
         pretrain(settings)
         metrics = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
-    return {"images_per_s": metrics[-1]["images_per_s"], "epoch_images": metrics[-1]["images_per_s"] * metrics[-1]["seconds"]}
+    return {
+        "images_per_s": metrics[-1]["images_per_s"],
+        "epoch_images": metrics[-1]["images_per_s"] * metrics[-1]["seconds"],
+    }
 
 
 class _PILPairs(torch.utils.data.Dataset):
@@ -119,11 +132,16 @@ class _PILPairs(torch.utils.data.Dataset):
         from torchvision import transforms as T
 
         self.images = images
-        self.transform = T.Compose([
-            T.RandomResizedCrop(size, scale=(0.2, 1.0)), T.RandomHorizontalFlip(),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(0.2),
-            T.ToTensor(), T.Normalize((0.49, 0.48, 0.45), (0.25, 0.24, 0.26)),
-        ])
+        self.transform = T.Compose(
+            [
+                T.RandomResizedCrop(size, scale=(0.2, 1.0)),
+                T.RandomHorizontalFlip(),
+                T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                T.RandomGrayscale(0.2),
+                T.ToTensor(),
+                T.Normalize((0.49, 0.48, 0.45), (0.25, 0.24, 0.26)),
+            ]
+        )
 
     def __len__(self) -> int:
         return len(self.images)
@@ -136,16 +154,24 @@ class _PILPairs(torch.utils.data.Dataset):
 
 
 def _loader(args: argparse.Namespace, batch: int):
-    images = np.random.default_rng(0).integers(0, 256, (args.images, args.image_size, args.image_size, 3), dtype=np.uint8)
-    return torch.utils.data.DataLoader(_PILPairs(images, args.image_size), batch_size=batch, shuffle=True, drop_last=True,
-                                       num_workers=args.workers, pin_memory=torch.cuda.is_available(),
-                                       persistent_workers=args.workers > 0)
+    images = np.random.default_rng(0).integers(
+        0, 256, (args.images, args.image_size, args.image_size, 3), dtype=np.uint8
+    )
+    return torch.utils.data.DataLoader(
+        _PILPairs(images, args.image_size),
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=args.workers > 0,
+    )
 
 
 def run_torchvision(args: argparse.Namespace, device: torch.device, batch: int, compile_: bool) -> dict[str, Any]:
     _, step = _model_and_step(device, compile_, batch)
     loader, done, t0 = _loader(args, batch), 0, None
-    for epoch in range(100):
+    for _epoch in range(100):
         for i, (v1, v2) in enumerate(loader):
             x = torch.cat([v1, v2]).to(device, non_blocking=True)
             if device.type == "cuda":
@@ -222,7 +248,9 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     parser.add_argument("--data", help="an image folder or .npy for the crlf variant (default: random pixels)")
-    parser.add_argument("--peak-tflops", type=float, default=800.0, help="matmul peak for the MFU column (H100 bf16, measured)")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=800.0, help="matmul peak for the MFU column (H100 bf16, measured)"
+    )
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -241,19 +269,46 @@ def main() -> None:
             for variant in args.variants:
                 if variant == "augment" and mode == "compile":
                     continue
-                cmd = [sys.executable, __file__, "--variant", variant, "--batch", str(batch), "--mode", mode,
-                       *sum(([f"--{k.replace('_', '-')}", str(v)] for k, v in vars(args).items()
-                             if k in ("device", "steps", "warmup", "images", "epochs", "image_size", "workers") and v is not None), []),
-                       *(["--data", args.data] if args.data else [])]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--variant",
+                    variant,
+                    "--batch",
+                    str(batch),
+                    "--mode",
+                    mode,
+                    *sum(
+                        (
+                            [f"--{k.replace('_', '-')}", str(v)]
+                            for k, v in vars(args).items()
+                            if k in ("device", "steps", "warmup", "images", "epochs", "image_size", "workers")
+                            and v is not None
+                        ),
+                        [],
+                    ),
+                    *(["--data", args.data] if args.data else []),
+                ]
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 if done.returncode:
-                    row = {"variant": variant, "mode": mode, "batch": batch, "error": (done.stderr.strip().splitlines() or ["?"])[-1]}
+                    row = {
+                        "variant": variant,
+                        "mode": mode,
+                        "batch": batch,
+                        "error": (done.stderr.strip().splitlines() or ["?"])[-1],
+                    }
                 else:
                     row = json.loads(done.stdout.strip().splitlines()[-1])
                 rows.append(row)
-                print(f"measured {variant} {mode} batch {batch}: {row.get('images_per_s', row.get('error'))}", file=sys.stderr)
+                print(
+                    f"measured {variant} {mode} batch {batch}: {row.get('images_per_s', row.get('error'))}",
+                    file=sys.stderr,
+                )
     for row in rows:
-        floor = next((r for r in rows if r["variant"] == "floor" and r["mode"] == row["mode"] and r["batch"] == row["batch"]), None)
+        floor = next(
+            (r for r in rows if r["variant"] == "floor" and r["mode"] == row["mode"] and r["batch"] == row["batch"]),
+            None,
+        )
         if "images_per_s" in row and row["variant"] != "augment":
             row["seconds_per_epoch"] = round(EPOCH / row["images_per_s"], 3)
             row["tflops"] = round(row["images_per_s"] * flops / 1e12, 2)
@@ -267,11 +322,15 @@ def main() -> None:
         note = r.get("error", "")
         if r["variant"] == "augment" and "speedup" in r:
             note = f"torchvision DataLoader: {r['torchvision_images_per_s']:,.0f} images/s -> crlf {r['speedup']:.1f}x"
-        print(f"{r['variant']:<12}{r['mode']:<9}{r['batch']:>6}{r.get('images_per_s', float('nan')):>11,.0f}"
-              f"{r.get('seconds_per_epoch', float('nan')):>9.2f}{r.get('of_floor', float('nan')):>9.2f}"
-              f"{r.get('tflops', float('nan')):>9.1f}{r.get('peak_memory_gib', float('nan')):>9.2f}  {note}")
+        print(
+            f"{r['variant']:<12}{r['mode']:<9}{r['batch']:>6}{r.get('images_per_s', float('nan')):>11,.0f}"
+            f"{r.get('seconds_per_epoch', float('nan')):>9.2f}{r.get('of_floor', float('nan')):>9.2f}"
+            f"{r.get('tflops', float('nan')):>9.1f}{r.get('peak_memory_gib', float('nan')):>9.2f}  {note}"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": str(device), "gflop_per_image": flops / 1e9, "rows": rows}, indent=1))
+        Path(args.json).write_text(
+            json.dumps({"device": str(device), "gflop_per_image": flops / 1e9, "rows": rows}, indent=1)
+        )
 
 
 if __name__ == "__main__":

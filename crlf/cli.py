@@ -10,8 +10,9 @@ import os
 import sys
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any
 
 import typer
 from pydantic import BaseModel
@@ -19,9 +20,24 @@ from pydantic_core import PydanticUndefined
 
 from crlf import __version__, output
 from crlf.errors import CrlfError, InputError
-from crlf.settings import (AugmentSettings, DataSettings, DeviceSettings, EmbeddingsInput, EncoderInput, ExtractSettings,
-                           KnnEvalSettings, KnnSettings, LinearEvalSettings, ModelSettings, OptimSettings, PretrainSettings, RunSettings,
-                           VisualizeSettings, resolve, to_toml)
+from crlf.settings import (
+    AugmentSettings,
+    DataSettings,
+    DeviceSettings,
+    EmbeddingsInput,
+    EncoderInput,
+    ExtractSettings,
+    KnnEvalSettings,
+    KnnSettings,
+    LinearEvalSettings,
+    ModelSettings,
+    OptimSettings,
+    PretrainSettings,
+    RunSettings,
+    VisualizeSettings,
+    resolve,
+    to_toml,
+)
 
 app = typer.Typer(
     name="crlf",
@@ -32,15 +48,45 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-_PANELS = [(VisualizeSettings, "Figures"), (LinearEvalSettings, "Linear probe"), (ExtractSettings, "Output"),
-           (EncoderInput, "Encoder"), (EmbeddingsInput, "Embeddings"), (DataSettings, "Data"), (ModelSettings, "Model"),
-           (AugmentSettings, "Augmentation"), (OptimSettings, "Optimisation"), (KnnSettings, "kNN"), (DeviceSettings, "Device"), (RunSettings, "Run directory")]
+_PANELS = [
+    (VisualizeSettings, "Figures"),
+    (LinearEvalSettings, "Linear probe"),
+    (ExtractSettings, "Output"),
+    (EncoderInput, "Encoder"),
+    (EmbeddingsInput, "Embeddings"),
+    (DataSettings, "Data"),
+    (ModelSettings, "Model"),
+    (AugmentSettings, "Augmentation"),
+    (OptimSettings, "Optimisation"),
+    (KnnSettings, "kNN"),
+    (DeviceSettings, "Device"),
+    (RunSettings, "Run directory"),
+]
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", envvar="CRLF_CONFIG", help="TOML file of settings (flat keys, or a table named after the subcommand).", rich_help_panel="Output")]
-PrintConfigOpt = Annotated[bool, typer.Option("--print-config", help="Print the resolved settings as TOML (JSON with --json) and exit.", rich_help_panel="Output")]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        envvar="CRLF_CONFIG",
+        help="TOML file of settings (flat keys, or a table named after the subcommand).",
+        rich_help_panel="Output",
+    ),
+]
+PrintConfigOpt = Annotated[
+    bool,
+    typer.Option(
+        "--print-config",
+        help="Print the resolved settings as TOML (JSON with --json) and exit.",
+        rich_help_panel="Output",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Write the result to stdout as JSON.", rich_help_panel="Output")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and warnings on stderr.", rich_help_panel="Output")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug messages on stderr.", rich_help_panel="Output")]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="Only errors and warnings on stderr.", rich_help_panel="Output")
+]
+VerboseOpt = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Debug messages on stderr.", rich_help_panel="Output")
+]
 
 
 def _version(value: bool) -> None:
@@ -50,7 +96,11 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_version, help="Print the version and exit.")] = False) -> None:
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_version, help="Print the version and exit.")
+    ] = False,
+) -> None:
     """Contrastive Representation Learning Framework: self-supervised image encoders (SimCLR)."""
 
 
@@ -63,7 +113,11 @@ def _panel(model: type[BaseModel], name: str) -> str:
 def _cli_type(annotation: Any) -> Any:
     """The type Typer parses a field as: numbers, booleans and lists of floats natively, the rest as text for Pydantic."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    base = args[0] if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union else annotation
+    base = (
+        args[0]
+        if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
+        else annotation
+    )
     if typing.get_origin(base) is list:  # a repeatable flag
         return list[float] if typing.get_args(base) == (float,) else list[str]
     return base if base in (int, float, bool) else str
@@ -79,7 +133,11 @@ def settings_options(model: type[BaseModel]) -> list[inspect.Parameter]:
         default = field.default
         shown = False if default is None or default is PydanticUndefined else str(default)
         opt = typer.Option(*decls, help=field.description, show_default=shown, rich_help_panel=_panel(model, name))
-        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[Optional[kind], opt]))
+        params.append(
+            inspect.Parameter(
+                name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, opt]
+            )
+        )
     return params
 
 
@@ -116,13 +174,15 @@ def _guarded(quiet: bool, verbose: bool, work: Callable[[], int | None]) -> None
         if type(e).__name__ == "OutOfMemoryError":
             output.error("out of memory on the device; try a smaller --batch-size")
         else:
-            output.error(f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (set CRLF_DEBUG=1 for the traceback)")
+            output.error(
+                f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (set CRLF_DEBUG=1 for the traceback)"
+            )
         raise typer.Exit(1) from None
     if code:
         raise typer.Exit(code)
 
 
-def _resolved(cls: type, values: dict[str, Any], config: Optional[Path], print_config: bool, json: bool) -> Any:
+def _resolved(cls: type, values: dict[str, Any], config: Path | None, print_config: bool, json: bool) -> Any:
     """Resolve the settings; with --print-config print them (TOML, or JSON with --json) and return None."""
     settings = resolve(cls, values, config)
     if not print_config:
@@ -134,9 +194,25 @@ def _resolved(cls: type, values: dict[str, Any], config: Optional[Path], print_c
     return None
 
 
-def _pretrain(settings_values: dict[str, Any], config: ConfigOpt = None, resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint; do nothing if it is complete; start fresh if it has none.", rich_help_panel="Output")] = False,
-              force: Annotated[bool, typer.Option("--force", help="Discard the run already in --out and start over.", rich_help_panel="Output")] = False,
-              print_config: PrintConfigOpt = False, json: JsonOpt = False, quiet: QuietOpt = False, verbose: VerboseOpt = False) -> None:
+def _pretrain(
+    settings_values: dict[str, Any],
+    config: ConfigOpt = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the run in --out from its last checkpoint; do nothing if it is complete; start fresh if it has none.",
+            rich_help_panel="Output",
+        ),
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Discard the run already in --out and start over.", rich_help_panel="Output")
+    ] = False,
+    print_config: PrintConfigOpt = False,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
     def work() -> None:
         settings = _resolved(PretrainSettings, settings_values, config, print_config, json)
         if settings is None:
@@ -153,19 +229,36 @@ def _pretrain(settings_values: dict[str, Any], config: ConfigOpt = None, resume:
         if json:
             output.emit_json(summary)
         elif summary["status"] == "trained":
-            output.log.info("done: %d epochs, final loss %s, encoder in %s", summary["epochs"], summary["final_loss"], summary["encoder"])
+            output.log.info(
+                "done: %d epochs, final loss %s, encoder in %s",
+                summary["epochs"],
+                summary["final_loss"],
+                summary["encoder"],
+            )
 
     _guarded(quiet, verbose, work)
 
 
-settings_command("pretrain", PretrainSettings, _pretrain, "Pretrain an image encoder without labels (SimCLR) and write a run directory.")
+settings_command(
+    "pretrain",
+    PretrainSettings,
+    _pretrain,
+    "Pretrain an image encoder without labels (SimCLR) and write a run directory.",
+)
 
 
 def _command(cls: type, run: Callable[[Any, bool, bool], Any]) -> Callable[..., None]:
     """A subcommand with the common options: resolve the settings (or print them), `run(settings, json, quiet)`
     (which imports torch only when there is work), and print its result as JSON with --json."""
-    def command(settings_values: dict[str, Any], config: ConfigOpt = None, print_config: PrintConfigOpt = False,
-                json: JsonOpt = False, quiet: QuietOpt = False, verbose: VerboseOpt = False) -> None:
+
+    def command(
+        settings_values: dict[str, Any],
+        config: ConfigOpt = None,
+        print_config: PrintConfigOpt = False,
+        json: JsonOpt = False,
+        quiet: QuietOpt = False,
+        verbose: VerboseOpt = False,
+    ) -> None:
         def work() -> None:
             settings = _resolved(cls, settings_values, config, print_config, json)
             if settings is None:
@@ -205,14 +298,30 @@ def _visualize(settings: VisualizeSettings, json: bool, quiet: bool) -> dict[str
     return visualize(settings)
 
 
-settings_command("extract", ExtractSettings, _command(ExtractSettings, _extract),
-                 "Embed a data set with a saved encoder: .npy (+ .json provenance), .npz, or .npy on stdout.")
-settings_command("linear-eval", LinearEvalSettings, _command(LinearEvalSettings, _evaluation("linear_eval")),
-                 "Linear probe on frozen features (or --finetune): top-1, top-5, per-class accuracy, confusion matrix.")
-settings_command("knn-eval", KnnEvalSettings, _command(KnnEvalSettings, _evaluation("knn_eval")),
-                 "Weighted kNN classification on cosine similarity (k = 200, temperature 0.1).")
-settings_command("visualize", VisualizeSettings, _command(VisualizeSettings, _visualize),
-                 "Figures: loss curves, PCA / t-SNE maps, confusion matrix, nearest neighbours, augmented views; --run DIR draws them all with an index.html.")
+settings_command(
+    "extract",
+    ExtractSettings,
+    _command(ExtractSettings, _extract),
+    "Embed a data set with a saved encoder: .npy (+ .json provenance), .npz, or .npy on stdout.",
+)
+settings_command(
+    "linear-eval",
+    LinearEvalSettings,
+    _command(LinearEvalSettings, _evaluation("linear_eval")),
+    "Linear probe on frozen features (or --finetune): top-1, top-5, per-class accuracy, confusion matrix.",
+)
+settings_command(
+    "knn-eval",
+    KnnEvalSettings,
+    _command(KnnEvalSettings, _evaluation("knn_eval")),
+    "Weighted kNN classification on cosine similarity (k = 200, temperature 0.1).",
+)
+settings_command(
+    "visualize",
+    VisualizeSettings,
+    _command(VisualizeSettings, _visualize),
+    "Figures: loss curves, PCA / t-SNE maps, confusion matrix, nearest neighbours, augmented views; --run DIR draws them all with an index.html.",
+)
 
 
 def main() -> None:

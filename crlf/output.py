@@ -13,8 +13,8 @@ import time
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
 console = Console(stderr=True, highlight=False)
 log = logging.getLogger("crlf.cli")
@@ -76,8 +76,16 @@ class TrainingReporter:
         self.epochs = info["epochs"]
         if self.quiet or not self.bar or not console.is_terminal:
             return
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True)
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
         total = (info["epochs"] - info["start_epoch"]) * info["steps"]
         self.task = self.progress.add_task(f"epoch {info['start_epoch'] + 1}/{self.epochs}", total=total)
         self.progress.start()
@@ -100,7 +108,9 @@ class TrainingReporter:
 
 def results_table(result: dict[str, Any]) -> None:
     """An evaluation result for a person: accuracy per label fraction (mean +- std over seeds), then per class."""
-    table = Table(title=f"{result['protocol']} evaluation: {result['train_size']:,} train / {result['test_size']:,} test, {result['dim']} dims")
+    table = Table(
+        title=f"{result['protocol']} evaluation: {result['train_size']:,} train / {result['test_size']:,} test, {result['dim']} dims"
+    )
     for column in ("label fraction", "runs", "top-1 %", "top-5 %"):
         table.add_column(column, justify="right")
     for row in result["summary"]:

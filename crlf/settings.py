@@ -34,18 +34,39 @@ class DataSettings(BaseModel):
 
     model_config = _STRICT
 
-    data: DataSource = Field("digits", description="Data source: digits (offline, ships with scikit-learn), cifar10, cifar100, stl10, folder (a tree of images), npy / npz (uint8 N x H x W x C arrays).")
-    data_dir: Path | None = Field(None, description="Where the data lives: the download / root folder for cifar10, cifar100 and stl10 (default ./data), the image folder for 'folder', the file for npy / npz.")
-    split: Literal["train", "test", "unlabeled", "train+unlabeled"] | None = Field(None, description="Which split to read; default: train (stl10: train+unlabeled for pretraining).")
-    image_size: int | None = Field(None, gt=0, description="Side of the square images in pixels; default: the source's own (16 for digits, 32 for CIFAR, 96 for STL-10, 64 for folders).")
-    limit: int | None = Field(None, gt=0, description="Use a random subset of this many images (fixed seed): for quick runs.")
-    download: bool = Field(True, description="Download cifar10 / cifar100 / stl10 when absent (--no-download: fail with a message instead).")
-    cache_dir: Path | None = Field(None, description="Where decoded image folders are cached (default: $XDG_CACHE_HOME/crlf or ~/.cache/crlf).")
+    data: DataSource = Field(
+        "digits",
+        description="Data source: digits (offline, ships with scikit-learn), cifar10, cifar100, stl10, folder (a tree of images), npy / npz (uint8 N x H x W x C arrays).",
+    )
+    data_dir: Path | None = Field(
+        None,
+        description="Where the data lives: the download / root folder for cifar10, cifar100 and stl10 (default ./data), the image folder for 'folder', the file for npy / npz.",
+    )
+    split: Literal["train", "test", "unlabeled", "train+unlabeled"] | None = Field(
+        None, description="Which split to read; default: train (stl10: train+unlabeled for pretraining)."
+    )
+    image_size: int | None = Field(
+        None,
+        gt=0,
+        description="Side of the square images in pixels; default: the source's own (16 for digits, 32 for CIFAR, 96 for STL-10, 64 for folders).",
+    )
+    limit: int | None = Field(
+        None, gt=0, description="Use a random subset of this many images (fixed seed): for quick runs."
+    )
+    download: bool = Field(
+        True,
+        description="Download cifar10 / cifar100 / stl10 when absent (--no-download: fail with a message instead).",
+    )
+    cache_dir: Path | None = Field(
+        None, description="Where decoded image folders are cached (default: $XDG_CACHE_HOME/crlf or ~/.cache/crlf)."
+    )
 
     @model_validator(mode="after")
-    def _needs_path(self) -> "DataSettings":
+    def _needs_path(self) -> DataSettings:
         if self.data in ("folder", "npy", "npz") and self.data_dir is None:
-            raise ValueError(f"--data {self.data} needs --data-dir (the {'folder' if self.data == 'folder' else 'file'} to read)")
+            raise ValueError(
+                f"--data {self.data} needs --data-dir (the {'folder' if self.data == 'folder' else 'file'} to read)"
+            )
         return self
 
 
@@ -55,7 +76,9 @@ class DeviceSettings(BaseModel):
     model_config = _STRICT
 
     device: str = Field("auto", description="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on CUDA, float32 elsewhere.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, float32 elsewhere."
+    )
 
     @field_validator("device")
     @classmethod
@@ -70,12 +93,22 @@ class ModelSettings(BaseModel):
 
     model_config = _STRICT
 
-    arch: Literal["resnet18", "resnet34", "resnet50"] = Field("resnet18", description="Backbone architecture (torchvision ResNet).")
-    stem: Literal["auto", "cifar", "imagenet"] = Field("auto", description="cifar: 3x3 conv, stride 1, no max-pool; imagenet: 7x7 conv, stride 2, max-pool; auto: cifar for images <= 64 px.")
+    arch: Literal["resnet18", "resnet34", "resnet50"] = Field(
+        "resnet18", description="Backbone architecture (torchvision ResNet)."
+    )
+    stem: Literal["auto", "cifar", "imagenet"] = Field(
+        "auto",
+        description="cifar: 3x3 conv, stride 1, no max-pool; imagenet: 7x7 conv, stride 2, max-pool; auto: cifar for images <= 64 px.",
+    )
     head_hidden: int = Field(2048, gt=0, description="Width of the projection head's hidden layers.")
     head_out: int = Field(128, gt=0, description="Output size of the projection head (the space the loss works in).")
     head_layers: int = Field(2, ge=1, le=4, description="Linear layers in the projection head (2 = SimCLR's MLP).")
-    head_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before each hidden linear layer of the head except the first (the seeds use 0.1).")
+    head_dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout before each hidden linear layer of the head except the first (the seeds use 0.1).",
+    )
 
 
 class AugmentSettings(BaseModel):
@@ -86,18 +119,28 @@ class AugmentSettings(BaseModel):
     crop_min_scale: float = Field(0.2, gt=0.0, le=1.0, description="Random resized crop: smallest area fraction.")
     crop_max_scale: float = Field(1.0, gt=0.0, le=1.0, description="Random resized crop: largest area fraction.")
     flip_p: float = Field(0.5, ge=0.0, le=1.0, description="Probability of a horizontal flip.")
-    jitter_strength: float = Field(0.5, ge=0.0, description="Colour jitter strength s: brightness, contrast, saturation 0.8 s, hue 0.2 s.")
+    jitter_strength: float = Field(
+        0.5, ge=0.0, description="Colour jitter strength s: brightness, contrast, saturation 0.8 s, hue 0.2 s."
+    )
     jitter_p: float = Field(0.8, ge=0.0, le=1.0, description="Probability of colour jitter.")
     grayscale_p: float = Field(0.2, ge=0.0, le=1.0, description="Probability of converting to grayscale.")
-    blur_p: float = Field(0.0, ge=0.0, le=1.0, description="Probability of Gaussian blur (kernel 10% of the image, sigma 0.1-2).")
+    blur_p: float = Field(
+        0.0, ge=0.0, le=1.0, description="Probability of Gaussian blur (kernel 10% of the image, sigma 0.1-2)."
+    )
     rotation: float = Field(0.0, ge=0.0, le=180.0, description="Largest random rotation in degrees (0: off).")
-    noise_std: float = Field(0.0, ge=0.0, description="Standard deviation of additive Gaussian noise on [0, 1] pixels (0: off).")
-    solarize_p: float = Field(0.0, ge=0.0, le=1.0, description="Probability of solarization (pixels above 0.5 inverted).")
+    noise_std: float = Field(
+        0.0, ge=0.0, description="Standard deviation of additive Gaussian noise on [0, 1] pixels (0: off)."
+    )
+    solarize_p: float = Field(
+        0.0, ge=0.0, le=1.0, description="Probability of solarization (pixels above 0.5 inverted)."
+    )
 
     @model_validator(mode="after")
-    def _crop_range(self) -> "AugmentSettings":
+    def _crop_range(self) -> AugmentSettings:
         if self.crop_min_scale > self.crop_max_scale:
-            raise ValueError(f"crop_min_scale ({self.crop_min_scale}) must not exceed crop_max_scale ({self.crop_max_scale})")
+            raise ValueError(
+                f"crop_min_scale ({self.crop_min_scale}) must not exceed crop_max_scale ({self.crop_max_scale})"
+            )
         return self
 
 
@@ -108,14 +151,29 @@ class OptimSettings(BaseModel):
 
     epochs: int = Field(100, ge=1, description="Passes over the data set.")
     batch_size: int = Field(512, ge=2, description="Source images per step (each gives two views).")
-    optimizer: Literal["sgd", "lars", "adam"] = Field("sgd", description="sgd (momentum 0.9), lars (SimCLR's) or adam (the seeds').")
-    lr: float | None = Field(None, gt=0.0, description="Peak learning rate; default: 0.06 x batch/64 for sgd, 0.3 x batch/256 for lars, 3e-4 for adam.")
-    weight_decay: float | None = Field(None, ge=0.0, description="Weight decay; default: 5e-4 for sgd, 1e-6 for lars, 1e-4 for adam.")
-    schedule: Literal["cosine", "none", "plateau"] = Field("cosine", description="cosine: warm-up then cosine decay to 0 over the epoch budget; none: constant; plateau: halve when the epoch loss stalls for 5 epochs.")
+    optimizer: Literal["sgd", "lars", "adam"] = Field(
+        "sgd", description="sgd (momentum 0.9), lars (SimCLR's) or adam (the seeds')."
+    )
+    lr: float | None = Field(
+        None,
+        gt=0.0,
+        description="Peak learning rate; default: 0.06 x batch/64 for sgd, 0.3 x batch/256 for lars, 3e-4 for adam.",
+    )
+    weight_decay: float | None = Field(
+        None, ge=0.0, description="Weight decay; default: 5e-4 for sgd, 1e-6 for lars, 1e-4 for adam."
+    )
+    schedule: Literal["cosine", "none", "plateau"] = Field(
+        "cosine",
+        description="cosine: warm-up then cosine decay to 0 over the epoch budget; none: constant; plateau: halve when the epoch loss stalls for 5 epochs.",
+    )
     warmup_epochs: float = Field(1.0, ge=0.0, description="Linear warm-up length in epochs (clipped to the run).")
     grad_clip: float = Field(0.0, ge=0.0, description="Clip the gradient norm to this value (0: off).")
-    temperature: float = Field(0.2, gt=0.0, description="NT-Xent temperature; 0.1-0.5 suits CIFAR, below 0.07 is often unstable.")
-    seed: int = Field(0, ge=0, description="Seed for weights, shuffling and augmentation: the same seed gives the same run on CPU.")
+    temperature: float = Field(
+        0.2, gt=0.0, description="NT-Xent temperature; 0.1-0.5 suits CIFAR, below 0.07 is often unstable."
+    )
+    seed: int = Field(
+        0, ge=0, description="Seed for weights, shuffling and augmentation: the same seed gives the same run on CPU."
+    )
 
     @property
     def resolved_lr(self) -> float:
@@ -136,13 +194,26 @@ class RunSettings(BaseModel):
 
     model_config = _STRICT
 
-    out: Path = Field(Path("runs/pretrain"), description="Run directory: config, metrics, checkpoints and the final encoder.")
-    checkpoint_every: int = Field(1, ge=1, description="Save a snapshot in checkpoints/ every N epochs (last.safetensors is written every epoch).")
+    out: Path = Field(
+        Path("runs/pretrain"), description="Run directory: config, metrics, checkpoints and the final encoder."
+    )
+    checkpoint_every: int = Field(
+        1, ge=1, description="Save a snapshot in checkpoints/ every N epochs (last.safetensors is written every epoch)."
+    )
     keep_checkpoints: int = Field(3, ge=1, description="How many snapshots to keep in checkpoints/.")
     compile: bool = Field(False, description="torch.compile the model (CUDA; slower start, faster steps).")
-    log_every: float = Field(30.0, gt=0.0, description="Seconds between plain progress lines when stderr is not a terminal.")
-    sync_bn: bool = Field(False, description="With several processes (torchrun): BatchNorm statistics over the global batch instead of each process's share.")
-    knn_every: int = Field(0, ge=0, description="Every N epochs (and after the last), kNN top-1 of the test split against the training images, in metrics.jsonl (0: off; needs labelled data with a test split).")
+    log_every: float = Field(
+        30.0, gt=0.0, description="Seconds between plain progress lines when stderr is not a terminal."
+    )
+    sync_bn: bool = Field(
+        False,
+        description="With several processes (torchrun): BatchNorm statistics over the global batch instead of each process's share.",
+    )
+    knn_every: int = Field(
+        0,
+        ge=0,
+        description="Every N epochs (and after the last), kNN top-1 of the test split against the training images, in metrics.jsonl (0: off; needs labelled data with a test split).",
+    )
 
 
 class KnnSettings(BaseModel):
@@ -190,7 +261,9 @@ def read_toml(path: Path, section: str) -> dict[str, Any]:
     known = set().union(*(c.model_fields for c in _COMMANDS))
     unknown = sorted(set(flat) - known)
     if unknown:
-        raise InputError(f"config file {path}: unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(repr(k) for k in unknown)}")
+        raise InputError(
+            f"config file {path}: unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(repr(k) for k in unknown)}"
+        )
     mine = next((c for c in _COMMANDS if c.section == section), None)
     if mine is not None:
         flat = {k: v for k, v in flat.items() if k in mine.model_fields}
@@ -211,11 +284,22 @@ class _CommandSettings(BaseSettings):
         _COMMANDS.append(cls)
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):  # type: ignore[override]
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):  # type: ignore[override]
         return (init_settings, env_settings, _TomlSource(settings_cls, _config_file.get(), cls.section))
 
 
-class PretrainSettings(KnnSettings, RunSettings, OptimSettings, AugmentSettings, ModelSettings, DeviceSettings, DataSettings, _CommandSettings):
+class PretrainSettings(
+    KnnSettings,
+    RunSettings,
+    OptimSettings,
+    AugmentSettings,
+    ModelSettings,
+    DeviceSettings,
+    DataSettings,
+    _CommandSettings,
+):
     """Everything ``crlf pretrain`` needs."""
 
     section: ClassVar[str] = "pretrain"
@@ -226,7 +310,9 @@ class EncoderInput(BaseModel):
 
     model_config = _STRICT
 
-    ckpt: Path | None = Field(None, description="Encoder checkpoint: encoder.safetensors (or last.safetensors) written by crlf pretrain.")
+    ckpt: Path | None = Field(
+        None, description="Encoder checkpoint: encoder.safetensors (or last.safetensors) written by crlf pretrain."
+    )
     embed_batch_size: int = Field(512, ge=1, description="Images per batch when embedding.")
 
 
@@ -235,12 +321,16 @@ class EmbeddingsInput(BaseModel):
 
     model_config = _STRICT
 
-    train_emb: Path | None = Field(None, description="Train-split embeddings written by crlf extract (.npy with its .json sidecar, or .npz).")
+    train_emb: Path | None = Field(
+        None, description="Train-split embeddings written by crlf extract (.npy with its .json sidecar, or .npz)."
+    )
     test_emb: Path | None = Field(None, description="Test-split embeddings written by crlf extract.")
-    results: Path | None = Field(None, description="Write the results JSON here (default: beside the checkpoint when it is in a run directory).")
+    results: Path | None = Field(
+        None, description="Write the results JSON here (default: beside the checkpoint when it is in a run directory)."
+    )
 
     @model_validator(mode="after")
-    def _one_source(self) -> "EmbeddingsInput":
+    def _one_source(self) -> EmbeddingsInput:
         ckpt = getattr(self, "ckpt", None)
         given = (self.train_emb is not None, self.test_emb is not None)
         if ckpt is not None and any(given):
@@ -256,7 +346,7 @@ class EmbedSettings(EncoderInput, DeviceSettings, DataSettings):
     normalize: bool = Field(False, description="L2-normalise each embedding.")
 
     @model_validator(mode="after")
-    def _needs_ckpt(self) -> "EmbedSettings":
+    def _needs_ckpt(self) -> EmbedSettings:
         if self.ckpt is None:
             raise ValueError("needs --ckpt (the encoder to embed with)")
         return self
@@ -266,10 +356,13 @@ class ExtractSettings(EmbedSettings, _CommandSettings):
     """Everything ``crlf extract`` needs."""
 
     section: ClassVar[str] = "extract"
-    out: str = Field(..., description="Output file: .npy (with a .json sidecar beside it), .npz (embeddings, labels, ids and provenance), or - for .npy on stdout.")
+    out: str = Field(
+        ...,
+        description="Output file: .npy (with a .json sidecar beside it), .npz (embeddings, labels, ids and provenance), or - for .npy on stdout.",
+    )
 
     @model_validator(mode="after")
-    def _out_kind(self) -> "ExtractSettings":
+    def _out_kind(self) -> ExtractSettings:
         if self.out != "-" and not self.out.endswith((".npy", ".npz")):
             raise ValueError(f"--out must end in .npy or .npz, or be - for stdout (got {self.out!r})")
         return self
@@ -279,12 +372,21 @@ class LinearEvalSettings(EmbeddingsInput, EncoderInput, DeviceSettings, DataSett
     """Everything ``crlf linear-eval`` needs."""
 
     section: ClassVar[str] = "linear-eval"
-    label_fraction: list[float] = Field([1.0], description="Train on this class-balanced fraction of the labels; repeat the flag for a label-efficiency curve.")
+    label_fraction: list[float] = Field(
+        [1.0],
+        description="Train on this class-balanced fraction of the labels; repeat the flag for a label-efficiency curve.",
+    )
     seeds: int = Field(1, ge=1, description="Repeat each label fraction with this many seeds and report mean and std.")
-    probe_epochs: int = Field(100, ge=1, description="Epochs of the linear classifier (fine-tuning: of the whole network).")
-    probe_lr: float | None = Field(None, gt=0.0, description="Learning rate of the classifier (default: the protocol's own).")
+    probe_epochs: int = Field(
+        100, ge=1, description="Epochs of the linear classifier (fine-tuning: of the whole network)."
+    )
+    probe_lr: float | None = Field(
+        None, gt=0.0, description="Learning rate of the classifier (default: the protocol's own)."
+    )
     probe_weight_decay: float = Field(0.0, ge=0.0, description="Weight decay of the classifier.")
-    finetune: bool = Field(False, description="Unfreeze the encoder and train it with the linear head (needs --ckpt and --data).")
+    finetune: bool = Field(
+        False, description="Unfreeze the encoder and train it with the linear head (needs --ckpt and --data)."
+    )
     seed: int = Field(0, ge=0, description="Base seed of the label subsets and the classifier.")
 
     @field_validator("label_fraction")
@@ -296,7 +398,7 @@ class LinearEvalSettings(EmbeddingsInput, EncoderInput, DeviceSettings, DataSett
         return v
 
     @model_validator(mode="after")
-    def _finetune_needs_images(self) -> "LinearEvalSettings":
+    def _finetune_needs_images(self) -> LinearEvalSettings:
         if self.finetune and self.ckpt is None:
             raise ValueError("--finetune needs --ckpt and --data (it trains the encoder on the images)")
         return self
@@ -316,19 +418,36 @@ class VisualizeSettings(AugmentSettings, EncoderInput, DeviceSettings, DataSetti
     from the run's config.json."""
 
     section: ClassVar[str] = "visualize"
-    run: list[Path] = Field([], description="Run directory to draw (repeat to overlay several runs' loss curves); figures go to RUN/figures/ with an index.html.")
-    emb: Path | None = Field(None, description="Embeddings written by crlf extract (.npy with its sidecar, or .npz) for pca / tsne / umap.")
-    results: Path | None = Field(None, description="A linear-eval result JSON for the confusion figure (default: the run's linear_eval.json).")
-    kind: list[FigureKind] = Field([], description="Figure to draw: loss, pca, tsne, umap, confusion, neighbors, augmentations; repeat for several (default: all the inputs allow).")
-    out: Path | None = Field(None, description="An image file (.png, .svg, .pdf) for one figure, or a folder for several (default: RUN/figures, else ./figures).")
-    max_points: int = Field(10_000, ge=10, description="Embeddings drawn in pca / tsne / umap (a seeded random subset; t-SNE is slow beyond 10,000).")
+    run: list[Path] = Field(
+        [],
+        description="Run directory to draw (repeat to overlay several runs' loss curves); figures go to RUN/figures/ with an index.html.",
+    )
+    emb: Path | None = Field(
+        None, description="Embeddings written by crlf extract (.npy with its sidecar, or .npz) for pca / tsne / umap."
+    )
+    results: Path | None = Field(
+        None, description="A linear-eval result JSON for the confusion figure (default: the run's linear_eval.json)."
+    )
+    kind: list[FigureKind] = Field(
+        [],
+        description="Figure to draw: loss, pca, tsne, umap, confusion, neighbors, augmentations; repeat for several (default: all the inputs allow).",
+    )
+    out: Path | None = Field(
+        None,
+        description="An image file (.png, .svg, .pdf) for one figure, or a folder for several (default: RUN/figures, else ./figures).",
+    )
+    max_points: int = Field(
+        10_000,
+        ge=10,
+        description="Embeddings drawn in pca / tsne / umap (a seeded random subset; t-SNE is slow beyond 10,000).",
+    )
     queries: int = Field(6, ge=1, le=20, description="neighbors: query images (rows of the grid).")
     neighbors: int = Field(8, ge=1, le=20, description="neighbors: nearest neighbours shown per query.")
     views: int = Field(4, ge=1, le=12, description="augmentations: view pairs shown per image.")
     seed: int = Field(0, ge=0, description="Seed of the subsets, the t-SNE layout and the augmentations drawn.")
 
     @model_validator(mode="after")
-    def _inputs(self) -> "VisualizeSettings":
+    def _inputs(self) -> VisualizeSettings:
         if self.emb is not None and self.ckpt is not None:
             raise ValueError("give --emb or --ckpt, not both")
         if self.out is not None and self.out.suffix.lower() not in ("", ".png", ".svg", ".pdf"):

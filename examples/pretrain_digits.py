@@ -1,13 +1,15 @@
 """Pretrain on scikit-learn's digits from Python, then embed images with the saved encoder.
 
-    python examples/pretrain_digits.py
+python examples/pretrain_digits.py
 """
 
 import torch
 
 from crlf import PretrainSettings, load_data, load_encoder, pretrain
 
-settings = PretrainSettings(data="digits", epochs=3, batch_size=256, device="cpu", out="runs/digits-py", head_hidden=512)
+settings = PretrainSettings(
+    data="digits", epochs=3, batch_size=256, device="cpu", out="runs/digits-py", head_hidden=512
+)
 summary = pretrain(settings, force=True)
 print(f"final loss {summary['final_loss']:.3f} at {summary['images_per_s']:.0f} images/s")
 

@@ -83,7 +83,16 @@ def tiny_cifar_root(tmp_path: Path) -> Path:
         values = (b * 40 + np.arange(40)) % 256
         data = np.repeat(values.astype(np.uint8)[:, None], 3072, axis=1)
         with open(folder / name, "wb") as f:
-            pickle.dump({"batch_label": name, "labels": [i % 10 for i in range(40)], "data": data, "filenames": [f"{i}.png" for i in range(40)]}, f, protocol=2)
+            pickle.dump(
+                {
+                    "batch_label": name,
+                    "labels": [i % 10 for i in range(40)],
+                    "data": data,
+                    "filenames": [f"{i}.png" for i in range(40)],
+                },
+                f,
+                protocol=2,
+            )
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": CIFAR10_NAMES, "num_cases_per_batch": 40, "num_vis": 3072}, f, protocol=2)
     return tmp_path
@@ -105,5 +114,7 @@ def tiny_stl10_root(tmp_path: Path) -> Path:
         images.transpose(0, 1, 3, 2).tofile(folder / f"{part}_X.bin")  # column-major within each channel
     (np.arange(10) % 10 + 1).astype(np.uint8).tofile(folder / "train_y.bin")
     (10 - np.arange(6)).astype(np.uint8).tofile(folder / "test_y.bin")
-    (folder / "class_names.txt").write_text("\n".join(["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]) + "\n")
+    (folder / "class_names.txt").write_text(
+        "\n".join(["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]) + "\n"
+    )
     return tmp_path

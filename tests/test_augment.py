@@ -67,7 +67,9 @@ def test_grayscale_solarize_and_blur_match_torchvision():
 
 
 def _tv_crops(x, boxes, out, flips=None):
-    crops = [TF.resized_crop(img, *box, [out, out], interpolation=BILINEAR, antialias=False) for img, box in zip(x, boxes)]
+    crops = [
+        TF.resized_crop(img, *box, [out, out], interpolation=BILINEAR, antialias=False) for img, box in zip(x, boxes)
+    ]
     return torch.stack([TF.horizontal_flip(c) if flips is not None and flips[i] else c for i, c in enumerate(crops)])
 
 
@@ -131,7 +133,9 @@ def test_rotation_matches_torchvision_inside_the_image():
     c = torch.arange(24) - 11.5
     inner = c[:, None] ** 2 + c[None, :] ** 2 <= 10.5**2  # sample points at least a pixel inside the image
     assert _max_err(ours[:, :, inner], theirs[:, :, inner]) <= CROP_TOL
-    assert ours[2, :, 0, 0].abs().max() == 0  # the 45 degree corner comes from outside the image: zero, like torchvision
+    assert (
+        ours[2, :, 0, 0].abs().max() == 0
+    )  # the 45 degree corner comes from outside the image: zero, like torchvision
 
 
 # --- apply: the whole pipeline, composed in the documented order -------------------------------------------------------
@@ -159,7 +163,9 @@ def test_apply_composes_the_ops_in_order_with_masks():
     expected = []
     for i, img in enumerate(images.float() / 255):
         if jitter[i]:
-            img = TF.adjust_hue(TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(img, b[i]), c[i]), s[i]), hue[i].item())
+            img = TF.adjust_hue(
+                TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(img, b[i]), c[i]), s[i]), hue[i].item()
+            )
         img = TF.rgb_to_grayscale(img, 3) if gray[i] else img
         img = TF.gaussian_blur(img, [7, 7], [sigma[i].item()] * 2) if blur[i] else img  # 10% of 64 px, odd
         expected.append(TF.solarize(img, 0.5) if sol[i] else img)
@@ -201,13 +207,22 @@ def test_random_choices_have_their_probabilities():
 
 def test_ops_that_are_off_are_none():
     p = A.sample_params(8, 32, 32, AugmentSettings(jitter_strength=0.0, grayscale_p=0.0), torch.Generator())
-    assert p.angle is None and p.jitter is None and p.grayscale is None and p.blur is None and p.solarize is None and p.noise_std is None
+    assert (
+        p.angle is None
+        and p.jitter is None
+        and p.grayscale is None
+        and p.blur is None
+        and p.solarize is None
+        and p.noise_std is None
+    )
 
 
 @pytest.mark.parametrize("scales", [(0.2, 1.0), (0.9, 1.0), (0.08, 0.3)])
 def test_crop_boxes_have_uniform_area_and_aspect_in_range(scales):
     lo, hi = scales
-    p = A.sample_params(N, 32, 32, AugmentSettings(crop_min_scale=lo, crop_max_scale=hi), torch.Generator().manual_seed(2))
+    p = A.sample_params(
+        N, 32, 32, AugmentSettings(crop_min_scale=lo, crop_max_scale=hi), torch.Generator().manual_seed(2)
+    )
     frac = p.height * p.width / (32 * 32)
     assert frac.min() >= lo - 1e-5 and frac.max() <= hi + 1e-5
     assert abs(frac.mean().item() - (lo + hi) / 2) <= 4 * (hi - lo) / math.sqrt(12 * N)  # U(lo, hi)
@@ -227,7 +242,9 @@ def test_crop_boxes_lie_inside_non_square_images():
         assert u.min() < 0.01 and u.max() > 0.99 and abs(u.mean().item() - 0.5) < 0.02
 
 
-@pytest.mark.parametrize(("strength", "lo", "hi", "hue"), [(0.5, 0.6, 1.4, 0.1), (1.0, 0.2, 1.8, 0.2), (3.0, 0.0, 3.4, 0.5)])
+@pytest.mark.parametrize(
+    ("strength", "lo", "hi", "hue"), [(0.5, 0.6, 1.4, 0.1), (1.0, 0.2, 1.8, 0.2), (3.0, 0.0, 3.4, 0.5)]
+)
 def test_jitter_factors_rotation_and_sigma_ranges(strength, lo, hi, hue):
     cfg = AugmentSettings(jitter_strength=strength, rotation=15.0)
     p = A.sample_params(N, 32, 32, cfg, torch.Generator().manual_seed(4))
@@ -259,7 +276,8 @@ def test_views_are_reproducible_and_differ(cfg):
 
 
 @pytest.mark.parametrize(
-    ("b", "h", "w", "out", "side"), [(4, 32, 32, 24, 24), (4, 32, 32, 48, 48), (3, 20, 36, None, 20), (1, 32, 32, None, 32)]
+    ("b", "h", "w", "out", "side"),
+    [(4, 32, 32, 24, 24), (4, 32, 32, 48, 48), (3, 20, 36, None, 20), (1, 32, 32, None, 32)],
 )
 def test_views_shape_dtype_and_range(b, h, w, out, side):
     v1, v2 = A.views(_uint8(b, h, w), CFG, torch.Generator().manual_seed(0), out_size=out)
@@ -269,7 +287,8 @@ def test_views_shape_dtype_and_range(b, h, w, out, side):
 
 
 @pytest.mark.parametrize(
-    "bad", [torch.zeros(2, 3, 8, 8), torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.zeros(3, 8, 8, dtype=torch.uint8)]
+    "bad",
+    [torch.zeros(2, 3, 8, 8), torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.zeros(3, 8, 8, dtype=torch.uint8)],
 )
 def test_views_reject_wrong_images(bad):
     with pytest.raises(InputError, match="uint8"):

@@ -10,9 +10,35 @@ SCRIPT = Path(__file__).parents[1] / "benchmarks" / "throughput.py"
 
 def test_throughput_benchmark_runs_every_variant_on_cpu(tmp_path):
     out = tmp_path / "tp.json"
-    r = subprocess.run([sys.executable, SCRIPT, "--device", "cpu", "--batch-sizes", "16", "--modes", "eager", "--steps", "2",
-                        "--warmup", "1", "--images", "64", "--epochs", "1", "--image-size", "16", "--workers", "0", "--json", out],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            SCRIPT,
+            "--device",
+            "cpu",
+            "--batch-sizes",
+            "16",
+            "--modes",
+            "eager",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--images",
+            "64",
+            "--epochs",
+            "1",
+            "--image-size",
+            "16",
+            "--workers",
+            "0",
+            "--json",
+            out,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     rows = json.loads(out.read_text())["rows"]
     assert [row["variant"] for row in rows] == ["floor", "crlf", "torchvision", "augment"]

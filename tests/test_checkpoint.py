@@ -15,8 +15,15 @@ from crlf.errors import InputError
 
 
 def meta(arch="resnet18", stem="cifar"):
-    return encoder_metadata({"arch": arch, "epochs": 1}, stem=stem, image_size=32, feature_dim=512,
-                            mean=[0.5, 0.4, 0.3], std=[0.2, 0.2, 0.2], epoch=1)
+    return encoder_metadata(
+        {"arch": arch, "epochs": 1},
+        stem=stem,
+        image_size=32,
+        feature_dim=512,
+        mean=[0.5, 0.4, 0.3],
+        std=[0.2, 0.2, 0.2],
+        epoch=1,
+    )
 
 
 def test_encoder_round_trip(tmp_path):

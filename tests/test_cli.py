@@ -5,19 +5,34 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 
 import pytest
+import tomllib
 
 CRLF = shutil.which("crlf")
 pytestmark = pytest.mark.skipif(CRLF is None, reason="the crlf entry point is not installed (pip install -e .)")
-TINY = ["--limit", "64", "--image-size", "8", "--batch-size", "16", "--head-hidden", "32", "--head-out", "16", "--device", "cpu"]
+TINY = [
+    "--limit",
+    "64",
+    "--image-size",
+    "8",
+    "--batch-size",
+    "16",
+    "--head-hidden",
+    "32",
+    "--head-out",
+    "16",
+    "--device",
+    "cpu",
+]
 
 
 def crlf(*args, env=None, cwd=None, timeout=300):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("CRLF_")}
     full_env.update(env or {})
-    return subprocess.run([CRLF, *map(str, args)], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout)
+    return subprocess.run(
+        [CRLF, *map(str, args)], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=timeout
+    )
 
 
 def one_error_line(result, fragment):
@@ -42,6 +57,7 @@ def test_help_and_version():
 
 def test_pretrain_help_lists_every_setting():
     from crlf.settings import PretrainSettings
+
     r = crlf("pretrain", "--help", env={"COLUMNS": "200"})
     assert r.returncode == 0
     for name in PretrainSettings.model_fields:
@@ -58,7 +74,9 @@ def test_pretrain_json_on_npy(tmp_path, tiny_npy):
     assert "epoch 2/2" in r.stderr and "\x1b[" not in r.stderr  # plain lines, no ANSI codes off a terminal
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
-    again = crlf("pretrain", "--data", "npy", "--data-dir", tiny_npy, "--epochs", "2", "--out", out, "--resume", "--json", *TINY)
+    again = crlf(
+        "pretrain", "--data", "npy", "--data-dir", tiny_npy, "--epochs", "2", "--out", out, "--resume", "--json", *TINY
+    )
     assert again.returncode == 0 and json.loads(again.stdout)["status"] == "complete"
     refused = crlf("pretrain", "--data", "npy", "--data-dir", tiny_npy, "--epochs", "2", "--out", out, *TINY)
     assert refused.returncode == 2 and "--resume" in refused.stderr
@@ -69,28 +87,34 @@ def test_nothing_on_stdout_without_json(tmp_path, tiny_npy):
     assert r.returncode == 0, r.stderr
     assert r.stdout == ""
     assert "done: 1 epochs" in r.stderr
-    q = crlf("pretrain", "--data", "npy", "--data-dir", tiny_npy, "--epochs", "1", "--out", tmp_path / "q", "--quiet", *TINY)
+    q = crlf(
+        "pretrain", "--data", "npy", "--data-dir", tiny_npy, "--epochs", "1", "--out", tmp_path / "q", "--quiet", *TINY
+    )
     assert q.returncode == 0 and q.stdout == "" and q.stderr == ""
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["--epochs", "0"], "epochs"),
-    (["--temperature", "0"], "temperature"),
-    (["--temperature", "-0.5"], "temperature"),
-    (["--device", "tpu"], "unknown device 'tpu'"),
-    (["--image-size", "0"], "image-size"),
-    (["--data", "folder"], "needs --data-dir"),
-    (["--data", "folder", "--data-dir", "/nonexistent/photos"], "/nonexistent/photos"),
-    (["--data", "cifar10", "--data-dir", "{tmp}", "--no-download"], "CIFAR-10"),
-    (["--batch-size", "5000", "--limit", "100"], "larger than the data set"),
-    (["--config", "{tmp}/missing.toml"], "missing.toml"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--epochs", "0"], "epochs"),
+        (["--temperature", "0"], "temperature"),
+        (["--temperature", "-0.5"], "temperature"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
+        (["--image-size", "0"], "image-size"),
+        (["--data", "folder"], "needs --data-dir"),
+        (["--data", "folder", "--data-dir", "/nonexistent/photos"], "/nonexistent/photos"),
+        (["--data", "cifar10", "--data-dir", "{tmp}", "--no-download"], "CIFAR-10"),
+        (["--batch-size", "5000", "--limit", "100"], "larger than the data set"),
+        (["--config", "{tmp}/missing.toml"], "missing.toml"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, fragment):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     r = crlf("pretrain", "--out", tmp_path / "run", "--device", "cpu", *args)
     assert r.returncode == 2
     one_error_line(r, fragment)
     from crlf.engine.rundir import RunDir
+
     assert not RunDir(tmp_path / "run").has_run()  # nothing half-made that a later run would trip over
 
 
@@ -101,22 +125,42 @@ def test_unknown_flag_is_usage_error():
 
 def test_unavailable_cuda_is_a_clear_error(tmp_path):
     import torch
+
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    one_error_line(crlf("pretrain", "--device", "cuda", "--out", tmp_path / "run", "--limit", "64", "--batch-size", "32"), "no CUDA GPU")
+    one_error_line(
+        crlf("pretrain", "--device", "cuda", "--out", tmp_path / "run", "--limit", "64", "--batch-size", "32"),
+        "no CUDA GPU",
+    )
 
 
 def test_print_config_precedence_and_round_trip(tmp_path):
     cfg = tmp_path / "exp.toml"
     cfg.write_text('epochs = 7\nbatch_size = 64\ntemperature = 0.3\n[pretrain]\noptimizer = "adam"\n')
-    r = crlf("pretrain", "--config", cfg, "--batch-size", "16", "--print-config", env={"CRLF_EPOCHS": "3", "CRLF_BATCH_SIZE": "32"})
+    r = crlf(
+        "pretrain",
+        "--config",
+        cfg,
+        "--batch-size",
+        "16",
+        "--print-config",
+        env={"CRLF_EPOCHS": "3", "CRLF_BATCH_SIZE": "32"},
+    )
     assert r.returncode == 0, r.stderr
     resolved = tomllib.loads(r.stdout)
-    assert (resolved["epochs"], resolved["batch_size"], resolved["temperature"], resolved["optimizer"]) == (3, 16, 0.3, "adam")
+    assert (resolved["epochs"], resolved["batch_size"], resolved["temperature"], resolved["optimizer"]) == (
+        3,
+        16,
+        0.3,
+        "adam",
+    )
     back = tmp_path / "back.toml"
     back.write_text(r.stdout)
     again = crlf("pretrain", "--config", back, "--print-config", "--json")
-    assert again.returncode == 0 and json.loads(again.stdout) == {**resolved, **{k: None for k in json.loads(again.stdout) if k not in resolved}}
+    assert again.returncode == 0 and json.loads(again.stdout) == {
+        **resolved,
+        **{k: None for k in json.loads(again.stdout) if k not in resolved},
+    }
 
 
 def test_invalid_toml_and_unknown_key(tmp_path):
@@ -130,6 +174,7 @@ def test_invalid_toml_and_unknown_key(tmp_path):
 def test_sigterm_saves_exits_143_and_resume_finishes(tmp_path, tiny_npy):
     import signal
     import time
+
     out = tmp_path / "run"
     args = ["pretrain", "--data", "npy", "--data-dir", tiny_npy, "--epochs", "50", "--out", out, *TINY]
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRLF_")}
@@ -142,6 +187,7 @@ def test_sigterm_saves_exits_143_and_resume_finishes(tmp_path, tiny_npy):
     assert proc.returncode == 143, stderr
     assert stdout == "" and "Traceback" not in stderr and "--resume" in stderr
     from crlf.engine.rundir import RunDir
+
     done = RunDir(out).progress()["epoch"]
     assert 1 <= done < 50
     r = crlf(*args[:6], "2", *args[7:], "--resume", "--json")  # finish early: --epochs 2
@@ -158,6 +204,7 @@ def test_diverging_loss_exits_1(tmp_path):
 
 def test_locked_run_dir_exits_75(tmp_path):
     from crlf.engine.rundir import RunDir
+
     with RunDir(tmp_path / "run").locked():
         r = crlf("pretrain", "--out", tmp_path / "run", "--device", "cpu")
     assert r.returncode == 75

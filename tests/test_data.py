@@ -20,7 +20,6 @@ from crlf.engine.data import ImageSet, load
 from crlf.errors import InputError
 from crlf.settings import DataSettings
 
-
 settings = DataSettings
 
 
@@ -130,7 +129,10 @@ def test_npz_without_images_key(tmp_path):
 def test_cifar10_train_and_test(tiny_cifar_root):
     s = load(settings(data="cifar10", data_dir=tiny_cifar_root, download=False))
     assert_images(s, 200, 32)
-    assert s.class_names == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"] and s.source == "cifar10:train"
+    assert (
+        s.class_names == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+        and s.source == "cifar10:train"
+    )
     assert s.labels.tolist() == [i % 10 for i in range(40)] * 5
     assert s.images[41].unique().tolist() == [(2 * 40 + 1) % 256]  # batch 2, row 1
     t = load(settings(data="cifar10", data_dir=tiny_cifar_root / "cifar-10-batches-py", split="test", download=False))
@@ -183,13 +185,39 @@ def test_restricted_unpickler_refuses_code(tiny_cifar_root, tmp_path, monkeypatc
 
 def _py2_pickle_batch(data: np.ndarray, labels: list[int]) -> bytes:
     """A batch pickled the way the real (Python 2) CIFAR files are: numpy.core names and str array data."""
+
     def s(b: bytes) -> bytes:  # BINSTRING: what a Python 2 str becomes
         return b"T" + len(b).to_bytes(4, "little") + b
 
-    dtype = b"cnumpy\ndtype\n" + s(b"u1") + b"K\x00K\x01\x87R(K\x03" + s(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+    dtype = (
+        b"cnumpy\ndtype\n"
+        + s(b"u1")
+        + b"K\x00K\x01\x87R(K\x03"
+        + s(b"|")
+        + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+    )
     shape = b"(" + b"".join(b"J" + d.to_bytes(4, "little") for d in data.shape) + b"t"
-    array = b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + s(b"b") + b"\x87R(K\x01" + shape + dtype + b"\x89" + s(data.tobytes()) + b"tb"
-    return b"\x80\x02}(" + s(b"data") + array + s(b"labels") + b"]" + b"(" + b"".join(b"K" + bytes([v]) for v in labels) + b"e" + b"u."
+    array = (
+        b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85"
+        + s(b"b")
+        + b"\x87R(K\x01"
+        + shape
+        + dtype
+        + b"\x89"
+        + s(data.tobytes())
+        + b"tb"
+    )
+    return (
+        b"\x80\x02}("
+        + s(b"data")
+        + array
+        + s(b"labels")
+        + b"]"
+        + b"("
+        + b"".join(b"K" + bytes([v]) for v in labels)
+        + b"e"
+        + b"u."
+    )
 
 
 def test_cifar_reads_python2_pickles(tiny_cifar_root):

@@ -14,8 +14,18 @@ from safetensors.torch import load_file, save_file
 from crlf.settings import PretrainSettings
 
 # 32 digits at 8 px, batch 8 (4 images per process), ResNet-18 with a small head; GlobalBatchNorm via --sync-bn
-STEP = dict(data="digits", limit=32, image_size=8, batch_size=8, head_hidden=32, head_out=16, device="cpu", sync_bn=True,
-            temperature=0.5, out="unused")
+STEP = dict(
+    data="digits",
+    limit=32,
+    image_size=8,
+    batch_size=8,
+    head_hidden=32,
+    head_out=16,
+    device="cpu",
+    sync_bn=True,
+    temperature=0.5,
+    out="unused",
+)
 
 
 def _fixed_views(batch, cfg, generator, out_size=None):
@@ -28,14 +38,16 @@ def _one_step(rank: int, world_size: int, port: int, out: str) -> None:
     """Build the run as pretrain does, take rank's share of the first batch, do one real training step."""
     from crlf.engine import distributed, train
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     train.augment.views = _fixed_views
     settings = PretrainSettings(**STEP)
     world = distributed.join("cpu")
     try:
         setup = train._build(settings, world)
         share = settings.batch_size // world.world_size
-        batch = setup.images[rank * share:(rank + 1) * share]
+        batch = setup.images[rank * share : (rank + 1) * share]
         loss = train._step(settings, setup, batch, torch.Generator())
         tensors = {f"grad.{k}": p.grad for k, p in setup.model.named_parameters()}
         tensors.update({f"buffer.{k}": b for k, b in setup.model.named_buffers() if "running" in k})
@@ -100,9 +112,36 @@ def test_without_gathering_the_loss_would_differ():
 
 def torchrun(tmp_path, *args):
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRLF_")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "crlf", "pretrain",
-           "--data", "digits", "--limit", "64", "--image-size", "8", "--batch-size", "16", "--head-hidden", "32",
-           "--head-out", "16", "--device", "cpu", "--sync-bn", "--out", str(tmp_path / "run"), "--json", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "crlf",
+        "pretrain",
+        "--data",
+        "digits",
+        "--limit",
+        "64",
+        "--image-size",
+        "8",
+        "--batch-size",
+        "16",
+        "--head-hidden",
+        "32",
+        "--head-out",
+        "16",
+        "--device",
+        "cpu",
+        "--sync-bn",
+        "--out",
+        str(tmp_path / "run"),
+        "--json",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 

@@ -33,8 +33,15 @@ def encoder_run(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     torch.manual_seed(0)
-    meta = encoder_metadata({"arch": "resnet18"}, stem="cifar", image_size=8, feature_dim=512,
-                            mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], epoch=1)
+    meta = encoder_metadata(
+        {"arch": "resnet18"},
+        stem="cifar",
+        image_size=8,
+        feature_dim=512,
+        mean=[0.5, 0.5, 0.5],
+        std=[0.25, 0.25, 0.25],
+        epoch=1,
+    )
     save_encoder(run / "encoder.safetensors", build_backbone("resnet18", "cifar"), meta)
     (run / "config.json").write_text("{}")
     return run
@@ -42,7 +49,22 @@ def encoder_run(tmp_path):
 
 def test_extract_npy_with_sidecar(tmp_path, encoder_run, tiny_cifar_root):
     ckpt, out = encoder_run / "encoder.safetensors", tmp_path / "emb.npy"
-    r = crlf("extract", "--ckpt", ckpt, "--data", "cifar10", "--data-dir", tiny_cifar_root, "--split", "test", "--out", out, "--device", "cpu", "--json")
+    r = crlf(
+        "extract",
+        "--ckpt",
+        ckpt,
+        "--data",
+        "cifar10",
+        "--data-dir",
+        tiny_cifar_root,
+        "--split",
+        "test",
+        "--out",
+        out,
+        "--device",
+        "cpu",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr.decode()
     summary = json.loads(r.stdout)
     assert summary["count"] == 40 and summary["dim"] == 512 and summary["labels"] is True
@@ -73,7 +95,16 @@ def test_embed_api_rows_follow_the_data_order(encoder_run, tiny_folder):
 
 
 def test_extract_stdout_npz_and_batch_size_invariance(tmp_path, encoder_run, tiny_cifar_root):
-    common = ["--ckpt", encoder_run / "encoder.safetensors", "--data", "cifar10", "--data-dir", tiny_cifar_root, "--device", "cpu"]
+    common = [
+        "--ckpt",
+        encoder_run / "encoder.safetensors",
+        "--data",
+        "cifar10",
+        "--data-dir",
+        tiny_cifar_root,
+        "--device",
+        "cpu",
+    ]
     piped = crlf("extract", *common, "--out", "-", "--embed-batch-size", "7")
     assert piped.returncode == 0, piped.stderr.decode()
     streamed = np.load(io.BytesIO(piped.stdout))  # stdout holds exactly one .npy and nothing else
@@ -90,12 +121,38 @@ def test_extract_stdout_npz_and_batch_size_invariance(tmp_path, encoder_run, tin
 
 
 def test_linear_and_knn_eval_from_files_and_checkpoint(tmp_path, encoder_run, tiny_cifar_root):
-    common = ["--ckpt", encoder_run / "encoder.safetensors", "--data", "cifar10", "--data-dir", tiny_cifar_root, "--device", "cpu"]
+    common = [
+        "--ckpt",
+        encoder_run / "encoder.safetensors",
+        "--data",
+        "cifar10",
+        "--data-dir",
+        tiny_cifar_root,
+        "--device",
+        "cpu",
+    ]
     for split in ("train", "test"):
         assert crlf("extract", *common, "--split", split, "--out", tmp_path / f"{split}.npy").returncode == 0
-    r = crlf("linear-eval", "--train-emb", tmp_path / "train.npy", "--test-emb", tmp_path / "test.npy", "--device", "cpu",
-             "--label-fraction", "0.5", "--label-fraction", "1", "--seeds", "2", "--probe-epochs", "20", "--json",
-             "--results", tmp_path / "lin.json")
+    r = crlf(
+        "linear-eval",
+        "--train-emb",
+        tmp_path / "train.npy",
+        "--test-emb",
+        tmp_path / "test.npy",
+        "--device",
+        "cpu",
+        "--label-fraction",
+        "0.5",
+        "--label-fraction",
+        "1",
+        "--seeds",
+        "2",
+        "--probe-epochs",
+        "20",
+        "--json",
+        "--results",
+        tmp_path / "lin.json",
+    )
     assert r.returncode == 0, r.stderr.decode()
     result = json.loads(r.stdout)
     assert [s["fraction"] for s in result["summary"]] == [0.5, 1.0] and all(s["runs"] == 2 for s in result["summary"])
@@ -112,14 +169,17 @@ def test_linear_and_knn_eval_from_files_and_checkpoint(tmp_path, encoder_run, ti
     assert json.loads((encoder_run / "knn_eval.json").read_text())["top1"] == knn["top1"]  # saved in the run directory
 
 
-@pytest.mark.parametrize("case,fragment", [
-    ("missing_ckpt", "does not exist"),
-    ("truncated_ckpt", "not a readable safetensors file"),
-    ("missing_out_dir", "does not exist"),
-    ("bad_suffix", "--out must end in .npy or .npz"),
-    ("json_and_stdout", "both want stdout"),
-    ("no_ckpt", "needs --ckpt"),
-])
+@pytest.mark.parametrize(
+    "case,fragment",
+    [
+        ("missing_ckpt", "does not exist"),
+        ("truncated_ckpt", "not a readable safetensors file"),
+        ("missing_out_dir", "does not exist"),
+        ("bad_suffix", "--out must end in .npy or .npz"),
+        ("json_and_stdout", "both want stdout"),
+        ("no_ckpt", "needs --ckpt"),
+    ],
+)
 def test_extract_bad_input(tmp_path, encoder_run, tiny_npz, case, fragment):
     ckpt, out = encoder_run / "encoder.safetensors", tmp_path / "emb.npy"
     extra = []
@@ -150,7 +210,19 @@ def test_extract_into_read_only_dir_leaves_nothing(tmp_path, encoder_run, tiny_n
     if os.geteuid():
         ro.mkdir()
         ro.chmod(0o500)
-    r = crlf("extract", "--ckpt", encoder_run / "encoder.safetensors", "--data", "npz", "--data-dir", tiny_npz, "--out", ro / "e.npy", "--device", "cpu")
+    r = crlf(
+        "extract",
+        "--ckpt",
+        encoder_run / "encoder.safetensors",
+        "--data",
+        "npz",
+        "--data-dir",
+        tiny_npz,
+        "--out",
+        ro / "e.npy",
+        "--device",
+        "cpu",
+    )
     if os.geteuid():
         ro.chmod(0o700)
     err = r.stderr.decode()
@@ -172,8 +244,25 @@ def test_eval_needs_labels(tmp_path, encoder_run, tiny_npz):
 def test_linear_eval_finetune_from_the_cli(tmp_path, encoder_run, tiny_cifar_root):
     ckpt = encoder_run / "encoder.safetensors"
     before = ckpt.read_bytes()
-    r = crlf("linear-eval", "--ckpt", ckpt, "--data", "cifar10", "--data-dir", tiny_cifar_root, "--limit", "64", "--device", "cpu",
-             "--finetune", "--probe-epochs", "1", "--json", "--results", tmp_path / "ft.json")
+    r = crlf(
+        "linear-eval",
+        "--ckpt",
+        ckpt,
+        "--data",
+        "cifar10",
+        "--data-dir",
+        tiny_cifar_root,
+        "--limit",
+        "64",
+        "--device",
+        "cpu",
+        "--finetune",
+        "--probe-epochs",
+        "1",
+        "--json",
+        "--results",
+        tmp_path / "ft.json",
+    )
     assert r.returncode == 0, r.stderr.decode()
     result = json.loads(r.stdout)
     assert result["protocol"] == "finetune" and result["train_size"] == 64 and sum(map(sum, result["confusion"])) == 40

@@ -61,7 +61,10 @@ def test_embed_is_eval_mode_batch_size_invariant_and_in_input_order():
 def test_embed_scales_to_unit_range_and_normalises_with_the_encoders_mean_and_std():
     meta = {"mean": [0.1, 0.5, 0.9], "std": [0.2, 0.3, 0.4], "image_size": 12}
     images = random_images(10, size=12)
-    expected = ((images.float() / 255 - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(meta["std"]).view(1, 3, 1, 1)).mean((2, 3))
+    expected = (
+        (images.float() / 255 - torch.tensor(meta["mean"]).view(1, 3, 1, 1))
+        / torch.tensor(meta["std"]).view(1, 3, 1, 1)
+    ).mean((2, 3))
     assert torch.allclose(embed(MeanPool(), meta, images, CPU, batch_size=3), expected, atol=1e-5)
 
 
@@ -89,7 +92,11 @@ def test_linear_probe_separates_blobs_and_reports_consistently():
     result = linear_probe(train_x, train_y, test_x, test_y, 10, device=CPU, seed=0)
     assert result["top1"] >= 99 and result["top5"] >= result["top1"]
     conf = torch.tensor(result["confusion"])
-    assert conf.shape == (10, 10) and conf.sum() == 500 and conf.sum(1).tolist() == torch.bincount(test_y, minlength=10).tolist()
+    assert (
+        conf.shape == (10, 10)
+        and conf.sum() == 500
+        and conf.sum(1).tolist() == torch.bincount(test_y, minlength=10).tolist()
+    )
     assert math.isclose(100 * conf.diag().sum().item() / 500, result["top1"])
     assert len(result["per_class"]) == 10 and min(result["per_class"]) >= 90
     assert result["train_size"] == 1000 and result["test_size"] == 500 and result["seconds"] >= 0
@@ -168,7 +175,9 @@ def test_balanced_subset_keeps_each_class_share():
     labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
     idx = balanced_subset(labels, 0.1, seed=0)
     assert idx.dtype == torch.int64 and torch.equal(idx, idx.sort().values) and len(idx.unique()) == len(idx)
-    assert torch.bincount(labels[idx], minlength=5).tolist() == [max(1, round(0.1 * c)) for c in counts] == [5, 4, 2, 1, 1]
+    assert (
+        torch.bincount(labels[idx], minlength=5).tolist() == [max(1, round(0.1 * c)) for c in counts] == [5, 4, 2, 1, 1]
+    )
     assert torch.equal(balanced_subset(labels, 0.1, seed=0), idx)
     assert not torch.equal(balanced_subset(labels, 0.1, seed=1), idx)
     assert torch.equal(balanced_subset(labels, 1.0, seed=0), torch.arange(len(labels)))
@@ -190,7 +199,9 @@ def test_finetune_learns_an_easy_task_and_leaves_the_encoder_alone():
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
     train_images, train_y = bright_or_dark(64, 0)
     test_images, test_y = bright_or_dark(32, 1)
-    result = finetune(encoder, META, train_images, train_y, test_images, test_y, 2, device=CPU, epochs=3, batch_size=16, seed=0)
+    result = finetune(
+        encoder, META, train_images, train_y, test_images, test_y, 2, device=CPU, epochs=3, batch_size=16, seed=0
+    )
     assert result["top1"] >= 80 and result["top5"] == 100.0
     assert result["train_size"] == 64 and result["test_size"] == 32 and sum(map(sum, result["confusion"])) == 32
     assert all(torch.equal(v, before[k]) for k, v in encoder.state_dict().items())

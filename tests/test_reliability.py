@@ -27,8 +27,24 @@ from crlf.errors import InputError, RunError
 CRLF = shutil.which("crlf")
 needs_cli = pytest.mark.skipif(CRLF is None, reason="the crlf entry point is not installed (pip install -e .)")
 # 64 digits at 8 px, ResNet-18 with a small head, batch 16: 4 steps per epoch, well under a second each on a CPU
-TINY = ["--data", "digits", "--limit", "64", "--image-size", "8", "--batch-size", "16", "--head-hidden", "32",
-        "--head-out", "16", "--device", "cpu", "--lr", "0.1"]
+TINY = [
+    "--data",
+    "digits",
+    "--limit",
+    "64",
+    "--image-size",
+    "8",
+    "--batch-size",
+    "16",
+    "--head-hidden",
+    "32",
+    "--head-out",
+    "16",
+    "--device",
+    "cpu",
+    "--lr",
+    "0.1",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -42,8 +58,13 @@ def env():
 
 
 def start(*args, log=None):
-    return subprocess.Popen([CRLF, *map(str, args)], stdout=subprocess.DEVNULL, stderr=log or subprocess.DEVNULL, env=env(),
-                            start_new_session=True)
+    return subprocess.Popen(
+        [CRLF, *map(str, args)],
+        stdout=subprocess.DEVNULL,
+        stderr=log or subprocess.DEVNULL,
+        env=env(),
+        start_new_session=True,
+    )
 
 
 def run_cli(*args, timeout=300):
@@ -51,8 +72,18 @@ def run_cli(*args, timeout=300):
 
 
 def settings(out, **overrides):
-    values = dict(data="digits", limit=64, image_size=8, batch_size=16, head_hidden=32, head_out=16, device="cpu", lr=0.1,
-                  epochs=4, out=out)
+    values = dict(
+        data="digits",
+        limit=64,
+        image_size=8,
+        batch_size=16,
+        head_hidden=32,
+        head_out=16,
+        device="cpu",
+        lr=0.1,
+        epochs=4,
+        out=out,
+    )
     values.update(overrides)
     return PretrainSettings(**values)
 
@@ -107,7 +138,9 @@ def test_sigkill_while_a_checkpoint_is_being_written(tmp_path, reference):
     proc.wait(timeout=60)
     assert caught is not None, "the run ended before a checkpoint write could be interrupted"
     assert caught.exists()  # killed mid-write: the temp file is there, half written ...
-    progress, _ = load_state(out / "last.safetensors", *_fresh_model_and_optimizer())  # ... and the previous one is whole
+    progress, _ = load_state(
+        out / "last.safetensors", *_fresh_model_and_optimizer()
+    )  # ... and the previous one is whole
     assert 1 <= progress["epoch"] < 6
     final = run_cli("pretrain", *TINY, "--epochs", "6", "--out", out, "--resume")
     assert final.returncode == 0, final.stderr
@@ -144,8 +177,22 @@ def test_second_sigint_aborts_at_once(tmp_path):
     out = tmp_path / "run"
     log = open(tmp_path / "stderr.txt", "w")
     # big steps (batch 256 of 32 px images): the first Ctrl-C would wait for the step to end; the second must not
-    proc = start("pretrain", "--data", "digits", "--image-size", "32", "--batch-size", "256", "--epochs", "3", "--device", "cpu",
-                 "--out", out, log=log)
+    proc = start(
+        "pretrain",
+        "--data",
+        "digits",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "256",
+        "--epochs",
+        "3",
+        "--device",
+        "cpu",
+        "--out",
+        out,
+        log=log,
+    )
     deadline = time.monotonic() + 120
     while "steps/epoch" not in (tmp_path / "stderr.txt").read_text() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -159,7 +206,9 @@ def test_second_sigint_aborts_at_once(tmp_path):
     log.close()
     err = (tmp_path / "stderr.txt").read_text()
     assert code == 130 and "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith("error: interrupted"), err  # aborted, not "stopped ... state is saved"
+    assert err.strip().splitlines()[-1].startswith("error: interrupted"), (
+        err
+    )  # aborted, not "stopped ... state is saved"
     assert waited < 5, waited
     assert not (out / "last.safetensors").exists() and not list(out.glob(".*.tmp"))
 
@@ -172,7 +221,12 @@ def test_checkpoints_corrupted_byte_by_byte_never_load(tmp_path):
         good = (tmp_path / "run" / name).read_bytes()
         header = 8 + int.from_bytes(good[:8], "little")
         rng = random.Random(name)
-        positions = sorted(rng.sample(range(header), 30) + rng.sample(range(header, len(good)), 20)) + [0, 7, header - 1, len(good) - 1]
+        positions = sorted(rng.sample(range(header), 30) + rng.sample(range(header, len(good)), 20)) + [
+            0,
+            7,
+            header - 1,
+            len(good) - 1,
+        ]
         bad = tmp_path / "bad.safetensors"
         for i, pos in enumerate(positions):
             data = bytearray(good)
@@ -196,7 +250,10 @@ def test_resume_falls_back_to_the_newest_intact_snapshot(tmp_path):
     data = bytearray(last.read_bytes())
     data[len(data) // 2] ^= 0xFF  # a flipped byte in the weights: only the checksum can tell
     last.write_bytes(bytes(data))
-    assert [p.name for p in RunDir(s.out).checkpoints_newest_first()][1:] == ["epoch-0003.safetensors", "epoch-0002.safetensors"]
+    assert [p.name for p in RunDir(s.out).checkpoints_newest_first()][1:] == [
+        "epoch-0003.safetensors",
+        "epoch-0002.safetensors",
+    ]
     pretrain(s, resume=True)
     assert same_weights(tmp_path / "run" / "encoder.safetensors", tmp_path / "whole" / "encoder.safetensors")
     assert losses(tmp_path / "run") == losses(tmp_path / "whole")
@@ -277,8 +334,9 @@ def _bad_inputs(tmp: Path) -> None:
     np.save(tmp / "flat.npy", np.zeros((10, 8), np.uint8))
     torch.manual_seed(0)
     save_file({"w": torch.zeros(3)}, str(tmp / "foreign.safetensors"))
-    meta = checkpoint.encoder_metadata({"arch": "resnet34"}, stem="cifar", image_size=8, feature_dim=512, mean=[0.5] * 3,
-                                       std=[0.2] * 3, epoch=1)
+    meta = checkpoint.encoder_metadata(
+        {"arch": "resnet34"}, stem="cifar", image_size=8, feature_dim=512, mean=[0.5] * 3, std=[0.2] * 3, epoch=1
+    )
     checkpoint.save_encoder(tmp / "r18_as_r34.safetensors", build_backbone("resnet18", "cifar"), meta)
     good = tmp / "good.safetensors"
     checkpoint.save_encoder(good, build_backbone("resnet18", "cifar"), {**meta, "arch": "resnet18"})
@@ -318,7 +376,9 @@ def test_bad_input_table(tmp_path, line, code, fragment):
 
     _bad_inputs(tmp_path)
     args = line.replace("{tmp}", str(tmp_path)).split()
-    defaults = ["--device", "cpu"] + (["--out", str(tmp_path / "run")] if args[0] == "pretrain" and "--out" not in args else [])
+    defaults = ["--device", "cpu"] + (
+        ["--out", str(tmp_path / "run")] if args[0] == "pretrain" and "--out" not in args else []
+    )
     r = CliRunner().invoke(app, [*args, *defaults])
     lines = r.stderr.strip().splitlines()
     assert r.exit_code == code and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
@@ -330,8 +390,28 @@ def test_bad_input_table(tmp_path, line, code, fragment):
 @needs_cli
 def test_corrupt_and_non_image_files_are_skipped_and_counted(tmp_path):
     _bad_inputs(tmp_path)
-    r = run_cli("pretrain", "--data", "folder", "--data-dir", tmp_path / "junk", "--image-size", "8", "--batch-size", "10",
-                "--epochs", "1", "--head-hidden", "16", "--head-out", "8", "--device", "cpu", "--out", tmp_path / "run", "--json")
+    r = run_cli(
+        "pretrain",
+        "--data",
+        "folder",
+        "--data-dir",
+        tmp_path / "junk",
+        "--image-size",
+        "8",
+        "--batch-size",
+        "10",
+        "--epochs",
+        "1",
+        "--head-hidden",
+        "16",
+        "--head-out",
+        "8",
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "run",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     warnings = [line for line in r.stderr.splitlines() if "warning:" in line]
     assert len(warnings) == 1 and "2" in warnings[0] and "skipped" in warnings[0], r.stderr
@@ -342,8 +422,17 @@ def test_corrupt_and_non_image_files_are_skipped_and_counted(tmp_path):
 def test_no_pickle_and_no_shell_anywhere_in_the_package():
     """Only the restricted CIFAR unpickler may touch pickle; nothing runs a shell or interpolates paths into one."""
     package = Path(checkpoint.__file__).parents[1]
-    forbidden = [r"torch\.load\(", r"allow_pickle=True", r"pickle\.loads?\(", r"os\.system\(", r"os\.popen\(", r"shell=True",
-                 r"\bsubprocess\b", r"(?<![\w.])eval\(", r"(?<![\w.])exec\("]
+    forbidden = [
+        r"torch\.load\(",
+        r"allow_pickle=True",
+        r"pickle\.loads?\(",
+        r"os\.system\(",
+        r"os\.popen\(",
+        r"shell=True",
+        r"\bsubprocess\b",
+        r"(?<![\w.])eval\(",
+        r"(?<![\w.])exec\(",
+    ]
     for path in package.rglob("*.py"):
         text = path.read_text()
         for pattern in forbidden:

@@ -11,6 +11,7 @@ from crlf.settings import PretrainSettings, resolve, to_toml
 @pytest.fixture(autouse=True)
 def _no_crlf_env(monkeypatch):
     import os
+
     for key in [k for k in os.environ if k.startswith("CRLF_")]:
         monkeypatch.delenv(key)
 
@@ -23,7 +24,14 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_defaults():
     s = resolve(PretrainSettings, {})
-    assert (s.data, s.epochs, s.batch_size, s.device, s.optimizer, s.arch) == ("digits", 100, 512, "auto", "sgd", "resnet18")
+    assert (s.data, s.epochs, s.batch_size, s.device, s.optimizer, s.arch) == (
+        "digits",
+        100,
+        512,
+        "auto",
+        "sgd",
+        "resnet18",
+    )
     assert s.resolved_lr == pytest.approx(0.48) and s.resolved_weight_decay == 5e-4
 
 
@@ -32,9 +40,9 @@ def test_precedence_cli_env_file_default(tmp_path, monkeypatch):
     monkeypatch.setenv("CRLF_EPOCHS", "3")
     monkeypatch.setenv("CRLF_BATCH_SIZE", "32")
     s = resolve(PretrainSettings, {"batch_size": 16, "epochs": None}, cfg)
-    assert s.batch_size == 16          # CLI beats env
-    assert s.epochs == 3               # env beats file (None = flag not given)
-    assert s.temperature == 0.3        # file beats default
+    assert s.batch_size == 16  # CLI beats env
+    assert s.epochs == 3  # env beats file (None = flag not given)
+    assert s.temperature == 0.3  # file beats default
     assert s.seed == 5 and s.lr is None
 
 
@@ -50,20 +58,23 @@ def test_env_bool_and_path(monkeypatch):
     assert s.download is False and s.out == Path("runs/env")
 
 
-@pytest.mark.parametrize("values,fragment", [
-    ({"epochs": 0}, "epochs"),
-    ({"temperature": 0.0}, "temperature"),
-    ({"temperature": -1.0}, "temperature"),
-    ({"device": "tpu"}, "unknown device 'tpu'"),
-    ({"device": "cuda:x"}, "unknown device"),
-    ({"image_size": 0}, "image-size"),
-    ({"image_size": -32}, "image-size"),
-    ({"batch_size": 1}, "batch-size"),
-    ({"data": "imagenet"}, "data"),
-    ({"data": "folder"}, "needs --data-dir"),
-    ({"crop_min_scale": 0.9, "crop_max_scale": 0.5}, "crop_min_scale"),
-    ({"arch": "vit"}, "arch"),
-])
+@pytest.mark.parametrize(
+    "values,fragment",
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"device": "tpu"}, "unknown device 'tpu'"),
+        ({"device": "cuda:x"}, "unknown device"),
+        ({"image_size": 0}, "image-size"),
+        ({"image_size": -32}, "image-size"),
+        ({"batch_size": 1}, "batch-size"),
+        ({"data": "imagenet"}, "data"),
+        ({"data": "folder"}, "needs --data-dir"),
+        ({"crop_min_scale": 0.9, "crop_max_scale": 0.5}, "crop_min_scale"),
+        ({"arch": "vit"}, "arch"),
+    ],
+)
 def test_invalid_values_name_the_setting(values, fragment):
     with pytest.raises(InputError) as info:
         resolve(PretrainSettings, values)
@@ -106,6 +117,8 @@ def test_readme_documents_every_option_of_every_subcommand():
     assert {c.section for c in _COMMANDS} == {"pretrain", "extract", "linear-eval", "knn-eval", "visualize"}
     for command in _COMMANDS:
         for name in command.model_fields:
-            assert f"`--{name.replace('_', '-')}" in readme, f"README lacks {command.section} --{name.replace('_', '-')}"
+            assert f"`--{name.replace('_', '-')}" in readme, (
+                f"README lacks {command.section} --{name.replace('_', '-')}"
+            )
     for flag in ("--config", "--resume", "--force", "--print-config", "--json", "--quiet", "--verbose"):
         assert flag in readme

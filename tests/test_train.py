@@ -17,14 +17,25 @@ from crlf.errors import InputError, Interrupted, LockedError, RunError
 @pytest.fixture(autouse=True)
 def _no_crlf_env(monkeypatch):
     import os
+
     for key in [k for k in os.environ if k.startswith("CRLF_")]:
         monkeypatch.delenv(key)
 
 
 def tiny(tmp_path, name="run", **overrides) -> PretrainSettings:
     """A small but real run: 64 digits at their native 8 px, ResNet-18, batch 16 (4 steps per epoch), on CPU."""
-    values = dict(data="digits", limit=64, image_size=8, batch_size=16, epochs=2, head_hidden=64, head_out=32,
-                  device="cpu", out=tmp_path / name, cache_dir=tmp_path / "cache")
+    values = dict(
+        data="digits",
+        limit=64,
+        image_size=8,
+        batch_size=16,
+        epochs=2,
+        head_hidden=64,
+        head_out=32,
+        device="cpu",
+        out=tmp_path / name,
+        cache_dir=tmp_path / "cache",
+    )
     values.update(overrides)
     return PretrainSettings(**values)
 
@@ -50,6 +61,7 @@ class StopAfter:
 
 def weights(path):
     from safetensors.torch import load_file
+
     return load_file(str(path))
 
 
@@ -116,12 +128,16 @@ def test_signal_mid_epoch_saves_and_resume_is_exact(tmp_path, sig, code):
     with pytest.raises(Interrupted) as info:
         pretrain(part, SignalAt(epoch=2, step=2, sig=sig))
     assert info.value.exit_code == code and "--resume" in str(info.value)
-    assert signal.getsignal(sig) is not None and signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert (
+        signal.getsignal(sig) is not None and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    )  # restored
     progress = RunDir(part.out).progress()
     assert (progress["epoch"], progress["step"]) == (1, 2)
     pretrain(part, resume=True)
     a, b = weights(full.out / "last.safetensors"), weights(part.out / "last.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a), "a run stopped mid-epoch and resumed differs from the uninterrupted one"
+    assert all(torch.equal(a[k], b[k]) for k in a), (
+        "a run stopped mid-epoch and resumed differs from the uninterrupted one"
+    )
     assert [m["loss"] for m in RunDir(full.out).read_metrics()] == [m["loss"] for m in RunDir(part.out).read_metrics()]
 
 
@@ -185,7 +201,9 @@ def test_locked_run_dir(tmp_path):
 def test_grad_clip_is_applied_when_set(tmp_path, monkeypatch):
     norms = []
     real = torch.nn.utils.clip_grad_norm_
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: norms.append(max_norm) or real(params, max_norm))
+    monkeypatch.setattr(
+        torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: norms.append(max_norm) or real(params, max_norm)
+    )
     pretrain(tiny(tmp_path, "clipped", epochs=1, grad_clip=0.5))
     assert norms == [0.5] * 4  # every step of the epoch
     pretrain(tiny(tmp_path, "free", epochs=1))

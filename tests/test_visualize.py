@@ -31,9 +31,27 @@ def _no_crlf_env(monkeypatch):
 def run_dir(tmp_path_factory):
     """A finished tiny run on the digits (kNN monitor on, crop_min_scale 0.5) with a linear-eval result in it."""
     out = tmp_path_factory.mktemp("vis") / "run"
-    pretrain(PretrainSettings(data="digits", limit=128, image_size=8, batch_size=32, epochs=2, head_hidden=32, head_out=16,
-                              device="cpu", knn_every=1, k=10, crop_min_scale=0.5, out=out))
-    linear_eval(LinearEvalSettings(ckpt=out / "encoder.safetensors", data="digits", limit=128, image_size=8, device="cpu", probe_epochs=5))
+    pretrain(
+        PretrainSettings(
+            data="digits",
+            limit=128,
+            image_size=8,
+            batch_size=32,
+            epochs=2,
+            head_hidden=32,
+            head_out=16,
+            device="cpu",
+            knn_every=1,
+            k=10,
+            crop_min_scale=0.5,
+            out=out,
+        )
+    )
+    linear_eval(
+        LinearEvalSettings(
+            ckpt=out / "encoder.safetensors", data="digits", limit=128, image_size=8, device="cpu", probe_epochs=5
+        )
+    )
     return out
 
 
@@ -47,7 +65,10 @@ def png_size(path):
 def test_run_draws_every_figure_and_an_index(run_dir):
     result = visualize(VisualizeSettings(run=[run_dir], max_points=100, device="cpu"))
     figures = run_dir / "figures"
-    assert set(result["figures"]) == {"loss", "confusion", "pca", "tsne", "neighbors", "augmentations"} and result["skipped"] == {}
+    assert (
+        set(result["figures"]) == {"loss", "confusion", "pca", "tsne", "neighbors", "augmentations"}
+        and result["skipped"] == {}
+    )
     for kind, info in result["figures"].items():
         fmt, size = png_size(figures / f"{kind}.png")
         assert fmt == "PNG" and info["path"] == str(figures / f"{kind}.png")
@@ -61,7 +82,9 @@ def test_run_draws_every_figure_and_an_index(run_dir):
     assert "crop_min_scale" in page and "linear eval top-1" in page and "knn_top1" in page
     # the augmentation settings come from the run's config unless given
     assert result["figures"]["augmentations"]["settings"]["crop_min_scale"] == 0.5
-    again = visualize(VisualizeSettings(run=[run_dir], kind=["augmentations"], crop_min_scale=0.3, out=run_dir / "aug.svg"))
+    again = visualize(
+        VisualizeSettings(run=[run_dir], kind=["augmentations"], crop_min_scale=0.3, out=run_dir / "aug.svg")
+    )
     assert again["figures"]["augmentations"]["settings"]["crop_min_scale"] == 0.3
     assert (run_dir / "aug.svg").read_text().lstrip().startswith(("<?xml", "<svg"))
 
@@ -71,11 +94,32 @@ def test_cli_embeddings_map_and_loss_overlay(tmp_path, run_dir):
         pytest.skip("the crlf entry point is not installed")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRLF_")}
     ckpt = run_dir / "encoder.safetensors"
-    r = subprocess.run([CRLF, "extract", "--ckpt", ckpt, "--data", "digits", "--split", "test", "--out", tmp_path / "e.npz", "--device", "cpu"],
-                       capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [
+            CRLF,
+            "extract",
+            "--ckpt",
+            ckpt,
+            "--data",
+            "digits",
+            "--split",
+            "test",
+            "--out",
+            tmp_path / "e.npz",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([CRLF, "visualize", "--emb", tmp_path / "e.npz", "--kind", "pca", "--out", tmp_path / "pca.png", "--json"],
-                       capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [CRLF, "visualize", "--emb", tmp_path / "e.npz", "--kind", "pca", "--out", tmp_path / "pca.png", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["figures"]["pca"]["points"] == 359
     assert png_size(tmp_path / "pca.png") == ("PNG", SIZES["pca"])
@@ -86,8 +130,17 @@ def test_cli_embeddings_map_and_loss_overlay(tmp_path, run_dir):
 
 
 def test_augmentations_from_a_folder(tmp_path, tiny_folder):
-    result = visualize(VisualizeSettings(data="folder", data_dir=tiny_folder, image_size=16, kind=["augmentations"], views=3, queries=4,
-                                         out=tmp_path / "aug.png"))
+    result = visualize(
+        VisualizeSettings(
+            data="folder",
+            data_dir=tiny_folder,
+            image_size=16,
+            kind=["augmentations"],
+            views=3,
+            queries=4,
+            out=tmp_path / "aug.png",
+        )
+    )
     fmt, (w, h) = png_size(tmp_path / "aug.png")
     assert fmt == "PNG" and (w, h) == (round(1.2 * 7 * 100 + 50), round(1.35 * 4 * 100 + 100))
     assert result["figures"]["augmentations"]["images"] == 4 and "index" not in result
@@ -115,17 +168,20 @@ def test_unlabelled_map_and_many_classes_still_draw(tmp_path):
     assert png_size(tmp_path / "c.png")[1] == (1520, 1400)
 
 
-@pytest.mark.parametrize("settings,fragment", [
-    (dict(kind=["loss"]), "loss needs a run directory"),
-    (dict(kind=["confusion"]), "confusion needs a linear-eval result"),
-    (dict(kind=["tsne"]), "tsne needs --emb FILE, --ckpt FILE or --run DIR"),
-    (dict(), "nothing to draw"),
-    (dict(emb="e.npy", kind=["neighbors"]), "neighbors needs the images"),
-    (dict(emb="missing.npy", kind=["pca"]), "pca needs missing.npy: write it with crlf extract"),
-    (dict(run=["nope"]), "run directory nope does not exist"),
-    (dict(run=["empty"], kind=["confusion"]), "confusion needs empty/linear_eval.json"),
-    (dict(run=["empty"], kind=["pca"]), "pca needs empty/encoder.safetensors"),
-])
+@pytest.mark.parametrize(
+    "settings,fragment",
+    [
+        (dict(kind=["loss"]), "loss needs a run directory"),
+        (dict(kind=["confusion"]), "confusion needs a linear-eval result"),
+        (dict(kind=["tsne"]), "tsne needs --emb FILE, --ckpt FILE or --run DIR"),
+        (dict(), "nothing to draw"),
+        (dict(emb="e.npy", kind=["neighbors"]), "neighbors needs the images"),
+        (dict(emb="missing.npy", kind=["pca"]), "pca needs missing.npy: write it with crlf extract"),
+        (dict(run=["nope"]), "run directory nope does not exist"),
+        (dict(run=["empty"], kind=["confusion"]), "confusion needs empty/linear_eval.json"),
+        (dict(run=["empty"], kind=["pca"]), "pca needs empty/encoder.safetensors"),
+    ],
+)
 def test_missing_inputs_name_what_is_needed(tmp_path, monkeypatch, settings, fragment):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty").mkdir()
@@ -139,10 +195,20 @@ def test_missing_run_files_exit_2_naming_the_file(tmp_path):
         pytest.skip("the crlf entry point is not installed")
     (tmp_path / "empty").mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRLF_")}
-    for kind, needed in (("loss", "metrics.jsonl"),):  # the other files' messages: test_missing_inputs_name_what_is_needed
-        r = subprocess.run([CRLF, "visualize", "--run", tmp_path / "empty", "--kind", kind], capture_output=True, text=True, env=env)
+    for kind, needed in (
+        ("loss", "metrics.jsonl"),
+    ):  # the other files' messages: test_missing_inputs_name_what_is_needed
+        r = subprocess.run(
+            [CRLF, "visualize", "--run", tmp_path / "empty", "--kind", kind], capture_output=True, text=True, env=env
+        )
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
         assert lines[-1].startswith("error: ") and needed in lines[-1] and str(tmp_path / "empty") in lines[-1]
-    r = subprocess.run([CRLF, "visualize", "--kind", "pca", "--kind", "tsne", "--out", "x.png"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    r = subprocess.run(
+        [CRLF, "visualize", "--kind", "pca", "--kind", "tsne", "--out", "x.png"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert r.returncode == 2 and "names one file" in r.stderr

@@ -48,7 +48,9 @@ class AugmentParams:
 
     def to(self, device: torch.device | str) -> AugmentParams:
         """The same parameters on `device` (a no-op when already there)."""
-        return AugmentParams(**{f.name: None if (v := getattr(self, f.name)) is None else v.to(device) for f in fields(self)})
+        return AugmentParams(
+            **{f.name: None if (v := getattr(self, f.name)) is None else v.to(device) for f in fields(self)}
+        )
 
 
 def sample_params(n: int, height: int, width: int, cfg: AugmentSettings, generator: torch.Generator) -> AugmentParams:
@@ -62,8 +64,8 @@ def sample_params(n: int, height: int, width: int, cfg: AugmentSettings, generat
     """
     dev = generator.device
     # one draw for everything: 15 rows of U[0, 1), one per random choice
-    (u_area, u_ratio, u_top, u_left, u_flip, u_angle, u_jit, u_b, u_c, u_s, u_h, u_gray, u_blur, u_sigma, u_sol) = torch.rand(
-        15, n, generator=generator, device=dev
+    (u_area, u_ratio, u_top, u_left, u_flip, u_angle, u_jit, u_b, u_c, u_s, u_h, u_gray, u_blur, u_sigma, u_sol) = (
+        torch.rand(15, n, generator=generator, device=dev)
     )
     area = (cfg.crop_min_scale + (cfg.crop_max_scale - cfg.crop_min_scale) * u_area) * (height * width)
     ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u_ratio)  # w / h
@@ -126,7 +128,9 @@ def apply(images: Tensor, params: AugmentParams, out_size: int, generator: torch
     return x
 
 
-def views(images: Tensor, cfg: AugmentSettings, generator: torch.Generator, out_size: int | None = None) -> tuple[Tensor, Tensor]:
+def views(
+    images: Tensor, cfg: AugmentSettings, generator: torch.Generator, out_size: int | None = None
+) -> tuple[Tensor, Tensor]:
     """The SimCLR pair: two independent augmentations of a uint8 batch, in one batched pass; out_size defaults to the shorter side."""
     n, (h, w) = len(images), images.shape[-2:]
     size = out_size or min(h, w)

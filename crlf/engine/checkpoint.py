@@ -14,8 +14,9 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -86,13 +87,26 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path} is not a readable safetensors file (truncated or corrupt?): {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+        raise InputError(
+            f"{path} is not a readable safetensors file (truncated or corrupt?): {(str(e).splitlines() or [type(e).__name__])[0]}"
+        ) from None
     if "sha256" in metadata and digest(tensors, metadata) != metadata["sha256"]:
-        raise InputError(f"{path} is damaged (its checksum does not match its contents): use an earlier checkpoint or re-create it")
+        raise InputError(
+            f"{path} is damaged (its checksum does not match its contents): use an earlier checkpoint or re-create it"
+        )
     return tensors, metadata
 
 
-def encoder_metadata(config: dict[str, Any], *, stem: str, image_size: int, feature_dim: int, mean: list[float], std: list[float], epoch: int) -> dict[str, str]:
+def encoder_metadata(
+    config: dict[str, Any],
+    *,
+    stem: str,
+    image_size: int,
+    feature_dim: int,
+    mean: list[float],
+    std: list[float],
+    epoch: int,
+) -> dict[str, str]:
     """What a reader of the encoder needs without the run directory: architecture, input size, normalisation, config."""
     return {
         "arch": config["arch"],
@@ -119,9 +133,11 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     tensors, meta = read_tensors(Path(path))
     fmt = meta.get("format")
     if fmt == STATE_FORMAT:
-        tensors = {k[len("model.backbone."):]: v for k, v in tensors.items() if k.startswith("model.backbone.")}
+        tensors = {k[len("model.backbone.") :]: v for k, v in tensors.items() if k.startswith("model.backbone.")}
     elif fmt != ENCODER_FORMAT:
-        raise InputError(f"{path} is not a crlf checkpoint (no crlf format in its metadata); expected a file written by crlf pretrain")
+        raise InputError(
+            f"{path} is not a crlf checkpoint (no crlf format in its metadata); expected a file written by crlf pretrain"
+        )
     info = parse_metadata(meta, path)
     backbone = build_backbone(info["arch"], info["stem"])
     try:
@@ -148,11 +164,19 @@ def parse_metadata(meta: dict[str, str], path: str | Path) -> dict[str, Any]:
             "config": json.loads(meta["config"]),
         }
     except (KeyError, ValueError) as e:
-        raise InputError(f"{path}: crlf checkpoint metadata is incomplete or damaged ({e}); re-create it with crlf pretrain") from None
+        raise InputError(
+            f"{path}: crlf checkpoint metadata is incomplete or damaged ({e}); re-create it with crlf pretrain"
+        ) from None
 
 
-def save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, metadata: dict[str, str],
-               progress: dict[str, Any], rng: dict[str, torch.Tensor] | None = None) -> None:
+def save_state(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    metadata: dict[str, str],
+    progress: dict[str, Any],
+    rng: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Full training state for --resume: weights, optimizer buffers and param groups, progress (epoch, step,
     schedule state) and, for a run stopped inside an epoch, the random generators' states (`rng`)."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
@@ -161,16 +185,23 @@ def save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, m
     for idx, buffers in opt["state"].items():
         for name, value in buffers.items():
             tensors[f"optim.{idx}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    meta = {**metadata, "format": STATE_FORMAT, "param_groups": json.dumps(opt["param_groups"]), "progress": json.dumps(progress)}
+    meta = {
+        **metadata,
+        "format": STATE_FORMAT,
+        "param_groups": json.dumps(opt["param_groups"]),
+        "progress": json.dumps(progress),
+    }
     save_tensors(path, tensors, meta)
 
 
-def load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def load_state(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Restore weights and optimizer from a state file (strictly); returns the saved progress and generator states."""
     tensors, meta = read_tensors(path)
     if meta.get("format") != STATE_FORMAT:
         raise InputError(f"{path} is not a crlf training state; delete it or start a fresh run in another --out")
-    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    weights = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
         model.load_state_dict(weights, strict=True)
         state: dict[int, dict[str, torch.Tensor]] = {}
@@ -179,7 +210,9 @@ def load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -
                 _, idx, name = key.split(".", 2)
                 state.setdefault(int(idx), {})[name] = value
         optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-        rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
+        rng = {k[len("rng.") :]: v for k, v in tensors.items() if k.startswith("rng.")}
         return json.loads(meta["progress"]), rng
     except (RuntimeError, ValueError, KeyError) as e:
-        raise InputError(f"{path} does not match this run's model or optimizer ({str(e).splitlines()[0]}); use --force to start over") from None
+        raise InputError(
+            f"{path} does not match this run's model or optimizer ({str(e).splitlines()[0]}); use --force to start over"
+        ) from None

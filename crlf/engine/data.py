@@ -47,7 +47,13 @@ class ImageSet:
         """The rows at ``indices``, in that order (class names and source are kept)."""
         idx = torch.as_tensor(indices, dtype=torch.long)
         labels = None if self.labels is None else self.labels[idx]
-        return ImageSet(self.images[idx].contiguous(), labels, list(self.class_names), [self.ids[i] for i in idx.tolist()], self.source)
+        return ImageSet(
+            self.images[idx].contiguous(),
+            labels,
+            list(self.class_names),
+            [self.ids[i] for i in idx.tolist()],
+            self.source,
+        )
 
 
 def load(settings: DataSettings, split: str | None = None) -> ImageSet:
@@ -93,7 +99,9 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
     out = torch.empty((n, 3, size, size), dtype=torch.uint8)
     chunk = max(1, 2**24 // (3 * max(side, size) ** 2))
     for i in range(0, n, chunk):
-        x = F.interpolate(src[i : i + chunk].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        x = F.interpolate(
+            src[i : i + chunk].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
         out[i : i + chunk] = x.round_().clamp_(0, 255).to(torch.uint8)
     return out
 
@@ -123,8 +131,13 @@ def _digits(split: str) -> ImageSet:
     rows = rows[rows % 5 == 4] if split == "test" else rows[rows % 5 != 4]
     grey = torch.from_numpy(np.round(d.images[rows] * (255 / 16)).astype(np.uint8))
     images = grey.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
-    return ImageSet(images, torch.from_numpy(d.target[rows].astype(np.int64)), [str(i) for i in range(10)],
-                    [f"{split}/{i}" for i in rows.tolist()], f"digits:{split}")
+    return ImageSet(
+        images,
+        torch.from_numpy(d.target[rows].astype(np.int64)),
+        [str(i) for i in range(10)],
+        [f"{split}/{i}" for i in rows.tolist()],
+        f"digits:{split}",
+    )
 
 
 # --- CIFAR and STL-10: tarballs, found, extracted or downloaded ---------------------------------
@@ -141,9 +154,27 @@ class _Archive(NamedTuple):
 
 
 _ARCHIVES = {  # URLs and checksums as torchvision's CIFAR10 / CIFAR100 / STL10 classes define them
-    "cifar10": _Archive("CIFAR-10", "cifar-10-batches-py", "batches.meta", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),
-    "cifar100": _Archive("CIFAR-100", "cifar-100-python", "meta", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),
-    "stl10": _Archive("STL-10", "stl10_binary", "class_names.txt", "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz", "91f7769df0f17e558f3565bffb0c7dfb"),
+    "cifar10": _Archive(
+        "CIFAR-10",
+        "cifar-10-batches-py",
+        "batches.meta",
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "c58f30108f718f92721af3b95e74349a",
+    ),
+    "cifar100": _Archive(
+        "CIFAR-100",
+        "cifar-100-python",
+        "meta",
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "eb9058c3a382ffc7106e4002c42a8d85",
+    ),
+    "stl10": _Archive(
+        "STL-10",
+        "stl10_binary",
+        "class_names.txt",
+        "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz",
+        "91f7769df0f17e558f3565bffb0c7dfb",
+    ),
 }
 _CIFAR_FILES = {  # split -> batch files, then the label key and the class-name key
     "cifar10": ({"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}, "labels", "label_names"),
@@ -172,7 +203,9 @@ def _locate(spec: _Archive, data_dir: Path | None, download: bool) -> Path:
                 tarball.unlink(missing_ok=True)
                 reason = f"the download failed ({short_reason(e)})"
         if not tarball.is_file():
-            raise InputError(f"{spec.name} not found in {shown} and {reason}: put {spec.tarball} or its extracted {spec.folder}/ folder in {shown} (or point --data-dir at it)")
+            raise InputError(
+                f"{spec.name} not found in {shown} and {reason}: put {spec.tarball} or its extracted {spec.folder}/ folder in {shown} (or point --data-dir at it)"
+            )
     log.info("extracting %s", tarball)
     try:
         with tarfile.open(tarball) as tar:
@@ -180,7 +213,9 @@ def _locate(spec: _Archive, data_dir: Path | None, download: bool) -> Path:
     except (tarfile.TarError, OSError, EOFError) as e:
         raise InputError(f"cannot extract {tarball} ({short_reason(e)}): delete it and download it again") from None
     if not (root / spec.folder / spec.marker).is_file():
-        raise InputError(f"{tarball} has no {spec.folder}/{spec.marker}: it is not the {spec.name} archive; delete it and download it again")
+        raise InputError(
+            f"{tarball} has no {spec.folder}/{spec.marker}: it is not the {spec.name} archive; delete it and download it again"
+        )
     return root / spec.folder
 
 
@@ -211,11 +246,17 @@ def _read_batch(path: Path) -> dict[str, Any]:
         with open(path, "rb") as f:
             obj = _BatchUnpickler(f, encoding="latin1").load()
     except _Refused as e:
-        raise InputError(f"refusing to unpickle {e} from {path}: a CIFAR batch holds only numpy arrays; replace the file with the original download") from None
+        raise InputError(
+            f"refusing to unpickle {e} from {path}: a CIFAR batch holds only numpy arrays; replace the file with the original download"
+        ) from None
     except Exception as e:  # missing, truncated or not a pickle: pickle raises many types
-        raise InputError(f"cannot read {path} ({short_reason(e)}): replace it with the file from the original download") from None
+        raise InputError(
+            f"cannot read {path} ({short_reason(e)}): replace it with the file from the original download"
+        ) from None
     if not isinstance(obj, dict):
-        raise InputError(f"{path} holds a {type(obj).__name__}, not a CIFAR batch dict: replace it with the original download")
+        raise InputError(
+            f"{path} holds a {type(obj).__name__}, not a CIFAR batch dict: replace it with the original download"
+        )
     return obj
 
 
@@ -232,8 +273,16 @@ def _cifar(data: str, data_dir: Path | None, split: str, download: bool) -> Imag
     for name in files[split]:
         batch = _read_batch(folder / name)
         x, y = batch.get("data"), batch.get(label_key)
-        if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.shape[1:] == (3072,) and isinstance(y, (list, np.ndarray)) and len(y) == len(x)):
-            raise InputError(f"{folder / name} is not a {spec.name} batch (uint8 'data' (N, 3072) and N '{label_key}'): replace it with the original download")
+        if not (
+            isinstance(x, np.ndarray)
+            and x.dtype == np.uint8
+            and x.shape[1:] == (3072,)
+            and isinstance(y, (list, np.ndarray))
+            and len(y) == len(x)
+        ):
+            raise InputError(
+                f"{folder / name} is not a {spec.name} batch (uint8 'data' (N, 3072) and N '{label_key}'): replace it with the original download"
+            )
         xs.append(x)
         ys.append(np.asarray(y, dtype=np.int64))
     labels = torch.from_numpy(np.concatenate(ys))
@@ -262,7 +311,11 @@ def _stl10(data_dir: Path | None, split: str, download: bool, limit: int | None)
     for part, n in zip(parts, counts):
         mine = (rows[(rows >= offset) & (rows < offset + n)] - offset).numpy()
         offset += n
-        raw = np.memmap(folder / f"{part}_X.bin", np.uint8, "r", shape=(n, 3, 96, 96)) if n else np.empty((0, 3, 96, 96), np.uint8)
+        raw = (
+            np.memmap(folder / f"{part}_X.bin", np.uint8, "r", shape=(n, 3, 96, 96))
+            if n
+            else np.empty((0, 3, 96, 96), np.uint8)
+        )
         for i in range(0, len(mine), 4096):  # in chunks: the 100,000 unlabeled images are 2.8 GB
             chunk = mine[i : i + 4096]
             images[done : done + len(chunk)] = raw[chunk].transpose(0, 1, 3, 2)  # stored (C, W, H) -> (C, H, W)
@@ -270,9 +323,15 @@ def _stl10(data_dir: Path | None, split: str, download: bool, limit: int | None)
         ids += [f"{part}/{r}" for r in mine.tolist()]
         if labels is not None:
             label_file = folder / f"{part}_y.bin"
-            y = np.fromfile(label_file, np.uint8).astype(np.int64) - 1 if label_file.is_file() else np.empty(0, np.int64)
+            y = (
+                np.fromfile(label_file, np.uint8).astype(np.int64) - 1
+                if label_file.is_file()
+                else np.empty(0, np.int64)
+            )
             if len(y) != n or (n and (y.min() < 0 or y.max() >= len(names))):
-                raise InputError(f"{label_file} does not hold {n:,} labels in 1..{len(names)}: extract the complete stl10_binary.tar.gz")
+                raise InputError(
+                    f"{label_file} does not hold {n:,} labels in 1..{len(names)}: extract the complete stl10_binary.tar.gz"
+                )
             labels.append(y[mine])
     label_tensor = None if labels is None else torch.from_numpy(np.concatenate(labels))
     return ImageSet(torch.from_numpy(images), label_tensor, [] if labels is None else names, ids, f"stl10:{split}")
@@ -293,17 +352,23 @@ def _array_file(path: Path, kind: str, split: str) -> ImageSet:
         with loaded:
             key = next((k for k in ("images", "x") if k in loaded.files), None)
             if key is None:
-                raise InputError(f"{path} has no 'images' (or 'x') array; it holds: {', '.join(loaded.files) or 'nothing'}")
+                raise InputError(
+                    f"{path} has no 'images' (or 'x') array; it holds: {', '.join(loaded.files) or 'nothing'}"
+                )
             try:
                 x = loaded[key]
                 y = next((loaded[k] for k in ("labels", "y") if k in loaded.files), None)
                 names = [str(n) for n in loaded["class_names"].tolist()] if "class_names" in loaded.files else None
             except ValueError as e:  # object arrays would need pickle, which stays off
-                raise InputError(f"cannot read {path} ({short_reason(e)}): store plain numeric and string arrays") from None
+                raise InputError(
+                    f"cannot read {path} ({short_reason(e)}): store plain numeric and string arrays"
+                ) from None
     images = _check_images(x, path)
     labels = None if y is None else _check_labels(y, len(images), path)
     if labels is not None and names is not None and len(names) <= int(labels.max()):
-        raise InputError(f"{path} has {len(names)} class_names but labels up to {int(labels.max())}: give one name per class")
+        raise InputError(
+            f"{path} has {len(names)} class_names but labels up to {int(labels.max())}: give one name per class"
+        )
     if labels is not None and names is None:
         names = [str(i) for i in range(int(labels.max()) + 1)]
     return ImageSet(images, labels, names or [], _ids(split, len(images)), f"{kind}:{path.resolve()}")
@@ -316,17 +381,23 @@ def _np_load(path: Path) -> Any:
     try:
         return np.load(path, allow_pickle=False)
     except Exception as e:  # numpy raises ValueError / OSError / EOFError / BadZipFile for bad files
-        raise InputError(f"cannot read {path} ({short_reason(e)}): save it with numpy.save / numpy.savez (no object arrays)") from None
+        raise InputError(
+            f"cannot read {path} ({short_reason(e)}): save it with numpy.save / numpy.savez (no object arrays)"
+        ) from None
 
 
 def _check_images(x: np.ndarray, path: Path) -> torch.Tensor:
     """uint8 (N, H, W, C) with C 1 or 3, or (N, H, W) -> (N, 3, H, W) tensor."""
     if x.dtype != np.uint8:
-        raise InputError(f"{path}: images must be uint8 (0-255), found {x.dtype}: convert them, e.g. (x * 255).round().astype('uint8') for floats in [0, 1]")
+        raise InputError(
+            f"{path}: images must be uint8 (0-255), found {x.dtype}: convert them, e.g. (x * 255).round().astype('uint8') for floats in [0, 1]"
+        )
     x = x[..., None] if x.ndim == 3 else x
     if x.ndim != 4 or x.shape[-1] not in (1, 3) or len(x) == 0:
         hint = "; it looks channels-first: save x.transpose(0, 2, 3, 1)" if x.ndim == 4 and x.shape[1] in (1, 3) else ""
-        raise InputError(f"{path}: expected images of shape (N, H, W, C) with C 1 or 3, or (N, H, W), N > 0; found {x.shape}{hint}")
+        raise InputError(
+            f"{path}: expected images of shape (N, H, W, C) with C 1 or 3, or (N, H, W), N > 0; found {x.shape}{hint}"
+        )
     images = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
     return images.expand(-1, 3, -1, -1).contiguous() if images.shape[1] == 1 else images
 

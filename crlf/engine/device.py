@@ -27,7 +27,9 @@ def select_device(name: str = "auto") -> torch.device:
             raise InputError(f"--device {name}: no CUDA GPU is available here; use --device cpu (or auto)")
         device = torch.device(name)
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+            raise InputError(
+                f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here (cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
+            )
         return device
     if name == "mps":
         if not _mps_available():

@@ -48,14 +48,22 @@ def join(device_name: str) -> World:
     device = select_device(device_name)
     if device.type == "cuda":
         if local >= torch.cuda.device_count():
-            raise InputError(f"local rank {local} has no GPU of its own ({torch.cuda.device_count()} here): use --nproc-per-node {torch.cuda.device_count()} or fewer")
+            raise InputError(
+                f"local rank {local} has no GPU of its own ({torch.cuda.device_count()} here): use --nproc-per-node {torch.cuda.device_count()} or fewer"
+            )
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     elif device.type != "cpu":
-        raise InputError(f"several processes run on cuda (NCCL) or cpu (gloo), not {device.type}: use --device cuda or cpu")
+        raise InputError(
+            f"several processes run on cuda (NCCL) or cpu (gloo), not {device.type}: use --device cuda or cpu"
+        )
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=size,
-                                timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            rank=rank,
+            world_size=size,
+            timeout=datetime.timedelta(minutes=30),
+        )
     return World(rank, size, device)
 
 
@@ -147,7 +155,9 @@ def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for name, child in model.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, GlobalBatchNorm):
-            new = GlobalBatchNorm(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            new = GlobalBatchNorm(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+            )
             new.load_state_dict(child.state_dict())
             setattr(model, name, new.to(device))
         else:

@@ -25,7 +25,15 @@ from crlf.engine import data, evaluate
 from crlf.engine.checkpoint import atomic_write, load_encoder
 from crlf.engine.device import select_device
 from crlf.errors import InputError
-from crlf.settings import DataSettings, EmbedSettings, EncoderInput, ExtractSettings, KnnEvalSettings, LinearEvalSettings, resolve
+from crlf.settings import (
+    DataSettings,
+    EmbedSettings,
+    EncoderInput,
+    ExtractSettings,
+    KnnEvalSettings,
+    LinearEvalSettings,
+    resolve,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +57,19 @@ def encoder_data(settings: DataSettings, meta: dict[str, Any]) -> DataSettings:
     return settings.model_copy(update={"image_size": settings.image_size or meta["image_size"]})
 
 
-def embed_images(settings: EncoderInput, encoder: torch.nn.Module, meta: dict[str, Any], device: torch.device,
-                 images: data.ImageSet) -> torch.Tensor:
+def embed_images(
+    settings: EncoderInput, encoder: torch.nn.Module, meta: dict[str, Any], device: torch.device, images: data.ImageSet
+) -> torch.Tensor:
     """Features of a loaded data set (float32 N x D on the CPU), with a log line of how long it took."""
     t0 = time.perf_counter()
     x = evaluate.embed(encoder, meta, images.images, device, settings.embed_batch_size)
-    log.info("embedded %s %s images in %.1f s (%d dims)", f"{len(images):,}", images.source, time.perf_counter() - t0, x.shape[1])
+    log.info(
+        "embedded %s %s images in %.1f s (%d dims)",
+        f"{len(images):,}",
+        images.source,
+        time.perf_counter() - t0,
+        x.shape[1],
+    )
     return x
 
 
@@ -86,12 +101,21 @@ def _embed(settings: EmbedSettings) -> Embeddings:
     if settings.normalize:
         x = torch.nn.functional.normalize(x, dim=1)
     provenance = {
-        "crlf_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "checkpoint": str(settings.ckpt), "checkpoint_sha256": sha256(settings.ckpt.expanduser()),  # type: ignore[union-attr]
-        "data": settings.data, "data_dir": None if settings.data_dir is None else str(settings.data_dir),
+        "crlf_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "checkpoint": str(settings.ckpt),
+        "checkpoint_sha256": sha256(settings.ckpt.expanduser()),  # type: ignore[union-attr]
+        "data": settings.data,
+        "data_dir": None if settings.data_dir is None else str(settings.data_dir),
         "split": settings.split or ("train+unlabeled" if settings.data == "stl10" else "train"),
-        "source": images.source, "count": len(x), "dim": x.shape[1], "l2_normalized": settings.normalize,
-        "image_size": images.images.shape[-1], "mean": meta["mean"], "std": meta["std"], "arch": meta["arch"],
+        "source": images.source,
+        "count": len(x),
+        "dim": x.shape[1],
+        "l2_normalized": settings.normalize,
+        "image_size": images.images.shape[-1],
+        "mean": meta["mean"],
+        "std": meta["std"],
+        "arch": meta["arch"],
     }
     return Embeddings(x, images.labels, images.ids, images.class_names, provenance)
 
@@ -109,8 +133,14 @@ def extract(settings: ExtractSettings, stdout: BinaryIO | None = None) -> dict[s
         stdout.flush()
     else:
         _write_embeddings(out, arr, emb)
-    return {"out": settings.out, "count": len(arr), "dim": arr.shape[1], "labels": emb.labels is not None,
-            "sidecar": None if out is None or out.suffix == ".npz" else str(out) + ".json", "source": emb.provenance["source"]}
+    return {
+        "out": settings.out,
+        "count": len(arr),
+        "dim": arr.shape[1],
+        "labels": emb.labels is not None,
+        "sidecar": None if out is None or out.suffix == ".npz" else str(out) + ".json",
+        "source": emb.provenance["source"],
+    }
 
 
 def _write_embeddings(out: Path, arr: np.ndarray, emb: Embeddings) -> None:
@@ -118,15 +148,22 @@ def _write_embeddings(out: Path, arr: np.ndarray, emb: Embeddings) -> None:
     labels, provenance = None if emb.labels is None else emb.labels.numpy(), emb.provenance
     try:
         if out.suffix == ".npz":
-            arrays: dict[str, np.ndarray] = {"embeddings": arr, "ids": np.array(emb.ids, dtype=np.str_),
-                                             "class_names": np.array(emb.class_names, dtype=np.str_),
-                                             "provenance": np.array(json.dumps(provenance))}
+            arrays: dict[str, np.ndarray] = {
+                "embeddings": arr,
+                "ids": np.array(emb.ids, dtype=np.str_),
+                "class_names": np.array(emb.class_names, dtype=np.str_),
+                "provenance": np.array(json.dumps(provenance)),
+            }
             if labels is not None:
                 arrays["labels"] = labels
             atomic_write(out, lambda f: np.savez(f, **arrays))
         else:
-            sidecar = {**provenance, "ids": emb.ids, "class_names": emb.class_names,
-                       "labels": None if labels is None else labels.tolist()}
+            sidecar = {
+                **provenance,
+                "ids": emb.ids,
+                "class_names": emb.class_names,
+                "labels": None if labels is None else labels.tolist(),
+            }
             atomic_write(out, lambda f: np.save(f, arr))
             atomic_write(Path(str(out) + ".json"), lambda f: f.write(json.dumps(sidecar).encode()))
     except OSError as e:
@@ -152,16 +189,25 @@ def read_embeddings(path: Path) -> tuple[torch.Tensor, torch.Tensor | None, list
             labels = None if meta.get("labels") is None else np.asarray(meta["labels"])
             names, prov = meta.get("class_names", []), meta
     except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"{path} is not an embeddings file written by crlf extract ({str(e).splitlines()[0]})") from None
+        raise InputError(
+            f"{path} is not an embeddings file written by crlf extract ({str(e).splitlines()[0]})"
+        ) from None
     if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
         raise InputError(f"{path}: expected a float N x D array, found {x.dtype} {x.shape}")
     if labels is not None and len(labels) != len(x):
         raise InputError(f"{path}: {len(labels)} labels for {len(x)} embeddings; re-create it with crlf extract")
     y = None if labels is None else torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), y, list(names), {k: v for k, v in prov.items() if k not in ("ids", "labels")}
+    return (
+        torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
+        y,
+        list(names),
+        {k: v for k, v in prov.items() if k not in ("ids", "labels")},
+    )
 
 
-def _labelled(settings: KnnEvalSettings | LinearEvalSettings, device: torch.device, features: bool = True) -> dict[str, Any]:
+def _labelled(
+    settings: KnnEvalSettings | LinearEvalSettings, device: torch.device, features: bool = True
+) -> dict[str, Any]:
     """Train and test labels with their features, from a checkpoint + data or from two embeddings files.
 
     features=False (fine-tuning, which trains on the images): the encoder and the loaded images instead of features.
@@ -170,25 +216,50 @@ def _labelled(settings: KnnEvalSettings | LinearEvalSettings, device: torch.devi
         encoder, meta = _open_encoder(settings, device)
         train = data.load(encoder_data(settings, meta), settings.split)
         test = data.load(encoder_data(settings, meta), "test")
-        parts = {"train_y": train.labels, "test_y": test.labels, "class_names": train.class_names,
-                 "source": {"checkpoint": str(settings.ckpt), "data": train.source},
-                 "train_size": len(train), "test_size": len(test), "dim": meta["feature_dim"]}
+        parts = {
+            "train_y": train.labels,
+            "test_y": test.labels,
+            "class_names": train.class_names,
+            "source": {"checkpoint": str(settings.ckpt), "data": train.source},
+            "train_size": len(train),
+            "test_size": len(test),
+            "dim": meta["feature_dim"],
+        }
         if features:
-            parts.update(train_x=embed_images(settings, encoder, meta, device, train), test_x=embed_images(settings, encoder, meta, device, test))
+            parts.update(
+                train_x=embed_images(settings, encoder, meta, device, train),
+                test_x=embed_images(settings, encoder, meta, device, test),
+            )
         else:
             parts.update(encoder=encoder, meta=meta, train_images=train.images, test_images=test.images)
     else:
         assert settings.train_emb is not None and settings.test_emb is not None
         train_x, train_y, names, prov = read_embeddings(settings.train_emb)
         test_x, test_y, _, _ = read_embeddings(settings.test_emb)
-        parts = {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y, "class_names": names,
-                 "source": {"train_emb": str(settings.train_emb), "test_emb": str(settings.test_emb), "checkpoint": prov.get("checkpoint")},
-                 "train_size": len(train_x), "test_size": len(test_x), "dim": train_x.shape[1]}
+        parts = {
+            "train_x": train_x,
+            "train_y": train_y,
+            "test_x": test_x,
+            "test_y": test_y,
+            "class_names": names,
+            "source": {
+                "train_emb": str(settings.train_emb),
+                "test_emb": str(settings.test_emb),
+                "checkpoint": prov.get("checkpoint"),
+            },
+            "train_size": len(train_x),
+            "test_size": len(test_x),
+            "dim": train_x.shape[1],
+        }
     for split in ("train", "test"):
         if parts[f"{split}_y"] is None:
-            raise InputError(f"the {split} split has no labels: evaluation needs a labelled data set (class sub-folders, CIFAR, STL-10 train/test, npz with labels)")
+            raise InputError(
+                f"the {split} split has no labels: evaluation needs a labelled data set (class sub-folders, CIFAR, STL-10 train/test, npz with labels)"
+            )
     if features and parts["train_x"].shape[1] != parts["test_x"].shape[1]:
-        raise InputError(f"train and test embeddings differ in size ({parts['train_x'].shape[1]} vs {parts['test_x'].shape[1]}): extract both with the same checkpoint")
+        raise InputError(
+            f"train and test embeddings differ in size ({parts['train_x'].shape[1]} vs {parts['test_x'].shape[1]}): extract both with the same checkpoint"
+        )
     parts["num_classes"] = int(max(parts["train_y"].max(), parts["test_y"].max())) + 1
     parts["class_names"] = parts["class_names"] or [str(i) for i in range(parts["num_classes"])]
     return parts
@@ -201,17 +272,47 @@ def linear_eval(settings: LinearEvalSettings) -> dict[str, Any]:
     runs = []
     for fraction in settings.label_fraction:
         for seed in range(settings.seed, settings.seed + settings.seeds):
-            idx = evaluate.balanced_subset(parts["train_y"], fraction, seed) if fraction < 1 else torch.arange(len(parts["train_y"]))
+            idx = (
+                evaluate.balanced_subset(parts["train_y"], fraction, seed)
+                if fraction < 1
+                else torch.arange(len(parts["train_y"]))
+            )
             if settings.finetune:  # evaluate.finetune trains a copy: the one encoder serves every run
-                result = evaluate.finetune(parts["encoder"], parts["meta"], parts["train_images"][idx], parts["train_y"][idx],
-                                           parts["test_images"], parts["test_y"], parts["num_classes"], device=device,
-                                           epochs=settings.probe_epochs, seed=seed, **({"lr": settings.probe_lr} if settings.probe_lr else {}))
+                result = evaluate.finetune(
+                    parts["encoder"],
+                    parts["meta"],
+                    parts["train_images"][idx],
+                    parts["train_y"][idx],
+                    parts["test_images"],
+                    parts["test_y"],
+                    parts["num_classes"],
+                    device=device,
+                    epochs=settings.probe_epochs,
+                    seed=seed,
+                    **({"lr": settings.probe_lr} if settings.probe_lr else {}),
+                )
             else:
-                result = evaluate.linear_probe(parts["train_x"][idx], parts["train_y"][idx], parts["test_x"], parts["test_y"],
-                                               parts["num_classes"], device=device, seed=seed, epochs=settings.probe_epochs,
-                                               lr=settings.probe_lr, weight_decay=settings.probe_weight_decay)
-            log.info("label fraction %g, seed %d: top-1 %.2f%%  top-5 %.2f%%  (%s train images, %.1f s)", fraction, seed,
-                     result["top1"], result["top5"], f"{len(idx):,}", result["seconds"])
+                result = evaluate.linear_probe(
+                    parts["train_x"][idx],
+                    parts["train_y"][idx],
+                    parts["test_x"],
+                    parts["test_y"],
+                    parts["num_classes"],
+                    device=device,
+                    seed=seed,
+                    epochs=settings.probe_epochs,
+                    lr=settings.probe_lr,
+                    weight_decay=settings.probe_weight_decay,
+                )
+            log.info(
+                "label fraction %g, seed %d: top-1 %.2f%%  top-5 %.2f%%  (%s train images, %.1f s)",
+                fraction,
+                seed,
+                result["top1"],
+                result["top5"],
+                f"{len(idx):,}",
+                result["seconds"],
+            )
             runs.append({"fraction": fraction, "seed": seed, **result})
     return _report("finetune" if settings.finetune else "linear", settings, parts, runs)
 
@@ -220,23 +321,53 @@ def knn_eval(settings: KnnEvalSettings) -> dict[str, Any]:
     """Weighted kNN (cosine, k neighbours, temperature) on the test split."""
     device = select_device(settings.device)
     parts = _labelled(settings, device)
-    result = evaluate.knn_classify(parts["train_x"], parts["train_y"], parts["test_x"], parts["test_y"], parts["num_classes"],
-                                   k=settings.k, temperature=settings.knn_temperature, device=device)
+    result = evaluate.knn_classify(
+        parts["train_x"],
+        parts["train_y"],
+        parts["test_x"],
+        parts["test_y"],
+        parts["num_classes"],
+        k=settings.k,
+        temperature=settings.knn_temperature,
+        device=device,
+    )
     return _report("knn", settings, parts, [{"fraction": 1.0, "seed": 0, **result}])
 
 
-def _report(protocol: str, settings: KnnEvalSettings | LinearEvalSettings, parts: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
+def _report(
+    protocol: str, settings: KnnEvalSettings | LinearEvalSettings, parts: dict[str, Any], runs: list[dict[str, Any]]
+) -> dict[str, Any]:
     """The result document: every run, mean / std per label fraction, the main run's details; saved when asked or known."""
     summary = []
     for fraction in dict.fromkeys(r["fraction"] for r in runs):
         group = [r for r in runs if r["fraction"] == fraction]
-        stats = {m: (round(statistics.fmean(r[m] for r in group), 4), round(statistics.pstdev(r[m] for r in group), 4)) for m in ("top1", "top5")}
-        summary.append({"fraction": fraction, "runs": len(group), "top1_mean": stats["top1"][0], "top1_std": stats["top1"][1],
-                        "top5_mean": stats["top5"][0], "top5_std": stats["top5"][1]})
+        stats = {
+            m: (round(statistics.fmean(r[m] for r in group), 4), round(statistics.pstdev(r[m] for r in group), 4))
+            for m in ("top1", "top5")
+        }
+        summary.append(
+            {
+                "fraction": fraction,
+                "runs": len(group),
+                "top1_mean": stats["top1"][0],
+                "top1_std": stats["top1"][1],
+                "top5_mean": stats["top5"][0],
+                "top5_std": stats["top5"][1],
+            }
+        )
     main = max(runs, key=lambda r: r["fraction"])
-    result = {"protocol": protocol, **parts["source"], "train_size": parts["train_size"], "test_size": parts["test_size"],
-              "dim": parts["dim"], "class_names": parts["class_names"], "top1": main["top1"], "top5": main["top5"],
-              "summary": summary, "runs": [{k: v for k, v in r.items() if k not in ("confusion", "per_class")} for r in runs]}
+    result = {
+        "protocol": protocol,
+        **parts["source"],
+        "train_size": parts["train_size"],
+        "test_size": parts["test_size"],
+        "dim": parts["dim"],
+        "class_names": parts["class_names"],
+        "top1": main["top1"],
+        "top5": main["top5"],
+        "summary": summary,
+        "runs": [{k: v for k, v in r.items() if k not in ("confusion", "per_class")} for r in runs],
+    }
     if "confusion" in main:
         result["per_class"], result["confusion"] = main["per_class"], main["confusion"]
     target = settings.results

@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 
 MIN_SIDE = 8  # smaller images vanish in a ResNet's strided stages
 # fine-tuning's light augmentation: random resized crop of 50-100% of the area and a horizontal flip, no colour ops
-FINETUNE_AUGMENT = AugmentSettings(crop_min_scale=0.5, crop_max_scale=1.0, flip_p=0.5, jitter_strength=0.0, jitter_p=0.0, grayscale_p=0.0)
+FINETUNE_AUGMENT = AugmentSettings(
+    crop_min_scale=0.5, crop_max_scale=1.0, flip_p=0.5, jitter_strength=0.0, jitter_p=0.0, grayscale_p=0.0
+)
 
 
 # --- checks ---------------------------------------------------------------------------------------
@@ -37,11 +39,15 @@ def _positive(**values: float) -> None:
 
 def _check_images(images: torch.Tensor, what: str) -> None:
     if images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
-        raise InputError(f"{what}: expected uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}; load them with crlf's data sources")
+        raise InputError(
+            f"{what}: expected uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}; load them with crlf's data sources"
+        )
     if len(images) == 0:
         raise InputError(f"{what}: no images to process; check the data source and --limit")
     if min(images.shape[-2:]) < MIN_SIDE:
-        raise InputError(f"{what}: images of {images.shape[-2]}x{images.shape[-1]} px are too small for the encoder; use --image-size {MIN_SIDE} or more")
+        raise InputError(
+            f"{what}: images of {images.shape[-2]}x{images.shape[-1]} px are too small for the encoder; use --image-size {MIN_SIDE} or more"
+        )
 
 
 def _check_labels(y: torch.Tensor, n: int, num_classes: int, what: str) -> None:
@@ -50,27 +56,39 @@ def _check_labels(y: torch.Tensor, n: int, num_classes: int, what: str) -> None:
     if num_classes < 2:
         raise InputError(f"{what}: classification needs at least 2 classes, got num_classes={num_classes}")
     if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise InputError(f"{what}: labels span {int(y.min())}..{int(y.max())}, outside 0..{num_classes - 1}; pass a num_classes above the largest label")
+        raise InputError(
+            f"{what}: labels span {int(y.min())}..{int(y.max())}, outside 0..{num_classes - 1}; pass a num_classes above the largest label"
+        )
 
 
 def _check_features(x: torch.Tensor, y: torch.Tensor, num_classes: int, what: str, dim: int | None = None) -> None:
     if x.ndim != 2 or not x.is_floating_point() or len(x) == 0:
         raise InputError(f"{what} features: expected a non-empty float (N, D) matrix, got {x.dtype} {tuple(x.shape)}")
     if dim is not None and x.shape[1] != dim:
-        raise InputError(f"{what} features have {x.shape[1]} dimensions, train features {dim}: embed both splits with the same encoder")
+        raise InputError(
+            f"{what} features have {x.shape[1]} dimensions, train features {dim}: embed both splits with the same encoder"
+        )
     if not bool(torch.isfinite(x).all()):
-        raise InputError(f"{what} features contain NaN or infinite values: the encoder diverged; re-extract with a healthy checkpoint")
+        raise InputError(
+            f"{what} features contain NaN or infinite values: the encoder diverged; re-extract with a healthy checkpoint"
+        )
     _check_labels(y, len(x), num_classes, what)
 
 
 def _normaliser(meta: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The encoder's per-channel mean and std from its metadata, as (1, 3, 1, 1) tensors on `device`."""
     try:
-        mean, std = (torch.tensor([float(v) for v in meta[key]], device=device).view(1, 3, 1, 1) for key in ("mean", "std"))
+        mean, std = (
+            torch.tensor([float(v) for v in meta[key]], device=device).view(1, 3, 1, 1) for key in ("mean", "std")
+        )
     except (KeyError, TypeError, ValueError, RuntimeError):
-        raise InputError("encoder metadata needs 'mean' and 'std' lists of 3 numbers: load the encoder with crlf's load_encoder") from None
+        raise InputError(
+            "encoder metadata needs 'mean' and 'std' lists of 3 numbers: load the encoder with crlf's load_encoder"
+        ) from None
     if not bool((std > 0).all()):
-        raise InputError(f"encoder metadata has a non-positive std {std.flatten().tolist()}: re-create the checkpoint with crlf pretrain")
+        raise InputError(
+            f"encoder metadata has a non-positive std {std.flatten().tolist()}: re-create the checkpoint with crlf pretrain"
+        )
     return mean, std
 
 
@@ -108,7 +126,9 @@ def accuracy_report(logits_or_scores: torch.Tensor, y: torch.Tensor, num_classes
 
 
 # --- protocols ------------------------------------------------------------------------------------
-def embed(encoder: nn.Module, meta: dict, images: torch.Tensor, device: torch.device, batch_size: int = 512) -> torch.Tensor:
+def embed(
+    encoder: nn.Module, meta: dict, images: torch.Tensor, device: torch.device, batch_size: int = 512
+) -> torch.Tensor:
     """Features of uint8 (N, 3, H, W) images from the frozen encoder in eval mode: float32 (N, D) on the CPU, in input order.
 
     Un-augmented images, scaled to [0, 1] and normalised with meta's mean / std as in pretraining; eval mode makes
@@ -117,7 +137,12 @@ def embed(encoder: nn.Module, meta: dict, images: torch.Tensor, device: torch.de
     _check_images(images, "embed")
     _positive(batch_size=batch_size)
     if meta.get("image_size") not in (None, images.shape[-1]):
-        log.warning("embedding %dx%d px images with an encoder pretrained on %s px", images.shape[-2], images.shape[-1], meta["image_size"])
+        log.warning(
+            "embedding %dx%d px images with an encoder pretrained on %s px",
+            images.shape[-2],
+            images.shape[-1],
+            meta["image_size"],
+        )
     mean, std = _normaliser(meta, device)
     dtype, was_training = autocast_dtype(device), encoder.training
     out: torch.Tensor | None = None
@@ -141,9 +166,20 @@ def embed(encoder: nn.Module, meta: dict, images: torch.Tensor, device: torch.de
     return out
 
 
-def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, num_classes: int, *,
-                 device: torch.device, seed: int = 0, epochs: int = 100, batch_size: int = 1024, lr: float | None = None,
-                 weight_decay: float = 0.0) -> dict[str, Any]:
+def linear_probe(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    num_classes: int,
+    *,
+    device: torch.device,
+    seed: int = 0,
+    epochs: int = 100,
+    batch_size: int = 1024,
+    lr: float | None = None,
+    weight_decay: float = 0.0,
+) -> dict[str, Any]:
     """Linear classification accuracy of frozen features: the standard measure of representation quality.
 
     Features are standardised per dimension with the train split's mean and std, then one zero-initialised
@@ -185,12 +221,26 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     with torch.no_grad():
         logits = head((test_x.to(device, torch.float32) - mean) / std)
     log.debug("linear probe: %d steps, lr %.4g, last batch loss %.4f", steps, lr, loss.detach())
-    return {**accuracy_report(logits, test_y, num_classes), "train_size": n, "test_size": len(test_x),
-            "seconds": round(time.perf_counter() - t0, 3)}
+    return {
+        **accuracy_report(logits, test_y, num_classes),
+        "train_size": n,
+        "test_size": len(test_x),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
 
 
-def knn_classify(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, num_classes: int, *,
-                 k: int = 200, temperature: float = 0.1, device: torch.device, chunk: int = 1024) -> dict[str, Any]:
+def knn_classify(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    num_classes: int,
+    *,
+    k: int = 200,
+    temperature: float = 0.1,
+    device: torch.device,
+    chunk: int = 1024,
+) -> dict[str, Any]:
     """Weighted kNN accuracy on cosine similarity (InstDisc, MoCo's monitor): a training-free check of the features.
 
     Each test row's k most similar train rows vote for their class with weight exp(similarity / temperature);
@@ -212,8 +262,13 @@ def knn_classify(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         votes = torch.zeros((len(query), num_classes), device=device).scatter_add_(1, labels[idx], weights)
         scores[i : i + len(query)] = votes.cpu()
     report = accuracy_report(scores, test_y, num_classes)
-    return {"top1": report["top1"], "top5": report["top5"], "k": k, "temperature": temperature,
-            "seconds": round(time.perf_counter() - t0, 3)}
+    return {
+        "top1": report["top1"],
+        "top5": report["top5"],
+        "k": k,
+        "temperature": temperature,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
 
 
 def balanced_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
@@ -233,9 +288,22 @@ def balanced_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.T
     return torch.cat(picked).sort().values.to(torch.int64)
 
 
-def finetune(encoder: nn.Module, meta: dict, train_images: torch.Tensor, train_y: torch.Tensor, test_images: torch.Tensor,
-             test_y: torch.Tensor, num_classes: int, *, device: torch.device, epochs: int = 30, batch_size: int = 256,
-             lr: float = 0.05, encoder_lr_scale: float = 0.1, seed: int = 0) -> dict[str, Any]:
+def finetune(
+    encoder: nn.Module,
+    meta: dict,
+    train_images: torch.Tensor,
+    train_y: torch.Tensor,
+    test_images: torch.Tensor,
+    test_y: torch.Tensor,
+    num_classes: int,
+    *,
+    device: torch.device,
+    epochs: int = 30,
+    batch_size: int = 256,
+    lr: float = 0.05,
+    encoder_lr_scale: float = 0.1,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Fine-tuning accuracy: a copy of the encoder is trained with a new linear head on the labelled images.
 
     The other downstream protocol (SimCLR's semi-supervised table): light augmentation (random resized crop of
@@ -250,7 +318,9 @@ def finetune(encoder: nn.Module, meta: dict, train_images: torch.Tensor, train_y
     _check_labels(test_y, len(test_images), num_classes, "fine-tuning test")
     _positive(epochs=epochs, batch_size=batch_size, lr=lr, encoder_lr_scale=encoder_lr_scale)
     if len(train_images) < 2:
-        raise InputError("fine-tuning needs at least 2 labelled train images (BatchNorm trains on batch statistics); use a larger label fraction")
+        raise InputError(
+            "fine-tuning needs at least 2 labelled train images (BatchNorm trains on batch statistics); use a larger label fraction"
+        )
     t0 = time.perf_counter()
     model = copy.deepcopy(encoder).to(device)
     mean, std = _normaliser(meta, device)
@@ -259,7 +329,9 @@ def finetune(encoder: nn.Module, meta: dict, train_images: torch.Tensor, train_y
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     base = [lr * encoder_lr_scale, lr]
-    optimizer = torch.optim.SGD([{"params": model.parameters(), "lr": base[0]}, {"params": head.parameters(), "lr": base[1]}], momentum=0.9)
+    optimizer = torch.optim.SGD(
+        [{"params": model.parameters(), "lr": base[0]}, {"params": head.parameters(), "lr": base[1]}], momentum=0.9
+    )
     images, y = train_images.to(device), train_y.to(device, torch.long)
     n, (h, w) = len(images), images.shape[-2:]
     batch = min(batch_size, n)
@@ -284,5 +356,9 @@ def finetune(encoder: nn.Module, meta: dict, train_images: torch.Tensor, train_y
     with torch.no_grad():
         logits = head(features.to(device))
     log.debug("fine-tuning: %d steps, last batch loss %.4f", steps, loss.detach())
-    return {**accuracy_report(logits, test_y, num_classes), "train_size": n, "test_size": len(test_images),
-            "seconds": round(time.perf_counter() - t0, 3)}
+    return {
+        **accuracy_report(logits, test_y, num_classes),
+        "train_size": n,
+        "test_size": len(test_images),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }

@@ -45,7 +45,9 @@ def load_folder(data_dir: Path, split: str, size: int, cache_dir: Path | None = 
         raise InputError(f"{data_dir} does not exist or is not a folder: point --data-dir at a folder of images")
     root = base / split if (base / split).is_dir() else base
     if root == base and split != "train":
-        raise InputError(f"{data_dir} has no {split}/ sub-folder: use --split train, or a folder that has {split}/ in it")
+        raise InputError(
+            f"{data_dir} has no {split}/ sub-folder: use --split train, or a folder that has {split}/ in it"
+        )
     files = _scan(root)
     if not files:
         raise InputError(f"{root} is empty: put images in it (one sub-folder per class gives labels)")
@@ -61,7 +63,13 @@ def load_folder(data_dir: Path, split: str, size: int, cache_dir: Path | None = 
         _write_cache(cache, images, skipped)
     if skipped:
         named = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3:,} more" if len(skipped) > 3 else "")
-        log.warning("skipped %s of %s files in %s that are not readable images: %s", f"{len(skipped):,}", f"{len(files):,}", root, named)
+        log.warning(
+            "skipped %s of %s files in %s that are not readable images: %s",
+            f"{len(skipped):,}",
+            f"{len(files):,}",
+            root,
+            named,
+        )
     return images
 
 
@@ -115,12 +123,16 @@ def _decode_folder(base: Path, root: Path, rels: list[str], size: int) -> tuple[
     skipped += [f"{r} ({e})" for r, e in zip(candidates, errors) if e is not None]
     keep = [i for i, e in enumerate(errors) if e is None]
     if not keep:
-        raise InputError(f"no readable images in {root} ({', '.join(skipped[:3])}): use files Pillow can read (png, jpg, bmp, tiff, webp, ...)")
+        raise InputError(
+            f"no readable images in {root} ({', '.join(skipped[:3])}): use files Pillow can read (png, jpg, bmp, tiff, webp, ...)"
+        )
     log.info("decoded %s images in %.1f s", f"{len(keep):,}", time.monotonic() - start)
     kept, index = [candidates[i] for i in keep], {name: i for i, name in enumerate(classes)}
     labels = torch.tensor([index[r.split("/", 1)[0]] for r in kept]) if classes else None
     ids = [(root.relative_to(base) / r).as_posix() for r in kept]
-    return ImageSet(torch.from_numpy(out if len(keep) == len(out) else out[keep]), labels, classes, ids, f"folder:{root}"), skipped
+    return ImageSet(
+        torch.from_numpy(out if len(keep) == len(out) else out[keep]), labels, classes, ids, f"folder:{root}"
+    ), skipped
 
 
 def _decode(path: Path, size: int) -> np.ndarray:
@@ -154,7 +166,9 @@ def _read_cache(path: Path, source: str) -> tuple[ImageSet, list[str]] | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             labels = torch.from_numpy(z["labels"]) if "labels" in z.files else None
-            images = ImageSet(torch.from_numpy(z["images"]), labels, z["class_names"].tolist(), z["ids"].tolist(), source)
+            images = ImageSet(
+                torch.from_numpy(z["images"]), labels, z["class_names"].tolist(), z["ids"].tolist(), source
+            )
             skipped = z["skipped"].tolist()
         if len(images.ids) != len(images) or (labels is not None and len(labels) != len(images)):
             raise ValueError("its arrays have different lengths")
@@ -166,7 +180,13 @@ def _read_cache(path: Path, source: str) -> tuple[ImageSet, list[str]] | None:
 
 def _write_cache(path: Path, images: ImageSet, skipped: list[str]) -> None:
     """Save the decode atomically (temp file, fsync, rename) and drop older caches of the same folder."""
-    arrays = {"images": images.images.numpy(), **{k: np.array(v, dtype=np.str_) for k, v in (("class_names", images.class_names), ("ids", images.ids), ("skipped", skipped))}}
+    arrays = {
+        "images": images.images.numpy(),
+        **{
+            k: np.array(v, dtype=np.str_)
+            for k, v in (("class_names", images.class_names), ("ids", images.ids), ("skipped", skipped))
+        },
+    }
     if images.labels is not None:
         arrays["labels"] = images.labels.numpy()
     try:
@@ -177,4 +197,8 @@ def _write_cache(path: Path, images: ImageSet, skipped: list[str]) -> None:
                 old.unlink(missing_ok=True)
         log.info("cached the decoded images in %s", path)
     except OSError as e:
-        log.warning("cannot write the image cache in %s (%s): continuing without it (point --cache-dir at a writable folder)", path.parent, short_reason(e))
+        log.warning(
+            "cannot write the image cache in %s (%s): continuing without it (point --cache-dir at a writable folder)",
+            path.parent,
+            short_reason(e),
+        )

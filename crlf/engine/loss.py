@@ -20,4 +20,3 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
     logits.fill_diagonal_(float("-inf"))  # a view is never its own negative
     targets = torch.arange(2 * n, device=z.device).roll(n)  # i <-> i + N
     return F.cross_entropy(logits, targets)
-

@@ -28,7 +28,9 @@ class LARS(torch.optim.Optimizer):
                 if p.ndim > 1:  # weight matrices / conv kernels: decay and adapt
                     grad = grad.add(p, alpha=group["weight_decay"])
                     w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(grad)
-                    ratio = torch.where((w_norm > 0) & (g_norm > 0), group["trust"] * w_norm / g_norm, torch.ones_like(w_norm))
+                    ratio = torch.where(
+                        (w_norm > 0) & (g_norm > 0), group["trust"] * w_norm / g_norm, torch.ones_like(w_norm)
+                    )
                     grad = grad.mul(ratio)
                 buf = self.state[p].get("momentum_buffer")
                 if buf is None:

@@ -7,8 +7,9 @@ its suffix names (.png, .svg, .pdf). Every figure has a title, labelled axes and
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -17,8 +18,16 @@ from matplotlib.ticker import MaxNLocator
 
 from crlf.engine.checkpoint import atomic_write
 
-matplotlib.rcParams.update({"font.size": 10, "axes.titlesize": 11, "figure.titlesize": 13, "axes.grid": False,
-                            "savefig.facecolor": "white", "svg.fonttype": "none"})
+matplotlib.rcParams.update(
+    {
+        "font.size": 10,
+        "axes.titlesize": 11,
+        "figure.titlesize": 13,
+        "axes.grid": False,
+        "savefig.facecolor": "white",
+        "svg.fonttype": "none",
+    }
+)
 DPI = 100
 
 
@@ -40,8 +49,11 @@ def _colours(n: int) -> Any:
 
 def loss_curves(runs: Sequence[tuple[str, list[dict[str, Any]]]]) -> Figure:
     """Per-epoch panels from metrics.jsonl: loss, learning rate, images/s, and kNN top-1 when any run recorded it."""
-    panels = [("loss", "NT-Xent loss", "Training loss"), ("lr", "learning rate", "Learning rate (end of epoch)"),
-              ("images_per_s", "images / s", "Throughput")]
+    panels = [
+        ("loss", "NT-Xent loss", "Training loss"),
+        ("lr", "learning rate", "Learning rate (end of epoch)"),
+        ("images_per_s", "images / s", "Throughput"),
+    ]
     if any("knn_top1" in m for _, metrics in runs for m in metrics):
         panels.append(("knn_top1", "kNN top-1 (%)", "kNN accuracy on the test split"))
     fig = _figure(11, 7.5)
@@ -64,16 +76,21 @@ def loss_curves(runs: Sequence[tuple[str, list[dict[str, Any]]]]) -> Figure:
         pad = max(0.5, 0.03 * (hi - lo))
         for ax in axes[: len(panels)]:
             ax.set_xlim(lo - pad, hi + pad)
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.set_visible(False)
     if len(runs) > 1 or runs[0][0]:
         axes[0].legend(fontsize=9)
     last = runs[0][1][-1] if runs[0][1] else {}
-    fig.suptitle(f"Training of {', '.join(name for name, _ in runs)}" + (f" ({last['epoch']} epochs, final loss {last['loss']:.4f})" if len(runs) == 1 and last else ""))
+    fig.suptitle(
+        f"Training of {', '.join(name for name, _ in runs)}"
+        + (f" ({last['epoch']} epochs, final loss {last['loss']:.4f})" if len(runs) == 1 and last else "")
+    )
     return fig
 
 
-def embedding_map(coords: np.ndarray, labels: np.ndarray | None, class_names: Sequence[str], title: str, method: str, note: str) -> Figure:
+def embedding_map(
+    coords: np.ndarray, labels: np.ndarray | None, class_names: Sequence[str], title: str, method: str, note: str
+) -> Figure:
     """A 2-D map of embeddings, coloured by class with a legend (grey dots when there are no labels)."""
     fig = _figure(9, 7.5)
     ax = fig.subplots()
@@ -86,9 +103,17 @@ def embedding_map(coords: np.ndarray, labels: np.ndarray | None, class_names: Se
         colours = _colours(n)
         for c in np.unique(labels):
             rows = labels == c
-            ax.scatter(coords[rows, 0], coords[rows, 1], s=size, color=colours(int(c)), alpha=0.7, linewidths=0, label=names[c])
+            ax.scatter(
+                coords[rows, 0], coords[rows, 1], s=size, color=colours(int(c)), alpha=0.7, linewidths=0, label=names[c]
+            )
         if n <= 20:
-            ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=max(1.0, 12 / size) ** 0.5, frameon=False, title="class")
+            ax.legend(
+                loc="center left",
+                bbox_to_anchor=(1.0, 0.5),
+                markerscale=max(1.0, 12 / size) ** 0.5,
+                frameon=False,
+                title="class",
+            )
     ax.set(title=note, xlabel=f"{method} 1", ylabel=f"{method} 2")
     ax.set_xticks([]), ax.set_yticks([])
     fig.suptitle(title)
@@ -113,8 +138,15 @@ def confusion(matrix: np.ndarray, class_names: Sequence[str], title: str) -> Fig
         for i in range(n):
             for j in range(n):
                 if norm[i, j] >= 0.005:
-                    ax.text(j, i, f"{100 * norm[i, j]:.0f}", ha="center", va="center", fontsize=8 if n > 10 else 9,
-                            color="white" if norm[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{100 * norm[i, j]:.0f}",
+                        ha="center",
+                        va="center",
+                        fontsize=8 if n > 10 else 9,
+                        color="white" if norm[i, j] > 0.5 else "black",
+                    )
     ax.set(title=title, xlabel="predicted class", ylabel="true class")
     return fig
 
@@ -131,8 +163,15 @@ def _show(ax: Any, image: np.ndarray, caption: str = "", edge: str | None = None
             spine.set_linewidth(3)
 
 
-def neighbors(queries: np.ndarray, found: np.ndarray, similarity: np.ndarray, query_captions: Sequence[str],
-              captions: Sequence[Sequence[str]], match: np.ndarray | None, title: str) -> Figure:
+def neighbors(
+    queries: np.ndarray,
+    found: np.ndarray,
+    similarity: np.ndarray,
+    query_captions: Sequence[str],
+    captions: Sequence[Sequence[str]],
+    match: np.ndarray | None,
+    title: str,
+) -> Figure:
     """Query images (first column) beside their nearest neighbours; green / red frames: same / other class."""
     rows, k = found.shape[:2]
     fig = _figure(1.25 * (k + 1) + 0.5, 1.45 * rows + 0.8)

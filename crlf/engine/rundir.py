@@ -1,7 +1,7 @@
 """The run directory: its file layout, its lock, the metrics log and the checkpoint snapshots.
 
-    runs/NAME/
-      config.json  metrics.jsonl  last.safetensors  checkpoints/epoch-0005.safetensors  encoder.safetensors  train.log
+runs/NAME/
+  config.json  metrics.jsonl  last.safetensors  checkpoints/epoch-0005.safetensors  encoder.safetensors  train.log
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
@@ -52,7 +53,9 @@ class RunDir:
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-                raise LockedError(f"{self.path} is in use by another crlf process (PID {holder}); wait for it or choose another --out") from None
+                raise LockedError(
+                    f"{self.path} is in use by another crlf process (PID {holder}); wait for it or choose another --out"
+                ) from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             yield
@@ -98,7 +101,9 @@ class RunDir:
 
     def checkpoints_newest_first(self) -> list[Path]:
         """Files a resume can start from: last.safetensors, then the snapshots, newest first."""
-        snapshots = sorted(self.checkpoints.glob("epoch-*.safetensors"), reverse=True) if self.checkpoints.is_dir() else []
+        snapshots = (
+            sorted(self.checkpoints.glob("epoch-*.safetensors"), reverse=True) if self.checkpoints.is_dir() else []
+        )
         return ([self.last] if self.last.is_file() else []) + snapshots
 
     def finished_epoch(self) -> int | None:
@@ -121,8 +126,10 @@ class RunDir:
             with safe_open(str(self.last), framework="pt") as f:
                 return json.loads((f.metadata() or {})["progress"])
         except (SafetensorError, OSError, KeyError, ValueError) as e:
-            raise InputError(f"{self.last} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                             "use --force to start over") from None
+            raise InputError(
+                f"{self.last} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                "use --force to start over"
+            ) from None
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         """Append one epoch's record as a JSON line, flushed to disk."""
@@ -149,7 +156,9 @@ class RunDir:
         tmp = target.with_name(f".{target.name}.tmp")
         tmp.unlink(missing_ok=True)
         try:
-            os.link(self.last, tmp)  # last.safetensors is replaced by rename, never rewritten: a hard link is a true copy
+            os.link(
+                self.last, tmp
+            )  # last.safetensors is replaced by rename, never rewritten: a hard link is a true copy
         except OSError:
             shutil.copyfile(self.last, tmp)
         os.replace(tmp, target)

@@ -8,7 +8,8 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 log = logging.getLogger("crlf.engine.train")
 
@@ -30,8 +31,10 @@ class StopFlag:
         if self.signum and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        log.warning("%s received: finishing this step and saving a resumable checkpoint (Ctrl-C again aborts at once)",
-                    signal.Signals(signum).name)
+        log.warning(
+            "%s received: finishing this step and saving a resumable checkpoint (Ctrl-C again aborts at once)",
+            signal.Signals(signum).name,
+        )
 
     @staticmethod
     def _watch(fd: int) -> None:
@@ -39,7 +42,9 @@ class StopFlag:
         while data := os.read(fd, 64):  # b"" once the write end is closed
             interrupts += data.count(signal.SIGINT)
             if interrupts >= 2:
-                sys.stderr.write("error: interrupted: a second Ctrl-C aborted the run; --resume continues from the last checkpoint\n")
+                sys.stderr.write(
+                    "error: interrupted: a second Ctrl-C aborted the run; --resume continues from the last checkpoint\n"
+                )
                 sys.stderr.flush()
                 os._exit(130)
 

@@ -13,9 +13,10 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -33,8 +34,22 @@ from crlf.settings import PretrainSettings
 log = logging.getLogger(__name__)
 
 # Settings that define what a run *is*: resuming with another value would silently mix two experiments.
-IDENTITY_KEYS = ("data", "data_dir", "split", "image_size", "limit", "arch", "stem", "head_hidden", "head_out",
-                 "head_layers", "head_dropout", "batch_size", "optimizer", "seed")
+IDENTITY_KEYS = (
+    "data",
+    "data_dir",
+    "split",
+    "image_size",
+    "limit",
+    "arch",
+    "stem",
+    "head_hidden",
+    "head_out",
+    "head_layers",
+    "head_dropout",
+    "batch_size",
+    "optimizer",
+    "seed",
+)
 
 
 class Reporter(Protocol):
@@ -78,8 +93,14 @@ class _Setup:
     world: distributed.World
 
 
-def pretrain(settings: PretrainSettings, reporter: Reporter | None = None, *, resume: bool = False, force: bool = False,
-             hard_abort: bool = False) -> dict[str, Any]:
+def pretrain(
+    settings: PretrainSettings,
+    reporter: Reporter | None = None,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    hard_abort: bool = False,
+) -> dict[str, Any]:
     """Train an encoder with SimCLR as `settings` say, writing the run directory; returns a summary dict.
 
     resume: continue from last.safetensors when there is one (a no-op when the run is complete);
@@ -91,20 +112,33 @@ def pretrain(settings: PretrainSettings, reporter: Reporter | None = None, *, re
     if not world.main:
         logger.setLevel(logging.WARNING)  # the main process tells the story; the others speak up only about problems
     try:
-        return _pretrain(settings, (reporter or _Silent()) if world.main else _Silent(), world, resume, force, hard_abort)
+        return _pretrain(
+            settings, (reporter or _Silent()) if world.main else _Silent(), world, resume, force, hard_abort
+        )
     finally:
         logger.setLevel(level)
         distributed.leave(world)
 
 
-def _pretrain(settings: PretrainSettings, reporter: Reporter, world: distributed.World, resume: bool, force: bool,
-              hard_abort: bool) -> dict[str, Any]:
+def _pretrain(
+    settings: PretrainSettings,
+    reporter: Reporter,
+    world: distributed.World,
+    resume: bool,
+    force: bool,
+    hard_abort: bool,
+) -> dict[str, Any]:
     """The run, in every process; the main process (rank 0) alone locks, decides, writes and reports."""
     if settings.batch_size % world.world_size:
-        raise InputError(f"--batch-size {settings.batch_size} is the global batch: it must divide evenly among {world.world_size} processes")
+        raise InputError(
+            f"--batch-size {settings.batch_size} is the global batch: it must divide evenly among {world.world_size} processes"
+        )
     run = RunDir(settings.out)
     main = world.main
-    with run.locked() if main else contextlib.nullcontext(), run.logging_to_file() if main else contextlib.nullcontext():
+    with (
+        run.locked() if main else contextlib.nullcontext(),
+        run.logging_to_file() if main else contextlib.nullcontext(),
+    ):
         plan = 0  # 0: fresh start, 1: resume, 2: complete (main decides; the others follow)
         if main:
             run.remove_temp_files()  # left by a process killed while writing
@@ -119,12 +153,16 @@ def _pretrain(settings: PretrainSettings, reporter: Reporter, world: distributed
         setup = _build(settings, world)  # bad data or settings fail here, before anything is written
         if main:
             with _writing(run):
-                atomic_write(run.config, lambda f: f.write(json.dumps(settings.model_dump(mode="json"), indent=2).encode()))
+                atomic_write(
+                    run.config, lambda f: f.write(json.dumps(settings.model_dump(mode="json"), indent=2).encode())
+                )
         distributed.barrier(world)  # the others read checkpoints only after the main process has set up
         progress, rng = _restore(run, setup, world) if plan == 1 else (None, {})
         stop = StopFlag(hard_abort)
         with stop.installed():
-            return _loop(settings, setup, run, reporter, progress or {"epoch": 0, "plateau": Plateau().state()}, rng, stop)
+            return _loop(
+                settings, setup, run, reporter, progress or {"epoch": 0, "plateau": Plateau().state()}, rng, stop
+            )
 
 
 def _prepare(run: RunDir, settings: PretrainSettings, *, resume: bool, force: bool) -> bool:
@@ -135,17 +173,24 @@ def _prepare(run: RunDir, settings: PretrainSettings, *, resume: bool, force: bo
     if not run.has_run():
         return False
     if not resume:
-        raise InputError(f"{run.path} already holds a run: pass --resume to continue it, --force to start over, or choose another --out")
+        raise InputError(
+            f"{run.path} already holds a run: pass --resume to continue it, --force to start over, or choose another --out"
+        )
     saved = run.saved_config()
     if not run.checkpoints_newest_first():
         log.info("%s has no checkpoint yet: starting fresh", run.path)
         with _writing(run):
             run.truncate_metrics(0)  # a line of an epoch whose checkpoint was never written
         return False
-    conflicts = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in settings.model_dump(mode="json").items()
-                 if k in IDENTITY_KEYS and k in saved and saved[k] != v]
+    conflicts = [
+        f"{k}: {saved.get(k)!r} -> {v!r}"
+        for k, v in settings.model_dump(mode="json").items()
+        if k in IDENTITY_KEYS and k in saved and saved[k] != v
+    ]
     if conflicts:
-        raise InputError(f"cannot resume {run.path}: settings differ from the saved run ({'; '.join(conflicts)}); use --force to start over")
+        raise InputError(
+            f"cannot resume {run.path}: settings differ from the saved run ({'; '.join(conflicts)}); use --force to start over"
+        )
     return True
 
 
@@ -162,8 +207,12 @@ def _restore(run: RunDir, s: _Setup, world: distributed.World) -> tuple[dict[str
         if path != run.last:
             log.warning("resuming from the snapshot %s instead", path)
         if progress.get("step") and progress.get("world_size", 1) != world.world_size:
-            log.warning("the run stopped inside epoch %d with %d processes, now %d: that epoch starts over",
-                        progress["epoch"] + 1, progress.get("world_size", 1), world.world_size)
+            log.warning(
+                "the run stopped inside epoch %d with %d processes, now %d: that epoch starts over",
+                progress["epoch"] + 1,
+                progress.get("world_size", 1),
+                world.world_size,
+            )
             progress = {**progress, "step": 0}
         rng = distributed.own_states(rng, world)
         if world.main:
@@ -180,8 +229,10 @@ def _writing(run: RunDir) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        raise RunError(f"cannot write to {run.path}: {e.strerror or e}; the previous checkpoint is kept: "
-                       "free some space (or fix the folder) and run the same command with --resume") from None
+        raise RunError(
+            f"cannot write to {run.path}: {e.strerror or e}; the previous checkpoint is kept: "
+            "free some space (or fix the folder) and run the same command with --resume"
+        ) from None
 
 
 def _build(settings: PretrainSettings, world: distributed.World) -> _Setup:
@@ -189,13 +240,23 @@ def _build(settings: PretrainSettings, world: distributed.World) -> _Setup:
     device = world.device
     images = data.load(settings)
     if len(images) < settings.batch_size:
-        raise InputError(f"batch size {settings.batch_size} is larger than the data set ({len(images)} images): use --batch-size {len(images)} or less")
+        raise InputError(
+            f"batch size {settings.batch_size} is larger than the data set ({len(images)} images): use --batch-size {len(images)} or less"
+        )
     amp = autocast_dtype(device, settings.precision)
     size = images.images.shape[-1]
     stem = resolve_stem(settings.stem, size)
     seed_everything(settings.seed)
-    model = SimCLR(build_backbone(settings.arch, stem),
-                   build_head(feature_dim(settings.arch), settings.head_hidden, settings.head_out, settings.head_layers, settings.head_dropout))
+    model = SimCLR(
+        build_backbone(settings.arch, stem),
+        build_head(
+            feature_dim(settings.arch),
+            settings.head_hidden,
+            settings.head_out,
+            settings.head_layers,
+            settings.head_dropout,
+        ),
+    )
     mean, std = channel_stats(images.images)
     model = model.to(device)
     if settings.sync_bn and world.active:
@@ -205,18 +266,40 @@ def _build(settings: PretrainSettings, world: distributed.World) -> _Setup:
     optimizer = build_optimizer(model, settings.optimizer, settings.resolved_lr, settings.resolved_weight_decay)
     monitor = _monitor_data(settings, images) if settings.knn_every and world.main else None
     step_model = distributed.wrap(model, world)
-    log.info("%s images %dx%d from %s; %s (%s stem) on %s%s; %d steps/epoch%s", f"{len(images):,}", size, size, images.source, settings.arch,
-             stem, device, f" ({str(amp).removeprefix('torch.')})" if amp else "", len(images) // settings.batch_size,
-             f"; {world.world_size} processes x {settings.batch_size // world.world_size} images" if world.active else "")
-    return _Setup(model=model, step_model=torch.compile(step_model) if settings.compile else step_model, optimizer=optimizer,
-                  images=_place(images.images, device), mean=torch.tensor(mean, device=device).view(1, 3, 1, 1),
-                  std=torch.tensor(std, device=device).view(1, 3, 1, 1), stem=stem, device=device, amp=amp, monitor=monitor, world=world)
+    log.info(
+        "%s images %dx%d from %s; %s (%s stem) on %s%s; %d steps/epoch%s",
+        f"{len(images):,}",
+        size,
+        size,
+        images.source,
+        settings.arch,
+        stem,
+        device,
+        f" ({str(amp).removeprefix('torch.')})" if amp else "",
+        len(images) // settings.batch_size,
+        f"; {world.world_size} processes x {settings.batch_size // world.world_size} images" if world.active else "",
+    )
+    return _Setup(
+        model=model,
+        step_model=torch.compile(step_model) if settings.compile else step_model,
+        optimizer=optimizer,
+        images=_place(images.images, device),
+        mean=torch.tensor(mean, device=device).view(1, 3, 1, 1),
+        std=torch.tensor(std, device=device).view(1, 3, 1, 1),
+        stem=stem,
+        device=device,
+        amp=amp,
+        monitor=monitor,
+        world=world,
+    )
 
 
 def _monitor_data(settings: PretrainSettings, images: data.ImageSet) -> _Monitor:
     """The test split for the kNN monitor, at the training image size; labels are required on both sides."""
     if images.labels is None:
-        raise InputError(f"--knn-every needs labelled training images, and {images.source} has none: use a labelled split (e.g. --split train) or --knn-every 0")
+        raise InputError(
+            f"--knn-every needs labelled training images, and {images.source} has none: use a labelled split (e.g. --split train) or --knn-every 0"
+        )
     test = data.load(settings.model_copy(update={"image_size": images.images.shape[-1]}), "test")
     if test.labels is None:
         raise InputError(f"--knn-every needs a labelled test split, and {test.source} has none: use --knn-every 0")
@@ -242,8 +325,15 @@ def channel_stats(images: torch.Tensor, sample: int = 10_000) -> tuple[list[floa
     return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
 
 
-def _loop(settings: PretrainSettings, s: _Setup, run: RunDir, reporter: Reporter, progress: dict[str, Any],
-          rng: dict[str, torch.Tensor], stop: StopFlag) -> dict[str, Any]:
+def _loop(
+    settings: PretrainSettings,
+    s: _Setup,
+    run: RunDir,
+    reporter: Reporter,
+    progress: dict[str, Any],
+    rng: dict[str, torch.Tensor],
+    stop: StopFlag,
+) -> dict[str, Any]:
     start, plateau = progress["epoch"], Plateau(**progress["plateau"])
     n, world = len(s.images), s.world
     bsz = settings.batch_size  # global: this process takes its share of each batch
@@ -255,7 +345,9 @@ def _loop(settings: PretrainSettings, s: _Setup, run: RunDir, reporter: Reporter
     gen = make_generator(s.device, settings.seed)
     index_device = s.images.device  # batches are drawn where the data lives
     index_gen = gen if index_device == s.device else make_generator(index_device, settings.seed)
-    reporter.on_start({"epochs": settings.epochs, "start_epoch": start, "steps": steps, "images": n, "device": str(s.device)})
+    reporter.on_start(
+        {"epochs": settings.epochs, "start_epoch": start, "steps": steps, "images": n, "device": str(s.device)}
+    )
     history = []
     for epoch in range(start, settings.epochs):
         # Every epoch's randomness depends on (seed, epoch) alone, so a run resumed at an epoch boundary
@@ -281,14 +373,20 @@ def _loop(settings: PretrainSettings, s: _Setup, run: RunDir, reporter: Reporter
             for group in s.optimizer.param_groups:
                 group["lr"] = lr
             rows = step * bsz + world.rank * share
-            batch = s.images[perm[rows:rows + share]].to(s.device, non_blocking=True)
+            batch = s.images[perm[rows : rows + share]].to(s.device, non_blocking=True)
             try:
                 loss_sum += _step(settings, s, batch, gen)
             except RuntimeError as e:
-                if not isinstance(e, torch.cuda.OutOfMemoryError) and "out of memory" not in str(e) and "allocate memory" not in str(e):
+                if (
+                    not isinstance(e, torch.cuda.OutOfMemoryError)
+                    and "out of memory" not in str(e)
+                    and "allocate memory" not in str(e)
+                ):
                     raise
-                raise RunError(f"out of memory on {s.device} at --batch-size {bsz} ({str(e).splitlines()[0][:80]}); "
-                               f"try --batch-size {max(2, bsz // 2)}; the last checkpoint is kept") from None
+                raise RunError(
+                    f"out of memory on {s.device} at --batch-size {bsz} ({str(e).splitlines()[0][:80]}); "
+                    f"try --batch-size {max(2, bsz // 2)}; the last checkpoint is kept"
+                ) from None
             reporter.on_step(epoch, step + 1, steps)
             # one process reads its own flag at every step; several agree every 8 steps (a host sync) on one stop
             if world.active:
@@ -296,41 +394,79 @@ def _loop(settings: PretrainSettings, s: _Setup, run: RunDir, reporter: Reporter
             else:
                 signum = stop.signum
             if signum:
-                mid = {"epoch": epoch, "step": step + 1, "loss_sum": loss_sum.item(), "seconds": before + time.perf_counter() - t0,
-                       "plateau": plateau.state(), "world_size": world.world_size}
+                mid = {
+                    "epoch": epoch,
+                    "step": step + 1,
+                    "loss_sum": loss_sum.item(),
+                    "seconds": before + time.perf_counter() - t0,
+                    "plateau": plateau.state(),
+                    "world_size": world.world_size,
+                }
                 states = distributed.gather_states(_get_rng(gen, s.device), world)
                 if world.main:
                     with _writing(run):
                         save_state(run.last, s.model, s.optimizer, _metadata(settings, s, epoch), mid, states)
                 name = signal.Signals(signum).name
-                raise Interrupted(signum, f"stopped by {name} at step {step + 1}/{steps} of epoch {epoch + 1}; "
-                                               f"the state is saved: run the same command with --resume to continue")
+                raise Interrupted(
+                    signum,
+                    f"stopped by {name} at step {step + 1}/{steps} of epoch {epoch + 1}; "
+                    f"the state is saved: run the same command with --resume to continue",
+                )
         loss = (loss_sum / steps).item()  # the one host sync of the epoch
         seconds = before + time.perf_counter() - t0
         if not math.isfinite(loss):
-            kept = f"the last good checkpoint (epoch {epoch}) is kept in {run.path}" if epoch else "no checkpoint was written"
-            raise RunError(f"loss became {loss} in epoch {epoch + 1}; {kept}. Try a lower --lr, --grad-clip 1.0 or a higher --temperature")
+            kept = (
+                f"the last good checkpoint (epoch {epoch}) is kept in {run.path}"
+                if epoch
+                else "no checkpoint was written"
+            )
+            raise RunError(
+                f"loss became {loss} in epoch {epoch + 1}; {kept}. Try a lower --lr, --grad-clip 1.0 or a higher --temperature"
+            )
         if settings.schedule == "plateau":
             plateau.update(loss)
-        metrics = {"epoch": epoch + 1, "loss": round(loss, 6), "lr": lr, "images_per_s": round(steps * bsz / seconds, 1),
-                   "seconds": round(seconds, 3), "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        metrics = {
+            "epoch": epoch + 1,
+            "loss": round(loss, 6),
+            "lr": lr,
+            "images_per_s": round(steps * bsz / seconds, 1),
+            "seconds": round(seconds, 3),
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
         if s.monitor is not None and ((epoch + 1) % settings.knn_every == 0 or epoch + 1 == settings.epochs):
             metrics.update(_knn(settings, s, s.monitor))
         if world.main:
-            with _writing(run):  # the metrics line first: a crash between the two re-runs this epoch, never skips its line
+            with _writing(
+                run
+            ):  # the metrics line first: a crash between the two re-runs this epoch, never skips its line
                 run.append_metrics(metrics)
                 _save(settings, s, run, epoch + 1, plateau)
         history.append(metrics)
-        log.info("epoch %d/%d  loss %.4f  lr %.4g  %s img/s  %.1f s%s", epoch + 1, settings.epochs, loss, lr,
-                 f"{metrics['images_per_s']:,.0f}", seconds, f"  kNN top-1 {metrics['knn_top1']:.2f}%" if "knn_top1" in metrics else "")
+        log.info(
+            "epoch %d/%d  loss %.4f  lr %.4g  %s img/s  %.1f s%s",
+            epoch + 1,
+            settings.epochs,
+            loss,
+            lr,
+            f"{metrics['images_per_s']:,.0f}",
+            seconds,
+            f"  kNN top-1 {metrics['knn_top1']:.2f}%" if "knn_top1" in metrics else "",
+        )
         reporter.on_epoch(metrics)
     if world.main:
         with _writing(run):
             _save_encoder(settings, s, run, max(start, settings.epochs))
-    summary = {"status": "trained", "run_dir": str(run.path), "encoder": str(run.encoder), "epochs": settings.epochs,
-               "epochs_run": len(history), "final_loss": history[-1]["loss"] if history else None,
-               "images_per_s": round(sum(m["images_per_s"] for m in history) / max(1, len(history)), 1),
-               "seconds": round(sum(m["seconds"] for m in history), 3), "device": str(s.device)}
+    summary = {
+        "status": "trained",
+        "run_dir": str(run.path),
+        "encoder": str(run.encoder),
+        "epochs": settings.epochs,
+        "epochs_run": len(history),
+        "final_loss": history[-1]["loss"] if history else None,
+        "images_per_s": round(sum(m["images_per_s"] for m in history) / max(1, len(history)), 1),
+        "seconds": round(sum(m["seconds"] for m in history), 3),
+        "device": str(s.device),
+    }
     return {**summary, "rank": world.rank, "world_size": world.world_size} if world.active else summary
 
 
@@ -341,8 +477,16 @@ def _knn(settings: PretrainSettings, s: _Setup, m: _Monitor) -> dict[str, float]
     meta = {"mean": s.mean.flatten().tolist(), "std": s.std.flatten().tolist()}
     bank = evaluate.embed(s.model.backbone, meta, s.images, s.device, settings.batch_size)
     queries = evaluate.embed(s.model.backbone, meta, m.test_images, s.device, settings.batch_size)
-    result = evaluate.knn_classify(bank, m.train_labels, queries, m.test_labels, m.num_classes, k=settings.k,
-                                   temperature=settings.knn_temperature, device=s.device)
+    result = evaluate.knn_classify(
+        bank,
+        m.train_labels,
+        queries,
+        m.test_labels,
+        m.num_classes,
+        k=settings.k,
+        temperature=settings.knn_temperature,
+        device=s.device,
+    )
     return {"knn_top1": round(result["top1"], 2), "knn_seconds": round(time.perf_counter() - t0, 3)}
 
 
@@ -369,7 +513,7 @@ def _step(settings: PretrainSettings, s: _Setup, batch: torch.Tensor, gen: torch
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(s.device, s.amp):
         z = s.step_model(x)
-    z1, z2 = z[: len(batch)], z[len(batch):]
+    z1, z2 = z[: len(batch)], z[len(batch) :]
     if s.world.active:  # every process's embeddings, with gradients: the loss of the global batch
         z1, z2 = distributed.gather(z1), distributed.gather(z2)
     loss = nt_xent(z1, z2, settings.temperature)
@@ -382,8 +526,15 @@ def _step(settings: PretrainSettings, s: _Setup, batch: torch.Tensor, gen: torch
 
 
 def _metadata(settings: PretrainSettings, s: _Setup, epoch: int) -> dict[str, str]:
-    return encoder_metadata(settings.model_dump(mode="json"), stem=s.stem, image_size=s.images.shape[-1],
-                            feature_dim=feature_dim(settings.arch), mean=s.mean.flatten().tolist(), std=s.std.flatten().tolist(), epoch=epoch)
+    return encoder_metadata(
+        settings.model_dump(mode="json"),
+        stem=s.stem,
+        image_size=s.images.shape[-1],
+        feature_dim=feature_dim(settings.arch),
+        mean=s.mean.flatten().tolist(),
+        std=s.std.flatten().tolist(),
+        epoch=epoch,
+    )
 
 
 def _save(settings: PretrainSettings, s: _Setup, run: RunDir, epoch: int, plateau: Plateau) -> None:
@@ -397,4 +548,3 @@ def _save(settings: PretrainSettings, s: _Setup, run: RunDir, epoch: int, platea
 def _save_encoder(settings: PretrainSettings, s: _Setup, run: RunDir, epoch: int) -> None:
     save_encoder(run.encoder, s.model.backbone, _metadata(settings, s, epoch))
     log.info("encoder written to %s", run.encoder)
-

@@ -11,9 +11,10 @@ import html
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,7 +53,9 @@ class _Inputs:
         self.runs = [RunDir(p.expanduser()) for p in settings.run]
         for run in self.runs:
             if not run.path.is_dir():
-                raise InputError(f"run directory {run.path} does not exist: pass the --out folder of a crlf pretrain run")
+                raise InputError(
+                    f"run directory {run.path} does not exist: pass the --out folder of a crlf pretrain run"
+                )
         self.run = self.runs[0] if self.runs else None
         self._points: _Points | None = None
 
@@ -83,16 +86,32 @@ class _Inputs:
             path = self.results
             if path is None:
                 return "confusion needs a linear-eval result: --results FILE.json or --run DIR holding linear_eval.json (crlf linear-eval writes it)"
-            return None if path.is_file() else f"confusion needs {path}: write it with crlf linear-eval (--results {path.name})"
+            return (
+                None
+                if path.is_file()
+                else f"confusion needs {path}: write it with crlf linear-eval (--results {path.name})"
+            )
         if kind in EMBEDDING_KINDS or kind == "neighbors":
             if kind == "neighbors" and s.emb is not None:
                 return "neighbors needs the images: use --ckpt FILE with the data options, or --run DIR"
             if s.emb is not None:
-                return None if s.emb.expanduser().is_file() else f"{kind} needs {s.emb}: write it with crlf extract --out {s.emb.name}"
+                return (
+                    None
+                    if s.emb.expanduser().is_file()
+                    else f"{kind} needs {s.emb}: write it with crlf extract --out {s.emb.name}"
+                )
             if self.checkpoint is None:
-                where = f"{run.encoder}, written by crlf pretrain" if run is not None else "--emb FILE, --ckpt FILE or --run DIR"
+                where = (
+                    f"{run.encoder}, written by crlf pretrain"
+                    if run is not None
+                    else "--emb FILE, --ckpt FILE or --run DIR"
+                )
                 return f"{kind} needs {where}"
-            return None if self.checkpoint.is_file() else f"{kind} needs {self.checkpoint}: a checkpoint written by crlf pretrain"
+            return (
+                None
+                if self.checkpoint.is_file()
+                else f"{kind} needs {self.checkpoint}: a checkpoint written by crlf pretrain"
+            )
         return None  # augmentations: the data options (or the run's) are enough
 
     def default_kinds(self) -> list[str]:
@@ -101,12 +120,16 @@ class _Inputs:
         if self.run is not None:
             kinds = list(ORDER)
         else:
-            kinds = (["pca", "tsne"] if s.emb is not None else []) + (["pca", "tsne", "neighbors"] if s.ckpt is not None else [])
+            kinds = (["pca", "tsne"] if s.emb is not None else []) + (
+                ["pca", "tsne", "neighbors"] if s.ckpt is not None else []
+            )
             kinds += ["confusion"] if s.results is not None else []
         kinds = [k for k in ORDER if k in kinds and k != "umap"]  # umap only when asked: its package is optional
         if not kinds:
-            raise InputError("nothing to draw: give --run DIR, --emb FILE, --ckpt FILE with the data options, "
-                             "--results FILE, or --kind augmentations with the data options")
+            raise InputError(
+                "nothing to draw: give --run DIR, --emb FILE, --ckpt FILE with the data options, "
+                "--results FILE, or --kind augmentations with the data options"
+            )
         return kinds
 
     # --- loaded inputs ---
@@ -114,12 +137,16 @@ class _Inputs:
         """Data / augmentation settings: those the user gave, else the run's config.json, else the defaults."""
         s = self.settings
         saved = self.run.saved_config() if self.run is not None else {}
-        values = {k: saved[k] for k in model.model_fields if k in saved and k != "limit"}  # --limit shrank training, not the figures
+        values = {
+            k: saved[k] for k in model.model_fields if k in saved and k != "limit"
+        }  # --limit shrank training, not the figures
         values.update({k: getattr(s, k) for k in model.model_fields if k in s.model_fields_set})
         try:
             return model(**values)
         except ValidationError as e:
-            raise InputError(f"settings of {self.run.path if self.run else 'visualize'} are invalid: {e.errors()[0]['msg']}") from None
+            raise InputError(
+                f"settings of {self.run.path if self.run else 'visualize'} are invalid: {e.errors()[0]['msg']}"
+            ) from None
 
     def points(self) -> _Points:
         if self._points is None:
@@ -132,8 +159,9 @@ class _Inputs:
         keep = data.pick(len(x), self.settings.max_points, self.settings.seed)
         if keep is not None:
             x, y = x[keep], None if y is None else y[keep]
-        return _Points(x.numpy(), None if y is None else y.numpy(), names, None,
-                       prov.get("source") or str(self.settings.emb))
+        return _Points(
+            x.numpy(), None if y is None else y.numpy(), names, None, prov.get("source") or str(self.settings.emb)
+        )
 
     def _embed_points(self) -> _Points:
         s, ckpt = self.settings, self.checkpoint
@@ -153,8 +181,13 @@ class _Inputs:
         if keep is not None:
             images = images.subset(keep)
         x = embed_images(s, encoder, meta, device, images)
-        return _Points(x.numpy(), None if images.labels is None else images.labels.numpy(), images.class_names,
-                       images.images.permute(0, 2, 3, 1).numpy(), images.source)
+        return _Points(
+            x.numpy(),
+            None if images.labels is None else images.labels.numpy(),
+            images.class_names,
+            images.images.permute(0, 2, 3, 1).numpy(),
+            images.source,
+        )
 
 
 def project(x: np.ndarray, method: str, seed: int = 0) -> tuple[np.ndarray, float]:
@@ -173,12 +206,16 @@ def project(x: np.ndarray, method: str, seed: int = 0) -> tuple[np.ndarray, floa
 
         reduced = PCA(n_components=min(50, *x.shape), random_state=seed).fit_transform(centred)
         perplexity = float(min(30.0, max(2.0, (len(x) - 1) / 3)))
-        coords = TSNE(n_components=2, init="pca", learning_rate="auto", perplexity=perplexity, random_state=seed).fit_transform(reduced)
+        coords = TSNE(
+            n_components=2, init="pca", learning_rate="auto", perplexity=perplexity, random_state=seed
+        ).fit_transform(reduced)
     elif method == "umap":
         try:
             import umap  # type: ignore[import-not-found]
         except ImportError:
-            raise InputError("the umap figure needs the umap-learn package: pip install umap-learn (or use --kind tsne)") from None
+            raise InputError(
+                "the umap figure needs the umap-learn package: pip install umap-learn (or use --kind tsne)"
+            ) from None
         coords = umap.UMAP(n_components=2, random_state=seed).fit_transform(x)
     else:
         raise InputError(f"unknown projection {method!r}: use pca, tsne or umap")
@@ -203,7 +240,9 @@ def _confusion(inp: _Inputs) -> tuple[Any, dict[str, Any]]:
         result = json.loads(path.read_text())
         matrix = np.asarray(result["confusion"], dtype=np.int64)
     except (OSError, ValueError, KeyError, TypeError):
-        raise InputError(f"{path} holds no confusion matrix: write it with crlf linear-eval (knn-eval results have none)") from None
+        raise InputError(
+            f"{path} holds no confusion matrix: write it with crlf linear-eval (knn-eval results have none)"
+        ) from None
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
         raise InputError(f"{path}: the confusion matrix is not square {matrix.shape}")
     protocol = {"linear": "Linear probe", "finetune": "Fine-tuning"}.get(result.get("protocol"), "Classifier")
@@ -219,7 +258,9 @@ def _embedding(method: str) -> Callable[[_Inputs], tuple[Any, dict[str, Any]]]:
         how = " after PCA to 50 dims" if method == "tsne" else ""
         note = f"{len(coords):,} points{how}, {seconds:.1f} s" + ("" if pts.labels is not None else " (no labels)")
         log.info("%s of %s points in %.1f s", name, f"{len(coords):,}", seconds)
-        fig = plots.embedding_map(coords, pts.labels, pts.class_names, f"{name} of the embeddings of {pts.source}", name, note)
+        fig = plots.embedding_map(
+            coords, pts.labels, pts.class_names, f"{name} of the embeddings of {pts.source}", name, note
+        )
         return fig, {"points": len(coords), "seconds": round(seconds, 2), "coords_shape": list(coords.shape)}
 
     return draw
@@ -242,12 +283,22 @@ def _neighbors(inp: _Inputs) -> tuple[Any, dict[str, Any]]:
     names = pts.class_names
 
     def caption(row: int) -> str:
-        return "" if pts.labels is None else (names[pts.labels[row]] if pts.labels[row] < len(names) else str(pts.labels[row]))
+        return (
+            ""
+            if pts.labels is None
+            else (names[pts.labels[row]] if pts.labels[row] < len(names) else str(pts.labels[row]))
+        )
 
     match = None if pts.labels is None else pts.labels[idx_np] == pts.labels[q][:, None]
-    fig = plots.neighbors(pts.images[q], pts.images[idx_np], top.numpy(), [caption(r) for r in q],
-                          [[caption(r) for r in row] for row in idx_np], match,
-                          f"Nearest neighbours (cosine) among {n:,} images of {pts.source}")
+    fig = plots.neighbors(
+        pts.images[q],
+        pts.images[idx_np],
+        top.numpy(),
+        [caption(r) for r in q],
+        [[caption(r) for r in row] for row in idx_np],
+        match,
+        f"Nearest neighbours (cosine) among {n:,} images of {pts.source}",
+    )
     facts = {"queries": len(q), "neighbors": k}
     if match is not None:
         facts["same_class"] = round(float(match.mean()), 4)
@@ -258,22 +309,35 @@ def _augmentations(inp: _Inputs) -> tuple[Any, dict[str, Any]]:
     s = inp.settings
     data_settings, cfg = inp.merged(DataSettings), inp.merged(AugmentSettings)
     images = data.load(data_settings)
-    rows = torch.from_numpy(np.sort(np.random.default_rng(s.seed).choice(len(images), min(s.queries, len(images)), replace=False)))
+    rows = torch.from_numpy(
+        np.sort(np.random.default_rng(s.seed).choice(len(images), min(s.queries, len(images)), replace=False))
+    )
     batch = images.images[rows]
     gen = torch.Generator().manual_seed(s.seed)
     pairs = [torch.stack(augment.views(batch, cfg, gen), dim=1) for _ in range(s.views)]  # each (R, 2, 3, H, W)
     views = (torch.stack(pairs, dim=1).permute(0, 1, 2, 4, 5, 3).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-    captions = [images.class_names[int(images.labels[r])] if images.labels is not None and images.class_names else images.ids[r].split("/")[-1]
-                for r in rows.tolist()]
+    captions = [
+        images.class_names[int(images.labels[r])]
+        if images.labels is not None and images.class_names
+        else images.ids[r].split("/")[-1]
+        for r in rows.tolist()
+    ]
     changed = {k: v for k, v in cfg.model_dump().items() if v != AugmentSettings.model_fields[k].default}
     subtitle = ", ".join(f"{k}={v}" for k, v in changed.items()) or "default settings"
-    fig = plots.augmentations(batch.permute(0, 2, 3, 1).numpy(), views, captions, f"Augmented view pairs of {images.source} ({subtitle})")
+    fig = plots.augmentations(
+        batch.permute(0, 2, 3, 1).numpy(), views, captions, f"Augmented view pairs of {images.source} ({subtitle})"
+    )
     return fig, {"images": len(rows), "pairs": s.views, "settings": cfg.model_dump()}
 
 
 _DRAW: dict[str, Callable[[_Inputs], tuple[Any, dict[str, Any]]]] = {
-    "loss": _loss, "confusion": _confusion, "pca": _embedding("pca"), "tsne": _embedding("tsne"), "umap": _embedding("umap"),
-    "neighbors": _neighbors, "augmentations": _augmentations,
+    "loss": _loss,
+    "confusion": _confusion,
+    "pca": _embedding("pca"),
+    "tsne": _embedding("tsne"),
+    "umap": _embedding("umap"),
+    "neighbors": _neighbors,
+    "augmentations": _augmentations,
 }
 
 
@@ -286,8 +350,13 @@ def visualize(settings: VisualizeSettings) -> dict[str, Any]:
         reason = inp.missing(kind)
         if reason:
             raise InputError(reason)
-    out = (settings.out.expanduser() if settings.out is not None
-           else inp.run.path / "figures" if inp.run is not None else Path("figures"))
+    out = (
+        settings.out.expanduser()
+        if settings.out is not None
+        else inp.run.path / "figures"
+        if inp.run is not None
+        else Path("figures")
+    )
     single = out.suffix != ""
     folder = out.parent if single else out
     try:
@@ -345,12 +414,20 @@ def _write_index(inp: _Inputs, folder: Path, figures: dict[str, dict[str, Any]])
                 pass
 
     def table(rows: dict[str, Any]) -> str:
-        return "<table>" + "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>" for k, v in rows.items()) + "</table>"
+        return (
+            "<table>"
+            + "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>" for k, v in rows.items())
+            + "</table>"
+        )
 
-    results = {f"{name.replace('_', ' ')} top-1 / top-5": f"{r.get('top1', float('nan')):.2f}% / {r.get('top5', float('nan')):.2f}%"
-               for name, r in evals.items()}
-    images = "".join(f'<figure><img src="{esc(Path(f["path"]).name)}" alt="{esc(kind)}"><figcaption>{esc(kind)}</figcaption></figure>'
-                     for kind, f in figures.items())
+    results = {
+        f"{name.replace('_', ' ')} top-1 / top-5": f"{r.get('top1', float('nan')):.2f}% / {r.get('top5', float('nan')):.2f}%"
+        for name, r in evals.items()
+    }
+    images = "".join(
+        f'<figure><img src="{esc(Path(f["path"]).name)}" alt="{esc(kind)}"><figcaption>{esc(kind)}</figcaption></figure>'
+        for kind, f in figures.items()
+    )
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>crlf run {esc(run.path.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} img{{max-width:100%;border:1px solid #ddd}}

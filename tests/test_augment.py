@@ -275,6 +275,17 @@ def test_views_are_reproducible_and_differ(cfg):
     assert all(not torch.equal(u, v) for u, v in zip(a1, b1))  # the two views of every image differ
 
 
+def test_the_two_views_draw_independent_crops():
+    """With the crop the only random op, the two views of every image still differ: each view drew its own box.
+    With boxes that always cover the whole image (scale 1), the views are equal: the difference is the crop."""
+    x = _uint8(16, 32, 32)
+    crop_only = dict(flip_p=0.0, jitter_p=0.0, grayscale_p=0.0)
+    v1, v2 = A.views(x, AugmentSettings(**crop_only), torch.Generator().manual_seed(3))
+    assert all(not torch.equal(u, v) for u, v in zip(v1, v2))
+    w1, w2 = A.views(x, AugmentSettings(crop_min_scale=1.0, **crop_only), torch.Generator().manual_seed(3))
+    assert torch.equal(w1, w2) and torch.allclose(w1, x.float() / 255, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     ("b", "h", "w", "out", "side"),
     [(4, 32, 32, 24, 24), (4, 32, 32, 48, 48), (3, 20, 36, None, 20), (1, 32, 32, None, 32)],

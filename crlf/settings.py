@@ -36,29 +36,29 @@ class DataSettings(BaseModel):
 
     data: DataSource = Field(
         "digits",
-        description="Data source: digits (offline, ships with scikit-learn), cifar10, cifar100, stl10, folder (a tree of images), npy / npz (uint8 N x H x W x C arrays).",
+        description="digits (offline), cifar10, cifar100, stl10, folder (a tree of images), npy, npz (uint8 NHWC arrays).",
     )
     data_dir: Path | None = Field(
         None,
-        description="Where the data lives: the download / root folder for cifar10, cifar100 and stl10 (default ./data), the image folder for 'folder', the file for npy / npz.",
+        description="Data root of cifar10 / cifar100 / stl10 (default ./data), the image folder, or the npy / npz file.",
     )
     split: Literal["train", "test", "unlabeled", "train+unlabeled"] | None = Field(
-        None, description="Which split to read; default: train (stl10: train+unlabeled for pretraining)."
+        None, description="train (default), test, unlabeled or train+unlabeled (stl10 pretraining's default)."
     )
     image_size: int | None = Field(
         None,
         gt=0,
-        description="Side of the square images in pixels; default: the source's own (16 for digits, 32 for CIFAR, 96 for STL-10, 64 for folders).",
+        description="Square side in px (default: the source's: digits 16, CIFAR 32, STL-10 96, folder 64).",
     )
     limit: int | None = Field(
-        None, gt=0, description="Use a random subset of this many images (fixed seed): for quick runs."
+        None, gt=0, description="Random subset of N images (fixed seed), for quick runs."
     )
     download: bool = Field(
         True,
-        description="Download cifar10 / cifar100 / stl10 when absent (--no-download: fail with a message instead).",
+        description="Download cifar10 / cifar100 / stl10 when absent.",
     )
     cache_dir: Path | None = Field(
-        None, description="Where decoded image folders are cached (default: $XDG_CACHE_HOME/crlf or ~/.cache/crlf)."
+        None, description="Cache of decoded image folders (default: $XDG_CACHE_HOME/crlf or ~/.cache/crlf)."
     )
 
     @model_validator(mode="after")
@@ -77,7 +77,7 @@ class DeviceSettings(BaseModel):
 
     device: str = Field("auto", description="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
     precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto: bf16 autocast on CUDA, float32 elsewhere."
+        "auto", description="auto (bf16 autocast on CUDA, fp32 elsewhere), bf16 or fp32."
     )
 
     @field_validator("device")
@@ -94,20 +94,20 @@ class ModelSettings(BaseModel):
     model_config = _STRICT
 
     arch: Literal["resnet18", "resnet34", "resnet50"] = Field(
-        "resnet18", description="Backbone architecture (torchvision ResNet)."
+        "resnet18", description="torchvision ResNet: resnet18, resnet34 or resnet50."
     )
     stem: Literal["auto", "cifar", "imagenet"] = Field(
         "auto",
-        description="cifar: 3x3 conv, stride 1, no max-pool; imagenet: 7x7 conv, stride 2, max-pool; auto: cifar for images <= 64 px.",
+        description="cifar (3x3 conv, no max-pool), imagenet (7x7, stride 2, max-pool); auto: cifar up to 64 px.",
     )
-    head_hidden: int = Field(2048, gt=0, description="Width of the projection head's hidden layers.")
-    head_out: int = Field(128, gt=0, description="Output size of the projection head (the space the loss works in).")
-    head_layers: int = Field(2, ge=1, le=4, description="Linear layers in the projection head (2 = SimCLR's MLP).")
+    head_hidden: int = Field(2048, gt=0, description="Width of the head's hidden layers.")
+    head_out: int = Field(128, gt=0, description="Output size of the projection head.")
+    head_layers: int = Field(2, ge=1, le=4, description="Linear layers in the head (2: SimCLR's MLP).")
     head_dropout: float = Field(
         0.0,
         ge=0.0,
         lt=1.0,
-        description="Dropout before each hidden linear layer of the head except the first (the seeds use 0.1).",
+        description="Dropout before each linear layer of the head but the first.",
     )
 
 
@@ -118,21 +118,21 @@ class AugmentSettings(BaseModel):
 
     crop_min_scale: float = Field(0.2, gt=0.0, le=1.0, description="Random resized crop: smallest area fraction.")
     crop_max_scale: float = Field(1.0, gt=0.0, le=1.0, description="Random resized crop: largest area fraction.")
-    flip_p: float = Field(0.5, ge=0.0, le=1.0, description="Probability of a horizontal flip.")
+    flip_p: float = Field(0.5, ge=0.0, le=1.0, description="Horizontal flip probability.")
     jitter_strength: float = Field(
         0.5, ge=0.0, description="Colour jitter strength s: brightness, contrast, saturation 0.8 s, hue 0.2 s."
     )
-    jitter_p: float = Field(0.8, ge=0.0, le=1.0, description="Probability of colour jitter.")
-    grayscale_p: float = Field(0.2, ge=0.0, le=1.0, description="Probability of converting to grayscale.")
+    jitter_p: float = Field(0.8, ge=0.0, le=1.0, description="Colour jitter probability.")
+    grayscale_p: float = Field(0.2, ge=0.0, le=1.0, description="Grayscale probability.")
     blur_p: float = Field(
-        0.0, ge=0.0, le=1.0, description="Probability of Gaussian blur (kernel 10% of the image, sigma 0.1-2)."
+        0.0, ge=0.0, le=1.0, description="Gaussian blur probability (kernel 10% of the image, sigma 0.1-2)."
     )
     rotation: float = Field(0.0, ge=0.0, le=180.0, description="Largest random rotation in degrees (0: off).")
     noise_std: float = Field(
-        0.0, ge=0.0, description="Standard deviation of additive Gaussian noise on [0, 1] pixels (0: off)."
+        0.0, ge=0.0, description="Std of additive Gaussian noise on [0, 1] pixels (0: off)."
     )
     solarize_p: float = Field(
-        0.0, ge=0.0, le=1.0, description="Probability of solarization (pixels above 0.5 inverted)."
+        0.0, ge=0.0, le=1.0, description="Solarization probability (pixels above 0.5 inverted)."
     )
 
     @model_validator(mode="after")
@@ -157,22 +157,22 @@ class OptimSettings(BaseModel):
     lr: float | None = Field(
         None,
         gt=0.0,
-        description="Peak learning rate; default: 0.06 x batch/64 for sgd, 0.3 x batch/256 for lars, 3e-4 for adam.",
+        description="Peak learning rate (default: 0.06 x batch/64 sgd, 0.3 x batch/256 lars, 3e-4 adam).",
     )
     weight_decay: float | None = Field(
-        None, ge=0.0, description="Weight decay; default: 5e-4 for sgd, 1e-6 for lars, 1e-4 for adam."
+        None, ge=0.0, description="Weight decay (default: 5e-4 sgd, 1e-6 lars, 1e-4 adam)."
     )
     schedule: Literal["cosine", "none", "plateau"] = Field(
         "cosine",
-        description="cosine: warm-up then cosine decay to 0 over the epoch budget; none: constant; plateau: halve when the epoch loss stalls for 5 epochs.",
+        description="cosine (warm-up, then decay to 0), none (constant) or plateau (halve after 5 stalled epochs).",
     )
-    warmup_epochs: float = Field(1.0, ge=0.0, description="Linear warm-up length in epochs (clipped to the run).")
+    warmup_epochs: float = Field(1.0, ge=0.0, description="Linear warm-up in epochs.")
     grad_clip: float = Field(0.0, ge=0.0, description="Clip the gradient norm to this value (0: off).")
     temperature: float = Field(
-        0.2, gt=0.0, description="NT-Xent temperature; 0.1-0.5 suits CIFAR, below 0.07 is often unstable."
+        0.2, gt=0.0, description="NT-Xent temperature (below 0.07 is often unstable)."
     )
     seed: int = Field(
-        0, ge=0, description="Seed for weights, shuffling and augmentation: the same seed gives the same run on CPU."
+        0, ge=0, description="Seed of weights, shuffling and augmentation (same seed, same run on CPU)."
     )
 
     @property
@@ -195,24 +195,24 @@ class RunSettings(BaseModel):
     model_config = _STRICT
 
     out: Path = Field(
-        Path("runs/pretrain"), description="Run directory: config, metrics, checkpoints and the final encoder."
+        Path("runs/pretrain"), description="Run directory (config, metrics, checkpoints, encoder)."
     )
     checkpoint_every: int = Field(
-        1, ge=1, description="Save a snapshot in checkpoints/ every N epochs (last.safetensors is written every epoch)."
+        1, ge=1, description="Snapshot into checkpoints/ every N epochs."
     )
-    keep_checkpoints: int = Field(3, ge=1, description="How many snapshots to keep in checkpoints/.")
-    compile: bool = Field(False, description="torch.compile the model (CUDA; slower start, faster steps).")
+    keep_checkpoints: int = Field(3, ge=1, description="Snapshots kept in checkpoints/.")
+    compile: bool = Field(False, description="torch.compile the model (slower start, faster steps).")
     log_every: float = Field(
-        30.0, gt=0.0, description="Seconds between plain progress lines when stderr is not a terminal."
+        30.0, gt=0.0, description="Seconds between progress lines when stderr is not a terminal."
     )
     sync_bn: bool = Field(
         False,
-        description="With several processes (torchrun): BatchNorm statistics over the global batch instead of each process's share.",
+        description="Under torchrun: BatchNorm statistics over the global batch.",
     )
     knn_every: int = Field(
         0,
         ge=0,
-        description="Every N epochs (and after the last), kNN top-1 of the test split against the training images, in metrics.jsonl (0: off; needs labelled data with a test split).",
+        description="kNN top-1 on the test split every N epochs and at the end, in metrics.jsonl (0: off).",
     )
 
 

@@ -209,3 +209,48 @@ def test_locked_run_dir_exits_75(tmp_path):
         r = crlf("pretrain", "--out", tmp_path / "run", "--device", "cpu")
     assert r.returncode == 75
     one_error_line(r, f"PID {os.getpid()}")
+
+
+def test_pretrain_help_is_short_common_first_with_env_names_and_choices():
+    """In-process: the common options lead, every setting shows its CRLF_* variable, --precision its choices, no flag
+    shows a <bool> type, and the page stays well under its former 185 lines at 80 columns."""
+    from typer.testing import CliRunner
+
+    from crlf.cli import app
+    from crlf.settings import PretrainSettings
+
+    r = CliRunner().invoke(app, ["pretrain", "--help"], env={"COLUMNS": "80"})
+    assert r.exit_code == 0, r.output
+    text = r.output
+    lines = text.splitlines()
+    assert len(lines) <= 150 and max(map(len, lines)) <= 80
+    assert "<bool>" not in text and "<str>" not in text
+    panels = [line.split("─ ")[1].split(" ─")[0] for line in lines if line.startswith("╭─ ")]
+    assert panels[0] == "Options" and panels[-1] == "Output"
+    first = text[: text.index("╭─ Data")]
+    for flag in ("--data ", "--data-dir", "--epochs", "--batch-size", "--device", "--out", "--resume", "--json"):
+        assert flag in first, flag
+    flat = " ".join(line.strip("│ ") for line in lines)  # help text wraps; join the lines of the page
+    for name in PretrainSettings.model_fields:
+        assert f"CRLF_{name.upper()}" in flat.replace(" ", "").replace("│", ""), name
+    precision = flat[flat.index("--precision") :][:200]
+    assert all(c in precision for c in ("auto", "bf16", "fp32"))
+    assert "[default: 100]" in flat and "(100)" not in flat
+
+
+def test_help_does_not_read_settings_from_the_environment_itself(monkeypatch):
+    """Typer shows the CRLF_* names but pydantic-settings alone reads them (flag > env > config > default)."""
+    from typer.testing import CliRunner
+
+    from crlf.cli import app
+
+    r = CliRunner().invoke(
+        app,
+        ["pretrain", "--print-config", "--json", "--batch-size", "64"],
+        env={"CRLF_EPOCHS": "7", "CRLF_BATCH_SIZE": "32", "CRLF_PRECISION": "bf16"},
+    )
+    assert r.exit_code == 0, r.output
+    resolved = json.loads(r.stdout)
+    assert resolved["epochs"] == 7 and resolved["batch_size"] == 64 and resolved["precision"] == "bf16"
+    bad = CliRunner().invoke(app, ["pretrain", "--print-config", "--precision", "fp16"])
+    assert bad.exit_code == 2 and "precision" in bad.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -375,3 +376,150 @@ def test_folder_errors(tmp_path):
     (tmp_path / "junk" / "b.csv").write_text("1,2")
     with pytest.raises(InputError, match="no readable images in .*junk"):
         load(settings(data="folder", data_dir=tmp_path / "junk"))
+
+
+# --- folders: awkward file names and links --------------------------------------------------------
+
+
+def _odd_names_folder(root: Path) -> Path:
+    """4 plain images, plus valid and invalid images whose names hold an undecodable byte or a newline."""
+    root.mkdir()
+    for i in range(4):
+        Image.new("RGB", (10, 10), (i, 0, 0)).save(root / f"ok{i}.png")
+    Image.new("RGB", (10, 10), (9, 9, 9)).save(os.fsencode(root) + b"/good\xff.png")
+    Image.new("RGB", (10, 10), (8, 8, 8)).save(root / "new\nline.png")
+    with open(os.fsencode(root) + b"/bad\xff.png", "wb") as f:  # a bytes path: the name is not UTF-8
+        f.write(b"not a png")
+    (root / "bad\nline.png").write_bytes(b"not a png")
+    return root
+
+
+def test_printable_names_are_one_utf8_line_and_distinct():
+    assert folder.printable("cat/img 1.png") == "cat/img 1.png"
+    assert folder.printable(os.fsdecode(b"bad\xff.png")) == "bad\\xff.png"
+    assert folder.printable("a\nb\tc\x1b[31m") == "a\\nb\\tc\\x1b[31m"
+    assert folder.printable("line\u2028sep") == "line\\xe2\\x80\\xa8sep"
+    assert folder.printable("bad\\xff.png") == "bad\\\\xff.png"  # a literal backslash never reads as an escape
+    assert folder.printable("it's 'quoted'\\", backslashes=False) == "it's 'quoted'\\"
+
+
+def test_folder_undecodable_and_newline_names_are_escaped_in_ids_cache_and_warning(tmp_path, caplog):
+    root = _odd_names_folder(tmp_path / "odd")
+    for attempt in ("decoded", "cached"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="crlf.engine"):
+            s = folder.load_folder(root, "train", 8, tmp_path / "cache")
+        assert len(s) == 6, attempt
+        assert "good\\xff.png" in s.ids and "new\\nline.png" in s.ids
+        assert json.loads(json.dumps(s.ids, ensure_ascii=False).encode("utf-8")) == s.ids  # JSON sidecars
+        assert all("\n" not in i for i in s.ids)
+        (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        warning.encode("utf-8")
+        assert "\n" not in warning and "skipped 2 of 8 files" in warning
+        assert "bad\\xff.png (" in warning and "bad\\nline.png (" in warning
+    assert s.images[s.ids.index("good\\xff.png")].unique().tolist() == [9]
+
+
+def test_folder_undecodable_class_folder_name(tmp_path):
+    root = tmp_path / "classes"
+    for name in (b"caf\xe9", b"plain"):
+        os.makedirs(os.fsencode(root) + b"/" + name)
+        Image.new("RGB", (6, 6)).save(os.fsencode(root) + b"/" + name + b"/x.png")
+    s = load(settings(data="folder", data_dir=root, image_size=4, cache_dir=tmp_path / "cache"))
+    assert s.class_names == ["caf\\xe9", "plain"] and s.ids == ["caf\\xe9/x.png", "plain/x.png"]
+
+
+def test_pretrain_on_folder_with_odd_names_logs_the_warning_to_train_log(tmp_path, capsys):
+    from crlf import PretrainSettings, pretrain
+
+    root = _odd_names_folder(tmp_path / "odd")
+    s = PretrainSettings(
+        data="folder",
+        data_dir=root,
+        image_size=8,
+        batch_size=6,
+        epochs=1,
+        head_hidden=16,
+        head_out=8,
+        device="cpu",
+        out=tmp_path / "run",
+        cache_dir=tmp_path / "cache",
+    )
+    assert pretrain(s)["status"] == "trained"
+    lines = (tmp_path / "run" / "train.log").read_bytes().decode("utf-8").splitlines()
+    (warning,) = [line for line in lines if "WARNING" in line]
+    assert "skipped 2 of 8 files" in warning and "bad\\xff.png (" in warning and "bad\\nline.png (" in warning
+    assert "Logging error" not in capsys.readouterr().err
+
+
+def test_folder_links_loops_and_dangling_links_are_skipped_and_counted(tmp_path, caplog):
+    root = tmp_path / "links"
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (6, 6), (i, 0, 0)).save(root / cls / f"{i}.png")
+    os.symlink("loop", root / "cat" / "loop")  # ln -s loop loop
+    os.symlink("nowhere.png", root / "dog" / "dangling.png")
+    os.symlink("..", root / "cat" / "up")  # a folder link back to an ancestor: a cycle
+    os.symlink("cat", root / "kitten")  # a linked class folder is followed
+    os.symlink("1.png", root / "dog" / "again.png")  # a linked file is followed
+    for attempt in ("decoded", "cached"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="crlf.engine"):
+            s = load(settings(data="folder", data_dir=root, image_size=4, cache_dir=tmp_path / "cache"))
+        assert s.class_names == ["cat", "dog", "kitten"], attempt
+        assert sorted(s.ids) == ["cat/0.png", "cat/1.png", "dog/0.png", "dog/1.png", "dog/again.png"] + [
+            "kitten/0.png",
+            "kitten/1.png",
+        ]
+        (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert warning.endswith(
+            "skipped 5 of 12 files in "
+            f"{root} that are not readable images: cat/loop (symlink loop), cat/up (symlink loop), "
+            "dog/dangling.png (broken link) and 2 more"
+        )
+
+
+def test_folder_of_only_broken_links_names_them(tmp_path):
+    root = tmp_path / "broken"
+    root.mkdir()
+    os.symlink("gone.png", root / "a.png")
+    os.symlink("loop", root / "loop")
+    with pytest.raises(InputError, match=r"no readable images in .*broken \(a.png \(broken link\), loop \(symlink"):
+        load(settings(data="folder", data_dir=root))
+
+
+def test_folder_scan_survives_an_entry_whose_stat_fails(tmp_path, monkeypatch, caplog):
+    root = tmp_path / "flat"
+    root.mkdir()
+    for name in ("a.png", "b.png", "locked.png"):
+        Image.new("RGB", (6, 6)).save(root / name)
+    real_scandir = os.scandir
+
+    class Entry:
+        def __init__(self, entry):
+            self._entry, self.name, self.path = entry, entry.name, entry.path
+
+        def stat(self):
+            if self.name == "locked.png":
+                raise PermissionError(13, "Permission denied", self.path)
+            return self._entry.stat()
+
+        def __getattr__(self, name):
+            return getattr(self._entry, name)
+
+    class Scan:
+        def __init__(self, path):
+            self._it = real_scandir(path)
+
+        def __enter__(self):
+            return [Entry(e) for e in self._it.__enter__()]
+
+        def __exit__(self, *exc):
+            return self._it.__exit__(*exc)
+
+    monkeypatch.setattr(folder.os, "scandir", Scan)
+    with caplog.at_level(logging.WARNING, logger="crlf.engine"):
+        s = load(settings(data="folder", data_dir=root, image_size=4))
+    assert s.ids == ["a.png", "b.png"]
+    assert "skipped 1 of 3 files" in caplog.text and "locked.png (Permission denied)" in caplog.text

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
 import logging
 import os
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,12 +23,41 @@ from crlf.errors import InputError
 
 log = logging.getLogger(__name__)
 
-_CACHE_VERSION = 1  # bump when folder decoding changes, so old caches are not reused
+_CACHE_VERSION = 2  # bump when folder decoding changes, so old caches are not reused (2: printable ids)
+
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(name: str, backslashes: bool = True) -> str:
+    """A file name as one printable line that encodes to UTF-8, for log lines, ids, caches and JSON.
+
+    A name whose characters are all printable and that holds no backslash is returned as it is. Otherwise
+    backslashes are doubled, newline, CR and tab become \\n, \\r, \\t, and every other unprintable character
+    (controls, line separators, the undecodable bytes that os.scandir hands over as lone surrogates) is
+    written as the \\xNN escapes of its bytes: b"bad\\xff.png" -> 'bad\\xff.png'. Distinct names never
+    print alike. With backslashes=False (for messages that already quote names, such as exception texts)
+    backslashes are kept as they are.
+    """
+    if name.isprintable() and "\\" not in name:
+        return name
+    return "".join(_escape(c) if not c.isprintable() or (c == "\\" and backslashes) else c for c in name)
+
+
+def _escape(c: str) -> str:
+    if c in _ESCAPES:
+        return _ESCAPES[c]
+    try:
+        raw = c.encode("utf-8", "surrogateescape")  # an undecodable byte: the byte itself
+    except UnicodeEncodeError:
+        raw = c.encode("utf-8", "surrogatepass")
+    return "".join(f"\\x{b:02x}" for b in raw)
 
 
 @functools.cache
 def _formats_for(suffix: str) -> tuple[str, ...]:
-    """Pillow formats to try on a file, its suffix's own first (guesses cost time); () for non-image suffixes; no EPS (Ghostscript)."""
+    """Pillow formats to try on a file, its suffix's own first (guesses cost time).
+
+    () for non-image suffixes; no EPS (Ghostscript)."""
     Image.init()
     readable, own = [f for f in Image.OPEN if f != "EPS"], Image.registered_extensions().get(suffix)
     return () if suffix and own not in readable else tuple(sorted(readable, key=lambda f: f != own))
@@ -42,64 +73,121 @@ def load_folder(data_dir: Path, split: str, size: int, cache_dir: Path | None = 
     """A tree of images (class sub-folders give labels) decoded to size x size, cached while its files are unchanged."""
     base = data_dir.resolve()
     if not base.is_dir():
-        raise InputError(f"{data_dir} does not exist or is not a folder: point --data-dir at a folder of images")
+        raise InputError(
+            f"{printable(str(data_dir))} does not exist or is not a folder: point --data-dir at a folder of images"
+        )
     root = base / split if (base / split).is_dir() else base
     if root == base and split != "train":
         raise InputError(
-            f"{data_dir} has no {split}/ sub-folder: use --split train, or a folder that has {split}/ in it"
+            f"{printable(str(data_dir))} has no {split}/ sub-folder: use --split train, "
+            f"or a folder that has {split}/ in it"
         )
-    files = _scan(root)
+    shown = printable(str(root))
+    files, unusable = _scan(root)
     if not files:
-        raise InputError(f"{root} is empty: put images in it (one sub-folder per class gives labels)")
+        if unusable:
+            raise InputError(f"no readable images in {shown} ({', '.join(unusable[:3])}): put image files in it")
+        raise InputError(f"{shown} is empty: put images in it (one sub-folder per class gives labels)")
     where = hashlib.sha256(json.dumps([str(root), split, size, _CACHE_VERSION]).encode()).hexdigest()[:16]
     cache = _cache_dir(cache_dir) / f"folder-{where}-{hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]}.npz"
-    cached = _read_cache(cache, f"folder:{root}")
+    cached = _read_cache(cache, f"folder:{shown}")
     if cached is not None:
-        log.info("using the cached decode of %s (%s images): %s", root, f"{len(cached[0]):,}", cache)
+        log.info("using the cached decode of %s (%s images): %s", shown, f"{len(cached[0]):,}", cache)
         images, skipped = cached
     else:
-        log.info("no valid cache for %s: decoding it", root)
+        log.info("no valid cache for %s: decoding it", shown)
         images, skipped = _decode_folder(base, root, [f[0] for f in files], size)
         _write_cache(cache, images, skipped)
+    skipped = unusable + skipped
     if skipped:
         named = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3:,} more" if len(skipped) > 3 else "")
         log.warning(
             "skipped %s of %s files in %s that are not readable images: %s",
             f"{len(skipped):,}",
-            f"{len(files):,}",
-            root,
+            f"{len(files) + len(unusable):,}",
+            shown,
             named,
         )
     return images
 
 
-def _scan(root: Path) -> list[tuple[str, int, int]]:
-    """Every non-hidden file under root as (posix path relative to root, size, mtime_ns), sorted."""
-    found, stack = [], [root]
+def _scan(root: Path) -> tuple[list[tuple[str, int, int]], list[str]]:
+    """Every non-hidden file under root as (posix path relative to root, size, mtime_ns), sorted; and, sorted,
+    'name (reason)' for each entry that cannot be used: a broken link, a symlink loop, a folder that cannot be
+    listed, an entry whose stat() fails, something that is not a regular file (a FIFO would block).
+
+    Links are followed, to files and to folders alike (a linked class folder counts as a class). A link to
+    a folder that the walk is already inside of (an ancestor, or the folder itself) would cycle: it is
+    skipped as a symlink loop, so the walk always ends. Two links to the same folder give its images twice.
+    """
+    found: list[tuple[str, int, int]] = []
+    unusable: list[str] = []
     try:
+        top = root.stat()
+        stack = [(root, frozenset({(top.st_dev, top.st_ino)}))]
         while stack:
-            with os.scandir(stack.pop()) as entries:
-                for e in entries:
-                    if e.name.startswith("."):
-                        continue
-                    if e.is_dir(follow_symlinks=False):
-                        stack.append(Path(e.path))
-                    elif e.is_file():
-                        st = e.stat()
-                        found.append((Path(e.path).relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+            folder, inside = stack.pop()
+            try:
+                with os.scandir(folder) as it:
+                    entries = list(it)
+            except OSError as e:
+                if folder == root:
+                    raise
+                unusable.append(f"{printable(folder.relative_to(root).as_posix())}/ ({_why(e)})")
+                continue
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                rel = Path(e.path).relative_to(root).as_posix()
+                try:
+                    st = e.stat()  # follows links
+                except OSError as err:
+                    unusable.append(f"{printable(rel)} ({_why(err, link=_is_link(e))})")
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    if (st.st_dev, st.st_ino) in inside:
+                        unusable.append(f"{printable(rel)} (symlink loop)")
+                    else:
+                        stack.append((Path(e.path), inside | {(st.st_dev, st.st_ino)}))
+                elif stat.S_ISREG(st.st_mode):
+                    found.append((rel, st.st_size, st.st_mtime_ns))
+                else:
+                    unusable.append(f"{printable(rel)} (not a regular file)")
     except OSError as e:
-        raise InputError(f"cannot list {root} ({short_reason(e)}): check the path and its permissions") from None
-    return sorted(found)
+        raise InputError(
+            f"cannot list {printable(str(root))} ({_why(e)}): check the path and its permissions"
+        ) from None
+    return sorted(found), sorted(unusable)
+
+
+def _is_link(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_symlink()
+    except OSError:
+        return False
+
+
+def _why(e: OSError, link: bool = False) -> str:
+    """The reason an entry was skipped, without its path: 'broken link', 'symlink loop', 'Permission denied'."""
+    if e.errno == errno.ENOENT and link:
+        return "broken link"  # the link is there (scandir listed it); what it points to is not
+    if e.errno == errno.ELOOP:
+        return "symlink loop"
+    return printable(e.strerror or short_reason(e), backslashes=False)
 
 
 def _decode_folder(base: Path, root: Path, rels: list[str], size: int) -> tuple[ImageSet, list[str]]:
-    """Decode the image files with a thread pool; also returns 'path (reason)' for each skipped file."""
+    """Decode the image files with a thread pool; also returns 'path (reason)' for each skipped file.
+
+    Ids, class names and the skipped list hold printable() names, so they survive UTF-8 logs, caches and JSON.
+    """
+    shown = printable(str(root))
     is_image = [bool(_formats_for(Path(r).suffix.lower())) for r in rels]
-    skipped = [f"{r} (not an image)" for r, ok in zip(rels, is_image) if not ok]
+    skipped = [f"{printable(r)} (not an image)" for r, ok in zip(rels, is_image) if not ok]
     candidates = [r for r, ok in zip(rels, is_image) if ok]
     classes = sorted({r.split("/", 1)[0] for r in candidates if "/" in r})
     if classes:
-        skipped += [f"{r} (not in a class folder)" for r in candidates if "/" not in r]
+        skipped += [f"{printable(r)} (not in a class folder)" for r in candidates if "/" not in r]
         candidates = [r for r in candidates if "/" in r]
     out = np.empty((len(candidates), 3, size, size), np.uint8)
 
@@ -108,10 +196,10 @@ def _decode_folder(base: Path, root: Path, rels: list[str], size: int) -> tuple[
             out[i] = _decode(root / candidates[i], size).transpose(2, 0, 1)
             return None
         except Exception as e:  # one bad file (any decoder error) is skipped and reported, not fatal
-            return short_reason(e)
+            return printable(short_reason(e), backslashes=False)
 
     workers = os.cpu_count() or 1
-    log.info("decoding %s images from %s (%d threads)", f"{len(candidates):,}", root, workers)
+    log.info("decoding %s images from %s (%d threads)", f"{len(candidates):,}", shown, workers)
     start = last = time.monotonic()
     errors: list[str | None] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -120,18 +208,23 @@ def _decode_folder(base: Path, root: Path, rels: list[str], size: int) -> tuple[
             if time.monotonic() - last > 10:
                 last = time.monotonic()
                 log.info("decoded %s / %s images", f"{len(errors):,}", f"{len(candidates):,}")
-    skipped += [f"{r} ({e})" for r, e in zip(candidates, errors) if e is not None]
+    skipped += [f"{printable(r)} ({e})" for r, e in zip(candidates, errors) if e is not None]
     keep = [i for i, e in enumerate(errors) if e is None]
     if not keep:
         raise InputError(
-            f"no readable images in {root} ({', '.join(skipped[:3])}): use files Pillow can read (png, jpg, bmp, tiff, webp, ...)"
+            f"no readable images in {shown} ({', '.join(skipped[:3])}): "
+            "use files Pillow can read (png, jpg, bmp, tiff, webp, ...)"
         )
     log.info("decoded %s images in %.1f s", f"{len(keep):,}", time.monotonic() - start)
     kept, index = [candidates[i] for i in keep], {name: i for i, name in enumerate(classes)}
     labels = torch.tensor([index[r.split("/", 1)[0]] for r in kept]) if classes else None
-    ids = [(root.relative_to(base) / r).as_posix() for r in kept]
+    ids = [printable((root.relative_to(base) / r).as_posix()) for r in kept]
     return ImageSet(
-        torch.from_numpy(out if len(keep) == len(out) else out[keep]), labels, classes, ids, f"folder:{root}"
+        torch.from_numpy(out if len(keep) == len(out) else out[keep]),
+        labels,
+        [printable(c) for c in classes],
+        ids,
+        f"folder:{shown}",
     ), skipped
 
 

@@ -99,6 +99,30 @@ def tiny_cifar_root(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def tiny_cifar100_root(tmp_path: Path) -> Path:
+    """A data root holding a fake ``cifar-100-python/``: ``train`` (30 images) and ``test`` (12), pickled like the real
+    ones with 'fine_labels' and 'coarse_labels'; ``meta`` has 'fine_label_names' (``fine_00`` .. ``fine_99``) and
+    'coarse_label_names' (``coarse_00`` .. ``coarse_19``).
+
+    Image i has red = v, green = v + 1, blue = v + 2 everywhere, with v = 10 + i (train) or 100 + i (test); its fine
+    label is 3 i % 100 (train) or 99 - i (test), its coarse label the fine one // 5, so reading the wrong key shows.
+    """
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    for name, n, base, fine in (("train", 30, 10, lambda i: 3 * i % 100), ("test", 12, 100, lambda i: 99 - i)):
+        v = base + np.arange(n, dtype=np.uint8)[:, None]
+        data = np.concatenate([np.repeat(v + c, 1024, axis=1) for c in range(3)], axis=1).astype(np.uint8)
+        labels = [fine(i) for i in range(n)]
+        batch = {"filenames": [f"{i}.png" for i in range(n)], "batch_label": name, "data": data}
+        with open(folder / name, "wb") as f:
+            pickle.dump({**batch, "fine_labels": labels, "coarse_labels": [y // 5 for y in labels]}, f, protocol=2)
+    with open(folder / "meta", "wb") as f:
+        meta = {"fine_label_names": [f"fine_{k:02d}" for k in range(100)]}
+        pickle.dump({**meta, "coarse_label_names": [f"coarse_{k:02d}" for k in range(20)]}, f, protocol=2)
+    return tmp_path
+
+
+@pytest.fixture
 def tiny_stl10_root(tmp_path: Path) -> Path:
     """A data root holding a fake ``stl10_binary/``: 10 train, 6 test and 8 unlabeled images of 3x96x96, stored
     column-major like the real files; class_names.txt lists 10 names.

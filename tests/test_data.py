@@ -141,6 +141,22 @@ def test_cifar10_train_and_test(tiny_cifar_root):
     assert t.ids[3] == "test/3" and t.images[3].unique().tolist() == [(6 * 40 + 3) % 256]
 
 
+def test_cifar100_rows_fine_labels_and_names(tiny_cifar100_root):
+    s = load(settings(data="cifar100", data_dir=tiny_cifar100_root, download=False))
+    assert_images(s, 30, 32)
+    assert s.source == "cifar100:train" and s.ids[:2] == ["train/0", "train/1"]
+    assert s.class_names == [f"fine_{k:02d}" for k in range(100)]  # the fine names, not the 20 coarse ones
+    assert s.labels.tolist() == [3 * i % 100 for i in range(30)]  # fine_labels, not coarse_labels
+    for i in (0, 7, 29):  # row i is image i, its three planes in RGB order
+        assert [s.images[i, c].unique().tolist() for c in range(3)] == [[10 + i], [11 + i], [12 + i]]
+    t = load(settings(data="cifar100", data_dir=tiny_cifar100_root / "cifar-100-python", split="test", download=False))
+    assert_images(t, 12, 32)
+    assert t.labels.tolist() == [99 - i for i in range(12)] and t.ids[11] == "test/11"
+    assert [t.images[11, c].unique().tolist() for c in range(3)] == [[111], [112], [113]]
+    with pytest.raises(InputError, match="CIFAR-100 has the splits train and test"):
+        load(settings(data="cifar100", data_dir=tiny_cifar100_root, split="unlabeled", download=False))
+
+
 def test_cifar_tarball_is_extracted(tiny_cifar_root, tmp_path):
     root = tmp_path / "only_tar"
     root.mkdir()

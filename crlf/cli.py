@@ -414,6 +414,48 @@ settings_command(
 )
 
 
-def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="crlf")
+def _click_errors() -> tuple[type[Exception], ...]:
+    """click's exception base: Typer >= 0.22 bundles click as typer._click; older Typers raise click's own."""
+    import importlib
+
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(importlib.import_module(module).ClickException)
+        except ImportError:
+            pass
+    return tuple(found)
+
+
+def _usage_line(e: Exception) -> str:
+    """A click usage error as one line: "no such option: --epoch (did you mean --epochs?); see 'crlf pretrain
+    --help'" instead of the usage box."""
+    possibilities = getattr(e, "possibilities", None)
+    text = getattr(e, "message", "") if possibilities else e.format_message()  # type: ignore[attr-defined]
+    text = " ".join(str(text).split()).rstrip(".") or type(e).__name__
+    if ". Did you mean " in text:  # no such command 'pretrian'. Did you mean 'pretrain'?
+        text = "{} (did you mean {})".format(*text.split(". Did you mean ", 1))
+    if text[:2].istitle():  # "No such option" -> "no such option"; "JSON ..." stays
+        text = text[0].lower() + text[1:]
+    if possibilities:
+        text += f" (did you mean {possibilities[0]}?)"  # click lists the closest match first
+    ctx = getattr(e, "ctx", None)
+    return text + (f"; see '{ctx.command_path} --help'" if ctx is not None else "")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point. Usage errors (unknown option or command, bad or missing value) are one line
+    on stderr with exit code 2, like every other error, instead of click's usage box."""
+    try:
+        code = app(args=argv, prog_name="crlf", standalone_mode=False)
+    except _click_errors() as e:
+        ctx = getattr(e, "ctx", None)
+        if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:  # bare `crlf`: the help, as before
+            typer.echo(ctx.get_help())
+        else:
+            output.error(_usage_line(e))
+        sys.exit(getattr(e, "exit_code", 2))
+    except typer.Abort:
+        output.error("aborted")
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -254,3 +254,41 @@ def test_help_does_not_read_settings_from_the_environment_itself(monkeypatch):
     assert resolved["epochs"] == 7 and resolved["batch_size"] == 64 and resolved["precision"] == "bf16"
     bad = CliRunner().invoke(app, ["pretrain", "--print-config", "--precision", "fp16"])
     assert bad.exit_code == 2 and "precision" in bad.output
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["pretrain", "--epoch", "3"], "no such option: --epoch (did you mean --epochs?); see 'crlf pretrain --help'"),
+        (["pretrian"], "no such command 'pretrian' (did you mean 'pretrain'?); see 'crlf --help'"),
+        (["--bogus"], "no such option: --bogus; see 'crlf --help'"),
+        (["extract", "foo"], "got unexpected extra argument(s) (foo); see 'crlf extract --help'"),
+        (["pretrain", "--epochs", "x"], "invalid value for '--epochs': "),
+        (["pretrain", "--epochs"], "option '--epochs' requires an argument"),
+    ],
+)
+def test_usage_errors_are_one_line_on_stderr_and_exit_2(args, line, capsys):
+    from crlf.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    out, err = capsys.readouterr()
+    assert stop.value.code == 2 and out == ""
+    assert err.startswith("error: " + line) and err.count("\n") == 1, err
+
+
+def test_unknown_flag_from_the_entry_point_is_one_line():
+    r = crlf("pretrain", "--epoch", "3")
+    assert r.returncode == 2
+    one_error_line(r, "no such option: --epoch (did you mean --epochs?)")
+
+
+def test_bare_crlf_still_shows_the_help(capsys):
+    from crlf.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main([])
+    assert stop.value.code == 2 and "pretrain" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.startswith("crlf ")

@@ -8,7 +8,16 @@ from safetensors.torch import save_file
 from torchvision import models
 
 from crlf import load_encoder
-from crlf.engine.checkpoint import atomic_write, encoder_metadata, load_state, read_tensors, save_encoder, save_state
+from crlf.engine.checkpoint import (
+    atomic_write,
+    digest,
+    encoder_metadata,
+    load_state,
+    read_tensors,
+    save_encoder,
+    save_state,
+    save_tensors,
+)
 from crlf.engine.model import SimCLR, build_backbone, build_head
 from crlf.engine.optim import build_optimizer
 from crlf.errors import InputError
@@ -58,6 +67,55 @@ def test_truncated_file_is_a_clear_error(tmp_path):
         path.write_bytes(data[:cut])
         with pytest.raises(InputError, match="not a readable safetensors file"):
             load_encoder(path)
+
+
+def test_checksum_refuses_a_flipped_byte_in_a_tensor_and_a_changed_metadata_value(tmp_path):
+    """Both damaged files are still valid safetensors files: only the sha256 in the metadata can tell."""
+    torch.manual_seed(0)
+    path = tmp_path / "enc.safetensors"
+    save_encoder(path, build_backbone("resnet18", "cifar"), meta())
+    good = path.read_bytes()
+    end = 8 + int.from_bytes(good[:8], "little")
+    header = json.loads(good[8:end])
+    start = end + header["conv1.weight"]["data_offsets"][0]
+    bad = bytearray(good)
+    bad[start + 13] ^= 0x04  # one bit of one weight
+    path.write_bytes(bytes(bad))
+    for reader in (read_tensors, load_encoder):
+        with pytest.raises(InputError, match="is damaged"):
+            reader(path)
+    assert header["__metadata__"]["image_size"] == "32"
+    forged = good[8:end].replace(b'"image_size":"32"', b'"image_size":"64"')  # same length, still valid JSON
+    assert forged != good[8:end] and json.loads(forged)["__metadata__"]["image_size"] == "64"
+    path.write_bytes(good[:8] + forged + good[end:])
+    with pytest.raises(InputError, match="is damaged"):
+        read_tensors(path)
+    path.write_bytes(good)
+    read_tensors(path)  # the untouched bytes read fine
+
+
+def test_digest_is_stable_and_covers_names_dtypes_shapes_values_and_metadata(tmp_path):
+    t = {"a": torch.arange(6, dtype=torch.float32), "b": torch.ones(2, 2)}
+    m = {"format": "x", "epoch": "1"}
+    d = digest(t, m)
+    assert d == digest({"b": t["b"].clone(), "a": t["a"].clone()}, {"epoch": "1", "format": "x"})  # order-free
+    assert d == digest(t, {**m, "sha256": "anything"})  # the checksum does not cover itself
+    changed = t["a"].clone()
+    changed[3] = torch.nextafter(changed[3], torch.tensor(10.0))  # one ulp
+    for other in (
+        {"a": t["a"].reshape(2, 3), "b": t["b"]},  # shape, same bytes
+        {"a": t["a"].view(torch.int32), "b": t["b"]},  # dtype, same bytes
+        {"c": t["a"], "b": t["b"]},  # name
+        {"a": changed, "b": t["b"]},  # value
+    ):
+        assert digest(other, m) != d
+    assert digest(t, {**m, "epoch": "2"}) != d and digest(t, {**m, "extra": ""}) != d
+    save_tensors(tmp_path / "one.safetensors", t, m)  # saving twice: the same contents, the same digest
+    save_tensors(tmp_path / "two.safetensors", {k: v.clone() for k, v in t.items()}, dict(m))
+    (t1, m1), (t2, m2) = read_tensors(tmp_path / "one.safetensors"), read_tensors(tmp_path / "two.safetensors")
+    assert m1 == m2 and m1["sha256"] == digest(t1, m1) == digest(t2, m2) == digest(t, m1)
+    assert t1.keys() == t2.keys() == t.keys() and all(torch.equal(t1[k], t[k]) for k in t)
+    assert m1["format"] == "x" and m1["crlf_version"]
 
 
 def test_foreign_and_missing_files(tmp_path):

@@ -1,13 +1,28 @@
 #!/usr/bin/env bash
 # Idempotent nightly training: safe to run from cron as often as you like.
-#   0 * * * *  /path/to/examples/cron.sh >> /var/log/crlf.log 2>&1
-# --resume continues an interrupted run, does nothing once it is complete (exit 0), and another copy of
-# this script that finds the run directory busy exits 75 at once instead of training twice.
+#   0 * * * *  /path/to/examples/cron.sh /srv/ml >> /var/log/crlf.log 2>&1
+# Usage: cron.sh [WORK_DIR]. It works in WORK_DIR (default: the folder above this script's, the project root,
+# never cron's $HOME), so the relative paths of exp.toml (data_dir = "./data") and runs/ always mean the same
+# place; runs/ is created when missing. --resume continues an interrupted run, does nothing once it is complete (exit 0),
+# and a copy of this script that finds the run directory busy (crlf exits 75 at once) skips instead of training
+# twice.
+# runs/nightly.json (crlf's --json summary) is replaced only by a run that succeeded.
 set -u
-crlf pretrain --config "$(dirname "$0")/exp.toml" --out runs/nightly --resume --json > runs/nightly.json
-code=$?
+config="$(cd "$(dirname "$0")" && pwd)/exp.toml"
+work="${1:-$(dirname "$config")/..}"
+command -v crlf > /dev/null || { echo "crlf is not on PATH ($PATH): set PATH in the crontab" >&2; exit 127; }
+cd "$work" || { echo "cannot enter the work folder $work" >&2; exit 1; }
+mkdir -p runs || { echo "cannot create $work/runs" >&2; exit 1; }
+summary="runs/.nightly.json.$$" errors="runs/.nightly.err.$$"  # this process's own temp files
+trap 'rm -f "$summary" "$errors"' EXIT
+# stdout (the JSON summary) to a temp file; stderr (logs, progress, errors) through to ours and into $errors
+crlf pretrain --config "$config" --out runs/nightly --resume --json 2>&1 > "$summary" | tee "$errors" >&2
+code=${PIPESTATUS[0]}
 case $code in
-  0)  echo "ok: $(python -c 'import json,sys; print(json.load(open("runs/nightly.json"))["status"])')" ;;
-  75) echo "another run holds runs/nightly; skipping" ;;
-  *)  echo "crlf pretrain failed with exit code $code" >&2; exit $code ;;
+  0)  mv "$summary" runs/nightly.json
+      echo "ok: $(sed -n 's/^ *"status": "\(.*\)",*$/\1/p' runs/nightly.json)" ;;
+  75) echo "another run holds $work/runs/nightly; skipping" ;;
+  *)  reason=$(grep 'error: ' "$errors" | tail -n 1)  # crlf's own one-line error, if it wrote one
+      reason=${reason#*error: }
+      echo "crlf pretrain failed with exit code $code: ${reason:-see its output above}" >&2; exit "$code" ;;
 esac

@@ -3,10 +3,9 @@
 #   0 * * * *  /path/to/examples/cron.sh /srv/ml >> /var/log/crlf.log 2>&1
 # Usage: cron.sh [WORK_DIR]. It works in WORK_DIR (default: the folder above this script's, the project root,
 # never cron's $HOME), so the relative paths of exp.toml (data_dir = "./data") and runs/ always mean the same
-# place; runs/ is created when missing. --resume continues an interrupted run, does nothing once it is complete (exit 0),
-# and a copy of this script that finds the run directory busy (crlf exits 75 at once) skips instead of training
-# twice.
-# runs/nightly.json (crlf's --json summary) is replaced only by a run that succeeded.
+# place; runs/ is created when missing. --resume continues an interrupted run and does nothing once it is
+# complete (exit 0); a copy of this script that finds the run directory busy (crlf exits 75 at once) skips
+# instead of training twice. runs/nightly.json (crlf's --json summary) is replaced only by a run that succeeded.
 set -u
 config="$(cd "$(dirname "$0")" && pwd)/exp.toml"
 work="${1:-$(dirname "$config")/..}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -16,6 +17,50 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     cache = tmp_path_factory.mktemp("xdg-cache")
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
     return cache
+
+
+class ReferenceRun:
+    """An uninterrupted tiny pretraining run, trained once per session, that interrupted, killed and resumed runs
+    of the same settings must reproduce exactly. Read it, never write into it (copy it first)."""
+
+    values = dict(  # 64 digits at 8 px, ResNet-18 with a small head (dropout: torch's RNG matters), 4 steps/epoch
+        data="digits",
+        limit=64,
+        image_size=8,
+        batch_size=16,
+        head_hidden=32,
+        head_out=16,
+        head_dropout=0.1,
+        device="cpu",
+        lr=0.1,
+        epochs=3,
+    )
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def settings(self, out: Path, **overrides):
+        """PretrainSettings of the reference run writing to `out`."""
+        from crlf import PretrainSettings
+
+        return PretrainSettings(**{**self.values, "out": out, **overrides})
+
+    def args(self) -> list[str]:
+        """The same settings as `crlf pretrain` flags (without --out)."""
+        return [part for k, v in self.values.items() for part in ("--" + k.replace("_", "-"), str(v))]
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory: pytest.TempPathFactory) -> ReferenceRun:
+    """The session's ReferenceRun (trained in-process on the first use)."""
+    from crlf import pretrain
+
+    ref = ReferenceRun(tmp_path_factory.mktemp("reference") / "run")
+    with pytest.MonkeyPatch.context() as mp:
+        for key in [k for k in os.environ if k.startswith("CRLF_")]:
+            mp.delenv(key)
+        pretrain(ref.settings(ref.path))
+    return ref
 
 
 @pytest.fixture

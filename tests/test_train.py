@@ -87,10 +87,10 @@ def test_loss_goes_down_and_run_dir_is_complete(tmp_path):
 
 @pytest.mark.parametrize("optimizer,schedule", [("sgd", "cosine"), ("adam", "plateau"), ("lars", "none")])
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, optimizer, schedule):
-    full = tiny(tmp_path, "full", epochs=3, optimizer=optimizer, schedule=schedule, head_dropout=0.1, head_layers=3)
+    full = tiny(tmp_path, "full", epochs=2, optimizer=optimizer, schedule=schedule, head_dropout=0.1, head_layers=3)
     pretrain(full)
 
-    part = tiny(tmp_path, "part", epochs=3, optimizer=optimizer, schedule=schedule, head_dropout=0.1, head_layers=3)
+    part = tiny(tmp_path, "part", epochs=2, optimizer=optimizer, schedule=schedule, head_dropout=0.1, head_layers=3)
     with pytest.raises(KeyboardInterrupt):
         pretrain(part, StopAfter(1))
     assert RunDir(part.out).progress()["epoch"] == 1
@@ -121,24 +121,22 @@ class SignalAt:
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_mid_epoch_saves_and_resume_is_exact(tmp_path, sig, code):
-    full = tiny(tmp_path, "full", epochs=2, head_dropout=0.1)
-    pretrain(full)
-    part = tiny(tmp_path, "part", epochs=2, head_dropout=0.1)
+def test_signal_mid_epoch_saves_and_resume_is_exact(tmp_path, reference_run, sig, code):
+    full = RunDir(reference_run.path)  # the same settings, uninterrupted (head dropout: torch's RNG state matters)
+    part = reference_run.settings(tmp_path / "part")
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # SIG_IGN under nohup & co.
     with pytest.raises(Interrupted) as info:
         pretrain(part, SignalAt(epoch=2, step=2, sig=sig))
     assert info.value.exit_code == code and "--resume" in str(info.value)
-    assert (
-        signal.getsignal(sig) is not None and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    )  # restored
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # the handlers from before are back
     progress = RunDir(part.out).progress()
     assert (progress["epoch"], progress["step"]) == (1, 2)
     pretrain(part, resume=True)
-    a, b = weights(full.out / "last.safetensors"), weights(part.out / "last.safetensors")
+    a, b = weights(full.last), weights(part.out / "last.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a), (
         "a run stopped mid-epoch and resumed differs from the uninterrupted one"
     )
-    assert [m["loss"] for m in RunDir(full.out).read_metrics()] == [m["loss"] for m in RunDir(part.out).read_metrics()]
+    assert [m["loss"] for m in full.read_metrics()] == [m["loss"] for m in RunDir(part.out).read_metrics()]
 
 
 def test_different_seed_gives_different_weights(tmp_path):
@@ -160,6 +158,48 @@ def test_resume_rules(tmp_path):
     assert longer["epochs_run"] == 1 and [m["epoch"] for m in RunDir(s.out).read_metrics()] == [1, 2]
     forced = pretrain(tiny(tmp_path, epochs=1, batch_size=8), force=True)
     assert forced["status"] == "trained" and [m["epoch"] for m in RunDir(s.out).read_metrics()] == [1]
+
+
+IDENTITY_CHANGES = {  # for every setting that defines a run: a valid value the reference run does not have
+    "data": "cifar10",
+    "data_dir": "elsewhere",
+    "split": "test",
+    "image_size": 16,
+    "limit": 32,
+    "arch": "resnet34",
+    "stem": "imagenet",
+    "head_hidden": 48,
+    "head_out": 8,
+    "head_layers": 3,
+    "head_dropout": 0.2,
+    "batch_size": 8,
+    "optimizer": "adam",
+    "seed": 1,
+}
+
+
+def test_every_identity_setting_has_a_resume_refusal_case():
+    assert sorted(IDENTITY_CHANGES) == sorted(train.IDENTITY_KEYS)
+
+
+@pytest.mark.parametrize("key", IDENTITY_CHANGES)
+def test_resume_refuses_every_changed_identity_setting(tmp_path, reference_run, key):
+    """The refusal comes before anything is loaded or trained, so one saved run serves every key: a copy of the
+    reference run whose checkpoints are hard links (crlf replaces them by rename, never writes into them)."""
+    import shutil
+
+    out = tmp_path / "run"
+    link = lambda src, dst: os.link(src, dst) if src.endswith(".safetensors") else shutil.copy2(src, dst)  # noqa: E731
+    shutil.copytree(reference_run.path, out, copy_function=link, ignore=shutil.ignore_patterns(".lock"))
+    before = {p: p.read_bytes() for p in (out / "config.json", out / "metrics.jsonl")}
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    changed = reference_run.settings(out, **{key: IDENTITY_CHANGES[key]})
+    assert getattr(changed, key) != getattr(reference_run.settings(out), key)
+    with pytest.raises(InputError, match=rf"settings differ from the saved run \({key}: [^;]*\); use --force"):
+        pretrain(changed, resume=True)
+    assert {p: p.read_bytes() for p in before} == before  # nothing was trained or rewritten
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == stamps
+    assert pretrain(reference_run.settings(out), resume=True)["status"] == "complete"  # the same settings: a no-op
 
 
 def test_resume_without_checkpoint_starts_fresh(tmp_path):
@@ -210,15 +250,22 @@ def test_grad_clip_is_applied_when_set(tmp_path, monkeypatch):
     assert len(norms) == 4  # 0 = off
 
 
-def test_knn_monitor_scores_epochs_without_changing_the_run(tmp_path):
-    plain = pretrain(tiny(tmp_path, "plain", epochs=3))
-    watched = tiny(tmp_path, "watched", epochs=3, knn_every=2, k=10)
+def test_knn_monitor_scores_epochs_without_changing_the_run(tmp_path, reference_run):
+    from crlf.engine.embeddings import knn_eval
+    from crlf.settings import KnnEvalSettings
+
+    watched = reference_run.settings(tmp_path / "watched", knn_every=2, k=10)
     pretrain(watched)
     metrics = RunDir(watched.out).read_metrics()
-    scored = [m["epoch"] for m in metrics if "knn_top1" in m]
-    assert scored == [2, 3]  # every 2nd epoch and after the last
-    assert all(0 <= m["knn_top1"] <= 100 and m["knn_seconds"] > 0 for m in metrics if "knn_top1" in m)
-    a, b = weights(RunDir(plain["run_dir"]).encoder), weights(RunDir(watched.out).encoder)
+    scored = {m["epoch"]: m["knn_top1"] for m in metrics if "knn_top1" in m}
+    assert list(scored) == [2, 3]  # every 2nd epoch and after the last
+    assert all(m["knn_seconds"] > 0 for m in metrics if "knn_top1" in m)
+    for epoch, top1 in scored.items():  # knn-eval's score for that epoch's snapshot on the same images
+        ckpt = watched.out / "checkpoints" / f"epoch-{epoch:04d}.safetensors"
+        same = KnnEvalSettings(ckpt=ckpt, data="digits", limit=64, image_size=8, k=10, device="cpu")
+        assert top1 == pytest.approx(knn_eval(same)["top1"], abs=0.01), epoch
+        assert top1 > 30, scored  # 10 digit classes: far above chance even after 2 epochs
+    a, b = weights(reference_run.path / "encoder.safetensors"), weights(RunDir(watched.out).encoder)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # eval mode, no random draws
 
 

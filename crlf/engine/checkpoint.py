@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -74,7 +75,21 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {"crlf_version": __version__, "format_version": FORMAT_VERSION, **metadata}
     data = st_save(cpu, metadata={**meta, "sha256": digest(cpu, meta)})
-    atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: _write(f, data, path.name))
+
+
+_WRITES: dict[str, int] = {}  # files written by this process, by name, for the test hook below
+
+
+def _write(f: Any, data: bytes, name: str) -> None:
+    """f.write(data). Test hook (fault-injection tests only): with $CRLF_TEST_KILL_AT = "NAME#n", the process kills
+    itself with SIGKILL, as a power cut would, half way through its n-th write of the file NAME."""
+    _WRITES[name] = _WRITES.get(name, 0) + 1
+    f.write(memoryview(data)[: len(data) // 2])
+    if os.environ.get("CRLF_TEST_KILL_AT") == f"{name}#{_WRITES[name]}":
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    f.write(memoryview(data)[len(data) // 2 :])
 
 
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -7,14 +7,23 @@ The groups are flat (one field = one flag = one env var = one TOML key), so ``--
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
+import os
 import re
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from crlf.errors import InputError
 
@@ -23,7 +32,19 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-_STRICT = ConfigDict(extra="forbid", validate_assignment=True)
+# every float must be finite: inf / nan pass the range checks (inf > 0) and fail late, and --print-config would
+# write them as Infinity / NaN, which TOML cannot read back
+_STRICT = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+log = logging.getLogger(__name__)
+
+# upper bounds: values past them are typos or overflows (they used to crash late, after config.json was written)
+MIN_IMAGE_SIZE = 8  # the encoder's smallest side (crlf.engine.evaluate.MIN_SIDE)
+MAX_IMAGE_SIZE = 4096
+MAX_SEED = 2**32 - 1  # what NumPy and scikit-learn accept; torch's per-epoch seeds are derived from it
+MAX_WIDTH = 16384  # projection head widths (wide heads in the literature: 8192)
+MAX_EPOCHS = 1_000_000
+MAX_BATCH = 2**20  # batch sizes, and k neighbours
+MAX_SCALAR = 1e30  # learning rates: larger values overflow float32 in the optimizer's step
 BaseModelT = TypeVar("BaseModelT", bound=BaseModel)
 
 DataSource = Literal["digits", "cifar10", "cifar100", "stl10", "folder", "npy", "npz"]
@@ -47,7 +68,8 @@ class DataSettings(BaseModel):
     )
     image_size: int | None = Field(
         None,
-        gt=0,
+        ge=MIN_IMAGE_SIZE,
+        le=MAX_IMAGE_SIZE,
         description="Square side in px (default: the source's: digits 16, CIFAR 32, STL-10 96, folder 64).",
     )
     limit: int | None = Field(
@@ -100,8 +122,8 @@ class ModelSettings(BaseModel):
         "auto",
         description="cifar (3x3 conv, no max-pool), imagenet (7x7, stride 2, max-pool); auto: cifar up to 64 px.",
     )
-    head_hidden: int = Field(2048, gt=0, description="Width of the head's hidden layers.")
-    head_out: int = Field(128, gt=0, description="Output size of the projection head.")
+    head_hidden: int = Field(2048, gt=0, le=MAX_WIDTH, description="Width of the head's hidden layers.")
+    head_out: int = Field(128, gt=0, le=MAX_WIDTH, description="Output size of the projection head.")
     head_layers: int = Field(2, ge=1, le=4, description="Linear layers in the head (2: SimCLR's MLP).")
     head_dropout: float = Field(
         0.0,
@@ -120,7 +142,7 @@ class AugmentSettings(BaseModel):
     crop_max_scale: float = Field(1.0, gt=0.0, le=1.0, description="Random resized crop: largest area fraction.")
     flip_p: float = Field(0.5, ge=0.0, le=1.0, description="Horizontal flip probability.")
     jitter_strength: float = Field(
-        0.5, ge=0.0, description="Colour jitter strength s: brightness, contrast, saturation 0.8 s, hue 0.2 s."
+        0.5, ge=0.0, le=10.0, description="Colour jitter strength s: brightness, contrast, saturation 0.8 s, hue 0.2 s."
     )
     jitter_p: float = Field(0.8, ge=0.0, le=1.0, description="Colour jitter probability.")
     grayscale_p: float = Field(0.2, ge=0.0, le=1.0, description="Grayscale probability.")
@@ -129,7 +151,7 @@ class AugmentSettings(BaseModel):
     )
     rotation: float = Field(0.0, ge=0.0, le=180.0, description="Largest random rotation in degrees (0: off).")
     noise_std: float = Field(
-        0.0, ge=0.0, description="Std of additive Gaussian noise on [0, 1] pixels (0: off)."
+        0.0, ge=0.0, le=1.0, description="Std of additive Gaussian noise on [0, 1] pixels (0: off)."
     )
     solarize_p: float = Field(
         0.0, ge=0.0, le=1.0, description="Solarization probability (pixels above 0.5 inverted)."
@@ -149,30 +171,31 @@ class OptimSettings(BaseModel):
 
     model_config = _STRICT
 
-    epochs: int = Field(100, ge=1, description="Passes over the data set.")
-    batch_size: int = Field(512, ge=2, description="Source images per step (each gives two views).")
+    epochs: int = Field(100, ge=1, le=MAX_EPOCHS, description="Passes over the data set.")
+    batch_size: int = Field(512, ge=2, le=MAX_BATCH, description="Source images per step (each gives two views).")
     optimizer: Literal["sgd", "lars", "adam"] = Field(
         "sgd", description="sgd (momentum 0.9), lars (SimCLR's) or adam (the seeds')."
     )
     lr: float | None = Field(
         None,
         gt=0.0,
+        le=MAX_SCALAR,
         description="Peak learning rate (default: 0.06 x batch/64 sgd, 0.3 x batch/256 lars, 3e-4 adam).",
     )
     weight_decay: float | None = Field(
-        None, ge=0.0, description="Weight decay (default: 5e-4 sgd, 1e-6 lars, 1e-4 adam)."
+        None, ge=0.0, le=1.0, description="Weight decay (default: 5e-4 sgd, 1e-6 lars, 1e-4 adam)."
     )
     schedule: Literal["cosine", "none", "plateau"] = Field(
         "cosine",
         description="cosine (warm-up, then decay to 0), none (constant) or plateau (halve after 5 stalled epochs).",
     )
-    warmup_epochs: float = Field(1.0, ge=0.0, description="Linear warm-up in epochs.")
+    warmup_epochs: float = Field(1.0, ge=0.0, le=MAX_EPOCHS, description="Linear warm-up in epochs.")
     grad_clip: float = Field(0.0, ge=0.0, description="Clip the gradient norm to this value (0: off).")
     temperature: float = Field(
         0.2, gt=0.0, description="NT-Xent temperature (below 0.07 is often unstable)."
     )
     seed: int = Field(
-        0, ge=0, description="Seed of weights, shuffling and augmentation (same seed, same run on CPU)."
+        0, ge=0, le=MAX_SEED, description="Seed of weights, shuffling and augmentation (same seed, same run on CPU)."
     )
 
     @property
@@ -221,7 +244,7 @@ class KnnSettings(BaseModel):
 
     model_config = _STRICT
 
-    k: int = Field(200, ge=1, description="Neighbours that vote (clipped to the train size).")
+    k: int = Field(200, ge=1, le=MAX_BATCH, description="Neighbours that vote (clipped to the train size).")
     knn_temperature: float = Field(0.1, gt=0.0, description="Vote weight exp(similarity / temperature).")
 
 
@@ -252,6 +275,21 @@ def read_toml(path: Path, section: str) -> dict[str, Any]:
         raise InputError(f"cannot read config file {path}: {e}") from None
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"config file {path} is not valid TOML: {e}") from None
+    sections = [c.section for c in _COMMANDS]
+    for name, value in data.items():
+        if isinstance(value, dict) and name not in sections:
+            raise InputError(
+                f"config file {path}: unknown table [{name}]{did_you_mean(name, sections, '[{}]')}; the tables are "
+                f"{', '.join(f'[{s}]' for s in sections)} (one per subcommand) and keys above them are shared"
+            )
+    for other in _COMMANDS:
+        keys = data.get(other.section)
+        bad = sorted(set(keys) - set(other.model_fields)) if isinstance(keys, dict) else []
+        if bad:
+            raise InputError(
+                f"config file {path}: [{other.section}] has unknown setting '{bad[0]}'"
+                f"{did_you_mean(bad[0], other.model_fields)}; crlf {other.section} --help lists them"
+            )
     table = data.pop(section, {})
     if not isinstance(table, dict):
         raise InputError(f"config file {path}: '{section}' must be a table")
@@ -263,11 +301,54 @@ def read_toml(path: Path, section: str) -> dict[str, Any]:
     if unknown:
         raise InputError(
             f"config file {path}: unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(repr(k) for k in unknown)}"
+            f"{did_you_mean(unknown[0], known)}"
         )
     mine = next((c for c in _COMMANDS if c.section == section), None)
     if mine is not None:
         flat = {k: v for k, v in flat.items() if k in mine.model_fields}
     return {**flat, **table}
+
+
+def did_you_mean(name: str, choices: Any, shown: str = "'{}'") -> str:
+    """' (did you mean X?)' for the choice closest to `name` ('-' and '_' alike), or '' when none is close."""
+    norm = {c.replace("-", "_").lower(): c for c in choices}
+    close = difflib.get_close_matches(name.replace("-", "_").lower(), list(norm), n=1, cutoff=0.7)
+    return f" (did you mean {shown.format(norm[close[0]])}?)" if close else ""
+
+
+class _EnvSource(EnvSettingsSource):
+    """``CRLF_*`` variables. A list setting takes a JSON list, or the natural forms: one value (``CRLF_KIND=loss``)
+    or values separated by commas (``CRLF_LABEL_FRACTION=0.1,1``)."""
+
+    def decode_complex_value(self, field_name: str, field: Any, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        if value.lstrip().startswith("["):
+            try:
+                return json.loads(value)
+            except ValueError:
+                return value  # validation then names the setting: "Input should be a valid list"
+        return [part.strip() for part in value.split(",") if part.strip()]
+
+
+ENV_READ_ELSEWHERE = ("CRLF_CONFIG", "CRLF_DEBUG")  # variables the CLI reads itself (not settings)
+
+
+def warn_unknown_env(environ: Any = None) -> list[str]:
+    """Warn (do not fail) about each ``CRLF_*`` variable that no subcommand reads, with the closest name; returns
+    the warnings. Test hooks (``CRLF_TEST_*``) are left alone."""
+    fields = sorted({name.upper() for c in _COMMANDS for name in c.model_fields})
+    known = {f"CRLF_{name}" for name in fields} | set(ENV_READ_ELSEWHERE)
+    warnings = []
+    for name in sorted(os.environ if environ is None else environ):
+        key = name.upper()
+        if key.startswith("CRLF_") and key not in known and not key.startswith("CRLF_TEST_"):
+            warnings.append(
+                f"ignoring the environment variable {name}: no crlf setting has that name"
+                f"{did_you_mean(key.removeprefix('CRLF_'), fields, 'CRLF_{}')}"
+            )
+            log.warning("%s", warnings[-1])
+    return warnings
 
 
 _COMMANDS: list[type[BaseSettings]] = []
@@ -276,7 +357,7 @@ _COMMANDS: list[type[BaseSettings]] = []
 class _CommandSettings(BaseSettings):
     """Base of the per-subcommand models: env prefix, TOML source, strict keys."""
 
-    model_config = SettingsConfigDict(env_prefix="CRLF_", extra="forbid", validate_assignment=True)
+    model_config = SettingsConfigDict(env_prefix="CRLF_", extra="forbid", validate_assignment=True, allow_inf_nan=False)
     section: ClassVar[str] = ""  # the subcommand: also the name of its table in a config file
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -287,7 +368,7 @@ class _CommandSettings(BaseSettings):
     def settings_customise_sources(
         cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
     ):  # type: ignore[override]
-        return (init_settings, env_settings, _TomlSource(settings_cls, _config_file.get(), cls.section))
+        return (init_settings, _EnvSource(settings_cls), _TomlSource(settings_cls, _config_file.get(), cls.section))
 
 
 class PretrainSettings(
@@ -313,7 +394,7 @@ class EncoderInput(BaseModel):
     ckpt: Path | None = Field(
         None, description="Encoder checkpoint: encoder.safetensors (or last.safetensors) written by crlf pretrain."
     )
-    embed_batch_size: int = Field(512, ge=1, description="Images per batch when embedding.")
+    embed_batch_size: int = Field(512, ge=1, le=MAX_BATCH, description="Images per batch when embedding.")
 
 
 class EmbeddingsInput(BaseModel):
@@ -376,18 +457,20 @@ class LinearEvalSettings(EmbeddingsInput, EncoderInput, DeviceSettings, DataSett
         [1.0],
         description="Train on this class-balanced fraction of the labels; repeat the flag for a label-efficiency curve.",
     )
-    seeds: int = Field(1, ge=1, description="Repeat each label fraction with this many seeds and report mean and std.")
+    seeds: int = Field(
+        1, ge=1, le=1000, description="Repeat each label fraction with this many seeds and report mean and std."
+    )
     probe_epochs: int = Field(
-        100, ge=1, description="Epochs of the linear classifier (fine-tuning: of the whole network)."
+        100, ge=1, le=MAX_EPOCHS, description="Epochs of the linear classifier (fine-tuning: of the whole network)."
     )
     probe_lr: float | None = Field(
-        None, gt=0.0, description="Learning rate of the classifier (default: the protocol's own)."
+        None, gt=0.0, le=MAX_SCALAR, description="Learning rate of the classifier (default: the protocol's own)."
     )
-    probe_weight_decay: float = Field(0.0, ge=0.0, description="Weight decay of the classifier.")
+    probe_weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="Weight decay of the classifier.")
     finetune: bool = Field(
         False, description="Unfreeze the encoder and train it with the linear head (needs --ckpt and --data)."
     )
-    seed: int = Field(0, ge=0, description="Base seed of the label subsets and the classifier.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Base seed of the label subsets and the classifier.")
 
     @field_validator("label_fraction")
     @classmethod
@@ -444,7 +527,9 @@ class VisualizeSettings(AugmentSettings, EncoderInput, DeviceSettings, DataSetti
     queries: int = Field(6, ge=1, le=20, description="neighbors: query images (rows of the grid).")
     neighbors: int = Field(8, ge=1, le=20, description="neighbors: nearest neighbours shown per query.")
     views: int = Field(4, ge=1, le=12, description="augmentations: view pairs shown per image.")
-    seed: int = Field(0, ge=0, description="Seed of the subsets, the t-SNE layout and the augmentations drawn.")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="Seed of the subsets, the t-SNE layout and the augmentations drawn."
+    )
 
     @model_validator(mode="after")
     def _inputs(self) -> VisualizeSettings:
@@ -461,10 +546,14 @@ def resolve(cls: type[BaseModelT], cli_values: dict[str, Any], config: Path | No
     """Build settings with precedence CLI > CRLF_* env > TOML > defaults (plain groups: the values alone); raise
     InputError listing every problem."""
     token = _config_file.set(config)
+    if issubclass(cls, _CommandSettings):
+        warn_unknown_env()
     try:
         return cls(**{k: v for k, v in cli_values.items() if v is not None})
     except ValidationError as e:
         raise InputError("invalid settings: " + "; ".join(_describe(err) for err in e.errors())) from None
+    except SettingsError as e:  # a CRLF_* value the environment source cannot decode
+        raise InputError(f"invalid settings: {e}; check the CRLF_* environment variables") from None
     finally:
         _config_file.reset(token)
 
@@ -472,6 +561,7 @@ def resolve(cls: type[BaseModelT], cli_values: dict[str, Any], config: Path | No
 def _describe(err: dict[str, Any]) -> str:
     loc = ".".join(str(p) for p in err.get("loc", ()))
     msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+    msg = re.sub(r"\b\d{17,}\b", lambda m: f"{float(m.group()):g}", msg)  # a bound of 1e30, not 31 digits
     if err.get("type") == "extra_forbidden":
         return f"unknown setting '{loc}'"
     if not loc:

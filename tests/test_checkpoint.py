@@ -181,3 +181,48 @@ def test_state_round_trip_continues_identically(tmp_path, optimizer):
     # the backbone of a training state loads as an encoder too
     enc, info = load_encoder(tmp_path / "last.safetensors")
     assert info["format"] == "crlf-state"
+
+
+@pytest.mark.parametrize(
+    "key,value,fragment",
+    [
+        ("arch", "vgg16", "unknown arch 'vgg16'"),
+        ("stem", "tiny", "unknown stem 'tiny'"),
+        ("image_size", "0", "image_size 0 outside 1..4096"),
+        ("image_size", "-32", "image_size -32"),
+        ("image_size", "100000000", "image_size 100000000"),
+        ("feature_dim", "0", "feature_dim 0"),
+        ("mean", "[0.5, 0.5]", "mean must be a list of 3 finite numbers"),
+        ("mean", '"abc"', "mean must be a list of 3"),
+        ("std", "[NaN, 0.2, 0.2]", "std must be a list of 3 finite numbers"),
+        ("std", "[0.2, 0.0, 0.2]", "std must be positive"),
+        ("std", "[0.2, true, 0.2]", "std must be a list of 3"),
+        ("epoch", "-1", "negative epoch"),
+    ],
+)
+def test_crafted_metadata_with_a_valid_checksum_is_an_input_error(tmp_path, key, value, fragment):
+    path = tmp_path / "enc.safetensors"
+    save_tensors(path, {"conv1.weight": torch.zeros(1)}, {"format": "crlf-encoder", **meta(), key: value})
+    read_tensors(path)  # the checksum is valid: only the values are wrong
+    with pytest.raises(InputError) as info:
+        load_encoder(path)
+    assert fragment in str(info.value) and "re-create it" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_crafted_metadata_exits_2_from_the_cli(tmp_path):
+    import logging
+
+    from typer.testing import CliRunner
+
+    from crlf.cli import app
+
+    path = tmp_path / "enc.safetensors"
+    save_tensors(path, {"conv1.weight": torch.zeros(1)}, {"format": "crlf-encoder", **meta(), "image_size": "0"})
+    logger = logging.getLogger("crlf")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    try:
+        args = ["extract", "--ckpt", str(path), "--data", "digits", "--out", str(tmp_path / "e.npy")]
+        r = CliRunner().invoke(app, args)
+    finally:  # the CLI stops the crlf logger propagating, which would hide later tests' records from caplog
+        logger.handlers[:], logger.propagate, logger.level = saved
+    assert r.exit_code == 2 and "image_size 0" in r.stderr and "unexpected" not in r.stderr

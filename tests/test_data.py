@@ -441,7 +441,7 @@ def test_folder_undecodable_class_folder_name(tmp_path):
     for name in (b"caf\xe9", b"plain"):
         os.makedirs(os.fsencode(root) + b"/" + name)
         Image.new("RGB", (6, 6)).save(os.fsencode(root) + b"/" + name + b"/x.png")
-    s = load(settings(data="folder", data_dir=root, image_size=4, cache_dir=tmp_path / "cache"))
+    s = load(settings(data="folder", data_dir=root, image_size=8, cache_dir=tmp_path / "cache"))
     assert s.class_names == ["caf\\xe9", "plain"] and s.ids == ["caf\\xe9/x.png", "plain/x.png"]
 
 
@@ -482,7 +482,7 @@ def test_folder_links_loops_and_dangling_links_are_skipped_and_counted(tmp_path,
     for attempt in ("decoded", "cached"):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="crlf.engine"):
-            s = load(settings(data="folder", data_dir=root, image_size=4, cache_dir=tmp_path / "cache"))
+            s = load(settings(data="folder", data_dir=root, image_size=8, cache_dir=tmp_path / "cache"))
         assert s.class_names == ["cat", "dog", "kitten"], attempt
         assert sorted(s.ids) == ["cat/0.png", "cat/1.png", "dog/0.png", "dog/1.png", "dog/again.png"] + [
             "kitten/0.png",
@@ -536,6 +536,115 @@ def test_folder_scan_survives_an_entry_whose_stat_fails(tmp_path, monkeypatch, c
 
     monkeypatch.setattr(folder.os, "scandir", Scan)
     with caplog.at_level(logging.WARNING, logger="crlf.engine"):
-        s = load(settings(data="folder", data_dir=root, image_size=4))
+        s = load(settings(data="folder", data_dir=root, image_size=8))
     assert s.ids == ["a.png", "b.png"]
     assert "skipped 1 of 3 files" in caplog.text and "locked.png (Permission denied)" in caplog.text
+
+
+# --- arrays with a zero side, and labels bounded by the data --------------------------------------------------
+@pytest.mark.parametrize("shape", [(4, 0, 8, 3), (4, 8, 0, 3), (4, 0, 8), (2, 0, 0, 1)])
+def test_npy_images_with_a_zero_side_are_input_errors(tmp_path, shape):
+    path = tmp_path / "zero.npy"
+    np.save(path, np.zeros(shape, np.uint8))
+    with pytest.raises(InputError, match="have no pixels"):
+        load(settings(data="npy", data_dir=path))
+
+
+def _npy_with_labels(tmp_path: Path, labels: np.ndarray) -> Path:
+    path = tmp_path / "x.npy"
+    np.save(path, np.zeros((len(labels), 8, 8, 3), np.uint8))
+    np.save(tmp_path / "x.labels.npy", labels)
+    return path
+
+
+@pytest.mark.parametrize(
+    "labels,fragment",
+    [
+        (np.array([0, 1, 2, 20_000_000]), "labels go up to 20,000,000 for 4 rows"),  # took 2.6 GB of names
+        (np.array([0, 1, 1000]), "labels go up to 1,000 for 3 rows"),
+        (np.array([0, 2**63 + 1], np.uint64), "labels go up to"),  # not wrapped to a negative int64
+    ],
+)
+def test_labels_without_names_are_bounded_by_the_data(tmp_path, labels, fragment):
+    with pytest.raises(InputError) as info:
+        load(settings(data="npy", data_dir=_npy_with_labels(tmp_path, labels)))
+    assert fragment in str(info.value) and "class indices" in str(info.value)
+
+
+def test_sparse_labels_below_the_bound_are_kept(tmp_path):
+    s = load(settings(data="npy", data_dir=_npy_with_labels(tmp_path, np.array([0, 999]))))  # 2 rows, classes < 1000
+    assert s.labels.tolist() == [0, 999] and len(s.class_names) == 1000
+    s = load(settings(data="npy", data_dir=_npy_with_labels(tmp_path, np.arange(1500) % 1500)))  # as many as rows
+    assert len(s.class_names) == 1500
+
+
+def test_npz_labels_must_index_the_class_names(tmp_path):
+    path = tmp_path / "x.npz"
+    images, names = np.zeros((4, 8, 8, 3), np.uint8), np.array(list("abc"))
+    np.savez(path, images=images, labels=np.array([0, 1, 2, 5]), class_names=names)
+    with pytest.raises(InputError, match="3 class_names but labels up to 5"):
+        load(settings(data="npz", data_dir=path))
+
+
+def test_cifar_labels_that_are_not_integers(tiny_cifar_root):
+    batch = tiny_cifar_root / "cifar-10-batches-py" / "test_batch"
+    with open(batch, "rb") as f:
+        original = pickle.load(f, encoding="latin1")
+    for labels, data_rows, fragment in [
+        (["cat"] * 40, original["data"], "are not 40 integers"),
+        ([0.5] * 40, original["data"], "are not 40 integers"),
+        ([0, 1], original["data"], "is not a CIFAR-10 batch"),
+    ]:
+        with open(batch, "wb") as f:
+            pickle.dump({**original, "labels": labels, "data": data_rows}, f, protocol=2)
+        with pytest.raises(InputError, match=fragment):
+            load(settings(data="cifar10", data_dir=tiny_cifar_root, split="test"))
+
+
+def test_folder_cache_with_bad_arrays_is_a_miss(tmp_path, caplog):
+    for arrays in (
+        {"images": np.zeros((2, 3, 0, 8), np.uint8), "labels": np.array([0, 1])},
+        {"images": np.zeros((2, 3, 8, 8), np.uint8), "labels": np.array([0, 20_000_000])},
+        {"images": np.zeros((2, 3, 8, 8), np.float32), "labels": np.array([0, 1])},
+    ):
+        path = tmp_path / "cache.npz"
+        np.savez(path, **arrays, class_names=np.array(["a", "b"]), ids=np.array(["a/0", "b/0"]), skipped=np.array([]))
+        with caplog.at_level(logging.WARNING, logger="crlf.engine"):
+            assert folder._read_cache(path, "folder:x") is None
+        assert "ignoring the unreadable cache" in caplog.text
+
+
+def _embeddings(tmp_path: Path, x: np.ndarray, **sidecar) -> Path:
+    path = tmp_path / "emb.npy"
+    np.save(path, x)
+    (tmp_path / "emb.npy.json").write_text(json.dumps(sidecar))
+    return path
+
+
+@pytest.mark.parametrize(
+    "x,sidecar,fragment",
+    [
+        (np.zeros((4, 0), np.float32), {}, "N, D > 0"),
+        (np.zeros((0, 8), np.float32), {}, "N, D > 0"),
+        (np.zeros((3, 2), np.float32), {"labels": [0, 1, 20_000_000]}, "labels go up to 20,000,000 for 3 rows"),
+        (np.zeros((3, 2), np.float32), {"labels": [0, 1, 3], "class_names": ["a", "b", "c"]}, "3 class_names"),
+        (np.zeros((3, 2), np.float32), {"labels": ["a", "b", "c"]}, "integer labels"),
+        (np.zeros((3, 2), np.float32), {"labels": [0.5, 1, 2]}, "integer labels"),
+        (np.zeros((3, 2), np.float32), {"labels": 7}, "integer labels"),
+        (np.zeros((3, 2), np.float32), {"labels": [0, -1, 2]}, "labels must be >= 0"),
+        (np.zeros((3, 2), np.float32), {"labels": [0, 1, 2], "class_names": "abc"}, "class names"),
+    ],
+)
+def test_read_embeddings_bad_arrays_and_labels(tmp_path, x, sidecar, fragment):
+    from crlf.engine.embeddings import read_embeddings
+
+    with pytest.raises(InputError) as info:
+        read_embeddings(_embeddings(tmp_path, x, **sidecar))
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_read_embeddings_labels_within_bounds(tmp_path):
+    from crlf.engine.embeddings import read_embeddings
+
+    x, y, names, _ = read_embeddings(_embeddings(tmp_path, np.ones((3, 2)), labels=[0, 2, 1], class_names=list("abc")))
+    assert y.tolist() == [0, 2, 1] and names == ["a", "b", "c"] and x.dtype == torch.float32

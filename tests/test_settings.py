@@ -5,7 +5,14 @@ from pathlib import Path
 import pytest
 
 from crlf.errors import InputError
-from crlf.settings import PretrainSettings, resolve, to_toml
+from crlf.settings import (
+    ExtractSettings,
+    LinearEvalSettings,
+    PretrainSettings,
+    VisualizeSettings,
+    resolve,
+    to_toml,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -122,3 +129,180 @@ def test_readme_documents_every_option_of_every_subcommand():
             )
     for flag in ("--config", "--resume", "--force", "--print-config", "--json", "--quiet", "--verbose"):
         assert flag in readme
+
+
+# --- hardening: non-finite and absurd values, config tables, CRLF_* variables ---------------------------------
+def _cli(args, env=None):
+    """The CLI in-process; the `crlf` logger is restored after (the CLI stops it propagating, which hides later
+    tests' records from caplog)."""
+    import logging
+
+    from typer.testing import CliRunner
+
+    from crlf.cli import app
+
+    logger = logging.getLogger("crlf")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    try:
+        return CliRunner().invoke(app, [str(a) for a in args], env=env)
+    finally:
+        logger.handlers[:], logger.propagate, logger.level = saved
+
+
+@pytest.mark.parametrize(
+    "cls,values,fragment",
+    [
+        (PretrainSettings, {"temperature": float("inf")}, "temperature: Input should be a finite number"),
+        (PretrainSettings, {"temperature": float("nan")}, "temperature"),
+        (PretrainSettings, {"lr": float("inf")}, "lr"),
+        (PretrainSettings, {"lr": 1e39}, "lr: Input should be less than or equal to 1e+30"),  # float32 overflow
+        (PretrainSettings, {"weight_decay": float("inf")}, "weight-decay"),
+        (PretrainSettings, {"grad_clip": float("inf")}, "grad-clip"),
+        (PretrainSettings, {"log_every": float("inf")}, "log-every"),
+        (PretrainSettings, {"knn_temperature": float("-inf")}, "knn-temperature"),
+        (PretrainSettings, {"warmup_epochs": 1e308}, "warmup-epochs"),  # round(1e308 * steps) overflowed
+        (PretrainSettings, {"noise_std": 1e300}, "noise-std"),  # overflowed float32 in the augmentation
+        (PretrainSettings, {"jitter_strength": 1e300}, "jitter-strength"),
+        (PretrainSettings, {"rotation": float("inf")}, "rotation"),
+        (PretrainSettings, {"seed": 2**32}, "seed"),  # NumPy / scikit-learn refuse it
+        (PretrainSettings, {"seed": 10**17}, "seed"),  # seed * 1_000_003 overflowed torch.manual_seed
+        (PretrainSettings, {"head_out": 10**19}, "head-out"),
+        (PretrainSettings, {"head_hidden": 10**6}, "head-hidden"),
+        (PretrainSettings, {"image_size": 4}, "image-size"),  # below the encoder's minimum of 8
+        (PretrainSettings, {"image_size": 100_000}, "image-size"),
+        (PretrainSettings, {"epochs": 10**19}, "epochs"),
+        (PretrainSettings, {"batch_size": 10**19}, "batch-size"),
+        (PretrainSettings, {"k": 10**19}, "k"),
+        (LinearEvalSettings, {"ckpt": "e.safetensors", "probe_lr": float("inf")}, "probe-lr"),
+        (LinearEvalSettings, {"ckpt": "e.safetensors", "label_fraction": [float("nan")]}, "label-fraction"),
+        (LinearEvalSettings, {"ckpt": "e.safetensors", "seed": 2**63}, "seed"),
+        (LinearEvalSettings, {"ckpt": "e.safetensors", "seeds": 10**9}, "seeds"),
+        (VisualizeSettings, {"seed": 2**32}, "seed"),
+        (ExtractSettings, {"ckpt": "e.safetensors", "out": "e.npy", "embed_batch_size": 10**19}, "embed-batch-size"),
+    ],
+)
+def test_non_finite_and_absurd_values_are_rejected(cls, values, fragment):
+    with pytest.raises(InputError) as info:
+        resolve(cls, values)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_largest_accepted_values_still_resolve():
+    s = resolve(PretrainSettings, {"seed": 2**32 - 1, "image_size": 8, "head_hidden": 16384, "lr": 1e12})
+    assert s.seed == 2**32 - 1 and s.image_size == 8 and s.lr == 1e12
+    from crlf.engine.evaluate import MIN_SIDE
+    from crlf.settings import MIN_IMAGE_SIZE
+
+    assert MIN_IMAGE_SIZE == MIN_SIDE
+
+
+@pytest.mark.parametrize("where", ["flag", "env", "toml"])
+def test_inf_exits_2_from_every_source(tmp_path, where):
+    args, env = ["pretrain", "--print-config"], None
+    if where == "flag":
+        args += ["--temperature", "inf"]
+    elif where == "env":
+        env = {"CRLF_TEMPERATURE": "inf"}
+    else:
+        args += ["--config", write(tmp_path, "temperature = inf\n")]
+    r = _cli(args, env)
+    assert r.exit_code == 2 and r.stdout == "", r.output
+    assert r.stderr.count("\n") == 1 and "temperature" in r.stderr and "finite" in r.stderr
+
+
+PRINT_CONFIG_ARGS = {
+    "pretrain": ["--data-dir", 'a dir/with "quotes" and \u00fc', "--lr", "1e-6", "--seed", str(2**32 - 1)],
+    "extract": ["--ckpt", "e.safetensors", "--out", "e.npz", "--normalize"],
+    "linear-eval": ["--ckpt", "e.safetensors", "--label-fraction", "0.01", "--label-fraction", "1"],
+    "knn-eval": ["--train-emb", "a.npy", "--test-emb", "b.npy", "-k", "20"],
+    "visualize": ["--run", "r1", "--run", "r 2", "--kind", "loss", "--kind", "pca"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(PRINT_CONFIG_ARGS))
+def test_print_config_reads_back_through_config(tmp_path, command):
+    first = _cli([command, "--print-config", *PRINT_CONFIG_ARGS[command]])
+    assert first.exit_code == 0, first.output
+    path = tmp_path / f"{command}.toml"
+    path.write_text(first.stdout)
+    again = _cli([command, "--config", path, "--print-config"])
+    assert again.exit_code == 0, again.output
+    assert again.stdout == first.stdout
+    # the file also works as the subcommand's own table
+    path.write_text(f"[{command}]\n" + first.stdout)
+    assert _cli([command, "--config", path, "--print-config"]).stdout == first.stdout
+
+
+@pytest.mark.parametrize(
+    "text,fragment",
+    [
+        ("[pretrian]\nepochs = 3\n", "unknown table [pretrian] (did you mean [pretrain]?)"),
+        ("[linear_eval]\nseeds = 3\n", "unknown table [linear_eval] (did you mean [linear-eval]?)"),
+        ("[training]\nepochs = 3\n", "the tables are [pretrain], [extract], [linear-eval], [knn-eval], [visualize]"),
+        ("[extract]\nnormalise = true\n", "[extract] has unknown setting 'normalise' (did you mean 'normalize'?)"),
+        ("epocs = 3\n", "unknown setting 'epocs' (did you mean 'epochs'?)"),
+    ],
+)
+def test_unknown_tables_are_errors_with_a_hint(tmp_path, text, fragment):
+    with pytest.raises(InputError) as info:
+        resolve(PretrainSettings, {}, write(tmp_path, text))
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+    r = _cli(["pretrain", "--print-config", "--config", tmp_path / "exp.toml"])
+    assert r.exit_code == 2 and fragment in r.stderr
+
+
+def test_other_subcommands_tables_are_allowed(tmp_path):
+    cfg = write(tmp_path, "epochs = 4\n[extract]\nnormalize = true\n[linear-eval]\nseeds = 3\n")
+    assert resolve(PretrainSettings, {}, cfg).epochs == 4
+    assert resolve(LinearEvalSettings, {"ckpt": "e.safetensors"}, cfg).seeds == 3
+
+
+@pytest.mark.parametrize(
+    "cls,name,value,expected",
+    [
+        (VisualizeSettings, "kind", "loss", ["loss"]),
+        (VisualizeSettings, "kind", "loss,pca", ["loss", "pca"]),
+        (VisualizeSettings, "kind", " loss , pca ", ["loss", "pca"]),
+        (VisualizeSettings, "kind", '["loss", "tsne"]', ["loss", "tsne"]),
+        (VisualizeSettings, "run", "runs/a,runs/b", [Path("runs/a"), Path("runs/b")]),
+        (VisualizeSettings, "run", "runs/a", [Path("runs/a")]),
+        (LinearEvalSettings, "label_fraction", "0.1,1", [0.1, 1.0]),
+        (LinearEvalSettings, "label_fraction", "0.5", [0.5]),
+        (LinearEvalSettings, "label_fraction", "[0.25, 1]", [0.25, 1.0]),
+    ],
+)
+def test_list_settings_from_the_environment(monkeypatch, cls, name, value, expected):
+    monkeypatch.setenv(f"CRLF_{name.upper()}", value)
+    extra = {"ckpt": "e.safetensors"} if cls is LinearEvalSettings else {}
+    assert getattr(resolve(cls, extra), name) == expected
+
+
+@pytest.mark.parametrize("value", ["[loss", "shadow", "loss,[pca]"])
+def test_bad_list_in_the_environment_is_an_input_error(monkeypatch, value):
+    monkeypatch.setenv("CRLF_KIND", value)
+    with pytest.raises(InputError, match="kind"):
+        resolve(VisualizeSettings, {})
+    r = _cli(["visualize", "--print-config"], {"CRLF_KIND": value})
+    assert r.exit_code == 2 and "kind" in r.stderr and "Traceback" not in r.output
+
+
+def test_list_env_from_the_cli():
+    r = _cli(["visualize", "--print-config", "--json"], {"CRLF_KIND": "loss,pca", "CRLF_RUN": "r1"})
+    assert r.exit_code == 0, r.output
+    import json
+
+    assert json.loads(r.stdout)["kind"] == ["loss", "pca"] and json.loads(r.stdout)["run"] == ["r1"]
+
+
+def test_unknown_crlf_variables_warn_with_a_hint(monkeypatch):
+    from crlf.settings import warn_unknown_env
+
+    env = {"CRLF_EPOCS": "3", "CRLF_EPOCHS": "2", "CRLF_CONFIG": "x", "CRLF_DEBUG": "1", "CRLF_ZZZ": "1", "HOME": "/"}
+    warnings = warn_unknown_env(env)
+    assert len(warnings) == 2
+    assert "CRLF_EPOCS" in warnings[0] and "did you mean CRLF_EPOCHS?" in warnings[0]
+    assert "CRLF_ZZZ" in warnings[1] and "did you mean" not in warnings[1]
+    r = _cli(["pretrain", "--print-config"], {"CRLF_BATCH_SIZ": "64", "CRLF_EPOCHS": "2"})
+    assert r.exit_code == 0, r.output  # a warning, not a failure
+    assert "warning: ignoring the environment variable CRLF_BATCH_SIZ" in r.stderr
+    assert "did you mean CRLF_BATCH_SIZE?" in r.stderr and "epochs = 2" in r.stdout

@@ -283,11 +283,21 @@ def _cifar(data: str, data_dir: Path | None, split: str, download: bool) -> Imag
             raise InputError(
                 f"{folder / name} is not a {spec.name} batch (uint8 'data' (N, 3072) and N '{label_key}'): replace it with the original download"
             )
+        try:
+            y = np.asarray(y)
+        except ValueError:  # a ragged list
+            y = np.asarray([None])
+        if y.dtype.kind not in "iu" or y.shape != (len(x),):
+            raise InputError(
+                f"{folder / name}: its {label_key!r} are not {len(x):,} integers: replace it with the original download"
+            )
         xs.append(x)
-        ys.append(np.asarray(y, dtype=np.int64))
-    labels = torch.from_numpy(np.concatenate(ys))
-    if labels.min() < 0 or labels.max() >= len(names):
-        raise InputError(f"{folder} has labels outside 0..{len(names) - 1}: replace it with the original download")
+        ys.append(y)
+    labels = torch.from_numpy(np.concatenate(ys).astype(np.int64))
+    if not len(labels) or labels.min() < 0 or labels.max() >= len(names):
+        raise InputError(
+            f"{folder} has no images or labels outside 0..{len(names) - 1}: replace it with the original download"
+        )
     images = torch.from_numpy(np.concatenate(xs).reshape(-1, 3, 32, 32))
     return ImageSet(images, labels, names, _ids(split, len(images)), f"{data}:{split}")
 
@@ -364,11 +374,7 @@ def _array_file(path: Path, kind: str, split: str) -> ImageSet:
                     f"cannot read {path} ({short_reason(e)}): store plain numeric and string arrays"
                 ) from None
     images = _check_images(x, path)
-    labels = None if y is None else _check_labels(y, len(images), path)
-    if labels is not None and names is not None and len(names) <= int(labels.max()):
-        raise InputError(
-            f"{path} has {len(names)} class_names but labels up to {int(labels.max())}: give one name per class"
-        )
+    labels = None if y is None else _check_labels(y, len(images), path, names)
     if labels is not None and names is None:
         names = [str(i) for i in range(int(labels.max()) + 1)]
     return ImageSet(images, labels, names or [], _ids(split, len(images)), f"{kind}:{path.resolve()}")
@@ -398,14 +404,40 @@ def _check_images(x: np.ndarray, path: Path) -> torch.Tensor:
         raise InputError(
             f"{path}: expected images of shape (N, H, W, C) with C 1 or 3, or (N, H, W), N > 0; found {x.shape}{hint}"
         )
+    if 0 in x.shape[1:3]:
+        raise InputError(
+            f"{path}: images of {x.shape[1]}x{x.shape[2]} px (array shape {x.shape}) have no pixels: save images "
+            "of shape (N, H, W, C) with H and W > 0"
+        )
     images = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
     return images.expand(-1, 3, -1, -1).contiguous() if images.shape[1] == 1 else images
 
 
-def _check_labels(y: np.ndarray, n: int, path: Path) -> torch.Tensor:
-    """Integer labels >= 0, one per image -> int64 tensor."""
+FREE_CLASSES = 1000  # without class names, labels below max(images, this) are taken for class indices
+
+
+def _check_labels(y: np.ndarray, n: int, path: Path, names: list[str] | None = None) -> torch.Tensor:
+    """Integer labels, one per image, that are class indices -> int64 tensor; InputError naming the problem."""
     if y.dtype.kind not in "iu" or y.shape != (n,):
         raise InputError(f"{path}: expected {n:,} integer labels (one per image), found {y.dtype} of shape {y.shape}")
     if n and y.min() < 0:
         raise InputError(f"{path}: labels must be >= 0, found {y.min()}")
+    problem = label_bound_problem(int(y.max()) if n else -1, n, names)
+    if problem:
+        raise InputError(f"{path}: {problem}")
     return torch.from_numpy(y.astype(np.int64))
+
+
+def label_bound_problem(top: int, n: int, names: list[str] | None) -> str | None:
+    """Why the largest label `top` of `n` rows cannot be a class index, or None. With class names a label must index
+    them; without, it must stay below the number of rows or FREE_CLASSES, whichever is larger (a label of 2e7 would
+    make 2e7 classes, and as many names, logits and confusion-matrix rows)."""
+    if names is not None and top >= len(names):
+        return f"{len(names)} class_names but labels up to {top}: give one name per class (labels index class_names)"
+    bound = max(n, FREE_CLASSES)
+    if names is None and top >= bound:
+        return (
+            f"labels go up to {top:,} for {n:,} rows: labels are class indices 0..C-1 with C below the number of rows "
+            f"or {FREE_CLASSES:,}; renumber them (numpy.unique(labels, return_inverse=True)[1]) or give class_names"
+        )
+    return None

@@ -192,11 +192,22 @@ def read_embeddings(path: Path) -> tuple[torch.Tensor, torch.Tensor | None, list
         raise InputError(
             f"{path} is not an embeddings file written by crlf extract ({str(e).splitlines()[0]})"
         ) from None
-    if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
-        raise InputError(f"{path}: expected a float N x D array, found {x.dtype} {x.shape}")
-    if labels is not None and len(labels) != len(x):
-        raise InputError(f"{path}: {len(labels)} labels for {len(x)} embeddings; re-create it with crlf extract")
-    y = None if labels is None else torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating) or 0 in x.shape:
+        raise InputError(f"{path}: expected a float N x D array with N, D > 0, found {x.dtype} {x.shape}")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not isinstance(prov, dict):
+        raise InputError(f"{path}: its class names or provenance are damaged; re-create it with crlf extract")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.dtype.kind not in "iu" or labels.shape != (len(x),):
+            raise InputError(
+                f"{path}: expected {len(x):,} integer labels (one per embedding), found {labels.dtype} of shape "
+                f"{labels.shape}; re-create it with crlf extract"
+            )
+        problem = "labels must be >= 0" if labels.min() < 0 else None
+        problem = problem or data.label_bound_problem(int(labels.max()), len(x), names or None)
+        if problem:
+            raise InputError(f"{path}: {problem}")
+    y = None if labels is None else torch.from_numpy(labels.astype(np.int64))
     return (
         torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
         y,

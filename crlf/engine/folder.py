@@ -265,6 +265,15 @@ def _read_cache(path: Path, source: str) -> tuple[ImageSet, list[str]] | None:
             skipped = z["skipped"].tolist()
         if len(images.ids) != len(images) or (labels is not None and len(labels) != len(images)):
             raise ValueError("its arrays have different lengths")
+        x = images.images
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3 or 0 in x.shape:
+            raise ValueError(f"its images are {x.dtype} {tuple(x.shape)}, not uint8 (N, 3, H, W)")
+        if (
+            labels is not None
+            and len(labels)
+            and (labels.dtype != torch.int64 or int(labels.min()) < 0 or int(labels.max()) >= len(images.class_names))
+        ):
+            raise ValueError("its labels are not indices of its class names")
         return images, skipped
     except Exception as e:  # a damaged cache is only a miss
         log.warning("ignoring the unreadable cache %s (%s): decoding again", path, short_reason(e))

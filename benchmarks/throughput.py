@@ -315,7 +315,10 @@ def main() -> None:
             row["mfu"] = round(row["tflops"] / args.peak_tflops, 4)
             if floor and "images_per_s" in floor and row["variant"] in ("crlf", "torchvision"):
                 row["of_floor"] = round(row["images_per_s"] / floor["images_per_s"], 3)
-    header = f"{'variant':<12}{'mode':<9}{'batch':>6}{'images/s':>11}{'s/epoch':>9}{'of floor':>9}{'TFLOP/s':>9}{'peak GiB':>9}  note"
+    header = (
+        f"{'variant':<12}{'mode':<9}{'batch':>6}{'images/s':>11}{'s/epoch':>9}"
+        f"{'of floor':>9}{'TFLOP/s':>9}{'peak GiB':>9}  note"
+    )
     print(f"device {device}, {flops / 1e9:.2f} GFLOP per source image (fwd + bwd, two views)")
     print(header)
     for r in rows:

@@ -57,11 +57,13 @@ class DataSettings(BaseModel):
 
     data: DataSource = Field(
         "digits",
-        description="digits (offline), cifar10, cifar100, stl10, folder (a tree of images), npy, npz (uint8 NHWC arrays).",
+        description="digits (offline), cifar10, cifar100, stl10, folder (a tree of images), npy, npz "
+        "(uint8 NHWC arrays).",
     )
     data_dir: Path | None = Field(
         None,
-        description="Data root of cifar10 / cifar100 / stl10 (default ./data), the image folder, or the npy / npz file.",
+        description="Data root of cifar10 / cifar100 / stl10 (default ./data), the image folder, "
+        "or the npy / npz file.",
     )
     split: Literal["train", "test", "unlabeled", "train+unlabeled"] | None = Field(
         None, description="train (default), test, unlabeled or train+unlabeled (stl10 pretraining's default)."
@@ -82,6 +84,11 @@ class DataSettings(BaseModel):
     cache_dir: Path | None = Field(
         None, description="Cache of decoded image folders (default: $XDG_CACHE_HOME/crlf or ~/.cache/crlf)."
     )
+    test_data_dir: Path | None = Field(
+        None,
+        description="The test split for sources without one of their own: a .npy / .npz file, or a folder of images "
+        "(for linear-eval / knn-eval with --ckpt and pretrain's --knn-every).",
+    )
 
     @model_validator(mode="after")
     def _needs_path(self) -> DataSettings:
@@ -89,6 +96,8 @@ class DataSettings(BaseModel):
             raise ValueError(
                 f"--data {self.data} needs --data-dir (the {'folder' if self.data == 'folder' else 'file'} to read)"
             )
+        if self.test_data_dir is not None and self.data not in ("folder", "npy", "npz"):
+            raise ValueError(f"--test-data-dir is for folder / npy / npz data; {self.data} has its own test split")
         return self
 
 
@@ -300,7 +309,8 @@ def read_toml(path: Path, section: str) -> dict[str, Any]:
     unknown = sorted(set(flat) - known)
     if unknown:
         raise InputError(
-            f"config file {path}: unknown setting{'s' if len(unknown) > 1 else ''} {', '.join(repr(k) for k in unknown)}"
+            f"config file {path}: unknown setting{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(repr(k) for k in unknown)}"
             f"{did_you_mean(unknown[0], known)}"
         )
     mine = next((c for c in _COMMANDS if c.section == section), None)
@@ -439,7 +449,8 @@ class ExtractSettings(EmbedSettings, _CommandSettings):
     section: ClassVar[str] = "extract"
     out: str = Field(
         ...,
-        description="Output file: .npy (with a .json sidecar beside it), .npz (embeddings, labels, ids and provenance), or - for .npy on stdout.",
+        description="Output file: .npy (with a .json sidecar beside it), "
+        ".npz (embeddings, labels, ids and provenance), or - for .npy on stdout.",
     )
 
     @model_validator(mode="after")
@@ -455,7 +466,8 @@ class LinearEvalSettings(EmbeddingsInput, EncoderInput, DeviceSettings, DataSett
     section: ClassVar[str] = "linear-eval"
     label_fraction: list[float] = Field(
         [1.0],
-        description="Train on this class-balanced fraction of the labels; repeat the flag for a label-efficiency curve.",
+        description="Train on this class-balanced fraction of the labels; "
+        "repeat the flag for a label-efficiency curve.",
     )
     seeds: int = Field(
         1, ge=1, le=1000, description="Repeat each label fraction with this many seeds and report mean and std."
@@ -503,7 +515,8 @@ class VisualizeSettings(AugmentSettings, EncoderInput, DeviceSettings, DataSetti
     section: ClassVar[str] = "visualize"
     run: list[Path] = Field(
         [],
-        description="Run directory to draw (repeat to overlay several runs' loss curves); figures go to RUN/figures/ with an index.html.",
+        description="Run directory to draw (repeat to overlay several runs' loss curves); "
+        "figures go to RUN/figures/ with an index.html.",
     )
     emb: Path | None = Field(
         None, description="Embeddings written by crlf extract (.npy with its sidecar, or .npz) for pca / tsne / umap."
@@ -513,11 +526,13 @@ class VisualizeSettings(AugmentSettings, EncoderInput, DeviceSettings, DataSetti
     )
     kind: list[FigureKind] = Field(
         [],
-        description="Figure to draw: loss, pca, tsne, umap, confusion, neighbors, augmentations; repeat for several (default: all the inputs allow).",
+        description="Figure to draw: loss, pca, tsne, umap, confusion, neighbors, augmentations; "
+        "repeat for several (default: all the inputs allow).",
     )
     out: Path | None = Field(
         None,
-        description="An image file (.png, .svg, .pdf) for one figure, or a folder for several (default: RUN/figures, else ./figures).",
+        description="An image file (.png, .svg, .pdf) for one figure, or a folder for several "
+        "(default: RUN/figures, else ./figures).",
     )
     max_points: int = Field(
         10_000,
@@ -571,10 +586,18 @@ def _describe(err: dict[str, Any]) -> str:
     return f"{loc.replace('_', '-')}: {msg}{shown}"
 
 
+def settings_values(settings: BaseModel) -> dict[str, Any]:
+    """The settings as JSON values, with the learning rate and weight decay that will be used instead of None."""
+    values = settings.model_dump(mode="json")
+    if isinstance(settings, OptimSettings):
+        values.update(lr=settings.resolved_lr, weight_decay=settings.resolved_weight_decay)
+    return values
+
+
 def to_toml(settings: BaseModel) -> str:
     """The resolved settings as a TOML file that ``--config`` reads back (None values are left out)."""
     lines = []
-    for name, value in settings.model_dump(mode="json").items():
+    for name, value in settings_values(settings).items():
         if value is not None:
             lines.append(f"{name} = {json.dumps(value)}")
     return "\n".join(lines) + "\n"

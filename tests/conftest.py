@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 from pathlib import Path
@@ -63,6 +64,16 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory) -> ReferenceRun:
     return ref
 
 
+@pytest.fixture(autouse=True)
+def _crlf_logger_restored():
+    """In-process CLI calls route the 'crlf' logger to the console and stop it propagating: put it back after each
+    test, so that caplog sees crlf's warnings whatever test ran before."""
+    logger = logging.getLogger("crlf")
+    saved = logger.handlers[:], logger.propagate, logger.level
+    yield
+    logger.handlers[:], logger.propagate, logger.level = saved
+
+
 @pytest.fixture
 def tiny_folder(tmp_path: Path) -> Path:
     """An image folder with class sub-folders 'cat', 'dog', 'frog' (labels 0, 1, 2), 20 images each (60 in all).
@@ -93,7 +104,8 @@ def tiny_folder(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def tiny_npy(tmp_path: Path) -> Path:
-    """``images.npy``: (120, 16, 16, 3) uint8 random pixels, with ``images.labels.npy``: int64 labels i % 4 (4 classes)."""
+    """``images.npy``: (120, 16, 16, 3) uint8 random pixels, with ``images.labels.npy``: int64 labels i % 4
+    (4 classes)."""
     path = tmp_path / "images.npy"
     rng = np.random.default_rng(1)
     np.save(path, rng.integers(0, 256, (120, 16, 16, 3), dtype=np.uint8))
@@ -103,7 +115,8 @@ def tiny_npy(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def tiny_npz(tmp_path: Path) -> Path:
-    """``images.npz`` with 'images' (50, 12, 12, 3) uint8, 'labels' i % 5 and 'class_names' ['a', 'b', 'c', 'd', 'e']."""
+    """``images.npz`` with 'images' (50, 12, 12, 3) uint8, 'labels' i % 5 and 'class_names'
+    ['a', 'b', 'c', 'd', 'e']."""
     path = tmp_path / "images.npz"
     rng = np.random.default_rng(2)
     images = rng.integers(0, 256, (50, 12, 12, 3), dtype=np.uint8)

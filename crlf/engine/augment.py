@@ -54,7 +54,8 @@ class AugmentParams:
 
 
 def sample_params(n: int, height: int, width: int, cfg: AugmentSettings, generator: torch.Generator) -> AugmentParams:
-    """Draw the parameters of `n` augmentations of `height` x `width` images, all from `generator` (a seed reproduces them).
+    """Draw the parameters of `n` augmentations of `height` x `width` images, all from `generator` (a seed reproduces
+    them).
 
     Random resized crop as torchvision's RandomResizedCrop: area fraction U(crop_min_scale, crop_max_scale),
     log aspect ratio U(log 3/4, log 4/3). torchvision redraws boxes that do not fit (then falls back to a
@@ -131,7 +132,8 @@ def apply(images: Tensor, params: AugmentParams, out_size: int, generator: torch
 def views(
     images: Tensor, cfg: AugmentSettings, generator: torch.Generator, out_size: int | None = None
 ) -> tuple[Tensor, Tensor]:
-    """The SimCLR pair: two independent augmentations of a uint8 batch, in one batched pass; out_size defaults to the shorter side."""
+    """The SimCLR pair: two independent augmentations of a uint8 batch, in one batched pass; out_size defaults to the
+    shorter side."""
     n, (h, w) = len(images), images.shape[-2:]
     size = out_size or min(h, w)
     x = apply(torch.cat([images, images]), sample_params(2 * n, h, w, cfg, generator), size, generator)
@@ -142,7 +144,8 @@ def resized_crop(
     x: Tensor, top: Tensor, left: Tensor, height: Tensor, width: Tensor, out_size: int,
     flip: Tensor | None = None, angle: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
-    """Crop per-sample boxes of float (B, C, H, W) images, resize to out_size^2 (bilinear), flip, rotate: one affine grid_sample.
+    """Crop per-sample boxes of float (B, C, H, W) images, resize to out_size^2 (bilinear), flip, rotate: one affine
+    grid_sample.
 
     Matches torchvision's crop + resize (antialias off) exactly inside the box. Two deliberate differences:
     within half a source pixel of a box edge that is not an image edge we interpolate with the real pixel
@@ -159,7 +162,8 @@ def resized_crop(
     cos, sin = rad.cos(), rad.sin()
     # output pixel centre p (normalised, square) -> rotate back (y points down, so this undoes a counter-clockwise
     # turn) -> mirror x -> scale into the box and move to its centre: source = S F R^-1 p + c. Built by broadcasting,
-    # (B, 1, 1, 2) columns times the centres' x and y, which is F.affine_grid without its batched 3x2 matmul (slow on CPU).
+    # (B, 1, 1, 2) columns times the centres' x and y, which is F.affine_grid without its batched 3x2 matmul (slow on
+    # CPU).
     col_x = torch.stack([sx * fx * cos, sy * sin], 1).view(b, 1, 1, 2)
     col_y = torch.stack([-sx * fx * sin, sy * cos], 1).view(b, 1, 1, 2)
     centre = torch.stack([cx, cy], 1).view(b, 1, 1, 2)
@@ -218,7 +222,8 @@ def adjust_hue(x: Tensor, f: Tensor) -> Tensor:
 
 
 def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
-    """Blur each sample of float (B, C, H, W) with its own sigma (B,): torchvision's kernel and reflect padding, separable."""
+    """Blur each sample of float (B, C, H, W) with its own sigma (B,): torchvision's kernel and reflect padding,
+    separable."""
     b, c, h, w = x.shape
     r = kernel_size // 2
     offsets = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)  # (k,)

@@ -9,53 +9,30 @@ No pickle anywhere: tensors go to safetensors, everything else to JSON strings i
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
+import math
 import os
 import signal
-import tempfile
-from collections.abc import Callable
+import struct
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
 from crlf import __version__
-from crlf.engine.model import build_backbone
+from crlf.engine.files import atomic_write
+from crlf.engine.model import ARCHS, build_backbone, feature_dim
 from crlf.errors import InputError
+from crlf.settings import MAX_IMAGE_SIZE
 
 ENCODER_FORMAT = "crlf-encoder"
 STATE_FORMAT = "crlf-state"
 FORMAT_VERSION = "1"
-
-
-def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write via `write(file)` to a temp file in the same directory, fsync, then rename over `path`.
-
-    A crash at any moment leaves either the old file or the new one, never half of one.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
 
 def digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
@@ -94,22 +71,30 @@ def _write(f: Any, data: bytes, name: str) -> None:
 
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read every tensor and the metadata of a safetensors file; InputError when it is missing or unreadable."""
+    tensors, metadata, _ = read_tensors_hashed(path)
+    return tensors, metadata
+
+
+def read_tensors_hashed(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    """read_tensors plus the SHA-256 of the very bytes the tensors came from (the file is read once, so a file
+    replaced meanwhile cannot be named for weights it did not hold)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"checkpoint {path} does not exist")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError, UnicodeDecodeError) as e:
-        raise InputError(
-            f"{path} is not a readable safetensors file (truncated or corrupt?): {(str(e).splitlines() or [type(e).__name__])[0]}"
-        ) from None
+        data = path.read_bytes()
+        (size,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + size])
+        metadata = header.get("__metadata__") or {}
+        tensors = st_load(data)
+    except (SafetensorError, OSError, ValueError, RuntimeError, UnicodeDecodeError, struct.error, AttributeError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise InputError(f"{path} is not a readable safetensors file (truncated or corrupt?): {reason}") from None
     if "sha256" in metadata and digest(tensors, metadata) != metadata["sha256"]:
         raise InputError(
             f"{path} is damaged (its checksum does not match its contents): use an earlier checkpoint or re-create it"
         )
-    return tensors, metadata
+    return tensors, metadata, hashlib.sha256(data).hexdigest()
 
 
 def encoder_metadata(
@@ -144,14 +129,16 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     """Load a crlf encoder (or the backbone of a training state) ready for inference, with its parsed metadata.
 
     Raises InputError for a file that is not a crlf checkpoint, is truncated, or does not match its architecture.
+    The metadata's ``sha256`` is the hash of the bytes the weights were loaded from.
     """
-    tensors, meta = read_tensors(Path(path))
+    tensors, meta, file_hash = read_tensors_hashed(Path(path))
     fmt = meta.get("format")
     if fmt == STATE_FORMAT:
         tensors = {k[len("model.backbone.") :]: v for k, v in tensors.items() if k.startswith("model.backbone.")}
     elif fmt != ENCODER_FORMAT:
         raise InputError(
-            f"{path} is not a crlf checkpoint (no crlf format in its metadata); expected a file written by crlf pretrain"
+            f"{path} is not a crlf checkpoint (no crlf format in its metadata); "
+            "expected a file written by crlf pretrain"
         )
     info = parse_metadata(meta, path)
     backbone = build_backbone(info["arch"], info["stem"])
@@ -160,13 +147,14 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise InputError(f"{path} does not match a {info['arch']} ({info['stem']} stem) encoder: {first}") from None
-    return backbone.to(device).eval(), info
+    return backbone.to(device).eval(), {**info, "sha256": file_hash}
 
 
 def parse_metadata(meta: dict[str, str], path: str | Path) -> dict[str, Any]:
-    """Metadata strings -> typed values; InputError naming the missing key when the file is incomplete."""
+    """Metadata strings -> typed values; InputError naming the missing key when the file is incomplete, or the
+    value that is out of range (a crafted or damaged file can carry a valid checksum)."""
     try:
-        return {
+        info = {
             "format": meta["format"],
             "crlf_version": meta.get("crlf_version", "?"),
             "arch": meta["arch"],
@@ -182,6 +170,33 @@ def parse_metadata(meta: dict[str, str], path: str | Path) -> dict[str, Any]:
         raise InputError(
             f"{path}: crlf checkpoint metadata is incomplete or damaged ({e}); re-create it with crlf pretrain"
         ) from None
+    problem = _metadata_problem(info)
+    if problem:
+        raise InputError(f"{path}: crlf checkpoint metadata is damaged ({problem}); re-create it with crlf pretrain")
+    return info
+
+
+def _metadata_problem(info: dict[str, Any]) -> str | None:
+    """What is wrong with parsed encoder metadata (names, sizes and normalisation out of range), or None."""
+    arch, stem, size = info["arch"], info["stem"], info["image_size"]
+    if arch not in ARCHS:
+        return f"unknown arch {str(arch)[:40]!r}, expected one of {', '.join(ARCHS)}"
+    if stem not in ("cifar", "imagenet"):
+        return f"unknown stem {str(stem)[:40]!r}, expected cifar or imagenet"
+    if info["feature_dim"] != feature_dim(arch):
+        return f"feature_dim {info['feature_dim']} for a {arch}, whose features have {feature_dim(arch)}"
+    if not 1 <= size <= MAX_IMAGE_SIZE:  # not MIN_IMAGE_SIZE: older runs could save smaller encoders
+        return f"image_size {size} outside 1..{MAX_IMAGE_SIZE}"
+    for key in ("mean", "std"):
+        v = info[key]
+        numbers = isinstance(v, list) and len(v) == 3
+        if not numbers or not all(type(x) in (int, float) and math.isfinite(x) for x in v):
+            return f"{key} must be a list of 3 finite numbers, found {str(v)[:60]}"
+    if min(info["std"]) <= 0:
+        return f"std must be positive, found {info['std']}"
+    if info["epoch"] < 0:
+        return f"negative epoch {info['epoch']}"
+    return None
 
 
 def save_state(

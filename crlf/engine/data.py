@@ -60,6 +60,9 @@ def load(settings: DataSettings, split: str | None = None) -> ImageSet:
     """Read the source named by ``settings`` (``split`` overrides settings.split), then apply limit and image_size."""
     split = split or settings.split or ("train+unlabeled" if settings.data == "stl10" else "train")
     path = settings.data_dir.expanduser() if settings.data_dir is not None else None
+    own_test = split == "test" and settings.test_data_dir is not None  # a file / folder that is the test split
+    if own_test:
+        path = settings.test_data_dir.expanduser()  # type: ignore[union-attr]
     size = settings.image_size or _DEFAULT_SIZE.get(settings.data)
     if settings.data == "digits":
         images = _digits(split)
@@ -71,10 +74,10 @@ def load(settings: DataSettings, split: str | None = None) -> ImageSet:
         assert path is not None and size is not None  # DataSettings requires a path for folder / npy / npz
         from crlf.engine.folder import load_folder  # here, not at the top: folder.py builds on this module
 
-        images = load_folder(path, split, size, settings.cache_dir)
+        images = load_folder(path, "train" if own_test else split, size, settings.cache_dir)
     else:
         assert path is not None
-        images = _array_file(path, settings.data, split)
+        images = _array_file(path, settings.data, split, own_test)
     keep = pick(len(images), settings.limit)
     if keep is not None:
         images = images.subset(keep)
@@ -204,7 +207,8 @@ def _locate(spec: _Archive, data_dir: Path | None, download: bool) -> Path:
                 reason = f"the download failed ({short_reason(e)})"
         if not tarball.is_file():
             raise InputError(
-                f"{spec.name} not found in {shown} and {reason}: put {spec.tarball} or its extracted {spec.folder}/ folder in {shown} (or point --data-dir at it)"
+                f"{spec.name} not found in {shown} and {reason}: put {spec.tarball} or its extracted "
+                f"{spec.folder}/ folder in {shown} (or point --data-dir at it)"
             )
     log.info("extracting %s", tarball)
     try:
@@ -214,7 +218,8 @@ def _locate(spec: _Archive, data_dir: Path | None, download: bool) -> Path:
         raise InputError(f"cannot extract {tarball} ({short_reason(e)}): delete it and download it again") from None
     if not (root / spec.folder / spec.marker).is_file():
         raise InputError(
-            f"{tarball} has no {spec.folder}/{spec.marker}: it is not the {spec.name} archive; delete it and download it again"
+            f"{tarball} has no {spec.folder}/{spec.marker}: it is not the {spec.name} archive; "
+            "delete it and download it again"
         )
     return root / spec.folder
 
@@ -247,7 +252,8 @@ def _read_batch(path: Path) -> dict[str, Any]:
             obj = _BatchUnpickler(f, encoding="latin1").load()
     except _Refused as e:
         raise InputError(
-            f"refusing to unpickle {e} from {path}: a CIFAR batch holds only numpy arrays; replace the file with the original download"
+            f"refusing to unpickle {e} from {path}: a CIFAR batch holds only numpy arrays; "
+            "replace the file with the original download"
         ) from None
     except Exception as e:  # missing, truncated or not a pickle: pickle raises many types
         raise InputError(
@@ -281,7 +287,8 @@ def _cifar(data: str, data_dir: Path | None, split: str, download: bool) -> Imag
             and len(y) == len(x)
         ):
             raise InputError(
-                f"{folder / name} is not a {spec.name} batch (uint8 'data' (N, 3072) and N '{label_key}'): replace it with the original download"
+                f"{folder / name} is not a {spec.name} batch (uint8 'data' (N, 3072) and N '{label_key}'): "
+                "replace it with the original download"
             )
         try:
             y = np.asarray(y)
@@ -340,7 +347,8 @@ def _stl10(data_dir: Path | None, split: str, download: bool, limit: int | None)
             )
             if len(y) != n or (n and (y.min() < 0 or y.max() >= len(names))):
                 raise InputError(
-                    f"{label_file} does not hold {n:,} labels in 1..{len(names)}: extract the complete stl10_binary.tar.gz"
+                    f"{label_file} does not hold {n:,} labels in 1..{len(names)}: "
+                    "extract the complete stl10_binary.tar.gz"
                 )
             labels.append(y[mine])
     label_tensor = None if labels is None else torch.from_numpy(np.concatenate(labels))
@@ -348,10 +356,14 @@ def _stl10(data_dir: Path | None, split: str, download: bool, limit: int | None)
 
 
 # --- npy / npz -----------------------------------------------------------------------------------
-def _array_file(path: Path, kind: str, split: str) -> ImageSet:
-    """A uint8 image array: .npy (labels in <stem>.labels.npy) or .npz (images / x, labels / y, class_names)."""
-    if split != "train":
-        raise InputError(f"a .{kind} file has no '{split}' split: point --data-dir at the file that holds those images")
+def _array_file(path: Path, kind: str, split: str, own_test: bool = False) -> ImageSet:
+    """A uint8 image array: .npy (labels in <stem>.labels.npy) or .npz (images / x, labels / y, class_names).
+    The file is the train split, or the test split when it came from --test-data-dir (`own_test`)."""
+    if split != "train" and not own_test:
+        raise InputError(
+            f"a .{kind} file has no '{split}' split: give the {split} images with --test-data-dir FILE "
+            f"(or extract both files with crlf extract and evaluate with --train-emb / --test-emb)"
+        )
     loaded, names = _np_load(path), None
     if isinstance(loaded, np.ndarray) != (kind == "npy"):
         raise InputError(f"{path} is not an .{kind} file: use --data {'npz' if kind == 'npy' else 'npy'}")
@@ -396,7 +408,8 @@ def _check_images(x: np.ndarray, path: Path) -> torch.Tensor:
     """uint8 (N, H, W, C) with C 1 or 3, or (N, H, W) -> (N, 3, H, W) tensor."""
     if x.dtype != np.uint8:
         raise InputError(
-            f"{path}: images must be uint8 (0-255), found {x.dtype}: convert them, e.g. (x * 255).round().astype('uint8') for floats in [0, 1]"
+            f"{path}: images must be uint8 (0-255), found {x.dtype}: convert them, "
+            "e.g. (x * 255).round().astype('uint8') for floats in [0, 1]"
         )
     x = x[..., None] if x.ndim == 3 else x
     if x.ndim != 4 or x.shape[-1] not in (1, 3) or len(x) == 0:

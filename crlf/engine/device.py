@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import ContextManager
 
 import numpy as np
 import torch
@@ -28,7 +27,8 @@ def select_device(name: str = "auto") -> torch.device:
         device = torch.device(name)
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise InputError(
-                f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here (cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
+                f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here "
+                f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
             )
         return device
     if name == "mps":
@@ -36,6 +36,16 @@ def select_device(name: str = "auto") -> torch.device:
             raise InputError("--device mps: Apple's MPS backend is not available here; use --device cpu (or auto)")
         return torch.device("mps")
     raise InputError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps")
+
+
+def describe(name: str, precision: str) -> dict[str, str]:
+    """What a device name and precision resolve to on this machine, for --print-config."""
+    try:
+        device = select_device(name)
+    except InputError as e:
+        return {"device": f"unavailable ({e})"}
+    dtype = autocast_dtype(device, precision)
+    return {"device": str(device), "precision": "bf16" if dtype == torch.bfloat16 else "fp32"}
 
 
 def _mps_available() -> bool:
@@ -51,7 +61,7 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     return None
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """An autocast context for the forward pass, or a no-op when running in float32."""
     if dtype is None:
         return contextlib.nullcontext()

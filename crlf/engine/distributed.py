@@ -49,7 +49,8 @@ def join(device_name: str) -> World:
     if device.type == "cuda":
         if local >= torch.cuda.device_count():
             raise InputError(
-                f"local rank {local} has no GPU of its own ({torch.cuda.device_count()} here): use --nproc-per-node {torch.cuda.device_count()} or fewer"
+                f"local rank {local} has no GPU of its own ({torch.cuda.device_count()} here): "
+                f"use --nproc-per-node {torch.cuda.device_count()} or fewer"
             )
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)

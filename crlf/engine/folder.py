@@ -79,8 +79,8 @@ def load_folder(data_dir: Path, split: str, size: int, cache_dir: Path | None = 
     root = base / split if (base / split).is_dir() else base
     if root == base and split != "train":
         raise InputError(
-            f"{printable(str(data_dir))} has no {split}/ sub-folder: use --split train, "
-            f"or a folder that has {split}/ in it"
+            f"{printable(str(data_dir))} has no {split}/ sub-folder: use a folder that has {split}/ in it"
+            + (", or give the test images with --test-data-dir FOLDER" if split == "test" else ", or --split train")
         )
     shown = printable(str(root))
     files, unusable = _scan(root)

@@ -39,7 +39,8 @@ def feature_dim(arch: str) -> int:
 
 
 def build_head(in_dim: int, hidden: int, out: int, layers: int = 2, dropout: float = 0.0) -> nn.Sequential:
-    """Projection MLP: (layers - 1) x [Linear, BatchNorm, ReLU] then Linear; dropout before every hidden layer but the first."""
+    """Projection MLP: (layers - 1) x [Linear, BatchNorm, ReLU] then Linear; dropout before every hidden layer but the
+    first."""
     blocks: list[nn.Module] = []
     dim = in_dim
     for i in range(layers - 1):

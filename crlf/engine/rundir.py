@@ -2,6 +2,9 @@
 
 runs/NAME/
   config.json  metrics.jsonl  last.safetensors  checkpoints/epoch-0005.safetensors  encoder.safetensors  train.log
+  .crlf-run (the marker that says crlf made this folder)  .lock
+
+crlf clears or resumes only folders it made, and never writes through a symbolic link in one.
 """
 
 from __future__ import annotations
@@ -12,14 +15,18 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
+import sys
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from safetensors import SafetensorError, safe_open
 
-from crlf.engine.checkpoint import atomic_write
+from crlf import __version__
+from crlf.engine.files import append_line, atomic_write, open_no_follow, os_failure
 from crlf.errors import InputError, LockedError
 
 log = logging.getLogger(__name__)
@@ -37,15 +44,57 @@ class RunDir:
         self.encoder = self.path / "encoder.safetensors"
         self.log_file = self.path / "train.log"
         self.lock_file = self.path / ".lock"
+        self.marker = self.path / ".crlf-run"
+
+    def _own_files(self) -> list[Path]:
+        """Every name crlf writes in a run directory (evaluation results included)."""
+        results = [self.path / f"{kind}_eval{ext}" for kind in ("linear", "knn") for ext in (".json", "_confusion.npy")]
+        return [self.config, self.metrics, self.last, self.encoder, self.log_file, self.checkpoints, *results]
+
+    def check_owner(self) -> None:
+        """Refuse a folder crlf did not make (its files would be overwritten or cleared) and links in a run directory
+        (a write would land in whatever they point at)."""
+        links = [p for p in [*self._own_files(), self.lock_file, self.marker] if p.is_symlink()]
+        if links:
+            raise InputError(f"{links[0]} is a symbolic link: crlf never writes through links in a run directory; "
+                             "remove it or choose another --out")
+        if self.path.exists() and not self.path.is_dir():
+            raise InputError(f"--out {self.path} is a file, not a folder: choose another --out")
+        if self.is_ours():
+            return
+        present = [p.name for p in self._own_files() if p.exists()]
+        if present:
+            raise InputError(f"{self.path} was not made by crlf (no {self.marker.name} marker) and holds "
+                             f"{', '.join(present[:4])}: crlf will not overwrite or clear it; choose another --out")
+
+    def is_ours(self) -> bool:
+        """Whether crlf made this folder: its marker, or (runs from before the marker) a crlf checkpoint in it."""
+        if self.marker.is_file():
+            return True
+        for path in (self.last, self.encoder):
+            with contextlib.suppress(SafetensorError, OSError, ValueError), safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}).get("format", "").startswith("crlf-"):
+                    return True
+        return False
+
+    def mark(self) -> None:
+        """Write the marker that makes this folder a crlf run directory (once)."""
+        if not self.marker.is_file():
+            stamp = {"crlf_version": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            atomic_write(self.marker, lambda f: f.write(json.dumps(stamp).encode()))
+
+    def writable(self) -> bool:
+        """Whether files can be created here (False on a read-only file system or folder)."""
+        return os.access(self.path, os.W_OK | os.X_OK)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold an OS-level lock (flock) on the directory: the kernel releases it when the process dies."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_no_follow(self.lock_file, os.O_RDWR | os.O_CREAT)
         except OSError as e:
-            raise InputError(f"cannot create run directory {self.path}: {e.strerror}; choose another --out") from None
+            raise os_failure(e, f"the run directory {self.path}", "choose another --out") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -56,8 +105,9 @@ class RunDir:
                 raise LockedError(
                     f"{self.path} is in use by another crlf process (PID {holder}); wait for it or choose another --out"
                 ) from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            with contextlib.suppress(OSError):  # the PID is for messages only: a full disk must not stop here
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             yield
         finally:
             os.close(fd)  # closing releases the lock
@@ -65,7 +115,7 @@ class RunDir:
     @contextlib.contextmanager
     def logging_to_file(self) -> Iterator[None]:
         """Copy crlf's log lines into train.log for the duration of the run."""
-        handler = logging.FileHandler(self.log_file, encoding="utf-8")
+        handler = _LogFile(self.log_file)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         handler.setLevel(logging.INFO)
         root = logging.getLogger("crlf")
@@ -85,10 +135,13 @@ class RunDir:
         return self.config.is_file() or self.last.is_file() or self.encoder.is_file()
 
     def clear(self) -> None:
-        """Remove a previous run's files (--force); the lock file and unrelated files stay."""
-        for f in (self.config, self.metrics, self.last, self.encoder, self.log_file):
-            f.unlink(missing_ok=True)
-        shutil.rmtree(self.checkpoints, ignore_errors=True)
+        """Remove a previous run's files (--force). train.log stays and goes on (it is the folder's history), and so
+        do the lock, the marker and files crlf did not write."""
+        for f in self._own_files():
+            if f == self.checkpoints:
+                shutil.rmtree(f, ignore_errors=True)
+            elif f != self.log_file:
+                f.unlink(missing_ok=True)
 
     def saved_config(self) -> dict[str, Any]:
         """The settings the run was started with ({} when config.json is missing)."""
@@ -101,10 +154,14 @@ class RunDir:
 
     def checkpoints_newest_first(self) -> list[Path]:
         """Files a resume can start from: last.safetensors, then the snapshots, newest first."""
-        snapshots = (
-            sorted(self.checkpoints.glob("epoch-*.safetensors"), reverse=True) if self.checkpoints.is_dir() else []
-        )
-        return ([self.last] if self.last.is_file() else []) + snapshots
+        return ([self.last] if self.last.is_file() else []) + self.snapshots()[::-1]
+
+    def snapshots(self) -> list[Path]:
+        """checkpoints/epoch-N.safetensors, oldest first, ordered by the number (epoch 10000 sorts after 9999)."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = [(int(m[1]), p) for p in self.checkpoints.iterdir() if (m := _SNAPSHOT.fullmatch(p.name))]
+        return [p for _, p in sorted(found)]
 
     def finished_epoch(self) -> int | None:
         """The epoch last.safetensors completed, from its metadata alone (None when it is missing or damaged)."""
@@ -133,10 +190,7 @@ class RunDir:
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         """Append one epoch's record as a JSON line, flushed to disk."""
-        with open(self.metrics, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.metrics, json.dumps(record) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """The per-epoch records of metrics.jsonl ([] when there are none)."""
@@ -150,7 +204,7 @@ class RunDir:
         atomic_write(self.metrics, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
 
     def snapshot(self, epoch: int, keep: int) -> None:
-        """Keep a copy of last.safetensors as checkpoints/epoch-NNNN; delete the oldest beyond `keep` only afterwards."""
+        """Copy last.safetensors to checkpoints/epoch-NNNN; only afterwards delete the oldest beyond `keep`."""
         self.checkpoints.mkdir(exist_ok=True)
         target = self.checkpoints / f"epoch-{epoch:04d}.safetensors"
         tmp = target.with_name(f".{target.name}.tmp")
@@ -162,5 +216,36 @@ class RunDir:
         except OSError:
             shutil.copyfile(self.last, tmp)
         os.replace(tmp, target)
-        for old in sorted(self.checkpoints.glob("epoch-*.safetensors"))[:-keep]:
+        for old in self.snapshots()[:-keep]:
             old.unlink()
+
+
+_SNAPSHOT = re.compile(r"epoch-(\d+)\.safetensors")
+
+
+class _LogFile(logging.Handler):
+    """train.log: appended line by line, never through a link. A failing write (full disk) turns the file off with
+    one warning instead of logging's multi-line '--- Logging error ---' report; the run's own error says the rest."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+        self.file: TextIO | None = os.fdopen(open_no_follow(path), "a", encoding="utf-8", errors="backslashreplace")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.file is None:
+            return
+        try:
+            self.file.write(self.format(record).replace("\n", "\\n") + "\n")
+            self.file.flush()
+        except (OSError, ValueError) as e:
+            self.file = None
+            sys.stderr.write(f"warning: cannot write {self.path} ({getattr(e, 'strerror', None) or e}); "
+                             "going on without it\n")
+
+    def close(self) -> None:
+        if self.file is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.file.close()
+            self.file = None
+        super().close()

@@ -46,6 +46,8 @@ class StopFlag:
                     "error: interrupted: a second Ctrl-C aborted the run; --resume continues from the last checkpoint\n"
                 )
                 sys.stderr.flush()
+                if os.isatty(2):  # a live progress bar hid the cursor; os._exit skips its cleanup. fd 2 itself: a
+                    os.write(2, b"\x1b[?25h")  # live display's stderr proxy would print the code as text
                 os._exit(130)
 
     @contextlib.contextmanager

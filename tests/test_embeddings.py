@@ -2,8 +2,9 @@
 
 import io
 import json
+import logging
 import os
-import shutil
+import statistics
 import subprocess
 from pathlib import Path
 
@@ -14,17 +15,33 @@ import torch
 import crlf as crlf_api
 from crlf.engine.checkpoint import encoder_metadata, save_encoder
 from crlf.engine.embeddings import read_embeddings, sha256
+from crlf.engine.evaluate import knn_classify
 from crlf.engine.model import build_backbone
 from crlf.errors import InputError
 from crlf.settings import DataSettings
 
-CRLF = shutil.which("crlf")
-pytestmark = pytest.mark.skipif(CRLF is None, reason="the crlf entry point is not installed (pip install -e .)")
+
+@pytest.fixture(autouse=True)
+def _no_crlf_env(monkeypatch):
+    for key in [k for k in os.environ if k.startswith("CRLF_")]:
+        monkeypatch.delenv(key)
 
 
-def crlf(*args, timeout=300):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRLF_")}
-    return subprocess.run([CRLF, *map(str, args)], capture_output=True, env=env, timeout=timeout)
+def crlf(*args):
+    """`crlf ARGS` in-process through the real Typer app, as a CompletedProcess with bytes stdout / stderr: a
+    subprocess would add a torch import per call and nothing else (the entry point itself: test_cli.py)."""
+    from typer.testing import CliRunner
+
+    from crlf.cli import app
+
+    logger = logging.getLogger("crlf")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    try:
+        r = CliRunner().invoke(app, [str(a) for a in args])
+    finally:  # the CLI routes crlf's loggers to its stderr console; give them back to pytest
+        logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    return subprocess.CompletedProcess(args, r.exit_code, r.stdout_bytes, r.stderr_bytes)
 
 
 @pytest.fixture
@@ -161,12 +178,64 @@ def test_linear_and_knn_eval_from_files_and_checkpoint(tmp_path, encoder_run, ti
     assert json.loads((tmp_path / "lin.json").read_text())["top1"] == result["top1"]
     assert np.load(tmp_path / "lin_confusion.npy").sum() == 40
     assert "top-1" in r.stderr.decode()  # the table for a person
+    _check_summary(result, seeds=[0, 1])
 
     k = crlf("knn-eval", *common, "-k", "5", "--json")
     assert k.returncode == 0, k.stderr.decode()
     knn = json.loads(k.stdout)
-    assert knn["protocol"] == "knn" and knn["runs"][0]["k"] == 5 and 0 <= knn["top1"] <= 100
+    assert knn["protocol"] == "knn" and knn["runs"][0]["k"] == 5
+    # the same numbers as a kNN on the extracted embeddings, by the CLI and by evaluate.knn_classify
+    train_x, train_y, _, _ = read_embeddings(tmp_path / "train.npy")
+    test_x, test_y, _, _ = read_embeddings(tmp_path / "test.npy")
+    ref = knn_classify(train_x, train_y, test_x, test_y, 10, k=5, temperature=0.1, device=torch.device("cpu"))
+    emb = ["--train-emb", tmp_path / "train.npy", "--test-emb", tmp_path / "test.npy"]
+    files = crlf("knn-eval", *emb, "-k", "5", "--device", "cpu", "--json")
+    assert knn["top1"] == pytest.approx(ref["top1"]) == json.loads(files.stdout)["top1"]
+    assert knn["top5"] == pytest.approx(ref["top5"])
     assert json.loads((encoder_run / "knn_eval.json").read_text())["top1"] == knn["top1"]  # saved in the run directory
+
+
+def _check_summary(result, seeds):
+    """Each label fraction's mean and std are statistics.fmean / pstdev of its runs' top-1 and top-5 (4 decimals)."""
+    assert [row["fraction"] for row in result["summary"]] == list(dict.fromkeys(r["fraction"] for r in result["runs"]))
+    for row in result["summary"]:
+        runs = [r for r in result["runs"] if r["fraction"] == row["fraction"]]
+        assert [r["seed"] for r in runs] == seeds and row["runs"] == len(seeds)
+        for m in ("top1", "top5"):
+            assert row[f"{m}_mean"] == pytest.approx(statistics.fmean(r[m] for r in runs), abs=1e-4)
+            assert row[f"{m}_std"] == pytest.approx(statistics.pstdev(r[m] for r in runs), abs=1e-4)
+    assert result["top1"] == [r["top1"] for r in result["runs"] if r["fraction"] == 1.0][0]  # the full-label run
+
+
+def test_eval_of_separable_embeddings_is_accurate_and_summarises_the_seeds(tmp_path):
+    """Four Gaussian blobs in 16 dimensions, far apart: the probe and kNN classify the test split perfectly; with
+    closer blobs the seeds' label subsets give different runs, whose mean / std the summary must report."""
+    rng = np.random.default_rng(0)
+    directions = rng.normal(size=(4, 16))
+
+    def blobs(name, n, spread):
+        y = np.arange(n) % 4
+        x = (directions[y] * spread + rng.normal(size=(n, 16))).astype(np.float32)
+        names = np.array(["a", "b", "c", "d"])
+        np.savez(tmp_path / name, embeddings=x, labels=y, class_names=names, provenance=json.dumps({}))
+        return tmp_path / name
+
+    far = ["--train-emb", blobs("far_train.npz", 200, 10.0), "--test-emb", blobs("far_test.npz", 80, 10.0)]
+    knn = crlf("knn-eval", *far, "-k", "10", "--device", "cpu", "--json")
+    assert knn.returncode == 0, knn.stderr.decode()
+    assert json.loads(knn.stdout)["top1"] == 100.0
+    lin = crlf("linear-eval", *far, "--device", "cpu", "--probe-epochs", "30", "--json")
+    assert lin.returncode == 0, lin.stderr.decode()
+    assert json.loads(lin.stdout)["top1"] == 100.0
+    near = ["--train-emb", blobs("train.npz", 200, 0.9), "--test-emb", blobs("test.npz", 200, 0.9)]
+    args = ["--label-fraction", "0.1", "--label-fraction", "1", "--seeds", "3", "--seed", "5", "--probe-epochs", "30"]
+    r = crlf("linear-eval", *near, *args, "--device", "cpu", "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    result = json.loads(r.stdout)
+    _check_summary(result, seeds=[5, 6, 7])
+    few = [run["top1"] for run in result["runs"] if run["fraction"] == 0.1]
+    assert len(set(few)) > 1 and result["summary"][0]["top1_std"] > 0  # the seeds differ: a real std
+    assert 50 < result["summary"][1]["top1_mean"] < 100  # overlapping blobs: better than chance (25%), not perfect
 
 
 @pytest.mark.parametrize(

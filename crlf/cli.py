@@ -353,7 +353,8 @@ def _command(cls: type, run: Callable[[Any, bool, bool], Any]) -> Callable[..., 
             settings = _resolved(cls, settings_values, config, print_config, json)
             if settings is None:
                 return
-            result = run(settings, json, quiet)
+            with output.engine_progress(quiet=quiet, bar=not json):  # embedding, probes, t-SNE: bars or lines
+                result = run(settings, json, quiet)
             if json:
                 output.emit_json(result)
 

@@ -292,3 +292,149 @@ def test_bare_crlf_still_shows_the_help(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["--version"])
     assert stop.value.code == 0 and capsys.readouterr().out.startswith("crlf ")
+
+
+# --- progress and results on stderr (in-process, a fake console) -------------------------------------------------
+@pytest.fixture
+def fake_console(monkeypatch):
+    """output's stderr console replaced by one writing to a buffer; terminal=True/False chooses bars or plain lines."""
+    import io
+
+    from rich.console import Console
+
+    from crlf import output
+
+    def make(terminal):
+        buf = io.StringIO()
+        monkeypatch.setattr(output, "console", Console(file=buf, force_terminal=terminal, width=120, highlight=False))
+        output.setup_logging()
+        return buf
+
+    yield make
+    output.setup_logging()
+
+
+class CountingLoss:
+    """Stands in for the loop's device tensor: counts the host reads."""
+
+    def __init__(self):
+        self.reads, self.value = 0, 0.0
+
+    def __float__(self):
+        self.reads += 1
+        return self.value
+
+
+def test_training_bar_per_epoch_with_live_stats_eta_and_resume_totals(fake_console):
+    from crlf import output
+
+    fake_console(True)
+    r = output.TrainingReporter(live_every=3600)
+    r.on_start({"epochs": 4, "start_epoch": 1, "start_step": 3, "steps": 5, "batch_size": 8, "images": 40})
+    try:
+        assert r.progress is not None and r.progress.live.auto_refresh  # a refresh thread keeps the clock moving
+        run, epoch = (r.progress._tasks[t] for t in (r.run_task, r.task))
+        assert (run.completed, run.total, epoch.completed, epoch.total) == (1, 4, 3, 5)  # resumed at epoch 2, step 3
+        loss = CountingLoss()
+        for step in (4, 5):
+            loss.value += 2.0
+            r.on_step(1, step, 5, loss_sum=loss, lr=0.25)
+        assert loss.reads == 1  # the first step reads; then at most once per live_every seconds
+        assert "loss 0.5000" in epoch.fields["stats"] and "lr 0.25" in epoch.fields["stats"]
+        assert "img/s" in epoch.fields["stats"]
+        assert run.fields["eta_at"] is not None and epoch.completed == 5  # an ETA after a single step
+        r.on_epoch({"epoch": 2})
+        assert run.completed == 2 and epoch.completed == 0 and epoch.description == "epoch 3/4"
+    finally:
+        r.close()
+    assert r.progress is None
+
+
+def test_training_plain_lines_read_the_loss_only_when_printing(fake_console):
+    from crlf import output
+
+    buf = fake_console(False)
+    loss = CountingLoss()
+    quiet = output.TrainingReporter(quiet=True, log_every=0)
+    quiet.on_start({"epochs": 1, "start_epoch": 0, "steps": 3, "batch_size": 4})
+    quiet.on_step(0, 1, 3, loss_sum=loss, lr=0.1)
+    assert loss.reads == 0 and buf.getvalue() == ""
+    plain = output.TrainingReporter(log_every=0)
+    plain.on_start({"epochs": 1, "start_epoch": 0, "steps": 3, "batch_size": 4})
+    assert plain.progress is None
+    loss.value = 3.0
+    plain.on_step(0, 1, 3, loss_sum=loss, lr=0.1)
+    line = buf.getvalue()
+    assert "\x1b" not in line and "epoch 1/1  step 1/3  loss 3.0000  lr 0.1" in line and "eta 0:00:" in line
+    assert line[:4].isdigit() and line[10] == "T"  # timestamped
+
+
+def test_task_progress_bars_close_and_plain_lines(fake_console):
+    from crlf import output
+    from crlf.engine import evaluate
+
+    fake_console(True)
+    with output.engine_progress() as hook:
+        assert evaluate.progress_hook is hook
+        evaluate.progress("embedding", 2, 4)
+        evaluate.progress("t-SNE", 0, 0)  # unknown length: a spinner and the clock
+        assert set(hook.tasks) == {"embedding", "t-SNE"} and hook.progress is not None
+        evaluate.progress("embedding", 4, 4)
+        evaluate.progress("t-SNE", 1, 1)
+        assert hook.tasks == {} and hook.progress is None  # the transient bar is gone with its last task
+    assert evaluate.progress_hook is None
+    buf = fake_console(False)
+    with output.engine_progress(log_every=0):
+        evaluate.progress("linear probe epoch", 0, 10)
+        evaluate.progress("linear probe epoch", 5, 10)
+        evaluate.progress("linear probe epoch", 10, 10)
+    text = buf.getvalue()
+    assert "linear probe epoch: 5 of 10, eta" in text and "\x1b" not in text
+    with output.engine_progress(quiet=True):
+        evaluate.progress("kNN", 1, 2)
+    assert buf.getvalue() == text
+
+
+KNN_RESULT = {
+    "protocol": "knn",
+    "train_size": 1438,
+    "test_size": 359,
+    "dim": 512,
+    "class_names": ["a", "b"],
+    "summary": [{"fraction": 1.0, "runs": 1, "top1_mean": 91.5, "top1_std": 0, "top5_mean": 99.0, "top5_std": 0}],
+    "runs": [{"fraction": 1.0, "seed": 0, "top1": 91.5, "top5": 99.0, "k": 20, "temperature": 0.07}],
+}
+
+
+def test_results_are_plain_timestamped_lines_off_a_terminal_and_show_knn_k(fake_console):
+    from crlf import output
+
+    buf = fake_console(False)
+    output.results_table({**KNN_RESULT, "per_class": [90.0, None]})
+    lines = buf.getvalue().splitlines()
+    assert all(line[:4].isdigit() and line[10] == "T" for line in lines), lines
+    assert not any(c in buf.getvalue() for c in "┏━│╭\x1b")
+    assert "k 20, temperature 0.07" in lines[0] and "top-1 91.50%" in lines[1] and "a 90.0, b -" in lines[2]
+    buf = fake_console(True)
+    output.results_table(KNN_RESULT)
+    table = buf.getvalue()
+    assert "k 20, temperature 0.07" in table and " 20 " in table and " 0.07 " in table
+    assert "label fraction" not in table  # kNN has neither label fractions nor runs: its columns are k, temperature
+
+
+def test_second_ctrl_c_shows_the_cursor_again_on_a_terminal():
+    """The hard abort (os._exit from the watcher thread) skips Rich's cleanup: it shows the cursor itself."""
+    import pty
+
+    code = (
+        "import os, signal; from crlf.engine.signals import StopFlag; r, w = os.pipe(); "
+        "os.write(w, bytes([signal.SIGINT, signal.SIGINT])); StopFlag._watch(r)"
+    )
+    main, child = pty.openpty()
+    proc = subprocess.run([sys.executable, "-c", code], stderr=child, stdout=subprocess.DEVNULL, timeout=60)
+    os.close(child)
+    seen = os.read(main, 4096)
+    os.close(main)
+    assert proc.returncode == 130 and b"\x1b[?25h" in seen and b"second Ctrl-C" in seen
+    piped = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert piped.returncode == 130 and b"\x1b" not in piped.stderr  # not a terminal: no escape codes

@@ -205,3 +205,28 @@ def test_finetune_learns_an_easy_task_and_leaves_the_encoder_alone():
     assert result["top1"] >= 80 and result["top5"] == 100.0
     assert result["train_size"] == 64 and result["test_size"] == 32 and sum(map(sum, result["confusion"])) == 32
     assert all(torch.equal(v, before[k]) for k, v in encoder.state_dict().items())
+
+
+# --- progress hook ----------------------------------------------------------------------------------
+def test_progress_hook_sees_embedding_probe_knn_and_finetuning_to_the_end(monkeypatch):
+    from crlf.engine import evaluate
+
+    calls = []
+    monkeypatch.setattr(evaluate, "progress_hook", lambda what, done, total: calls.append((what, done, total)))
+    embed(MeanPool(), META, random_images(10), CPU, batch_size=4)
+    x, y = blobs(40, classes=4, dim=8)
+    linear_probe(x, y, x, y, 4, device=CPU, epochs=3, batch_size=16)
+    knn_classify(x, y, x, y, 4, k=5, device=CPU, chunk=16)
+    finetune(build_backbone("resnet18", "cifar"), META, random_images(8), torch.arange(8) % 2, random_images(4),
+             torch.arange(4) % 2, 2, device=CPU, epochs=2, batch_size=4)  # fmt: skip
+    by_task = {}
+    for what, done, total in calls:
+        by_task.setdefault(what, []).append((done, total))
+    assert by_task["embedding"][:3] == [(4, 10), (8, 10), (10, 10)]
+    assert by_task["linear probe epoch"] == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    assert by_task["kNN"] == [(16, 40), (32, 40), (40, 40)]
+    assert by_task["fine-tuning"] == [(0, 4), (1, 4), (2, 4), (3, 4), (4, 4)]  # 2 epochs x 2 full batches
+    for steps in by_task.values():  # every task ends: done reaches total, so a bar can close
+        assert steps[-1][0] == steps[-1][1]
+    monkeypatch.setattr(evaluate, "progress_hook", None)
+    assert evaluate.progress("x", 1, 2) is False  # no hook: the engine logs now and then itself

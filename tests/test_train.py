@@ -50,7 +50,7 @@ class StopAfter:
     def on_start(self, info):
         self.info = info
 
-    def on_step(self, epoch, step, steps):
+    def on_step(self, epoch, step, steps, **running):
         pass
 
     def on_epoch(self, metrics):
@@ -112,7 +112,7 @@ class SignalAt:
     def on_start(self, info):
         pass
 
-    def on_step(self, epoch, step, steps):
+    def on_step(self, epoch, step, steps, **running):
         if (epoch + 1, step) == self.when:
             os.kill(os.getpid(), self.sig)
 

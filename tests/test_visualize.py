@@ -212,3 +212,58 @@ def test_missing_run_files_exit_2_naming_the_file(tmp_path):
         cwd=tmp_path,
     )
     assert r.returncode == 2 and "names one file" in r.stderr
+
+
+def test_figures_read_well_neighbour_distances_pca_variance_no_timings_short_titles(run_dir, tmp_path, monkeypatch):
+    import logging
+    import re
+
+    figs = {}
+    monkeypatch.setattr(plots, "save", lambda fig, path: figs.__setitem__(path.stem, fig))
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("crlf.engine.visualize")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        result = visualize(
+            VisualizeSettings(run=[run_dir], kind=["pca", "neighbors"], max_points=100, device="cpu", out=tmp_path)
+        )
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    pca = figs["pca"].axes[0]
+    for label, axis in ((pca.get_xlabel(), 1), (pca.get_ylabel(), 2)):
+        assert re.fullmatch(rf"PC {axis} \(\d+\.\d% of the variance\)", label), label
+    share = result["figures"]["pca"]["explained_variance"]
+    assert 0 < share[1] <= share[0] < 1
+    titles = [pca.get_title(), figs["pca"]._suptitle.get_text(), figs["neighbors"]._suptitle.get_text()]
+    assert not any(re.search(r"\d s\b", t) for t in titles), titles  # run-time noise goes to the log
+    assert not any(str(tmp_path) in t or "/" in t.replace("d = 1 - cosine", "") for t in titles), titles
+    captions = [ax.get_xlabel() for ax in figs["neighbors"].axes if "d=" in ax.get_xlabel()]
+    assert len(captions) == 6 * 8 and all(re.search(r"#\d+ d=\d", c) for c in captions)
+    distances = [float(c.split("d=")[1]) for c in captions]
+    assert len(set(distances)) > len(distances) // 2  # the distances separate what 0.99x cosines do not
+    index = result["index"]
+    assert any(index in r.getMessage() and "browser" in r.getMessage() for r in records)
+    page = (tmp_path / "index.html").read_text()
+    assert "training time" in page and "device" in page and "figures drawn with" in page and "crlf 0." in page
+
+
+def test_run_facts_use_the_resolved_block_and_fall_back_without_it():
+    from crlf.engine.visualize import run_facts, short_source
+
+    metrics = [{"epoch": 1, "seconds": 50.0}, {"epoch": 2, "seconds": 70.4}]
+    resolved = {"device": "cuda:0", "device_name": "NVIDIA H100", "precision": "bf16", "crlf": "0.2.0",
+                "torch": "2.5.1", "git_commit": "abc123", "command": "crlf pretrain --epochs 2"}  # fmt: skip
+    facts = run_facts({"epochs": 2, "device": "auto", "resolved": resolved}, metrics)
+    assert facts["training time"] == "2 min 00 s" and facts["epochs"] == "2 of 2"
+    assert facts["device"] == "cuda:0 (NVIDIA H100)" and facts["precision"] == "bf16"
+    assert "crlf 0.2.0, torch 2.5.1" in facts["trained with"] and facts["git commit"] == "abc123"
+    old = run_facts({"epochs": 5, "device": "auto", "precision": "auto"}, metrics[:1])
+    assert old["device"].startswith("auto") and old["training time"] == "50.0 s" and "trained with" not in old
+    assert "figures drawn with" in old and run_facts({}, [])["figures drawn with"].startswith("crlf ")
+    assert short_source("npy:/home/me/data/images.npy") == "npy:images.npy"
+    assert short_source("digits:test") == "digits:test"

@@ -10,6 +10,7 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,6 +23,21 @@ from crlf.errors import InputError
 from crlf.settings import AugmentSettings
 
 log = logging.getLogger(__name__)
+
+# Progress of long work (embedding, probe and fine-tuning epochs, kNN, t-SNE): called as hook(what, done, total),
+# total 0 when unknown. The CLI sets it (output.py draws a bar or plain lines); None: the engine logs a line now and
+# then instead. The engine never imports Rich or Typer.
+ProgressHook = Callable[[str, int, int], None]
+progress_hook: ProgressHook | None = None
+
+
+def progress(what: str, done: int, total: int) -> bool:
+    """Tell the hook (if any) how far `what` is; False when no hook is set."""
+    if progress_hook is None:
+        return False
+    progress_hook(what, done, total)
+    return True
+
 
 MIN_SIDE = 8  # smaller images vanish in a ResNet's strided stages
 # fine-tuning's light augmentation: random resized crop of 50-100% of the area and a horizontal flip, no colour ops
@@ -157,7 +173,8 @@ def embed(
                 if out is None:
                     out = torch.empty((len(images), z.shape[1]), dtype=torch.float32)
                 out[i : i + len(z)] = z.float()
-                if time.monotonic() - shown > 30:  # a plain progress line for long CPU runs
+                # the hook's bar or lines, else a plain progress line now and then for long CPU runs
+                if not progress("embedding", i + len(z), len(images)) and time.monotonic() - shown > 30:
                     shown = time.monotonic()
                     log.info("embedded %s of %s images", f"{i + len(z):,}", f"{len(images):,}")
     finally:
@@ -208,7 +225,8 @@ def linear_probe(
     optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     order = torch.Generator().manual_seed(seed)
     steps, total = 0, epochs * math.ceil(n / batch)
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        progress("linear probe epoch", epoch, epochs)
         perm = torch.randperm(n, generator=order).to(device)
         for i in range(0, n, batch):
             idx = perm[i : i + batch]
@@ -218,6 +236,7 @@ def linear_probe(
             loss.backward()
             optimizer.step()
             steps += 1
+    progress("linear probe epoch", epochs, epochs)
     with torch.no_grad():
         logits = head((test_x.to(device, torch.float32) - mean) / std)
     log.debug("linear probe: %d steps, lr %.4g, last batch loss %.4f", steps, lr, loss.detach())
@@ -261,6 +280,7 @@ def knn_classify(
         weights = ((sim - sim[:, :1]) / temperature).exp()
         votes = torch.zeros((len(query), num_classes), device=device).scatter_add_(1, labels[idx], weights)
         scores[i : i + len(query)] = votes.cpu()
+        progress("kNN", i + len(query), len(test_x))
     report = accuracy_report(scores, test_y, num_classes)
     return {
         "top1": report["top1"],
@@ -340,6 +360,7 @@ def finetune(
     augment_gen, order = make_generator(device, seed), torch.Generator().manual_seed(seed)
     dtype = autocast_dtype(device)
     model.train()
+    progress("fine-tuning", 0, total)
     for _ in range(epochs):
         perm = torch.randperm(n, generator=order).to(device)
         for s in range(per_epoch):
@@ -352,6 +373,7 @@ def finetune(
             loss.backward()
             optimizer.step()
             steps += 1
+            progress("fine-tuning", steps, total)
     features = embed(model, meta, test_images, device)
     with torch.no_grad():
         logits = head(features.to(device))

@@ -55,14 +55,20 @@ IDENTITY_KEYS = (
 class Reporter(Protocol):
     """How the loop tells the outside world about progress (output.py draws it; tests may record it)."""
 
-    def on_start(self, info: dict[str, Any]) -> None: ...
-    def on_step(self, epoch: int, step: int, steps: int) -> None: ...
+    def on_start(self, info: dict[str, Any]) -> None:
+        """Before the first step: epochs, start_epoch, start_step (inside start_epoch, after a resume), steps (per
+        epoch), batch_size (global), images, device."""
+
+    def on_step(self, epoch: int, step: int, steps: int, **running: Any) -> None:
+        """After each step (`step` of `steps`, 1-based, in 0-based `epoch`); running: loss_sum, the epoch's summed
+        loss so far as a device tensor (reading it is a host sync: do it rarely), and lr, the step's learning rate."""
+
     def on_epoch(self, metrics: dict[str, Any]) -> None: ...
 
 
 class _Silent:
     def on_start(self, info: dict[str, Any]) -> None: ...
-    def on_step(self, epoch: int, step: int, steps: int) -> None: ...
+    def on_step(self, epoch: int, step: int, steps: int, **running: Any) -> None: ...
     def on_epoch(self, metrics: dict[str, Any]) -> None: ...
 
 
@@ -346,7 +352,15 @@ def _loop(
     index_device = s.images.device  # batches are drawn where the data lives
     index_gen = gen if index_device == s.device else make_generator(index_device, settings.seed)
     reporter.on_start(
-        {"epochs": settings.epochs, "start_epoch": start, "steps": steps, "images": n, "device": str(s.device)}
+        {
+            "epochs": settings.epochs,
+            "start_epoch": start,
+            "start_step": progress.get("step") or 0,
+            "steps": steps,
+            "batch_size": bsz,
+            "images": n,
+            "device": str(s.device),
+        }
     )
     history = []
     for epoch in range(start, settings.epochs):
@@ -387,7 +401,7 @@ def _loop(
                     f"out of memory on {s.device} at --batch-size {bsz} ({str(e).splitlines()[0][:80]}); "
                     f"try --batch-size {max(2, bsz // 2)}; the last checkpoint is kept"
                 ) from None
-            reporter.on_step(epoch, step + 1, steps)
+            reporter.on_step(epoch, step + 1, steps, loss_sum=loss_sum, lr=lr)  # the reporter reads the loss rarely
             # one process reads its own flag at every step; several agree every 8 steps (a host sync) on one stop
             if world.active:
                 signum = distributed.any_flag(stop.signum, world) if step % 8 == 7 or step == steps - 1 else 0

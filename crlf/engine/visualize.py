@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,8 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from crlf.engine import augment, data, plots
+from crlf import __version__
+from crlf.engine import augment, data, evaluate, plots
 from crlf.engine.checkpoint import atomic_write, load_encoder
 from crlf.engine.device import select_device
 from crlf.engine.embeddings import embed_images, encoder_data, read_embeddings
@@ -190,25 +192,40 @@ class _Inputs:
         )
 
 
-def project(x: np.ndarray, method: str, seed: int = 0) -> tuple[np.ndarray, float]:
-    """2-D coordinates of (N, D) embeddings by PCA, t-SNE (after PCA to 50 dims) or UMAP; and the seconds it took."""
+def short_source(source: str) -> str:
+    """A data source or file for a figure's title: absolute paths shortened to their last part (npy:images.npy)."""
+    return re.sub(r"(?:(?<=[\s:(])|^)(?:~|/)[^\s,;()]*", lambda m: Path(m.group()).name or m.group(), source)
+
+
+def project(
+    x: np.ndarray, method: str, seed: int = 0, stats: dict[str, Any] | None = None
+) -> tuple[np.ndarray, float]:
+    """2-D coordinates of (N, D) embeddings by PCA, t-SNE (after PCA to 50 dims) or UMAP; and the seconds it took.
+
+    stats, when given, receives PCA's "explained" fractions of the variance of the two axes.
+    """
     t0 = time.perf_counter()
     x = np.asarray(x, dtype=np.float64)
     if len(x) < 3:
         raise InputError(f"a {method} map needs at least 3 embeddings, got {len(x)}")
     centred = x - x.mean(0)
     if method == "pca":
-        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        _, singular, vt = np.linalg.svd(centred, full_matrices=False)
         coords = centred @ vt[:2].T
+        if stats is not None:
+            variance = singular**2
+            stats["explained"] = (variance[:2] / max(variance.sum(), 1e-30)).tolist()
     elif method == "tsne":
         from sklearn.decomposition import PCA
         from sklearn.manifold import TSNE
 
+        evaluate.progress("t-SNE", 0, 0)  # no progress to report from inside scikit-learn: a spinner and the clock
         reduced = PCA(n_components=min(50, *x.shape), random_state=seed).fit_transform(centred)
         perplexity = float(min(30.0, max(2.0, (len(x) - 1) / 3)))
         coords = TSNE(
             n_components=2, init="pca", learning_rate="auto", perplexity=perplexity, random_state=seed
         ).fit_transform(reduced)
+        evaluate.progress("t-SNE", 1, 1)
     elif method == "umap":
         try:
             import umap  # type: ignore[import-not-found]
@@ -216,7 +233,9 @@ def project(x: np.ndarray, method: str, seed: int = 0) -> tuple[np.ndarray, floa
             raise InputError(
                 "the umap figure needs the umap-learn package: pip install umap-learn (or use --kind tsne)"
             ) from None
+        evaluate.progress("UMAP", 0, 0)
         coords = umap.UMAP(n_components=2, random_state=seed).fit_transform(x)
+        evaluate.progress("UMAP", 1, 1)
     else:
         raise InputError(f"unknown projection {method!r}: use pca, tsne or umap")
     return np.asarray(coords, dtype=np.float32), time.perf_counter() - t0
@@ -253,15 +272,21 @@ def _confusion(inp: _Inputs) -> tuple[Any, dict[str, Any]]:
 def _embedding(method: str) -> Callable[[_Inputs], tuple[Any, dict[str, Any]]]:
     def draw(inp: _Inputs) -> tuple[Any, dict[str, Any]]:
         pts = inp.points()
-        coords, seconds = project(pts.x, method, inp.settings.seed)
+        stats: dict[str, Any] = {}
+        coords, seconds = project(pts.x, method, inp.settings.seed, stats)
         name = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}[method]
         how = " after PCA to 50 dims" if method == "tsne" else ""
-        note = f"{len(coords):,} points{how}, {seconds:.1f} s" + ("" if pts.labels is not None else " (no labels)")
-        log.info("%s of %s points in %.1f s", name, f"{len(coords):,}", seconds)
-        fig = plots.embedding_map(
-            coords, pts.labels, pts.class_names, f"{name} of the embeddings of {pts.source}", name, note
-        )
-        return fig, {"points": len(coords), "seconds": round(seconds, 2), "coords_shape": list(coords.shape)}
+        note = f"{len(coords):,} points{how}" + ("" if pts.labels is not None else " (no labels)")
+        log.info("%s of %s points in %.1f s", name, f"{len(coords):,}", seconds)  # the log has the time, not the figure
+        axes = None
+        if "explained" in stats:
+            axes = tuple(f"PC {i + 1} ({100 * r:.1f}% of the variance)" for i, r in enumerate(stats["explained"]))
+        title = f"{name} of the embeddings of {short_source(pts.source)}"
+        fig = plots.embedding_map(coords, pts.labels, pts.class_names, title, name, note, axes=axes)
+        facts = {"points": len(coords), "seconds": round(seconds, 2), "coords_shape": list(coords.shape)}
+        if "explained" in stats:
+            facts["explained_variance"] = [round(r, 4) for r in stats["explained"]]
+        return fig, facts
 
     return draw
 
@@ -293,11 +318,11 @@ def _neighbors(inp: _Inputs) -> tuple[Any, dict[str, Any]]:
     fig = plots.neighbors(
         pts.images[q],
         pts.images[idx_np],
-        top.numpy(),
+        (1 - top).clamp_min(0).numpy(),  # cosine distance: 0.0012 vs 0.0031 separates what 0.999 vs 0.997 hides
         [caption(r) for r in q],
         [[caption(r) for r in row] for row in idx_np],
         match,
-        f"Nearest neighbours (cosine) among {n:,} images of {pts.source}",
+        f"Nearest neighbours (d = 1 - cosine) among {n:,} images of {short_source(pts.source)}",
     )
     facts = {"queries": len(q), "neighbors": k}
     if match is not None:
@@ -325,7 +350,10 @@ def _augmentations(inp: _Inputs) -> tuple[Any, dict[str, Any]]:
     changed = {k: v for k, v in cfg.model_dump().items() if v != AugmentSettings.model_fields[k].default}
     subtitle = ", ".join(f"{k}={v}" for k, v in changed.items()) or "default settings"
     fig = plots.augmentations(
-        batch.permute(0, 2, 3, 1).numpy(), views, captions, f"Augmented view pairs of {images.source} ({subtitle})"
+        batch.permute(0, 2, 3, 1).numpy(),
+        views,
+        captions,
+        f"Augmented view pairs of {short_source(images.source)} ({subtitle})",
     )
     return fig, {"images": len(rows), "pairs": s.views, "settings": cfg.model_dump()}
 
@@ -390,7 +418,38 @@ def visualize(settings: VisualizeSettings) -> dict[str, Any]:
     result: dict[str, Any] = {"out": str(out), "figures": figures, "skipped": skipped}
     if inp.run is not None and not single:
         result["index"] = str(_write_index(inp, folder, figures))
+        log.info("open %s in a browser: every figure with the run's settings and metrics", result["index"])
     return result
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, s = divmod(round(seconds), 60)
+    return f"{minutes} min {s:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def run_facts(config: dict[str, Any], metrics: list[dict[str, Any]]) -> dict[str, str]:
+    """How long, where and with what the run trained: config.json's "resolved" block when it has one (device,
+    precision, versions, command, commit), else the settings; the training time is the sum of the epochs' seconds."""
+    resolved = config.get("resolved") if isinstance(config.get("resolved"), dict) else {}
+    facts: dict[str, Any] = {}
+    if metrics:
+        facts["epochs"] = f"{metrics[-1].get('epoch', len(metrics))} of {config.get('epochs', '?')}"
+        facts["training time"] = _duration(sum(float(m.get("seconds") or 0) for m in metrics))
+    if resolved.get("device"):
+        name = resolved.get("device_name")
+        shown = name and name != resolved["device"]
+        facts["device"] = f"{resolved['device']} ({name})" if shown else resolved["device"]
+    elif config.get("device"):
+        facts["device"] = f"{config['device']} (as set; the device used was not recorded)"
+    facts["precision"] = resolved.get("precision") or config.get("precision")
+    facts["processes"] = resolved.get("world_size") if (resolved.get("world_size") or 1) > 1 else None
+    facts["trained with"] = ", ".join(f"{k} {resolved[k]}" for k in ("crlf", "torch", "python") if resolved.get(k))
+    facts["command"] = resolved.get("command")
+    facts["git commit"] = resolved.get("git_commit")
+    facts["figures drawn with"] = f"crlf {__version__}, torch {torch.__version__}"
+    return {k: str(v) for k, v in facts.items() if v not in (None, "")}
 
 
 def _write_index(inp: _Inputs, folder: Path, figures: dict[str, dict[str, Any]]) -> Path:
@@ -424,6 +483,7 @@ def _write_index(inp: _Inputs, folder: Path, figures: dict[str, dict[str, Any]])
         f"{name.replace('_', ' ')} top-1 / top-5": f"{r.get('top1', float('nan')):.2f}% / {r.get('top5', float('nan')):.2f}%"
         for name, r in evals.items()
     }
+    settings = {k: v for k, v in config.items() if k != "resolved"}
     images = "".join(
         f'<figure><img src="{esc(Path(f["path"]).name)}" alt="{esc(kind)}"><figcaption>{esc(kind)}</figcaption></figure>'
         for kind, f in figures.items()
@@ -434,9 +494,10 @@ def _write_index(inp: _Inputs, folder: Path, figures: dict[str, dict[str, Any]])
 table{{border-collapse:collapse;margin-bottom:1.5em}} th,td{{text-align:left;padding:2px 12px 2px 0;font-size:14px}}
 figure{{margin:0 0 2em 0}} figcaption{{color:#555}}</style></head>
 <body><h1>Run {esc(run.path.name)}</h1>
+<h2>Run</h2>{table(run_facts(config, metrics))}
 <h2>Final metrics</h2>{table({**final, **results}) if final or results else "<p>no metrics yet</p>"}
 <h2>Figures</h2>{images or "<p>no figures</p>"}
-<h2>Settings</h2>{table(config) if config else "<p>no config.json</p>"}
+<h2>Settings</h2>{table(settings) if settings else "<p>no config.json</p>"}
 </body></html>
 """
     path = folder / "index.html"

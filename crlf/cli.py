@@ -37,6 +37,7 @@ from crlf.settings import (
     RunSettings,
     VisualizeSettings,
     resolve,
+    settings_values,
     to_toml,
 )
 
@@ -275,10 +276,16 @@ def _resolved(cls: type, values: dict[str, Any], config: Path | None, print_conf
     settings = resolve(cls, values, config)
     if not print_config:
         return settings
+    resolved = {}
+    if isinstance(settings, DeviceSettings):  # what 'auto' turns into here (imports torch: printing only)
+        from crlf.engine.device import describe
+
+        resolved = describe(settings.device, settings.precision)
     if json:
-        output.emit_json(settings.model_dump(mode="json"))
+        output.emit_json({**settings_values(settings), **({"resolved": resolved} if resolved else {})})
     else:
-        sys.stdout.write(to_toml(settings))
+        note = "".join(f"# {k}: {v}\n" for k, v in resolved.items())
+        sys.stdout.write(("# resolved on this machine (not read back):\n" + note if note else "") + to_toml(settings))
     return None
 
 

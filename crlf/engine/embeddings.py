@@ -8,6 +8,7 @@ holding ``embeddings``, ``labels`` (when known), ``ids``, ``class_names`` and ``
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import statistics
@@ -22,8 +23,9 @@ import torch
 
 from crlf import __version__
 from crlf.engine import data, evaluate
-from crlf.engine.checkpoint import atomic_write, load_encoder
+from crlf.engine.checkpoint import load_encoder
 from crlf.engine.device import select_device
+from crlf.engine.files import atomic_write, check_writable, os_failure, sha256
 from crlf.errors import InputError
 from crlf.settings import (
     DataSettings,
@@ -36,15 +38,6 @@ from crlf.settings import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _open_encoder(settings: EncoderInput, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -98,13 +91,17 @@ def _embed(settings: EmbedSettings) -> Embeddings:
     encoder, meta = _open_encoder(settings, device)
     images = data.load(encoder_data(settings, meta), settings.split)
     x = embed_images(settings, encoder, meta, device, images)
+    bad = int((~torch.isfinite(x).all(dim=1)).sum())
+    if bad:
+        raise InputError(f"{settings.ckpt} gives NaN or infinite embeddings for {bad:,} of {len(x):,} images: the "
+                         "encoder diverged in training; use an earlier checkpoint (checkpoints/epoch-*.safetensors)")
     if settings.normalize:
         x = torch.nn.functional.normalize(x, dim=1)
     provenance = {
         "crlf_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "checkpoint": str(settings.ckpt),
-        "checkpoint_sha256": sha256(settings.ckpt.expanduser()),  # type: ignore[union-attr]
+        "checkpoint_sha256": meta["sha256"],  # of the bytes the weights were loaded from
         "data": settings.data,
         "data_dir": None if settings.data_dir is None else str(settings.data_dir),
         "split": settings.split or ("train+unlabeled" if settings.data == "stl10" else "train"),
@@ -121,10 +118,11 @@ def _embed(settings: EmbedSettings) -> Embeddings:
 
 
 def extract(settings: ExtractSettings, stdout: BinaryIO | None = None) -> dict[str, Any]:
-    """Embed a data set with a saved encoder and write it (``--out -``: the .npy goes to `stdout`); returns a summary."""
+    """Embed a data set with a saved encoder and write it (``--out -``: the .npy goes to `stdout`); returns a
+    summary."""
     out = None if settings.out == "-" else Path(settings.out).expanduser()
-    if out is not None and not out.parent.is_dir():
-        raise InputError(f"cannot write {out}: the folder {out.parent} does not exist")
+    if out is not None:  # fail before embedding, not after
+        check_writable(out, "--out")
     emb = _embed(settings)
     arr = emb.x.numpy()
     if out is None:
@@ -164,10 +162,16 @@ def _write_embeddings(out: Path, arr: np.ndarray, emb: Embeddings) -> None:
                 "class_names": emb.class_names,
                 "labels": None if labels is None else labels.tolist(),
             }
-            atomic_write(out, lambda f: np.save(f, arr))
+            buffer = io.BytesIO()
+            np.save(buffer, arr)
+            npy = buffer.getvalue()
+            # the sidecar names the exact .npy it describes: a kill between the two renames leaves a pair that
+            # readers refuse, never new rows with old labels
+            sidecar.update(npy_sha256=hashlib.sha256(npy).hexdigest(), npy_bytes=len(npy))
+            atomic_write(out, lambda f: f.write(npy))
             atomic_write(Path(str(out) + ".json"), lambda f: f.write(json.dumps(sidecar).encode()))
     except OSError as e:
-        raise InputError(f"cannot write {out}: {e.strerror or e}; choose a writable --out") from None
+        raise os_failure(e, str(out), "choose a writable --out") from None
     log.info("wrote %s x %d embeddings to %s", f"{len(arr):,}", arr.shape[1], out)
 
 
@@ -186,6 +190,7 @@ def read_embeddings(path: Path) -> tuple[torch.Tensor, torch.Tensor | None, list
             x = np.load(path, allow_pickle=False)
             side = Path(str(path) + ".json")
             meta = json.loads(side.read_text()) if side.is_file() else {}
+            _check_pair(path, side, meta)
             labels = None if meta.get("labels") is None else np.asarray(meta["labels"])
             names, prov = meta.get("class_names", []), meta
     except (OSError, ValueError, KeyError) as e:
@@ -214,6 +219,15 @@ def read_embeddings(path: Path) -> tuple[torch.Tensor, torch.Tensor | None, list
         list(names),
         {k: v for k, v in prov.items() if k not in ("ids", "labels")},
     )
+
+
+def _check_pair(npy: Path, side: Path, meta: dict[str, Any]) -> None:
+    """The sidecar must describe this very .npy (size, then hash): else the rows and the labels come from two runs."""
+    if "npy_sha256" not in meta:
+        return  # no sidecar, or one from crlf < 0.2 that did not record its .npy
+    if npy.stat().st_size != meta.get("npy_bytes") or sha256(npy) != meta["npy_sha256"]:
+        raise InputError(f"{side} does not describe {npy} (written by another extract, or one that was "
+                         f"interrupted): run crlf extract --out {npy} again")
 
 
 def _labelled(
@@ -265,11 +279,13 @@ def _labelled(
     for split in ("train", "test"):
         if parts[f"{split}_y"] is None:
             raise InputError(
-                f"the {split} split has no labels: evaluation needs a labelled data set (class sub-folders, CIFAR, STL-10 train/test, npz with labels)"
+                f"the {split} split has no labels: evaluation needs a labelled data set "
+                "(class sub-folders, CIFAR, STL-10 train/test, npz with labels)"
             )
     if features and parts["train_x"].shape[1] != parts["test_x"].shape[1]:
         raise InputError(
-            f"train and test embeddings differ in size ({parts['train_x'].shape[1]} vs {parts['test_x'].shape[1]}): extract both with the same checkpoint"
+            f"train and test embeddings differ in size ({parts['train_x'].shape[1]} vs {parts['test_x'].shape[1]}): "
+            "extract both with the same checkpoint"
         )
     parts["num_classes"] = int(max(parts["train_y"].max(), parts["test_y"].max())) + 1
     parts["class_names"] = parts["class_names"] or [str(i) for i in range(parts["num_classes"])]
@@ -278,6 +294,7 @@ def _labelled(
 
 def linear_eval(settings: LinearEvalSettings) -> dict[str, Any]:
     """The linear probe (or fine-tuning) over every label fraction x seed; mean and std per fraction."""
+    _check_results(settings, "finetune" if settings.finetune else "linear")
     device = select_device(settings.device)
     parts = _labelled(settings, device, features=not settings.finetune)
     runs = []
@@ -330,6 +347,7 @@ def linear_eval(settings: LinearEvalSettings) -> dict[str, Any]:
 
 def knn_eval(settings: KnnEvalSettings) -> dict[str, Any]:
     """Weighted kNN (cosine, k neighbours, temperature) on the test split."""
+    _check_results(settings, "knn")
     device = select_device(settings.device)
     parts = _labelled(settings, device)
     result = evaluate.knn_classify(
@@ -345,10 +363,28 @@ def knn_eval(settings: KnnEvalSettings) -> dict[str, Any]:
     return _report("knn", settings, parts, [{"fraction": 1.0, "seed": 0, **result}])
 
 
+def _results_path(settings: KnnEvalSettings | LinearEvalSettings, protocol: str) -> Path | None:
+    """Where the results go: --results, else the run directory of the checkpoint, else nowhere; checked for
+    writability by the caller before any work."""
+    if settings.results is not None:
+        return settings.results.expanduser()
+    ckpt = settings.ckpt.expanduser() if settings.ckpt is not None else None
+    if ckpt is not None and (ckpt.parent / "config.json").is_file():
+        return ckpt.parent / f"{'knn' if protocol == 'knn' else 'linear'}_eval.json"
+    return None
+
+
+def _check_results(settings: KnnEvalSettings | LinearEvalSettings, protocol: str) -> None:
+    target = _results_path(settings, protocol)
+    if target is not None:
+        check_writable(target, "--results")
+
+
 def _report(
     protocol: str, settings: KnnEvalSettings | LinearEvalSettings, parts: dict[str, Any], runs: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    """The result document: every run, mean / std per label fraction, the main run's details; saved when asked or known."""
+    """The result document: every run, mean / std per label fraction, the main run's details; saved when asked or
+    known."""
     summary = []
     for fraction in dict.fromkeys(r["fraction"] for r in runs):
         group = [r for r in runs if r["fraction"] == fraction]
@@ -381,18 +417,15 @@ def _report(
     }
     if "confusion" in main:
         result["per_class"], result["confusion"] = main["per_class"], main["confusion"]
-    target = settings.results
-    ckpt = settings.ckpt.expanduser() if settings.ckpt is not None else None
-    if target is None and ckpt is not None and (ckpt.parent / "config.json").is_file():
-        target = ckpt.parent / f"{'knn' if protocol == 'knn' else 'linear'}_eval.json"  # the run directory's results
+    target = _results_path(settings, protocol)
     if target is not None:
         try:
-            atomic_write(Path(target).expanduser(), lambda f: f.write(json.dumps(result, indent=1).encode()))
+            atomic_write(target, lambda f: f.write(json.dumps(result, indent=1).encode()))
             if "confusion" in result:
                 conf = np.asarray(result["confusion"], dtype=np.int64)
                 atomic_write(Path(str(target).removesuffix(".json") + "_confusion.npy"), lambda f: np.save(f, conf))
         except OSError as e:
-            raise InputError(f"cannot write {target}: {e.strerror or e}; choose a writable --results") from None
+            raise os_failure(e, str(target), "choose a writable --results") from None
         result["results_file"] = str(target)
         log.info("results written to %s", target)
     return result

@@ -11,18 +11,25 @@ import contextlib
 import json
 import logging
 import math
+import platform
+import shlex
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
+from crlf import __version__
 from crlf.engine import augment, data, distributed, evaluate
-from crlf.engine.checkpoint import atomic_write, encoder_metadata, load_state, save_encoder, save_state
+from crlf.engine.checkpoint import encoder_metadata, load_state, save_encoder, save_state
 from crlf.engine.device import autocast, autocast_dtype, make_generator, seed_everything
+from crlf.engine.files import atomic_write
 from crlf.engine.loss import nt_xent
 from crlf.engine.model import SimCLR, build_backbone, build_head, feature_dim, resolve_stem
 from crlf.engine.optim import Plateau, build_optimizer, lr_at
@@ -97,6 +104,7 @@ class _Setup:
     amp: torch.dtype | None
     monitor: _Monitor | None  # the --knn-every evaluation data, when asked for (main process only)
     world: distributed.World
+    record: dict[str, Any] = field(default_factory=dict)  # config.json's contents (main process only)
 
 
 def pretrain(
@@ -137,57 +145,77 @@ def _pretrain(
     """The run, in every process; the main process (rank 0) alone locks, decides, writes and reports."""
     if settings.batch_size % world.world_size:
         raise InputError(
-            f"--batch-size {settings.batch_size} is the global batch: it must divide evenly among {world.world_size} processes"
+            f"--batch-size {settings.batch_size} is the global batch: "
+            f"it must divide evenly among {world.world_size} processes"
         )
     run = RunDir(settings.out)
     main = world.main
-    with (
-        run.locked() if main else contextlib.nullcontext(),
-        run.logging_to_file() if main else contextlib.nullcontext(),
-    ):
-        plan = 0  # 0: fresh start, 1: resume, 2: complete (main decides; the others follow)
-        if main:
-            run.remove_temp_files()  # left by a process killed while writing
-            if _prepare(run, settings, resume=resume, force=force):
-                done = run.finished_epoch()
-                plan = 2 if done is not None and done >= settings.epochs and run.encoder.is_file() else 1
-        plan = distributed.any_flag(plan, world)
-        if plan == 2:
-            done = run.finished_epoch()
-            log.info("run %s is complete (%d epochs): nothing to do", run.path, done)
-            return {"status": "complete", "run_dir": str(run.path), "encoder": str(run.encoder), "epochs": done}
-        setup = _build(settings, world)  # bad data or settings fail here, before anything is written
+    if main:
+        run.check_owner()  # a foreign folder or a link is refused before anything is opened in it
+        if resume and run.path.is_dir() and not run.writable():  # e.g. a finished run on a read-only mount
+            if _plan(run, settings, resume=True, force=False) == _COMPLETE:
+                return _complete(run)
+            raise InputError(f"cannot write to {run.path} (read-only): it holds an unfinished run; copy it elsewhere")
+    with run.locked() if main else contextlib.nullcontext():
         if main:
             with _writing(run):
-                atomic_write(
-                    run.config, lambda f: f.write(json.dumps(settings.model_dump(mode="json"), indent=2).encode())
-                )
-        distributed.barrier(world)  # the others read checkpoints only after the main process has set up
-        progress, rng = _restore(run, setup, world) if plan == 1 else (None, {})
-        stop = StopFlag(hard_abort)
-        with stop.installed():
-            return _loop(
-                settings, setup, run, reporter, progress or {"epoch": 0, "plateau": Plateau().state()}, rng, stop
-            )
+                run.mark()  # before train.log: a failed start leaves a folder that is still crlf's
+        with run.logging_to_file() if main else contextlib.nullcontext():
+            return _start(settings, reporter, world, run, resume, force, hard_abort)
 
 
-def _prepare(run: RunDir, settings: PretrainSettings, *, resume: bool, force: bool) -> bool:
-    """Decide between a fresh start (False) and a resume (True); refuse what would mix two experiments."""
-    if force:
-        run.clear()
-        return False
-    if not run.has_run():
-        return False
+def _start(
+    settings: PretrainSettings,
+    reporter: Reporter,
+    world: distributed.World,
+    run: RunDir,
+    resume: bool,
+    force: bool,
+    hard_abort: bool,
+) -> dict[str, Any]:
+    """Plan, build, prepare the directory and train, with the directory locked and logged to."""
+    main = world.main
+    plan = _plan(run, settings, resume=resume, force=force) if main else _FRESH  # main decides; the others follow
+    plan = distributed.any_flag(plan, world)
+    if plan == _COMPLETE:
+        return _complete(run)
+    setup = _build(settings, world)  # bad data or settings fail here, before anything is changed or written
+    if main:
+        with _writing(run):
+            run.remove_temp_files()  # left by a process killed while writing
+            if plan == _FRESH and run.has_run():
+                log.warning("--force: discarding the run in %s and starting over", run.path)
+                run.clear()
+            elif plan == _RESTART:
+                log.info("%s has no checkpoint yet: starting fresh", run.path)
+                run.truncate_metrics(0)  # a line of an epoch whose checkpoint was never written
+            setup.record = run_record(settings, setup.device, setup.amp, world)
+            config = json.dumps(setup.record, indent=2)
+            atomic_write(run.config, lambda f: f.write(config.encode()))
+    distributed.barrier(world)  # the others read checkpoints only after the main process has set up
+    progress, rng = _restore(run, setup, world) if plan == _RESUME else (None, {})
+    stop = StopFlag(hard_abort)
+    with stop.installed():
+        return _loop(
+            settings, setup, run, reporter, progress or {"epoch": 0, "plateau": Plateau().state()}, rng, stop
+        )
+
+
+_FRESH, _RESTART, _RESUME, _COMPLETE = 0, 1, 2, 3  # what a start does with the run directory (the largest wins)
+
+
+def _plan(run: RunDir, settings: PretrainSettings, *, resume: bool, force: bool) -> int:
+    """Decide what to do with the run directory without changing it; refuse what would mix two experiments."""
+    if force or not run.has_run():
+        return _FRESH
     if not resume:
         raise InputError(
-            f"{run.path} already holds a run: pass --resume to continue it, --force to start over, or choose another --out"
+            f"{run.path} already holds a run: pass --resume to continue it, --force to start over, "
+            "or choose another --out"
         )
     saved = run.saved_config()
     if not run.checkpoints_newest_first():
-        log.info("%s has no checkpoint yet: starting fresh", run.path)
-        with _writing(run):
-            run.truncate_metrics(0)  # a line of an epoch whose checkpoint was never written
-        return False
+        return _RESTART
     conflicts = [
         f"{k}: {saved.get(k)!r} -> {v!r}"
         for k, v in settings.model_dump(mode="json").items()
@@ -195,9 +223,60 @@ def _prepare(run: RunDir, settings: PretrainSettings, *, resume: bool, force: bo
     ]
     if conflicts:
         raise InputError(
-            f"cannot resume {run.path}: settings differ from the saved run ({'; '.join(conflicts)}); use --force to start over"
+            f"cannot resume {run.path}: settings differ from the saved run ({'; '.join(conflicts)}); "
+            "use --force to start over"
         )
-    return True
+    done = run.finished_epoch()
+    return _COMPLETE if done is not None and done >= settings.epochs and run.encoder.is_file() else _RESUME
+
+
+def _complete(run: RunDir) -> dict[str, Any]:
+    done = run.finished_epoch()
+    log.info("run %s is complete (%d epochs): nothing to do", run.path, done)
+    return {"status": "complete", "run_dir": str(run.path), "encoder": str(run.encoder), "epochs": done}
+
+
+def run_record(
+    settings: PretrainSettings, device: torch.device, amp: torch.dtype | None, world: distributed.World
+) -> dict[str, Any]:
+    """config.json: the settings with the lr and weight decay that were used, and a 'resolved' block of what the
+    defaults turned into and where the run ran (device, precision, versions, command line, crlf's git commit)."""
+    values = settings.model_dump(mode="json")
+    values.update(lr=settings.resolved_lr, weight_decay=settings.resolved_weight_decay)
+    resolved = {
+        "lr": settings.resolved_lr,
+        "weight_decay": settings.resolved_weight_decay,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "precision": "bf16" if amp == torch.bfloat16 else "fp32",
+        "world_size": world.world_size,
+        "crlf": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "command": shlex.join(["crlf", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("crlf", "__main__.py") else None,
+        "git_commit": git_commit(),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return {**values, "resolved": resolved}
+
+
+def git_commit() -> str | None:
+    """The commit of crlf's own source when it runs from a git checkout (an editable install), else None."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = out.stdout.strip()
+    if out.returncode or not commit:
+        return None
+    dirty = subprocess.run(
+        ["git", "-C", str(Path(__file__).parent), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True, text=True, timeout=5, check=False,
+    )
+    return commit + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def _restore(run: RunDir, s: _Setup, world: distributed.World) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -247,7 +326,8 @@ def _build(settings: PretrainSettings, world: distributed.World) -> _Setup:
     images = data.load(settings)
     if len(images) < settings.batch_size:
         raise InputError(
-            f"batch size {settings.batch_size} is larger than the data set ({len(images)} images): use --batch-size {len(images)} or less"
+            f"batch size {settings.batch_size} is larger than the data set ({len(images)} images): "
+            f"use --batch-size {len(images)} or less"
         )
     amp = autocast_dtype(device, settings.precision)
     size = images.images.shape[-1]
@@ -304,7 +384,8 @@ def _monitor_data(settings: PretrainSettings, images: data.ImageSet) -> _Monitor
     """The test split for the kNN monitor, at the training image size; labels are required on both sides."""
     if images.labels is None:
         raise InputError(
-            f"--knn-every needs labelled training images, and {images.source} has none: use a labelled split (e.g. --split train) or --knn-every 0"
+            f"--knn-every needs labelled training images, and {images.source} has none: "
+            "use a labelled split (e.g. --split train) or --knn-every 0"
         )
     test = data.load(settings.model_copy(update={"image_size": images.images.shape[-1]}), "test")
     if test.labels is None:
@@ -325,7 +406,8 @@ def _place(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def channel_stats(images: torch.Tensor, sample: int = 10_000) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std on [0, 1] of (up to `sample` evenly spaced) images: the normalisation the encoder keeps."""
+    """Per-channel mean and std on [0, 1] of (up to `sample` evenly spaced) images: the normalisation the encoder
+    keeps."""
     step = max(1, len(images) // sample)
     x = images[::step].to(torch.float64) / 255.0
     return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
@@ -416,6 +498,8 @@ def _loop(
                     "plateau": plateau.state(),
                     "world_size": world.world_size,
                 }
+                if not _healthy(s):
+                    raise _diverged(f"the encoder diverged in epoch {epoch + 1}", epoch, run)
                 states = distributed.gather_states(_get_rng(gen, s.device), world)
                 if world.main:
                     with _writing(run):
@@ -429,14 +513,10 @@ def _loop(
         loss = (loss_sum / steps).item()  # the one host sync of the epoch
         seconds = before + time.perf_counter() - t0
         if not math.isfinite(loss):
-            kept = (
-                f"the last good checkpoint (epoch {epoch}) is kept in {run.path}"
-                if epoch
-                else "no checkpoint was written"
-            )
-            raise RunError(
-                f"loss became {loss} in epoch {epoch + 1}; {kept}. Try a lower --lr, --grad-clip 1.0 or a higher --temperature"
-            )
+            raise _diverged(f"loss became {loss} in epoch {epoch + 1}", epoch, run)
+        if not _healthy(s):  # BatchNorm in train mode can keep the loss finite while the encoder itself is broken
+            raise _diverged(f"the encoder diverged in epoch {epoch + 1}: its eval-mode embeddings of a fixed probe "
+                            f"batch are NaN or infinite (training loss {loss:.4g})", epoch, run)
         if settings.schedule == "plateau":
             plateau.update(loss)
         metrics = {
@@ -482,6 +562,26 @@ def _loop(
         "device": str(s.device),
     }
     return {**summary, "rank": world.rank, "world_size": world.world_size} if world.active else summary
+
+
+def _healthy(s: _Setup) -> bool:
+    """Whether the backbone in eval mode (as extract will use it) gives finite embeddings of the first 32 images:
+    checked before every checkpoint is written, so the one kept after a divergence is a good one. Draws no random
+    numbers and changes no buffers (resume stays exact); every process checks the same weights."""
+    was_training = s.model.training
+    s.model.eval()
+    try:
+        with torch.no_grad(), autocast(s.device, s.amp):
+            out = s.model.backbone((s.images[:32].to(s.device).float() / 255 - s.mean) / s.std)
+        return bool(torch.isfinite(out).all())
+    finally:
+        s.model.train(was_training)
+
+
+def _diverged(what: str, epoch: int, run: RunDir) -> RunError:
+    """The error of a run that diverged: which checkpoint is left and what to try."""
+    kept = f"the last good checkpoint (epoch {epoch}) is kept in {run.path}" if epoch else "no checkpoint was written"
+    return RunError(f"{what}; {kept}. Try a lower --lr, --grad-clip 1.0 or a higher --temperature")
 
 
 def _knn(settings: PretrainSettings, s: _Setup, m: _Monitor) -> dict[str, float]:
@@ -541,7 +641,7 @@ def _step(settings: PretrainSettings, s: _Setup, batch: torch.Tensor, gen: torch
 
 def _metadata(settings: PretrainSettings, s: _Setup, epoch: int) -> dict[str, str]:
     return encoder_metadata(
-        settings.model_dump(mode="json"),
+        s.record or settings.model_dump(mode="json"),
         stem=s.stem,
         image_size=s.images.shape[-1],
         feature_dim=feature_dim(settings.arch),
@@ -552,7 +652,8 @@ def _metadata(settings: PretrainSettings, s: _Setup, epoch: int) -> dict[str, st
 
 
 def _save(settings: PretrainSettings, s: _Setup, run: RunDir, epoch: int, plateau: Plateau) -> None:
-    """last.safetensors every epoch; a snapshot in checkpoints/ every `checkpoint_every` epochs, keeping the newest K."""
+    """last.safetensors every epoch; a snapshot in checkpoints/ every `checkpoint_every` epochs, keeping the
+    newest K."""
     meta = _metadata(settings, s, epoch)
     save_state(run.last, s.model, s.optimizer, meta, {"epoch": epoch, "step": 0, "plateau": plateau.state()})
     if epoch % settings.checkpoint_every == 0 or epoch == settings.epochs:

@@ -1,0 +1,114 @@
+"""File primitives every writer uses: atomic replacement, appends that never follow a link, hashing, and
+checking that an output can be written before the work that produces it starts. No torch here."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import stat
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from crlf.errors import InputError, RunError
+
+# errors that say "the disk is full or failing", as opposed to "this path is wrong"
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG}
+
+
+def _mode_for(path: Path) -> int:
+    """The permission bits a plain ``open(path, "w")`` would give: the file's own when it exists, else 0o666 less
+    the umask (mkstemp alone makes every file 0o600)."""
+    with contextlib.suppress(OSError):
+        st = os.lstat(path)
+        if stat.S_ISREG(st.st_mode):
+            return stat.S_IMODE(st.st_mode)
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """Write via `write(file)` to a temp file in the same directory, fsync, then rename over `path`.
+
+    A crash at any moment leaves either the old file or the new one, never half of one. A symbolic link at `path`
+    is replaced, never written through.
+    """
+    path = Path(path)
+    mode = _mode_for(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def open_no_follow(path: Path, flags: int = os.O_WRONLY | os.O_APPEND | os.O_CREAT) -> int:
+    """os.open that refuses a symbolic link at `path` (InputError) instead of writing to whatever it points at."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise InputError(f"{path} is a symbolic link: crlf never writes through links in a run directory; "
+                             "remove it or choose another --out") from None
+        raise
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line and fsync it (never through a link)."""
+    fd = open_no_follow(path)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def os_failure(e: OSError, what: str, fix: str) -> InputError | RunError:
+    """A failed write as a one-line error: a full or failing disk is a RunError (exit 1), a path that cannot be
+    written (missing folder, permissions, read-only file system) an InputError (exit 2)."""
+    reason = e.strerror or str(e)
+    if e.errno in _DISK_ERRORS:
+        return RunError(f"cannot write {what}: {reason}; free some space and run the command again")
+    return InputError(f"cannot write {what}: {reason}; {fix}")
+
+
+def check_writable(path: Path, option: str) -> None:
+    """Fail now, before any work, when `path` could not be written later (its folder is missing, not writable, or
+    full): creates and removes a temp file beside it."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise InputError(f"cannot write {path}: the folder {path.parent} does not exist; create it or choose another "
+                         f"{option}")
+    if path.is_dir():
+        raise InputError(f"cannot write {path}: it is a folder; give a file name to {option}")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise os_failure(e, str(path), f"choose a writable {option}") from None

@@ -35,11 +35,13 @@ def crlf(*args):
     from crlf.cli import app
 
     logger = logging.getLogger("crlf")
-    saved = logger.handlers[:], logger.level, logger.propagate
+    handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
     try:
         r = CliRunner().invoke(app, [str(a) for a in args])
     finally:  # the CLI routes crlf's loggers to its stderr console; give them back to pytest
-        logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
     assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
     return subprocess.CompletedProcess(args, r.exit_code, r.stdout_bytes, r.stderr_bytes)
 

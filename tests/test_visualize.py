@@ -2,6 +2,7 @@
 projections have the right shape; a missing input is exit 2 with a line naming the file that is needed."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -17,7 +18,6 @@ from crlf.engine.visualize import project, visualize
 from crlf.errors import InputError
 from crlf.settings import LinearEvalSettings, VisualizeSettings
 
-CRLF = shutil.which("crlf")
 SIZES = {"loss": (1100, 750), "pca": (900, 750), "tsne": (900, 750), "confusion": (920, 800)}  # confusion: 10 classes
 
 
@@ -89,37 +89,31 @@ def test_run_draws_every_figure_and_an_index(run_dir):
     assert (run_dir / "aug.svg").read_text().lstrip().startswith(("<?xml", "<svg"))
 
 
+def cli(*args):
+    """`crlf ARGS` in-process through the real Typer app, as a CompletedProcess (a subprocess would only add a torch
+    import; the command as a subprocess: test_cli.py)."""
+    from typer.testing import CliRunner
+
+    from crlf.cli import app
+
+    logger = logging.getLogger("crlf")
+    handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
+    try:
+        r = CliRunner().invoke(app, [str(a) for a in args])
+    finally:  # the CLI routes crlf's loggers to its stderr console; give them back to pytest
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
+
+
 def test_cli_embeddings_map_and_loss_overlay(tmp_path, run_dir):
-    if CRLF is None:
-        pytest.skip("the crlf entry point is not installed")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRLF_")}
     ckpt = run_dir / "encoder.safetensors"
-    r = subprocess.run(
-        [
-            CRLF,
-            "extract",
-            "--ckpt",
-            ckpt,
-            "--data",
-            "digits",
-            "--split",
-            "test",
-            "--out",
-            tmp_path / "e.npz",
-            "--device",
-            "cpu",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    data = ["--data", "digits", "--split", "test", "--device", "cpu"]
+    r = cli("extract", "--ckpt", ckpt, *data, "--out", tmp_path / "e.npz")
     assert r.returncode == 0, r.stderr
-    r = subprocess.run(
-        [CRLF, "visualize", "--emb", tmp_path / "e.npz", "--kind", "pca", "--out", tmp_path / "pca.png", "--json"],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    r = cli("visualize", "--emb", tmp_path / "e.npz", "--kind", "pca", "--out", tmp_path / "pca.png", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["figures"]["pca"]["points"] == 359
     assert png_size(tmp_path / "pca.png") == ("PNG", SIZES["pca"])
@@ -190,27 +184,17 @@ def test_missing_inputs_name_what_is_needed(tmp_path, monkeypatch, settings, fra
     assert not (tmp_path / "figures").exists() or not list((tmp_path / "figures").iterdir())
 
 
-def test_missing_run_files_exit_2_naming_the_file(tmp_path):
-    if CRLF is None:
-        pytest.skip("the crlf entry point is not installed")
+def test_missing_run_files_exit_2_naming_the_file(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRLF_")}
     for kind, needed in (
         ("loss", "metrics.jsonl"),
     ):  # the other files' messages: test_missing_inputs_name_what_is_needed
-        r = subprocess.run(
-            [CRLF, "visualize", "--run", tmp_path / "empty", "--kind", kind], capture_output=True, text=True, env=env
-        )
+        r = cli("visualize", "--run", tmp_path / "empty", "--kind", kind)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
         assert lines[-1].startswith("error: ") and needed in lines[-1] and str(tmp_path / "empty") in lines[-1]
-    r = subprocess.run(
-        [CRLF, "visualize", "--kind", "pca", "--kind", "tsne", "--out", "x.png"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-    )
+    monkeypatch.chdir(tmp_path)
+    r = cli("visualize", "--kind", "pca", "--kind", "tsne", "--out", "x.png")
     assert r.returncode == 2 and "names one file" in r.stderr
 
 

@@ -86,8 +86,7 @@ class DataSettings(BaseModel):
     )
     test_data_dir: Path | None = Field(
         None,
-        description="The test split for sources without one of their own: a .npy / .npz file, or a folder of images "
-        "(for linear-eval / knn-eval with --ckpt and pretrain's --knn-every).",
+        description="Test split (file or folder) of folder / npy / npz data that has none.",
     )
 
     @model_validator(mode="after")

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from crlf.engine.checkpoint import atomic_write
 from crlf.engine.data import ImageSet, short_reason
+from crlf.engine.files import atomic_write
 from crlf.errors import InputError
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from crlf.engine.checkpoint import atomic_write
+from crlf.engine.files import atomic_write
 
 matplotlib.rcParams.update(
     {

@@ -23,9 +23,10 @@ from pydantic import ValidationError
 
 from crlf import __version__
 from crlf.engine import augment, data, evaluate, plots
-from crlf.engine.checkpoint import atomic_write, load_encoder
+from crlf.engine.checkpoint import load_encoder
 from crlf.engine.device import select_device
 from crlf.engine.embeddings import embed_images, encoder_data, read_embeddings
+from crlf.engine.files import atomic_write, check_writable, os_failure
 from crlf.engine.rundir import RunDir
 from crlf.errors import InputError
 from crlf.settings import AugmentSettings, DataSettings, VisualizeSettings
@@ -390,7 +391,8 @@ def visualize(settings: VisualizeSettings) -> dict[str, Any]:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise InputError(f"cannot create {folder}: {e.strerror or e}; choose another --out") from None
+        raise os_failure(e, str(folder), "choose another --out") from None
+    check_writable(out if single else folder / "index.html", "--out")  # before hours of t-SNE, not after
     figures: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
     for kind in kinds:
@@ -412,7 +414,7 @@ def visualize(settings: VisualizeSettings) -> dict[str, Any]:
         try:
             plots.save(fig, path)
         except OSError as e:
-            raise InputError(f"cannot write {path}: {e.strerror or e}; choose another --out") from None
+            raise os_failure(e, str(path), "choose another --out") from None
         figures[kind] = {"path": str(path), **facts, "seconds_total": round(time.perf_counter() - t0, 2)}
         log.info("wrote %s", path)
     result: dict[str, Any] = {"out": str(out), "figures": figures, "skipped": skipped}

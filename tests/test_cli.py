@@ -111,9 +111,28 @@ def test_nothing_on_stdout_without_json(tmp_path, tiny_npy):
         (["--config", "{tmp}/missing.toml"], "missing.toml"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(tmp_path, args, fragment):
+def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, args, fragment):
+    """In-process through the real Typer app: a subprocess per row would only add torch imports (the same handler as
+    a subprocess: test_unknown_flag_is_usage_error, test_diverging_loss_exits_1, test_locked_run_dir_exits_75)."""
+    import logging
+
+    from typer.testing import CliRunner
+
+    from crlf.cli import app
+
+    for key in [k for k in os.environ if k.startswith("CRLF_")]:
+        monkeypatch.delenv(key)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    r = crlf("pretrain", "--out", tmp_path / "run", "--device", "cpu", *args)
+    logger = logging.getLogger("crlf")
+    handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
+    try:
+        out = CliRunner().invoke(app, ["pretrain", "--out", str(tmp_path / "run"), "--device", "cpu", *args])
+    finally:  # the CLI routes crlf's loggers to its stderr console; give them back to pytest
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
+    assert out.exception is None or isinstance(out.exception, SystemExit), repr(out.exception)
+    r = subprocess.CompletedProcess(args, out.exit_code, out.stdout, out.stderr)
     assert r.returncode == 2
     one_error_line(r, fragment)
     from crlf.engine.rundir import RunDir

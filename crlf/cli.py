@@ -142,7 +142,8 @@ def _panel(model: type[BaseModel], name: str) -> str:
 
 
 def _cli_type(annotation: Any) -> Any:
-    """The type Typer parses a field as: numbers, booleans and lists of floats natively, the rest as text for Pydantic."""
+    """The type Typer parses a field as: numbers, booleans and lists of floats natively, the rest as text for
+    Pydantic."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     base = (
         args[0]
@@ -264,7 +265,8 @@ def _guarded(quiet: bool, verbose: bool, work: Callable[[], int | None]) -> None
             output.error("out of memory on the device; try a smaller --batch-size")
         else:
             output.error(
-                f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (set CRLF_DEBUG=1 for the traceback)"
+                f"unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                "(set CRLF_DEBUG=1 for the traceback)"
             )
         raise typer.Exit(1) from None
     if code:
@@ -418,7 +420,8 @@ settings_command(
     "visualize",
     VisualizeSettings,
     _command(VisualizeSettings, _visualize),
-    "Figures: loss curves, PCA / t-SNE maps, confusion matrix, nearest neighbours, augmented views; --run DIR draws them all with an index.html.",
+    "Figures: loss curves, PCA / t-SNE maps, confusion matrix, nearest neighbours, augmented views; "
+    "--run DIR draws them all with an index.html.",
 )
 
 

@@ -56,13 +56,15 @@ def _positive(**values: float) -> None:
 def _check_images(images: torch.Tensor, what: str) -> None:
     if images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
         raise InputError(
-            f"{what}: expected uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}; load them with crlf's data sources"
+            f"{what}: expected uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}; "
+            "load them with crlf's data sources"
         )
     if len(images) == 0:
         raise InputError(f"{what}: no images to process; check the data source and --limit")
     if min(images.shape[-2:]) < MIN_SIDE:
         raise InputError(
-            f"{what}: images of {images.shape[-2]}x{images.shape[-1]} px are too small for the encoder; use --image-size {MIN_SIDE} or more"
+            f"{what}: images of {images.shape[-2]}x{images.shape[-1]} px are too small for the encoder; "
+            f"use --image-size {MIN_SIDE} or more"
         )
 
 
@@ -73,7 +75,8 @@ def _check_labels(y: torch.Tensor, n: int, num_classes: int, what: str) -> None:
         raise InputError(f"{what}: classification needs at least 2 classes, got num_classes={num_classes}")
     if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
         raise InputError(
-            f"{what}: labels span {int(y.min())}..{int(y.max())}, outside 0..{num_classes - 1}; pass a num_classes above the largest label"
+            f"{what}: labels span {int(y.min())}..{int(y.max())}, outside 0..{num_classes - 1}; "
+            "pass a num_classes above the largest label"
         )
 
 
@@ -82,11 +85,13 @@ def _check_features(x: torch.Tensor, y: torch.Tensor, num_classes: int, what: st
         raise InputError(f"{what} features: expected a non-empty float (N, D) matrix, got {x.dtype} {tuple(x.shape)}")
     if dim is not None and x.shape[1] != dim:
         raise InputError(
-            f"{what} features have {x.shape[1]} dimensions, train features {dim}: embed both splits with the same encoder"
+            f"{what} features have {x.shape[1]} dimensions, train features {dim}: "
+            "embed both splits with the same encoder"
         )
     if not bool(torch.isfinite(x).all()):
         raise InputError(
-            f"{what} features contain NaN or infinite values: the encoder diverged; re-extract with a healthy checkpoint"
+            f"{what} features contain NaN or infinite values: the encoder diverged; "
+            "re-extract with a healthy checkpoint"
         )
     _check_labels(y, len(x), num_classes, what)
 
@@ -103,7 +108,8 @@ def _normaliser(meta: dict, device: torch.device) -> tuple[torch.Tensor, torch.T
         ) from None
     if not bool((std > 0).all()):
         raise InputError(
-            f"encoder metadata has a non-positive std {std.flatten().tolist()}: re-create the checkpoint with crlf pretrain"
+            f"encoder metadata has a non-positive std {std.flatten().tolist()}: "
+            "re-create the checkpoint with crlf pretrain"
         )
     return mean, std
 
@@ -145,7 +151,8 @@ def accuracy_report(logits_or_scores: torch.Tensor, y: torch.Tensor, num_classes
 def embed(
     encoder: nn.Module, meta: dict, images: torch.Tensor, device: torch.device, batch_size: int = 512
 ) -> torch.Tensor:
-    """Features of uint8 (N, 3, H, W) images from the frozen encoder in eval mode: float32 (N, D) on the CPU, in input order.
+    """Features of uint8 (N, 3, H, W) images from the frozen encoder in eval mode: float32 (N, D) on the CPU, in
+    input order.
 
     Un-augmented images, scaled to [0, 1] and normalised with meta's mean / std as in pretraining; eval mode makes
     BatchNorm use its running statistics, so a row does not depend on the batch it was in. bf16 autocast on CUDA.
@@ -339,7 +346,8 @@ def finetune(
     _positive(epochs=epochs, batch_size=batch_size, lr=lr, encoder_lr_scale=encoder_lr_scale)
     if len(train_images) < 2:
         raise InputError(
-            "fine-tuning needs at least 2 labelled train images (BatchNorm trains on batch statistics); use a larger label fraction"
+            "fine-tuning needs at least 2 labelled train images (BatchNorm trains on batch statistics); "
+            "use a larger label fraction"
         )
     t0 = time.perf_counter()
     model = copy.deepcopy(encoder).to(device)

@@ -88,7 +88,10 @@ class _Inputs:
         if kind == "confusion":
             path = self.results
             if path is None:
-                return "confusion needs a linear-eval result: --results FILE.json or --run DIR holding linear_eval.json (crlf linear-eval writes it)"
+                return (
+                    "confusion needs a linear-eval result: --results FILE.json or --run DIR holding linear_eval.json "
+                    "(crlf linear-eval writes it)"
+                )
             return (
                 None
                 if path.is_file()
@@ -118,7 +121,8 @@ class _Inputs:
         return None  # augmentations: the data options (or the run's) are enough
 
     def default_kinds(self) -> list[str]:
-        """With no --kind: everything these inputs allow (run: all figures; otherwise what the inputs were given for)."""
+        """With no --kind: everything these inputs allow (run: all figures; otherwise what the inputs were given
+        for)."""
         s = self.settings
         if self.run is not None:
             kinds = list(ORDER)
@@ -482,12 +486,15 @@ def _write_index(inp: _Inputs, folder: Path, figures: dict[str, dict[str, Any]])
         )
 
     results = {
-        f"{name.replace('_', ' ')} top-1 / top-5": f"{r.get('top1', float('nan')):.2f}% / {r.get('top5', float('nan')):.2f}%"
+        f"{name.replace('_', ' ')} top-1 / top-5": (
+            f"{r.get('top1', float('nan')):.2f}% / {r.get('top5', float('nan')):.2f}%"
+        )
         for name, r in evals.items()
     }
     settings = {k: v for k, v in config.items() if k != "resolved"}
     images = "".join(
-        f'<figure><img src="{esc(Path(f["path"]).name)}" alt="{esc(kind)}"><figcaption>{esc(kind)}</figcaption></figure>'
+        f'<figure><img src="{esc(Path(f["path"]).name)}" alt="{esc(kind)}">'
+        f"<figcaption>{esc(kind)}</figcaption></figure>"
         for kind, f in figures.items()
     )
     page = f"""<!DOCTYPE html>

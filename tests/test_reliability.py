@@ -296,7 +296,7 @@ BAD = [  # (command line, exit code, fragment of the one error line)
     ("pretrain --config {tmp}/bad.toml", 2, "bad.toml"),
     ("pretrain --config {tmp}/unknown.toml", 2, "unknown setting 'learning_rate'"),
     ("pretrain --crop-min-scale 0.9 --crop-max-scale 0.5", 2, "must not exceed"),
-    ("pretrain --out /proc/crlf-run", 2, "cannot create run directory"),
+    ("pretrain --out /proc/crlf-run", 2, "cannot write the run directory"),
     ("extract --ckpt {tmp}/truncated.safetensors --out {tmp}/e.npy", 2, "not a readable safetensors file"),
     ("extract --ckpt {tmp}/foreign.safetensors --out {tmp}/e.npy", 2, "not a crlf checkpoint"),
     ("extract --ckpt {tmp}/r18_as_r34.safetensors --out {tmp}/e.npy", 2, "does not match a resnet34"),

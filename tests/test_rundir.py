@@ -245,3 +245,22 @@ def test_npy_data_takes_its_test_split_from_test_data_dir(tmp_path, trained):
         embeddings.knn_eval(KnnEvalSettings(**common))
     result = embeddings.knn_eval(KnnEvalSettings(test_data_dir=tmp_path / "test.npy", **common))
     assert result["train_size"] == 40 and result["test_size"] == 20
+
+
+def test_a_metrics_line_cut_off_by_a_full_disk_is_taken_back(tmp_path, monkeypatch):
+    run = RunDir(tmp_path)
+    run.append_metrics({"epoch": 1, "loss": 5.0})
+    real_write = os.write
+
+    def half_then_full(fd, data):
+        real_write(fd, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(OSError):
+        run.append_metrics({"epoch": 2, "loss": 4.0})
+    monkeypatch.undo()
+    assert run.read_metrics() == [{"epoch": 1, "loss": 5.0}]
+    with open(run.metrics, "a") as f:  # a line torn by a crash that no truncation could take back
+        f.write('{"epoch": 2, "lo')
+    assert run.read_metrics() == [{"epoch": 1, "loss": 5.0}]

@@ -71,12 +71,22 @@ def open_no_follow(path: Path, flags: int = os.O_WRONLY | os.O_APPEND | os.O_CRE
 
 
 def append_line(path: Path, line: str) -> None:
-    """Append one line and fsync it (never through a link)."""
+    """Append one line and fsync it (never through a link); a write that fails half way (full disk) is cut off
+    again, so the file never ends in a torn line."""
     fd = open_no_follow(path)
-    with os.fdopen(fd, "a", encoding="utf-8") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        size = os.fstat(fd).st_size
+        data = line.encode()
+        try:
+            while data:
+                data = data[os.write(fd, data) :]
+            os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
 
 
 def sha256(path: Path) -> str:

@@ -196,7 +196,14 @@ class RunDir:
         """The per-epoch records of metrics.jsonl ([] when there are none)."""
         if not self.metrics.is_file():
             return []
-        return [json.loads(line) for line in self.metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = self.metrics.read_text(encoding="utf-8", errors="replace")
+        if text and not text.endswith("\n"):  # a line torn by a crash: its epoch is re-run on resume
+            log.warning("ignoring the incomplete last line of %s", self.metrics)
+            text = text[: text.rfind("\n") + 1]
+        try:
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        except ValueError as e:
+            raise InputError(f"{self.metrics} is damaged ({e}); use --force to start over") from None
 
     def truncate_metrics(self, epoch: int) -> None:
         """Drop records after `epoch` (written after the checkpoint a resume starts from), atomically."""

@@ -14,7 +14,6 @@ import math
 import platform
 import shlex
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -261,22 +260,24 @@ def run_record(
 
 
 def git_commit() -> str | None:
-    """The commit of crlf's own source when it runs from a git checkout (an editable install), else None."""
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"],
-            capture_output=True, text=True, timeout=5, check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = out.stdout.strip()
-    if out.returncode or not commit:
-        return None
-    dirty = subprocess.run(
-        ["git", "-C", str(Path(__file__).parent), "status", "--porcelain", "--untracked-files=no"],
-        capture_output=True, text=True, timeout=5, check=False,
-    )
-    return commit + ("-dirty" if dirty.stdout.strip() else "")
+    """The commit of crlf's own source when it runs from a git checkout (an editable install), else None. Read from
+    .git's files: crlf runs no programs."""
+    for folder in Path(__file__).resolve().parents:
+        git = folder / ".git"
+        if not git.is_dir():
+            continue
+        try:
+            head = (git / "HEAD").read_text().strip()
+            if not head.startswith("ref: "):
+                return head  # a detached HEAD is the commit itself
+            ref = head.removeprefix("ref: ")
+            if (git / ref).is_file():
+                return (git / ref).read_text().strip()
+            packed = (git / "packed-refs").read_text().splitlines() if (git / "packed-refs").is_file() else []
+            return next((line.split()[0] for line in packed if line.endswith(" " + ref)), None)
+        except OSError:
+            return None
+    return None
 
 
 def _restore(run: RunDir, s: _Setup, world: distributed.World) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -19,7 +19,8 @@ CROP_TOL = 1e-4  # resampling: our affine grid and torchvision's resize compute 
 
 
 def _images(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
-    """Float (B, 3, H, W) in [0, 1]: the top half continuous, the bottom half on 5 levels (channel ties, gray pixels, 0 and 1)."""
+    """Float (B, 3, H, W) in [0, 1]: the top half continuous, the bottom half on 5 levels (channel ties, gray pixels,
+    0 and 1)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(b, 3, h, w, generator=g)
     x[:, :, h // 2 :] = torch.randint(0, 5, (b, 3, h - h // 2, w), generator=g) / 4
@@ -63,7 +64,7 @@ def test_grayscale_solarize_and_blur_match_torchvision():
     assert _max_err(A.gaussian_blur(x, _t(sigmas), 5), expected) <= COLOUR_TOL
 
 
-# --- geometry against torchvision ---------------------------------------------------------------------------------------
+# --- geometry against torchvision ----------------------------------------------------------------------------
 
 
 def _tv_crops(x, boxes, out, flips=None):
@@ -99,7 +100,8 @@ def test_resized_crop_matches_torchvision_inside_the_box():
 
 
 def test_resized_crop_and_flip_match_torchvision_everywhere_at_image_edges_and_equal_size():
-    """Full-image boxes (upscaled: the clamp at the image edge is border padding) and same-size boxes (pixel centres)."""
+    """Full-image boxes (upscaled: the clamp at the image edge is border padding) and same-size boxes (pixel
+    centres)."""
     x = _images(4, 24, 20)
     flips = [True, False, True, False]
     full = [(0, 0, 24, 20)] * 4
@@ -138,14 +140,14 @@ def test_rotation_matches_torchvision_inside_the_image():
     )  # the 45 degree corner comes from outside the image: zero, like torchvision
 
 
-# --- apply: the whole pipeline, composed in the documented order -------------------------------------------------------
+# --- apply: the whole pipeline, composed in the documented order ---------------------------------------------
 
 
 def _params(n, h, w, **over):
-    p = dict(top=torch.zeros(n), left=torch.zeros(n), height=torch.full((n,), float(h)), width=torch.full((n,), float(w)),
-             flip=torch.zeros(n, dtype=torch.bool), angle=None, jitter=None, brightness=torch.ones(n), contrast=torch.ones(n),
-             saturation=torch.ones(n), hue=torch.zeros(n), grayscale=None, blur=None, blur_sigma=torch.ones(n),
-             solarize=None, noise_std=None)  # fmt: skip
+    p = dict(top=torch.zeros(n), left=torch.zeros(n), height=torch.full((n,), float(h)),
+             width=torch.full((n,), float(w)), flip=torch.zeros(n, dtype=torch.bool), angle=None, jitter=None,
+             brightness=torch.ones(n), contrast=torch.ones(n), saturation=torch.ones(n), hue=torch.zeros(n),
+             grayscale=None, blur=None, blur_sigma=torch.ones(n), solarize=None, noise_std=None)  # fmt: skip
     return A.AugmentParams(**{**p, **over})
 
 
@@ -159,7 +161,8 @@ def test_apply_composes_the_ops_in_order_with_masks():
     b, c, s = _t([1.3, 0.5, 0.7, 1.0]), _t([0.6, 1.4, 1.2, 0.9]), _t([1.5, 0.2, 0.0, 0.8])
     hue, sigma = _t([0.3, -0.2, -0.45, 0.1]), _t([0.5, 1, 1, 1.5])
     params = _params(4, 64, 64, jitter=torch.tensor(jitter), brightness=b, contrast=c, saturation=s, hue=hue,
-                     grayscale=torch.tensor(gray), blur=torch.tensor(blur), blur_sigma=sigma, solarize=torch.tensor(sol))  # fmt: skip
+                     grayscale=torch.tensor(gray), blur=torch.tensor(blur), blur_sigma=sigma,
+                     solarize=torch.tensor(sol))  # fmt: skip
     expected = []
     for i, img in enumerate(images.float() / 255):
         if jitter[i]:
@@ -185,7 +188,7 @@ def test_noise_has_the_configured_std():
     assert abs(noise.std().item() - 0.05) < 0.002 and abs(noise.mean().item()) < 0.002
 
 
-# --- sample_params: frequencies and ranges ------------------------------------------------------------------------------
+# --- sample_params: frequencies and ranges -------------------------------------------------------------------
 
 N = 20_000
 
@@ -228,7 +231,8 @@ def test_crop_boxes_have_uniform_area_and_aspect_in_range(scales):
     assert abs(frac.mean().item() - (lo + hi) / 2) <= 4 * (hi - lo) / math.sqrt(12 * N)  # U(lo, hi)
     log_ratio = torch.log(p.width / p.height)
     assert log_ratio.abs().max() <= math.log(4 / 3) + 1e-5
-    # the whole range is used: ratios beyond [lo, 1/lo] cannot fit a square image with the area kept, so they are clamped there
+    # the whole range is used: ratios beyond [lo, 1/lo] cannot fit a square image with the area kept, so they are
+    # clamped there
     reach = min(math.log(4 / 3), -math.log(lo))
     assert log_ratio.min() < -reach + 0.01 and log_ratio.max() > reach - 0.01
 
@@ -255,7 +259,7 @@ def test_jitter_factors_rotation_and_sigma_ranges(strength, lo, hi, hue):
     assert 0.1 <= p.blur_sigma.min() < 0.11 and 1.99 < p.blur_sigma.max() <= 2.0
 
 
-# --- views: reproducibility, shapes ---------------------------------------------------------------------------------------
+# --- views: reproducibility, shapes ---------------------------------------------------------------------------
 
 CFG = AugmentSettings(blur_p=0.5, rotation=10.0, noise_std=0.02, solarize_p=0.2)
 

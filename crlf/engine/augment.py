@@ -140,6 +140,36 @@ def views(
     return x[:n], x[n:]
 
 
+# Area range of multi-crop's local crops. DINO (ImageNet, 224 px globals, 96 px locals): globals 0.4-1, locals
+# 0.05-0.4; SwAV: 0.14-1 and 0.05-0.14. On 32 px images 0.05-0.4 of the area is a 7-20 px box, resized to 16 px.
+LOCAL_SCALE = (0.05, 0.4)
+
+
+def multi_crop(
+    images: Tensor, cfg: AugmentSettings, generator: torch.Generator, global_size: int | None = None,
+    local_crops: int = 0, local_size: int | None = None, local_scale: tuple[float, float] = LOCAL_SCALE,
+) -> list[Tensor]:  # fmt: skip
+    """Multi-crop (SwAV, DINO): 2 global views, then `local_crops` local views of the uint8 batch, float in [0, 1].
+
+    The global pair is exactly ``views(images, cfg, generator, global_size)`` (crop area from the settings' crop
+    scale); the local views are one more batched pass at `local_size` (default: half the global size) whose crop
+    area fraction is U(local_scale), with every other augmentation as the settings say. Parameters come from the
+    one generator in a fixed order (global pair, then all local crops), so a generator state reproduces the batch.
+    """
+    n, (h, w) = len(images), images.shape[-2:]
+    size = global_size or min(h, w)
+    out = list(views(images, cfg, generator, size))
+    if local_crops > 0:
+        lo, hi = local_scale
+        if not 0 < lo <= hi <= 1:
+            raise InputError(f"local crop scale must satisfy 0 < min <= max <= 1, got {local_scale}")
+        local_cfg = cfg.model_copy(update={"crop_min_scale": lo, "crop_max_scale": hi})
+        params = sample_params(local_crops * n, h, w, local_cfg, generator)
+        x = apply(images.repeat(local_crops, 1, 1, 1), params, local_size or max(1, size // 2), generator)
+        out += list(x.split(n))
+    return out
+
+
 def resized_crop(
     x: Tensor, top: Tensor, left: Tensor, height: Tensor, width: Tensor, out_size: int,
     flip: Tensor | None = None, angle: Tensor | None = None,

@@ -41,12 +41,13 @@ def _sync(device: torch.device) -> None:
 
 def _model_and_step(device: torch.device, compile_: bool, batch: int):
     """The crlf model, optimizer and one training step on normalised float views (the floor's unit of work)."""
+    from crlf.engine import methods
     from crlf.engine.device import autocast, autocast_dtype
-    from crlf.engine.loss import nt_xent
-    from crlf.engine.model import SimCLR, build_backbone, build_head
+    from crlf.engine.model import build_backbone
     from crlf.engine.optim import build_optimizer
+    from crlf.settings import PretrainSettings
 
-    model = SimCLR(build_backbone("resnet18", "cifar"), build_head(512, 2048, 128)).to(device)
+    model = methods.build(PretrainSettings(method="simclr"), build_backbone("resnet18", "cifar"), 512).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, "sgd", 0.06 * batch / 64, 5e-4)
@@ -55,8 +56,7 @@ def _model_and_step(device: torch.device, compile_: bool, batch: int):
 
     def step(x: torch.Tensor) -> torch.Tensor:
         with autocast(device, amp):
-            z = net(x)
-        loss = nt_xent(z[: len(x) // 2], z[len(x) // 2 :], 0.2)
+            loss = net(list(x.chunk(2)))  # the method: projections of both views and NT-Xent
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -31,6 +31,7 @@ from crlf.settings import (
     KnnEvalSettings,
     KnnSettings,
     LinearEvalSettings,
+    MethodSettings,
     ModelSettings,
     OptimSettings,
     PretrainSettings,
@@ -66,6 +67,7 @@ _PANELS = [
     (ModelSettings, "Model"),
     (AugmentSettings, "Augmentation"),
     (OptimSettings, "Optimisation"),
+    (MethodSettings, "Method"),
     (KnnSettings, "kNN"),
     (DeviceSettings, "Device"),
     (RunSettings, "Run directory"),
@@ -276,6 +278,10 @@ def _guarded(quiet: bool, verbose: bool, work: Callable[[], int | None]) -> None
 def _resolved(cls: type, values: dict[str, Any], config: Path | None, print_config: bool, json: bool) -> Any:
     """Resolve the settings; with --print-config print them (TOML, or JSON with --json) and return None."""
     settings = resolve(cls, values, config)
+    if isinstance(settings, PretrainSettings):  # the method's defaults for what was left unset
+        from crlf.engine.methods import resolve as method_defaults
+
+        settings = method_defaults(settings)
     if not print_config:
         return settings
     resolved = {}

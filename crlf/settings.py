@@ -130,14 +130,69 @@ class ModelSettings(BaseModel):
         "auto",
         description="cifar (3x3 conv, no max-pool), imagenet (7x7, stride 2, max-pool); auto: cifar up to 64 px.",
     )
-    head_hidden: int = Field(2048, gt=0, le=MAX_WIDTH, description="Width of the head's hidden layers.")
-    head_out: int = Field(128, gt=0, le=MAX_WIDTH, description="Output size of the projection head.")
-    head_layers: int = Field(2, ge=1, le=4, description="Linear layers in the head (2: SimCLR's MLP).")
+    head_hidden: int | None = Field(
+        None, gt=0, le=MAX_WIDTH, description="Width of the head's hidden layers (default: the method's; simclr 2048)."
+    )
+    head_out: int | None = Field(
+        None, gt=0, le=MAX_WIDTH, description="Output size of the projection head (default: the method's; simclr 128)."
+    )
+    head_layers: int | None = Field(
+        None, ge=1, le=4, description="Linear layers in the head (default: the method's; simclr 2)."
+    )
     head_dropout: float = Field(
         0.0,
         ge=0.0,
         lt=1.0,
         description="Dropout before each linear layer of the head but the first.",
+    )
+
+
+class MethodSettings(BaseModel):
+    """The self-supervised method and its own options; None: the method's default (see --print-config)."""
+
+    model_config = _STRICT
+
+    method: Literal["simclr", "moco", "byol", "simsiam", "barlow", "vicreg", "dino", "swav"] = Field(
+        "simclr", description="simclr, moco, byol, simsiam, barlow, vicreg, dino or swav (the README compares them)."
+    )
+    temperature: float | None = Field(
+        None, gt=0.0, le=100.0, description="Temperature of the loss (simclr 0.2; below 0.07 is often unstable)."
+    )
+    queue_size: int | None = Field(
+        None, ge=0, le=262144, description="moco: queue of negative keys (4096); 0: MoCo v3-style, no queue."
+    )
+    pred_hidden: int | None = Field(
+        None, gt=0, le=MAX_WIDTH, description="byol, simsiam, moco v3-style: predictor hidden width (4096, 512, 4096)."
+    )
+    momentum: float | None = Field(
+        None, ge=0.0, le=1.0, description="Teacher EMA base, raised to 1 by a cosine (dino 0.996, moco, byol 0.99)."
+    )
+    teacher_temperature: float | None = Field(
+        None, gt=0.0, le=100.0, description="dino: teacher temperature after a warm-up from 0.04 (default 0.07)."
+    )
+    prototypes: int | None = Field(
+        None, ge=1, le=262144, description="dino, swav: number of prototypes K (default: dino 4096, swav 3000)."
+    )
+    local_crops: int | None = Field(
+        None, ge=0, le=32, description="dino, swav: local crops per image besides the 2 global ones (default 4)."
+    )
+    local_size: int | None = Field(
+        None, ge=2, le=MAX_IMAGE_SIZE, description="dino, swav: local crop side in pixels, at most the image's (16)."
+    )
+    barlow_lambda: float | None = Field(
+        None, ge=0.0, le=1e3, description="barlow: weight of the off-diagonal (redundancy) term (default 0.0051)."
+    )
+    barlow_scale: float | None = Field(
+        None, gt=0.0, le=1e3, description="barlow: factor on the whole loss (default 0.1 as solo-learn; 1: official)."
+    )
+    vicreg_sim: float | None = Field(
+        None, ge=0.0, le=1e4, description="vicreg: weight of the invariance (MSE) term (default 25)."
+    )
+    vicreg_std: float | None = Field(
+        None, ge=0.0, le=1e4, description="vicreg: weight of the variance (std hinge) term (default 25)."
+    )
+    vicreg_cov: float | None = Field(
+        None, ge=0.0, le=1e4, description="vicreg: weight of the covariance (off-diagonal) term (default 1)."
     )
 
 
@@ -181,8 +236,8 @@ class OptimSettings(BaseModel):
 
     epochs: int = Field(100, ge=1, le=MAX_EPOCHS, description="Passes over the data set.")
     batch_size: int = Field(512, ge=2, le=MAX_BATCH, description="Source images per step (each gives two views).")
-    optimizer: Literal["sgd", "lars", "adam"] = Field(
-        "sgd", description="sgd (momentum 0.9), lars (SimCLR's) or adam (the seeds')."
+    optimizer: Literal["sgd", "lars", "adam"] | None = Field(
+        None, description="sgd (momentum 0.9), lars (SimCLR's) or adam (the seeds'); default: the method's (sgd)."
     )
     lr: float | None = Field(
         None,
@@ -199,9 +254,6 @@ class OptimSettings(BaseModel):
     )
     warmup_epochs: float = Field(1.0, ge=0.0, le=MAX_EPOCHS, description="Linear warm-up in epochs.")
     grad_clip: float = Field(0.0, ge=0.0, description="Clip the gradient norm to this value (0: off).")
-    temperature: float = Field(
-        0.2, gt=0.0, description="NT-Xent temperature (below 0.07 is often unstable)."
-    )
     seed: int = Field(
         0, ge=0, le=MAX_SEED, description="Seed of weights, shuffling and augmentation (same seed, same run on CPU)."
     )
@@ -211,13 +263,14 @@ class OptimSettings(BaseModel):
         """The learning rate actually used: explicit, or the optimizer's default scaled with the batch."""
         if self.lr is not None:
             return self.lr
-        return {"sgd": 0.06 * self.batch_size / 64, "lars": 0.3 * self.batch_size / 256, "adam": 3e-4}[self.optimizer]
+        rule = {"sgd": 0.06 * self.batch_size / 64, "lars": 0.3 * self.batch_size / 256, "adam": 3e-4}
+        return rule[self.optimizer or "sgd"]
 
     @property
     def resolved_weight_decay(self) -> float:
         if self.weight_decay is not None:
             return self.weight_decay
-        return {"sgd": 5e-4, "lars": 1e-6, "adam": 1e-4}[self.optimizer]
+        return {"sgd": 5e-4, "lars": 1e-6, "adam": 1e-4}[self.optimizer or "sgd"]
 
 
 class RunSettings(BaseModel):
@@ -383,6 +436,7 @@ class _CommandSettings(BaseSettings):
 class PretrainSettings(
     KnnSettings,
     RunSettings,
+    MethodSettings,
     OptimSettings,
     AugmentSettings,
     ModelSettings,

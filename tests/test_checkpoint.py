@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import save_file
 from torchvision import models
 
-from crlf import load_encoder
+from crlf import PretrainSettings, load_encoder
+from crlf.engine import methods
 from crlf.engine.checkpoint import (
     atomic_write,
     digest,
@@ -18,7 +19,7 @@ from crlf.engine.checkpoint import (
     save_state,
     save_tensors,
 )
-from crlf.engine.model import SimCLR, build_backbone, build_head
+from crlf.engine.model import build_backbone
 from crlf.engine.optim import build_optimizer
 from crlf.errors import InputError
 
@@ -156,12 +157,12 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
 def test_state_round_trip_continues_identically(tmp_path, optimizer):
     def make():
         torch.manual_seed(0)
-        model = SimCLR(build_backbone("resnet18", "cifar"), build_head(512, 16, 8))
+        model = methods.build(PretrainSettings(head_hidden=16, head_out=8), build_backbone("resnet18", "cifar"), 512)
         return model, build_optimizer(model, optimizer, 0.01, 1e-4)
 
     def step(model, opt, seed):
         torch.manual_seed(seed)
-        loss = model(torch.randn(4, 3, 8, 8)).pow(2).mean()
+        loss = model.head(model.backbone(torch.randn(4, 3, 8, 8))).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -5,7 +5,10 @@ import torch
 from torch import nn
 from torchvision import models
 
-from crlf.engine.model import SimCLR, build_backbone, build_head, feature_dim, resolve_stem
+from crlf import PretrainSettings
+from crlf.engine import methods
+from crlf.engine.loss import nt_xent
+from crlf.engine.model import build_backbone, build_head, feature_dim, resolve_stem
 
 
 @pytest.mark.parametrize("size,stem", [(8, "cifar"), (32, "cifar"), (64, "cifar"), (65, "imagenet"), (96, "imagenet")])
@@ -49,6 +52,8 @@ def test_head_shapes_and_dropout():
     assert build_head(512, 2048, 128, layers=1)(torch.randn(2, 512)).shape == (2, 128)
 
 
-def test_simclr_forward():
-    model = SimCLR(build_backbone("resnet18", "cifar"), build_head(512, 32, 16))
-    assert model(torch.randn(4, 3, 16, 16)).shape == (4, 16)
+def test_simclr_forward_is_the_loss_of_its_projections():
+    model = methods.build(PretrainSettings(head_hidden=32, head_out=16), build_backbone("resnet18", "cifar"), 512)
+    x1, x2 = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    z = model.head(model.backbone(torch.cat([x1, x2])))
+    assert z.shape == (8, 16) and torch.allclose(model([x1, x2]), nt_xent(z[:4], z[4:], 0.2))

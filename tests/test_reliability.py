@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from crlf import PretrainSettings, pretrain
-from crlf.engine import checkpoint, train
+from crlf.engine import checkpoint, methods, train
 from crlf.engine.checkpoint import load_encoder, load_state, read_tensors
-from crlf.engine.model import SimCLR, build_backbone, build_head
+from crlf.engine.model import build_backbone
 from crlf.engine.optim import build_optimizer
 from crlf.engine.rundir import RunDir
 from crlf.errors import InputError, RunError
@@ -117,7 +117,8 @@ def test_sigkill_at_named_points_then_resume_is_exact(tmp_path, reference_run):
 
 
 def _fresh_model_and_optimizer():
-    model = SimCLR(build_backbone("resnet18", "cifar"), build_head(512, 32, 16, 2, 0.1))  # the reference run's
+    settings = PretrainSettings(head_hidden=32, head_out=16, head_dropout=0.1)  # the reference run's
+    model = methods.build(settings, build_backbone("resnet18", "cifar"), 512)
     return model, build_optimizer(model, "sgd", 0.1, 5e-4)
 
 

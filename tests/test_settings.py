@@ -30,7 +30,10 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_defaults():
-    s = resolve(PretrainSettings, {})
+    from crlf.engine.methods import resolve as method_defaults
+
+    assert resolve(PretrainSettings, {}).optimizer is None  # the method's choice
+    s = method_defaults(resolve(PretrainSettings, {}))
     assert (s.data, s.epochs, s.batch_size, s.device, s.optimizer, s.arch) == (
         "digits",
         100,

@@ -74,7 +74,10 @@ def leave(world: World) -> None:
 
 
 def gather(z: torch.Tensor) -> torch.Tensor:
-    """Every process's rows, in rank order, with gradients flowing back to the process that made them."""
+    """Every process's rows, in rank order, with gradients flowing back to the process that made them (the rows
+    themselves in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return z
     return torch.cat(dist_nn.all_gather(z), dim=0)
 
 

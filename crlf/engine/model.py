@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torchvision import models
 
@@ -52,15 +51,3 @@ def build_head(in_dim: int, hidden: int, out: int, layers: int = 2, dropout: flo
         blocks.append(nn.Dropout(dropout))
     blocks.append(nn.Linear(dim, out))
     return nn.Sequential(*blocks)
-
-
-class SimCLR(nn.Module):
-    """Backbone + projection head; forward(x) returns the projections z the loss compares."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))

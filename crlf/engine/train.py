@@ -25,12 +25,11 @@ from typing import Any, Protocol
 import torch
 
 from crlf import __version__
-from crlf.engine import augment, data, distributed, evaluate
+from crlf.engine import data, distributed, evaluate, methods
 from crlf.engine.checkpoint import encoder_metadata, load_state, save_encoder, save_state
 from crlf.engine.device import autocast, autocast_dtype, make_generator, seed_everything
 from crlf.engine.files import atomic_write
-from crlf.engine.loss import nt_xent
-from crlf.engine.model import SimCLR, build_backbone, build_head, feature_dim, resolve_stem
+from crlf.engine.model import build_backbone, feature_dim, resolve_stem
 from crlf.engine.optim import Plateau, build_optimizer, lr_at
 from crlf.engine.rundir import RunDir
 from crlf.engine.signals import StopFlag
@@ -46,12 +45,16 @@ IDENTITY_KEYS = (
     "split",
     "image_size",
     "limit",
+    "method",
     "arch",
     "stem",
     "head_hidden",
     "head_out",
     "head_layers",
     "head_dropout",
+    "queue_size",
+    "pred_hidden",
+    "prototypes",
     "batch_size",
     "optimizer",
     "seed",
@@ -92,7 +95,7 @@ class _Monitor:
 class _Setup:
     """Everything built once before the first step."""
 
-    model: torch.nn.Module
+    model: methods.Method
     step_model: torch.nn.Module  # the model, compiled when asked
     optimizer: torch.optim.Optimizer
     images: torch.Tensor  # uint8 (N, 3, H, W), on the device when it fits
@@ -120,6 +123,7 @@ def pretrain(
     force: discard whatever run the directory holds and start over;
     hard_abort: a second SIGINT ends the process at once, even inside a long native op (the CLI's choice).
     """
+    settings = methods.resolve(settings)  # the method's defaults for what was left unset
     world = distributed.join(settings.device)
     logger, level = logging.getLogger("crlf"), logging.getLogger("crlf").level
     if not world.main:
@@ -334,16 +338,7 @@ def _build(settings: PretrainSettings, world: distributed.World) -> _Setup:
     size = images.images.shape[-1]
     stem = resolve_stem(settings.stem, size)
     seed_everything(settings.seed)
-    model = SimCLR(
-        build_backbone(settings.arch, stem),
-        build_head(
-            feature_dim(settings.arch),
-            settings.head_hidden,
-            settings.head_out,
-            settings.head_layers,
-            settings.head_dropout,
-        ),
-    )
+    model = methods.build(settings, build_backbone(settings.arch, stem), feature_dim(settings.arch))
     mean, std = channel_stats(images.images)
     model = model.to(device)
     if settings.sync_bn and world.active:
@@ -472,7 +467,7 @@ def _loop(
             rows = step * bsz + world.rank * share
             batch = s.images[perm[rows : rows + share]].to(s.device, non_blocking=True)
             try:
-                loss_sum += _step(settings, s, batch, gen)
+                loss_sum += _step(settings, s, batch, gen, epoch * steps + step + 1, total_steps)
             except RuntimeError as e:
                 if (
                     not isinstance(e, torch.cuda.OutOfMemoryError)
@@ -499,7 +494,7 @@ def _loop(
                     "plateau": plateau.state(),
                     "world_size": world.world_size,
                 }
-                if not _healthy(s):
+                if _probe(s) is None:
                     raise _diverged(f"the encoder diverged in epoch {epoch + 1}", epoch, run)
                 states = distributed.gather_states(_get_rng(gen, s.device), world)
                 if world.main:
@@ -515,7 +510,8 @@ def _loop(
         seconds = before + time.perf_counter() - t0
         if not math.isfinite(loss):
             raise _diverged(f"loss became {loss} in epoch {epoch + 1}", epoch, run)
-        if not _healthy(s):  # BatchNorm in train mode can keep the loss finite while the encoder itself is broken
+        spread = _probe(s)
+        if spread is None:  # BatchNorm in train mode can keep the loss finite while the encoder itself is broken
             raise _diverged(f"the encoder diverged in epoch {epoch + 1}: its eval-mode embeddings of a fixed probe "
                             f"batch are NaN or infinite (training loss {loss:.4g})", epoch, run)
         if settings.schedule == "plateau":
@@ -526,8 +522,12 @@ def _loop(
             "lr": lr,
             "images_per_s": round(steps * bsz / seconds, 1),
             "seconds": round(seconds, 3),
+            "embedding_std": round(spread, 5),
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        if spread < 1e-4:
+            log.warning("the embeddings have collapsed (std %.2g across a probe batch): every image maps to the "
+                        "same point; try a lower --lr or another method's defaults", spread)
         if s.monitor is not None and ((epoch + 1) % settings.knn_every == 0 or epoch + 1 == settings.epochs):
             metrics.update(_knn(settings, s, s.monitor))
         if world.main:
@@ -565,16 +565,20 @@ def _loop(
     return {**summary, "rank": world.rank, "world_size": world.world_size} if world.active else summary
 
 
-def _healthy(s: _Setup) -> bool:
-    """Whether the backbone in eval mode (as extract will use it) gives finite embeddings of the first 32 images:
-    checked before every checkpoint is written, so the one kept after a divergence is a good one. Draws no random
-    numbers and changes no buffers (resume stays exact); every process checks the same weights."""
+def _probe(s: _Setup) -> float | None:
+    """The backbone in eval mode (as extract will use it) on the first 64 images: None when an embedding is NaN or
+    infinite, else the std across the batch of the L2-normalised embeddings, averaged over dimensions (a collapse
+    indicator: 0 when every image maps to one point, about 1/sqrt(dim) when they spread). Checked before every
+    checkpoint is written, so the one kept after a divergence is a good one. Draws no random numbers and changes no
+    buffers (resume stays exact); every process checks the same weights."""
     was_training = s.model.training
     s.model.eval()
     try:
         with torch.no_grad(), autocast(s.device, s.amp):
-            out = s.model.backbone((s.images[:32].to(s.device).float() / 255 - s.mean) / s.std)
-        return bool(torch.isfinite(out).all())
+            out = s.model.backbone((s.images[:64].to(s.device).float() / 255 - s.mean) / s.std).float()
+        if not bool(torch.isfinite(out).all()):
+            return None
+        return float(torch.nn.functional.normalize(out, dim=1).std(dim=0).mean())
     finally:
         s.model.train(was_training)
 
@@ -620,23 +624,23 @@ def _set_rng(gen: torch.Generator, states: dict[str, torch.Tensor], device: torc
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
-def _step(settings: PretrainSettings, s: _Setup, batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """One optimisation step on a uint8 batch; returns the loss as a device tensor (no host sync)."""
-    v1, v2 = augment.views(batch, settings, gen)
-    x = (torch.cat([v1, v2]) - s.mean) / s.std  # (2B, 3, H, W)
+def _step(
+    settings: PretrainSettings, s: _Setup, batch: torch.Tensor, gen: torch.Generator, step: int, total_steps: int
+) -> torch.Tensor:
+    """One optimisation step on a uint8 batch (`step` counts from 1 over the run); returns the loss as a device
+    tensor (no host sync)."""
+    views = s.model.views(batch, settings, gen)  # the method's recipe, float in [0, 1]
+    views = [(v - s.mean) / s.std for v in views]
     if s.device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     with autocast(s.device, s.amp):
-        z = s.step_model(x)
-    z1, z2 = z[: len(batch)], z[len(batch) :]
-    if s.world.active:  # every process's embeddings, with gradients: the loss of the global batch
-        z1, z2 = distributed.gather(z1), distributed.gather(z2)
-    loss = nt_xent(z1, z2, settings.temperature)
+        loss = s.step_model(views)  # the loss of the global batch
     s.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if settings.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(s.model.parameters(), settings.grad_clip)
     s.optimizer.step()
+    s.model.after_step(step, total_steps)
     return loss.detach()
 
 

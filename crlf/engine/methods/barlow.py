@@ -65,7 +65,8 @@ class BarlowTwins(Method):
     """Backbone + 3-layer projector; redundancy reduction on the cross-correlation matrix of the two views."""
 
     name = "barlow"
-    defaults = {"head_hidden": 2048, "head_out": 2048, "head_layers": 3, "barlow_lambda": 0.0051, "barlow_scale": 0.1}
+    defaults = {"head_hidden": 2048, "head_out": 2048, "head_layers": 3, "barlow_lambda": 0.0051, "barlow_scale": 0.1,
+                "optimizer": "lars"}  # fmt: skip
 
     def __init__(self, backbone: torch.nn.Module, feature_dim: int, settings: PretrainSettings):
         super().__init__(backbone, feature_dim, settings)

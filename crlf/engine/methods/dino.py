@@ -89,6 +89,7 @@ class DINO(Method):
     defaults = {
         "head_hidden": 2048,
         "head_out": 256,  # the bottleneck
+        "head_layers": 3,  # always 3 (shown by --print-config; the option does not apply)
         "prototypes": 4096,  # solo-learn's CIFAR value; official ImageNet 65536
         "temperature": 0.1,  # the student's
         "teacher_temperature": 0.07,

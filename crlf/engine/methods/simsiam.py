@@ -33,7 +33,7 @@ class SimSiam(Method):
     """Backbone + 3-layer projector + bottleneck predictor; symmetric negative cosine with stop-gradient."""
 
     name = "simsiam"
-    defaults = {"head_hidden": 2048, "head_out": 2048, "pred_hidden": 512}
+    defaults = {"head_hidden": 2048, "head_out": 2048, "head_layers": 3, "pred_hidden": 512}  # always 3 layers
 
     def __init__(self, backbone: nn.Module, feature_dim: int, settings: PretrainSettings):
         super().__init__(backbone, feature_dim, settings)

@@ -65,6 +65,7 @@ class VICReg(Method):
         "head_hidden": 2048,
         "head_out": 2048,
         "head_layers": 3,
+        "optimizer": "lars",  # SGD at the default lr diverged in 4 digits epochs; LARS (solo-learn's) did not
         "vicreg_sim": 25.0,
         "vicreg_std": 25.0,
         "vicreg_cov": 1.0,

@@ -1,0 +1,86 @@
+"""Self-supervised methods behind one interface, and their registry: a new method is one module here.
+
+A method is an ``nn.Module`` that owns everything it trains or keeps besides the backbone: projection heads,
+predictors, momentum teachers, queues, centres. The training loop is method-agnostic:
+
+    views = method.views(batch, settings, generator)   # float views in [0, 1]: its own recipe (2 or multi-crop)
+    loss = method([normalise(v) for v in views])        # the loss of the global batch (gathers across processes)
+    loss.backward(); optimizer.step()
+    method.after_step(step, total_steps)                # teachers, queues, centres: after the optimizer step
+
+``method.backbone`` is the encoder that extract, the evaluations and the kNN monitor use. Everything the method
+keeps lives in its ``state_dict`` (parameters and buffers), so checkpoints and exact resume need nothing more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from crlf.engine import augment
+from crlf.errors import InputError
+from crlf.settings import PretrainSettings
+
+REGISTRY: dict[str, type[Method]] = {}
+_COMMON_DEFAULTS = {"head_layers": 2, "optimizer": "sgd"}  # for the methods that do not set their own
+
+
+class Method(nn.Module):
+    """The interface every method implements (see the module docstring)."""
+
+    name: ClassVar[str]
+    # values for the settings the user left unset (None), tuned for small images; e.g. head sizes, temperature
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, settings: PretrainSettings):
+        super().__init__()
+        self.backbone = backbone
+        self.feature_dim = feature_dim
+
+    def views(self, batch: torch.Tensor, settings: PretrainSettings, gen: torch.Generator) -> list[torch.Tensor]:
+        """The augmented views of a uint8 batch (B, 3, H, W) as float in [0, 1]; default: two SimCLR views."""
+        return list(augment.views(batch, settings, gen))
+
+    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:  # pragma: no cover - the interface
+        raise NotImplementedError
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Called after each optimizer step (`step` counts from 1): momentum teachers, queues, centres."""
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available as ``--method NAME``."""
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def resolve(settings: PretrainSettings) -> PretrainSettings:
+    """The settings with every value left to the method (None) filled from its defaults: what the run uses, what
+    config.json records and what --print-config shows."""
+    cls = REGISTRY.get(settings.method)
+    if cls is None:
+        raise InputError(f"--method {settings.method} is not available in this version of crlf: "
+                         f"choose one of {', '.join(sorted(REGISTRY))}")
+    unset = {k: v for k, v in {**_COMMON_DEFAULTS, **cls.defaults}.items() if getattr(settings, k) is None}
+    return settings.model_copy(update=unset) if unset else settings
+
+
+def build(settings: PretrainSettings, backbone: nn.Module, feature_dim: int) -> Method:
+    """The method named by the (resolved) settings around a freshly built backbone."""
+    settings = resolve(settings)
+    return REGISTRY[settings.method](backbone, feature_dim, settings)
+
+
+@contextlib.contextmanager
+def full_precision(like: torch.Tensor) -> Iterator[None]:
+    """Losses in float32 even inside the step's bf16 autocast (softmaxes over large similarity matrices)."""
+    with torch.autocast(device_type=like.device.type, enabled=False):
+        yield
+
+
+# the methods register themselves on import (after the base class they build on)
+from crlf.engine.methods import barlow, byol, dino, moco, simclr, simsiam, swav, vicreg  # noqa: E402,F401

@@ -164,7 +164,7 @@ def test_a_method_killed_while_saving_resumes_bit_for_bit(tmp_path, name):
     from safetensors.torch import load_file as load
 
     values = dict(method=name, data="digits", limit=32, image_size=8, batch_size=8, epochs=3, head_hidden=16,
-                  head_out=8, prototypes=16, queue_size=16, device="cpu")  # fmt: skip
+                  head_out=8, prototypes=16, queue_size=16, knn_every=3, device="cpu")  # fmt: skip
     pretrain(PretrainSettings(**values, out=tmp_path / "ref"))
     args = [f"--{k.replace('_', '-')}={v}" for k, v in values.items()]
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRLF_")}
@@ -176,3 +176,6 @@ def test_a_method_killed_while_saving_resumes_bit_for_bit(tmp_path, name):
     a, b = load(str(tmp_path / "ref" / "last.safetensors")), load(str(tmp_path / "run" / "last.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(k.startswith("model.teacher") or "queue" in k or "center" in k or "centre" in k for k in a)
+    final = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["knn_top1"] > 10 and "embedding_std" in final  # the kNN monitor works on any method's backbone
+

@@ -64,6 +64,29 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory) -> ReferenceRun:
     return ref
 
 
+class SignalAt:
+    """A reporter that sends this process `sig` after step `step` of epoch `epoch` (1-based), as `kill` would."""
+
+    def __init__(self, epoch: int, step: int, sig: int):
+        self.when, self.sig = (epoch, step), sig
+
+    def on_start(self, info):
+        pass
+
+    def on_step(self, epoch, step, steps, **running):
+        if (epoch + 1, step) == self.when:
+            os.kill(os.getpid(), self.sig)
+
+    def on_epoch(self, metrics):
+        pass
+
+
+@pytest.fixture
+def signal_at() -> type[SignalAt]:
+    """SignalAt(epoch, step, sig): a reporter that stops a run mid-epoch as SIGINT / SIGTERM from outside would."""
+    return SignalAt
+
+
 @pytest.fixture(autouse=True)
 def _crlf_logger_restored():
     """In-process CLI calls route the 'crlf' logger to the console and stop it propagating: put it back after each

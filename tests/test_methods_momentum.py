@@ -259,21 +259,6 @@ def tiny(path, method, **overrides) -> PretrainSettings:
     return PretrainSettings(**values)
 
 
-class SignalAt:
-    """A reporter that sends this process `sig` after step `step` of epoch `epoch` (1-based), as `kill` would."""
-
-    def __init__(self, epoch: int, step: int, sig: int):
-        self.when, self.sig = (epoch, step), sig
-
-    def on_start(self, info):
-        pass
-
-    def on_step(self, epoch, step, steps, **running):
-        if (epoch + 1, step) == self.when:
-            os.kill(os.getpid(), self.sig)
-
-    def on_epoch(self, metrics):
-        pass
 
 
 def weights(path):
@@ -287,7 +272,7 @@ STATE = {"moco": ("teacher_backbone.", "queue", "queue_ptr"), "byol": ("target_b
 
 
 @pytest.mark.parametrize("method", ["moco", "byol", "simsiam"])
-def test_tiny_run_trains_and_resumes_bit_for_bit(tmp_path, method):
+def test_tiny_run_trains_and_resumes_bit_for_bit(tmp_path, method, signal_at):
     full = tiny(tmp_path / "full", method)
     summary = pretrain(full)
     assert summary["status"] == "trained" and math.isfinite(summary["final_loss"])
@@ -301,7 +286,7 @@ def test_tiny_run_trains_and_resumes_bit_for_bit(tmp_path, method):
 
     part = tiny(tmp_path / "part", method)
     with pytest.raises(Interrupted):
-        pretrain(part, SignalAt(epoch=2, step=2, sig=signal.SIGTERM))
+        pretrain(part, signal_at(epoch=2, step=2, sig=signal.SIGTERM))
     progress = RunDir(part.out).progress()
     assert (progress["epoch"], progress["step"]) == (1, 2)
     pretrain(part, resume=True)

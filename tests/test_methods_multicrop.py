@@ -290,25 +290,10 @@ def weights(path):
     return load_file(str(path))
 
 
-class SignalAt:
-    """Sends this process `sig` after step `step` of epoch `epoch` (1-based), as `kill` would."""
-
-    def __init__(self, epoch, step, sig):
-        self.when, self.sig = (epoch, step), sig
-
-    def on_start(self, info):
-        pass
-
-    def on_step(self, epoch, step, steps, **running):
-        if (epoch + 1, step) == self.when:
-            os.kill(os.getpid(), self.sig)
-
-    def on_epoch(self, metrics):
-        pass
 
 
 @pytest.mark.parametrize("method", ["dino", "swav"])
-def test_tiny_pretrain_runs_and_resumes_exactly_after_a_mid_epoch_signal(tmp_path, method):
+def test_tiny_pretrain_runs_and_resumes_exactly_after_a_mid_epoch_signal(tmp_path, method, signal_at):
     full = run_settings(tmp_path, method, "full")
     summary = pretrain(full)
     losses = [m["loss"] for m in RunDir(full.out).read_metrics()]
@@ -323,7 +308,7 @@ def test_tiny_pretrain_runs_and_resumes_exactly_after_a_mid_epoch_signal(tmp_pat
 
     part = run_settings(tmp_path, method, "part")
     with pytest.raises(Interrupted):
-        pretrain(part, SignalAt(epoch=2, step=1, sig=signal.SIGTERM))
+        pretrain(part, signal_at(epoch=2, step=1, sig=signal.SIGTERM))
     assert (RunDir(part.out).progress()["epoch"], RunDir(part.out).progress()["step"]) == (1, 1)
     pretrain(part, resume=True)
     a, b = weights(full.out / "last.safetensors"), weights(part.out / "last.safetensors")

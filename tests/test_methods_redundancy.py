@@ -300,29 +300,16 @@ def test_tiny_pretrain_runs_and_its_encoder_loads(full_runs, name):
     assert feats.shape == (3, 512) and torch.isfinite(feats).all()
 
 
-class SignalAt:
-    def __init__(self, epoch: int, step: int, sig: int):
-        self.when, self.sig = (epoch, step), sig
-
-    def on_start(self, info):
-        pass
-
-    def on_step(self, epoch, step, steps, **running):
-        if (epoch + 1, step) == self.when:
-            os.kill(os.getpid(), self.sig)
-
-    def on_epoch(self, metrics):
-        pass
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_signal_mid_epoch_and_resume_is_exact(full_runs, tmp_path, name):
+def test_signal_mid_epoch_and_resume_is_exact(full_runs, tmp_path, name, signal_at):
     from safetensors.torch import load_file
 
     full, _ = full_runs[name]
     part = tiny(tmp_path / "part", name)
     with pytest.raises(Interrupted):
-        pretrain(part, SignalAt(epoch=2, step=2, sig=signal.SIGTERM))
+        pretrain(part, signal_at(epoch=2, step=2, sig=signal.SIGTERM))
     progress = RunDir(part.out).progress()
     assert (progress["epoch"], progress["step"]) == (1, 2)
     pretrain(part, resume=True)

@@ -104,30 +104,15 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, optimizer, sche
     assert strip(RunDir(full.out).read_metrics()) == strip(RunDir(part.out).read_metrics())
 
 
-class SignalAt:
-    """A reporter that sends this process `sig` after step `step` of epoch `epoch` (1-based), as `kill` would."""
-
-    def __init__(self, epoch: int, step: int, sig: int):
-        self.when, self.sig = (epoch, step), sig
-
-    def on_start(self, info):
-        pass
-
-    def on_step(self, epoch, step, steps, **running):
-        if (epoch + 1, step) == self.when:
-            os.kill(os.getpid(), self.sig)
-
-    def on_epoch(self, metrics):
-        pass
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_mid_epoch_saves_and_resume_is_exact(tmp_path, reference_run, sig, code):
+def test_signal_mid_epoch_saves_and_resume_is_exact(tmp_path, reference_run, sig, code, signal_at):
     full = RunDir(reference_run.path)  # the same settings, uninterrupted (head dropout: torch's RNG state matters)
     part = reference_run.settings(tmp_path / "part")
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # SIG_IGN under nohup & co.
     with pytest.raises(Interrupted) as info:
-        pretrain(part, SignalAt(epoch=2, step=2, sig=sig))
+        pretrain(part, signal_at(epoch=2, step=2, sig=sig))
     assert info.value.exit_code == code and "--resume" in str(info.value)
     assert {s: signal.getsignal(s) for s in handlers} == handlers  # the handlers from before are back
     progress = RunDir(part.out).progress()

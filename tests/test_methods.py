@@ -135,8 +135,8 @@ def test_every_method_on_two_processes_equals_one_process_on_the_whole_batch(tmp
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "step")
-    # fork, not spawn: the children need no fresh interpreter importing torch
-    mp.start_processes(_two_process_steps, args=(2, port, out), nprocs=2, join=True, start_method="fork")
+    # spawn, not fork: a forked child of a process whose OpenMP threads have run can hang in its first parallel op
+    mp.start_processes(_two_process_steps, args=(2, port, out), nprocs=2, join=True, start_method="spawn")
     r0, r1 = load_file(f"{out}.0"), load_file(f"{out}.1")
     for name in methods.REGISTRY:
         method, settings = _tiny(name)

@@ -44,7 +44,8 @@ from crlf.settings import (
 
 app = typer.Typer(
     name="crlf",
-    help="Contrastive Representation Learning Framework: self-supervised image encoders (SimCLR).",
+    help="Contrastive Representation Learning Framework: self-supervised image encoders (SimCLR, MoCo, BYOL, "
+    "SimSiam, Barlow Twins, VICReg, DINO, SwAV).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -131,10 +132,12 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[
-        bool, typer.Option("--version", is_eager=True, callback=_version, help="Print the version and exit.")
+        bool,
+        typer.Option("--version", is_eager=True, callback=_version, metavar="", help="Print the version and exit."),
     ] = False,
+    help_: HelpOpt = False,
 ) -> None:
-    """Contrastive Representation Learning Framework: self-supervised image encoders (SimCLR)."""
+    """Contrastive Representation Learning Framework: self-supervised image encoders."""
 
 
 def _panel(model: type[BaseModel], name: str) -> str:
@@ -348,7 +351,7 @@ settings_command(
     "pretrain",
     PretrainSettings,
     _pretrain,
-    "Pretrain an image encoder without labels (SimCLR) and write a run directory.",
+    "Pretrain an image encoder without labels (--method: simclr, moco, byol, ...) and write a run directory.",
 )
 
 

@@ -117,7 +117,7 @@ def pretrain(
     force: bool = False,
     hard_abort: bool = False,
 ) -> dict[str, Any]:
-    """Train an encoder with SimCLR as `settings` say, writing the run directory; returns a summary dict.
+    """Train an encoder with the method `settings` name, writing the run directory; returns a summary dict.
 
     resume: continue from last.safetensors when there is one (a no-op when the run is complete);
     force: discard whatever run the directory holds and start over;

@@ -15,13 +15,13 @@ keeps lives in its ``state_dict`` (parameters and buffers), so checkpoints and e
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from crlf.engine import augment
+from crlf.engine import augment, distributed
 from crlf.errors import InputError
 from crlf.settings import PretrainSettings
 
@@ -73,6 +73,31 @@ def build(settings: PretrainSettings, backbone: nn.Module, feature_dim: int) -> 
     """The method named by the (resolved) settings around a freshly built backbone."""
     settings = resolve(settings)
     return REGISTRY[settings.method](backbone, feature_dim, settings)
+
+
+def pair(net: Callable[[torch.Tensor], torch.Tensor], views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`net` over both views in one pass, each half gathered over every process with its gradients: the outputs
+    of the global batch, view by view."""
+    z1, z2 = net(torch.cat(views)).chunk(2)  # (B, D) each
+    return distributed.gather(z1), distributed.gather(z2)
+
+
+def per_crop_size(net: Callable[[torch.Tensor], torch.Tensor], views: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`net` over every view, one batched pass per run of same-size views (the global crops, then the local ones,
+    as the official MultiCropWrapper does); one output per view, not yet gathered."""
+    runs: list[list[torch.Tensor]] = []
+    for v in views:
+        if runs and runs[-1][0].shape[-2:] == v.shape[-2:]:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    return [out for run in runs for out in net(torch.cat(run)).split(len(views[0]))]
+
+
+def multi_crop_views(batch: torch.Tensor, settings: PretrainSettings, gen: torch.Generator) -> list[torch.Tensor]:
+    """The multi-crop recipe (DINO, SwAV): 2 global views at the images' size, then `local_crops` small ones."""
+    size = min(batch.shape[-2:])
+    return augment.multi_crop(batch, settings, gen, size, settings.local_crops, min(settings.local_size, size))
 
 
 @contextlib.contextmanager

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crlf.engine import augment, distributed
-from crlf.engine.methods import Method, full_precision, register
+from crlf.engine import distributed
+from crlf.engine.methods import Method, full_precision, multi_crop_views, per_crop_size, register
 from crlf.engine.methods.teacher import ema_, frozen_copy, momentum_at
 from crlf.settings import PretrainSettings
 
@@ -112,17 +112,13 @@ class DINO(Method):
         self.final_teacher_temp = settings.teacher_temperature
         self.base_momentum = settings.momentum
         self.epochs = settings.epochs
-        self.local_crops, self.local_size = settings.local_crops, settings.local_size
 
     def views(self, batch: torch.Tensor, settings: PretrainSettings, gen: torch.Generator) -> list[torch.Tensor]:
-        size = min(batch.shape[-2:])
-        return augment.multi_crop(batch, settings, gen, size, self.local_crops, min(self.local_size, size))
+        return multi_crop_views(batch, settings, gen)
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
         n = len(views[0])
-        student = []
-        for group in _same_size_runs(views):  # one pass per crop size, as the official MultiCropWrapper
-            student += self.head(self.backbone(torch.cat(group))).split(n)
+        student = per_crop_size(lambda x: self.head(self.backbone(x)), views)
         with torch.no_grad():
             teacher = self.teacher_head(self.teacher_backbone(torch.cat(views[:2]))).split(n)
         student = [distributed.gather(s) for s in student]  # the loss of the global batch, with gradients
@@ -142,14 +138,3 @@ class DINO(Method):
         ema_(self.teacher_backbone, self.backbone, m)
         ema_(self.teacher_head, self.head, m)
         self.teacher_temp.fill_(teacher_temperature(self.final_teacher_temp, step, total_steps, self.epochs))
-
-
-def _same_size_runs(views: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """Consecutive views of the same size, grouped (the global crops, then the local ones)."""
-    runs: list[list[torch.Tensor]] = []
-    for v in views:
-        if runs and runs[-1][0].shape[-2:] == v.shape[-2:]:
-            runs[-1].append(v)
-        else:
-            runs.append([v])
-    return runs

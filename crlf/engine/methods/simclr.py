@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from crlf.engine import distributed
 from crlf.engine.loss import nt_xent
-from crlf.engine.methods import Method, full_precision, register
+from crlf.engine.methods import Method, full_precision, pair, register
 from crlf.engine.model import build_head
 from crlf.settings import PretrainSettings
 
@@ -25,8 +24,6 @@ class SimCLR(Method):
         self.temperature = settings.temperature
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
-        z = self.head(self.backbone(torch.cat(views)))  # one pass over both views: (2B, D)
-        z1, z2 = z.chunk(2)
-        z1, z2 = distributed.gather(z1), distributed.gather(z2)  # the loss of the global batch, with gradients
-        with full_precision(z):
+        z1, z2 = pair(lambda x: self.head(self.backbone(x)), views)  # the global batch, with gradients
+        with full_precision(z1):
             return nt_xent(z1, z2, self.temperature)

@@ -27,9 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crlf.engine import augment, distributed
-from crlf.engine.methods import Method, full_precision, register
-from crlf.engine.methods.dino import _same_size_runs
+from crlf.engine import distributed
+from crlf.engine.methods import Method, full_precision, multi_crop_views, per_crop_size, register
 from crlf.engine.model import build_head
 from crlf.settings import PretrainSettings
 
@@ -86,24 +85,19 @@ class SwAV(Method):
         self.register_buffer("frozen", torch.tensor(True))  # prototypes frozen this step: set by after_step
         self.temperature = settings.temperature
         self.epochs = settings.epochs
-        self.local_crops, self.local_size = settings.local_crops, settings.local_size
         self._normalise_prototypes()
         self._before: torch.Tensor | None = None  # the prototypes before a frozen step (not state: within a step)
 
     def views(self, batch: torch.Tensor, settings: PretrainSettings, gen: torch.Generator) -> list[torch.Tensor]:
-        size = min(batch.shape[-2:])
-        return augment.multi_crop(batch, settings, gen, size, self.local_crops, min(self.local_size, size))
+        return multi_crop_views(batch, settings, gen)
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
-        n = len(views[0])
         w = self.prototypes.weight
         if self.training:
             self._before = w.detach().clone()
         # frozen: zero gradient, but still in the graph (DDP expects every parameter to get one)
         w = torch.where(self.frozen, w.detach() + 0 * w, w)
-        z = []
-        for group in _same_size_runs(views):  # one pass per crop size
-            z += F.normalize(self.head(self.backbone(torch.cat(group))), dim=1).split(n)
+        z = per_crop_size(lambda x: F.normalize(self.head(self.backbone(x)), dim=1), views)
         z = [distributed.gather(x) for x in z]  # the loss of the global batch, with gradients
         with full_precision(z[0]):
             scores = [F.linear(x.float(), w.float()) for x in z]
@@ -111,7 +105,8 @@ class SwAV(Method):
 
     @torch.no_grad()
     def after_step(self, step: int, total_steps: int) -> None:
-        w = F.normalize(self.prototypes.weight, dim=1)
+        self._normalise_prototypes()
+        w = self.prototypes.weight
         if self._before is not None:  # undo the optimizer's step on frozen prototypes (no host sync: a where)
             w = torch.where(self.frozen, self._before, w)
             self._before = None

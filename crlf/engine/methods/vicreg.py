@@ -23,8 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from crlf.engine import distributed
-from crlf.engine.methods import Method, full_precision, register
+from crlf.engine.methods import Method, full_precision, pair, register
 from crlf.engine.methods.barlow import off_diagonal, spread
 from crlf.engine.model import build_head
 from crlf.settings import PretrainSettings
@@ -79,9 +78,7 @@ class VICReg(Method):
         self.last_std: torch.Tensor | None = None  # collapse indicator of the latest forward (see the module doc)
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
-        z = self.head(self.backbone(torch.cat(views)))  # one pass over both views: (2B, D)
-        z1, z2 = z.chunk(2)
-        z1, z2 = distributed.gather(z1), distributed.gather(z2)  # the global batch, with gradients
-        with full_precision(z):
+        z1, z2 = pair(lambda x: self.head(self.backbone(x)), views)  # the global batch, with gradients
+        with full_precision(z1):
             self.last_std = spread(z1, z2)
             return vicreg_loss(z1, z2, *self.coeffs)

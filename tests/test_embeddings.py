@@ -2,15 +2,14 @@
 
 import io
 import json
-import logging
 import os
 import statistics
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from inprocess import run_crlf
 
 import crlf as crlf_api
 from crlf.engine.checkpoint import encoder_metadata, save_encoder
@@ -28,22 +27,7 @@ def _no_crlf_env(monkeypatch):
 
 
 def crlf(*args):
-    """`crlf ARGS` in-process through the real Typer app, as a CompletedProcess with bytes stdout / stderr: a
-    subprocess would add a torch import per call and nothing else (the entry point itself: test_cli.py)."""
-    from typer.testing import CliRunner
-
-    from crlf.cli import app
-
-    logger = logging.getLogger("crlf")
-    handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
-    try:
-        r = CliRunner().invoke(app, [str(a) for a in args])
-    finally:  # the CLI routes crlf's loggers to its stderr console; give them back to pytest
-        logger.handlers[:] = handlers
-        logger.setLevel(level)
-        logger.propagate = propagate
-    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
-    return subprocess.CompletedProcess(args, r.exit_code, r.stdout_bytes, r.stderr_bytes)
+    return run_crlf(*args, binary=True)
 
 
 @pytest.fixture

@@ -5,10 +5,10 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
+from inprocess import run_crlf
 from PIL import Image
 
 from crlf import PretrainSettings, pretrain
@@ -90,22 +90,7 @@ def test_run_draws_every_figure_and_an_index(run_dir):
 
 
 def cli(*args):
-    """`crlf ARGS` in-process through the real Typer app, as a CompletedProcess (a subprocess would only add a torch
-    import; the command as a subprocess: test_cli.py)."""
-    from typer.testing import CliRunner
-
-    from crlf.cli import app
-
-    logger = logging.getLogger("crlf")
-    handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
-    try:
-        r = CliRunner().invoke(app, [str(a) for a in args])
-    finally:  # the CLI routes crlf's loggers to its stderr console; give them back to pytest
-        logger.handlers[:] = handlers
-        logger.setLevel(level)
-        logger.propagate = propagate
-    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
-    return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
+    return run_crlf(*args)
 
 
 def test_cli_embeddings_map_and_loss_overlay(tmp_path, run_dir):
@@ -199,7 +184,6 @@ def test_missing_run_files_exit_2_naming_the_file(tmp_path, monkeypatch):
 
 
 def test_figures_read_well_neighbour_distances_pca_variance_no_timings_short_titles(run_dir, tmp_path, monkeypatch):
-    import logging
     import re
 
     figs = {}

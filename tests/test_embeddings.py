@@ -13,8 +13,9 @@ from inprocess import run_crlf
 
 import crlf as crlf_api
 from crlf.engine.checkpoint import encoder_metadata, save_encoder
-from crlf.engine.embeddings import read_embeddings, sha256
+from crlf.engine.embeddings import read_embeddings
 from crlf.engine.evaluate import knn_classify
+from crlf.engine.files import sha256
 from crlf.engine.model import build_backbone
 from crlf.errors import InputError
 from crlf.settings import DataSettings

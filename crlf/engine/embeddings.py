@@ -25,7 +25,7 @@ from crlf import __version__
 from crlf.engine import data, evaluate
 from crlf.engine.checkpoint import load_encoder
 from crlf.engine.device import select_device
-from crlf.engine.files import atomic_write, check_writable, os_failure, sha256
+from crlf.engine.files import atomic_write, check_writable, os_failure
 from crlf.errors import InputError
 from crlf.settings import (
     DataSettings,
@@ -187,10 +187,11 @@ def read_embeddings(path: Path) -> tuple[torch.Tensor, torch.Tensor | None, list
                 labels = z["labels"] if "labels" in z.files else None
                 names, prov = z["class_names"].tolist(), json.loads(str(z["provenance"]))
         else:
-            x = np.load(path, allow_pickle=False)
+            raw = path.read_bytes()  # read once: the rows and the bytes the sidecar's hash is checked on
+            x = np.load(io.BytesIO(raw), allow_pickle=False)
             side = Path(str(path) + ".json")
             meta = json.loads(side.read_text()) if side.is_file() else {}
-            _check_pair(path, side, meta)
+            _check_pair(raw, path, side, meta)
             labels = None if meta.get("labels") is None else np.asarray(meta["labels"])
             names, prov = meta.get("class_names", []), meta
     except (OSError, ValueError, KeyError) as e:
@@ -221,11 +222,12 @@ def read_embeddings(path: Path) -> tuple[torch.Tensor, torch.Tensor | None, list
     )
 
 
-def _check_pair(npy: Path, side: Path, meta: dict[str, Any]) -> None:
-    """The sidecar must describe this very .npy (size, then hash): else the rows and the labels come from two runs."""
+def _check_pair(raw: bytes, npy: Path, side: Path, meta: dict[str, Any]) -> None:
+    """The sidecar must describe this very .npy (`raw`: its bytes; size, then hash): else the rows and the labels
+    come from two runs."""
     if "npy_sha256" not in meta:
         return  # no sidecar, or one from crlf < 0.2 that did not record its .npy
-    if npy.stat().st_size != meta.get("npy_bytes") or sha256(npy) != meta["npy_sha256"]:
+    if len(raw) != meta.get("npy_bytes") or hashlib.sha256(raw).hexdigest() != meta["npy_sha256"]:
         raise InputError(f"{side} does not describe {npy} (written by another extract, or one that was "
                          f"interrupted): run crlf extract --out {npy} again")
 

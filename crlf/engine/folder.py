@@ -231,14 +231,20 @@ def _decode_folder(base: Path, root: Path, rels: list[str], size: int) -> tuple[
 def _decode(path: Path, size: int) -> np.ndarray:
     """One image file -> uint8 (size, size, 3): RGB, upright, shorter side scaled to size, center-cropped."""
     with Image.open(path, formats=_formats_for(path.suffix.lower())) as im:
-        im.draft(None, (size, size))  # JPEG: decode at a reduced scale that is still >= size
-        if "exif" in im.info or im.format == "TIFF":
-            ImageOps.exif_transpose(im, in_place=True)
-        rgb = _to_rgb(im)
-        w, h = rgb.size
-        side = min(w, h)
-        box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
-        return np.asarray(rgb.resize((size, size), Image.Resampling.BILINEAR, box=box))
+        return square(im, size)
+
+
+def square(im: Image.Image, size: int) -> np.ndarray:
+    """An opened image -> uint8 (size, size, 3) exactly as the folder source decodes files (the Encoder's PIL input
+    goes through here too, so its rows equal extract's)."""
+    im.draft(None, (size, size))  # JPEG: decode at a reduced scale that is still >= size (a no-op for other formats)
+    if "exif" in im.info or im.format == "TIFF":
+        im = ImageOps.exif_transpose(im)
+    rgb = _to_rgb(im)
+    w, h = rgb.size
+    side = min(w, h)
+    box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+    return np.asarray(rgb.resize((size, size), Image.Resampling.BILINEAR, box=box))
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

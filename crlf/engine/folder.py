@@ -12,6 +12,7 @@ import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -230,7 +231,16 @@ def _decode_folder(base: Path, root: Path, rels: list[str], size: int) -> tuple[
 
 def _decode(path: Path, size: int) -> np.ndarray:
     """One image file -> uint8 (size, size, 3): RGB, upright, shorter side scaled to size, center-cropped."""
-    with Image.open(path, formats=_formats_for(path.suffix.lower())) as im:
+    return decode(path, path.suffix, size)
+
+
+def decode(source: Path | BinaryIO, suffix: str, size: int, max_pixels: int | None = None) -> np.ndarray:
+    """An image file or file object (an upload) -> uint8 (size, size, 3), with the folder source's guards: only the
+    Pillow formats its suffix allows (none for a non-image suffix, no EPS), Pillow's decompression-bomb check, and
+    with max_pixels an InputError for an image of more pixels, raised before its pixels are decoded."""
+    with Image.open(source, formats=_formats_for(suffix.lower())) as im:
+        if max_pixels is not None and im.width * im.height > max_pixels:
+            raise InputError(f"the image has {im.width}x{im.height} pixels, more than the {max_pixels:,} allowed")
         return square(im, size)
 
 

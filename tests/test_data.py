@@ -357,8 +357,8 @@ def test_folder_cache_reused_then_invalidated(tiny_folder, tmp_path, monkeypatch
     first = load(settings(**kw))
     assert len(list(cache.glob("*.npz"))) == 1
 
-    real_decode = folder._decode
-    monkeypatch.setattr(folder, "_decode", lambda *a: pytest.fail("decoded although the cache is valid"))
+    real_decode = folder.decode
+    monkeypatch.setattr(folder, "decode", lambda *a: pytest.fail("decoded although the cache is valid"))
     with caplog.at_level(logging.INFO, logger="crlf.engine"):
         again = load(settings(**kw))
     assert "using the cached decode" in caplog.text
@@ -366,7 +366,7 @@ def test_folder_cache_reused_then_invalidated(tiny_folder, tmp_path, monkeypatch
     assert again.ids == first.ids and again.class_names == first.class_names
 
     calls = []
-    monkeypatch.setattr(folder, "_decode", lambda *a: calls.append(a) or real_decode(*a))
+    monkeypatch.setattr(folder, "decode", lambda *a: calls.append(a) or real_decode(*a))
     Image.new("RGB", (20, 20), (1, 2, 3)).save(tiny_folder / "cat" / "new.png")
     changed = load(settings(**kw))
     assert len(changed) == 61 and len(calls) == 61

@@ -82,7 +82,7 @@ def load(settings: DataSettings, split: str | None = None) -> ImageSet:
     if keep is not None:
         images = images.subset(keep)
     if size is not None and tuple(images.images.shape[-2:]) != (size, size):
-        images.images = _resize(images.images, size)
+        images.images = resize(images.images, size)
     return images
 
 
@@ -93,19 +93,22 @@ def pick(n: int, limit: int | None, seed: int = 0) -> torch.Tensor | None:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
 
 
-def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Center-crop to square and resize with antialiased bilinear, in float chunks of ~64 MB."""
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Center-crop to square and resize with antialiased bilinear, in float chunks of ~64 MB; uint8 stays uint8
+    (rounded), float stays float (the Encoder's float input)."""
     n, _, h, w = images.shape
     side = min(h, w)
     src = images[:, :, (h - side) // 2 : (h - side) // 2 + side, (w - side) // 2 : (w - side) // 2 + side]
-    log.info("resizing %s images from %dx%d to %dx%d", f"{n:,}", h, w, size, size)
-    out = torch.empty((n, 3, size, size), dtype=torch.uint8)
+    if n > 1:
+        log.info("resizing %s images from %dx%d to %dx%d", f"{n:,}", h, w, size, size)
+    uint8 = images.dtype == torch.uint8
+    out = torch.empty((n, 3, size, size), dtype=images.dtype if not uint8 else torch.uint8, device=images.device)
     chunk = max(1, 2**24 // (3 * max(side, size) ** 2))
     for i in range(0, n, chunk):
         x = F.interpolate(
             src[i : i + chunk].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
         )
-        out[i : i + chunk] = x.round_().clamp_(0, 255).to(torch.uint8)
+        out[i : i + chunk] = x.round_().clamp_(0, 255).to(torch.uint8) if uint8 else x
     return out
 
 

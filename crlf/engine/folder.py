@@ -194,7 +194,7 @@ def _decode_folder(base: Path, root: Path, rels: list[str], size: int) -> tuple[
 
     def work(i: int) -> str | None:
         try:
-            out[i] = _decode(root / candidates[i], size).transpose(2, 0, 1)
+            out[i] = decode(root / candidates[i], size).transpose(2, 0, 1)
             return None
         except Exception as e:  # one bad file (any decoder error) is skipped and reported, not fatal
             return printable(short_reason(e), backslashes=False)
@@ -229,7 +229,7 @@ def _decode_folder(base: Path, root: Path, rels: list[str], size: int) -> tuple[
     ), skipped
 
 
-def _decode(path: Path, size: int) -> np.ndarray:
+def decode(path: Path, size: int) -> np.ndarray:
     """One image file -> uint8 (size, size, 3): RGB, upright, shorter side scaled to size, center-cropped."""
     return decode(path, path.suffix, size)
 

@@ -231,13 +231,18 @@ def _decode_folder(base: Path, root: Path, rels: list[str], size: int) -> tuple[
 
 def decode(path: Path, size: int) -> np.ndarray:
     """One image file -> uint8 (size, size, 3): RGB, upright, shorter side scaled to size, center-cropped."""
-    return decode(path, path.suffix, size)
+    return decode(path, size)
 
 
-def decode(source: Path | BinaryIO, suffix: str, size: int, max_pixels: int | None = None) -> np.ndarray:
+def decode(
+    source: Path | BinaryIO, size: int, suffix: str | None = None, max_pixels: int | None = None
+) -> np.ndarray:
     """An image file or file object (an upload) -> uint8 (size, size, 3), with the folder source's guards: only the
-    Pillow formats its suffix allows (none for a non-image suffix, no EPS), Pillow's decompression-bomb check, and
-    with max_pixels an InputError for an image of more pixels, raised before its pixels are decoded."""
+    Pillow formats its suffix allows (default: the path's; none for a non-image suffix, no EPS), Pillow's
+    decompression-bomb check, and with max_pixels an InputError for an image of more pixels, raised before its
+    pixels are decoded."""
+    if suffix is None:
+        suffix = Path(source).suffix if isinstance(source, (str, Path)) else ""
     with Image.open(source, formats=_formats_for(suffix.lower())) as im:
         if max_pixels is not None and im.width * im.height > max_pixels:
             raise InputError(f"the image has {im.width}x{im.height} pixels, more than the {max_pixels:,} allowed")

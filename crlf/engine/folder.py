@@ -229,18 +229,13 @@ def _decode_folder(base: Path, root: Path, rels: list[str], size: int) -> tuple[
     ), skipped
 
 
-def decode(path: Path, size: int) -> np.ndarray:
-    """One image file -> uint8 (size, size, 3): RGB, upright, shorter side scaled to size, center-cropped."""
-    return decode(path, size)
-
-
 def decode(
     source: Path | BinaryIO, size: int, suffix: str | None = None, max_pixels: int | None = None
 ) -> np.ndarray:
-    """An image file or file object (an upload) -> uint8 (size, size, 3), with the folder source's guards: only the
-    Pillow formats its suffix allows (default: the path's; none for a non-image suffix, no EPS), Pillow's
-    decompression-bomb check, and with max_pixels an InputError for an image of more pixels, raised before its
-    pixels are decoded."""
+    """One image file or file object (an upload) -> uint8 (size, size, 3): RGB, upright, shorter side scaled to
+    size, center-cropped. The folder source's guards: only the Pillow formats the suffix allows (default: the
+    path's; none for a non-image suffix, no EPS) and Pillow's decompression-bomb check; with max_pixels, an
+    InputError for an image of more pixels, before they are decoded."""
     if suffix is None:
         suffix = Path(source).suffix if isinstance(source, (str, Path)) else ""
     with Image.open(source, formats=_formats_for(suffix.lower())) as im:

@@ -18,6 +18,7 @@ from PIL import Image
 
 from crlf.engine import data, folder
 from crlf.engine.data import ImageSet, load
+from crlf.engine.sources import cache as folder_cache
 from crlf.errors import InputError
 from crlf.settings import DataSettings
 
@@ -355,10 +356,10 @@ def test_folder_cache_reused_then_invalidated(tiny_folder, tmp_path, monkeypatch
     cache = tmp_path / "cache"
     kw = dict(data="folder", data_dir=tiny_folder, image_size=16, cache_dir=cache)
     first = load(settings(**kw))
-    assert len(list(cache.glob("*.npz"))) == 1
+    assert len(list(cache.glob("*.npy"))) == 1
 
     real_decode = folder.decode
-    monkeypatch.setattr(folder, "decode", lambda *a: pytest.fail("decoded although the cache is valid"))
+    monkeypatch.setattr(folder_cache, "decode", lambda *a: pytest.fail("decoded although the cache is valid"))
     with caplog.at_level(logging.INFO, logger="crlf.engine"):
         again = load(settings(**kw))
     assert "using the cached decode" in caplog.text
@@ -366,11 +367,11 @@ def test_folder_cache_reused_then_invalidated(tiny_folder, tmp_path, monkeypatch
     assert again.ids == first.ids and again.class_names == first.class_names
 
     calls = []
-    monkeypatch.setattr(folder, "decode", lambda *a: calls.append(a) or real_decode(*a))
+    monkeypatch.setattr(folder_cache, "decode", lambda *a: calls.append(a) or real_decode(*a))
     Image.new("RGB", (20, 20), (1, 2, 3)).save(tiny_folder / "cat" / "new.png")
     changed = load(settings(**kw))
     assert len(changed) == 61 and len(calls) == 61
-    assert len(list(cache.glob("*.npz"))) == 1  # the stale cache is replaced, not kept
+    assert len(list(cache.glob("*.npy"))) == 1  # the stale cache is replaced, not kept
 
 
 def test_folder_unwritable_cache_warns_and_continues(tiny_folder, tmp_path, caplog):
@@ -424,7 +425,7 @@ def test_folder_undecodable_and_newline_names_are_escaped_in_ids_cache_and_warni
     for attempt in ("decoded", "cached"):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="crlf.engine"):
-            s = folder.load_folder(root, "train", 8, tmp_path / "cache")
+            s = load(settings(data="folder", data_dir=root, image_size=8, cache_dir=tmp_path / "cache"))
         assert len(s) == 6, attempt
         assert "good\\xff.png" in s.ids and "new\\nline.png" in s.ids
         assert json.loads(json.dumps(s.ids, ensure_ascii=False).encode("utf-8")) == s.ids  # JSON sidecars
@@ -534,7 +535,7 @@ def test_folder_scan_survives_an_entry_whose_stat_fails(tmp_path, monkeypatch, c
         def __exit__(self, *exc):
             return self._it.__exit__(*exc)
 
-    monkeypatch.setattr(folder.os, "scandir", Scan)
+    monkeypatch.setattr(os, "scandir", Scan)
     with caplog.at_level(logging.WARNING, logger="crlf.engine"):
         s = load(settings(data="folder", data_dir=root, image_size=8))
     assert s.ids == ["a.png", "b.png"]
@@ -602,15 +603,18 @@ def test_cifar_labels_that_are_not_integers(tiny_cifar_root):
 
 
 def test_folder_cache_with_bad_arrays_is_a_miss(tmp_path, caplog):
-    for arrays in (
-        {"images": np.zeros((2, 3, 0, 8), np.uint8), "labels": np.array([0, 1])},
-        {"images": np.zeros((2, 3, 8, 8), np.uint8), "labels": np.array([0, 20_000_000])},
-        {"images": np.zeros((2, 3, 8, 8), np.float32), "labels": np.array([0, 1])},
+    for images, labels in (
+        (np.zeros((2, 3, 0, 8), np.uint8), [0, 1]),
+        (np.zeros((2, 3, 8, 8), np.uint8), [0, 20_000_000]),
+        (np.zeros((2, 3, 8, 8), np.float32), [0, 1]),
+        (np.zeros((3, 3, 8, 8), np.uint8), [0, 1]),
     ):
-        path = tmp_path / "cache.npz"
-        np.savez(path, **arrays, class_names=np.array(["a", "b"]), ids=np.array(["a/0", "b/0"]), skipped=np.array([]))
+        path = tmp_path / "cache.npy"
+        np.save(path, images)
+        sidecar = {"labels": labels, "class_names": ["a", "b"], "ids": ["a/0", "b/0"], "skipped": []}
+        path.with_suffix(".json").write_text(json.dumps(sidecar))
         with caplog.at_level(logging.WARNING, logger="crlf.engine"):
-            assert folder._read_cache(path, "folder:x") is None
+            assert folder_cache._read_cache(path, "folder:x") is None
         assert "ignoring the unreadable cache" in caplog.text
 
 

@@ -68,11 +68,7 @@ def sample_params(n: int, height: int, width: int, cfg: AugmentSettings, generat
     (u_area, u_ratio, u_top, u_left, u_flip, u_angle, u_jit, u_b, u_c, u_s, u_h, u_gray, u_blur, u_sigma, u_sol) = (
         torch.rand(15, n, generator=generator, device=dev)
     )
-    area = (cfg.crop_min_scale + (cfg.crop_max_scale - cfg.crop_min_scale) * u_area) * (height * width)
-    ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u_ratio)  # w / h
-    w = torch.sqrt(area * ratio).clamp(max=width)  # too wide: full width
-    h = (area / w).clamp(max=height)  # keeps the area if w was clamped; too tall: full height
-    w = area / h  # back to the drawn area (<= width, since area <= height * width)
+    top, left, h, w = crop_box(u_area, u_ratio, u_top, u_left, height, width, cfg.crop_min_scale, cfg.crop_max_scale)
 
     s = cfg.jitter_strength
     lo, hi = max(0.0, 1 - 0.8 * s), 1 + 0.8 * s  # brightness / contrast / saturation range
@@ -82,8 +78,8 @@ def sample_params(n: int, height: int, width: int, cfg: AugmentSettings, generat
         return u < p if p > 0 else None  # a Bernoulli(p) mask; None switches the op off for the batch
 
     return AugmentParams(
-        top=u_top * (height - h),
-        left=u_left * (width - w),
+        top=top,
+        left=left,
         height=h,
         width=w,
         flip=u_flip < cfg.flip_p,
@@ -101,16 +97,70 @@ def sample_params(n: int, height: int, width: int, cfg: AugmentSettings, generat
     )
 
 
-def apply(images: Tensor, params: AugmentParams, out_size: int, generator: torch.Generator | None = None) -> Tensor:
+def crop_box(
+    u_area: Tensor, u_ratio: Tensor, u_top: Tensor, u_left: Tensor, height: float, width: float,
+    min_scale: float | Tensor, max_scale: float | Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """Random resized crop boxes (top, left, height, width) of height x width images from four U[0, 1) draws each
+    (see sample_params); the streaming sources draw their boxes on the full-resolution image with it too."""
+    area = (min_scale + (max_scale - min_scale) * u_area) * (height * width)
+    ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u_ratio)  # w / h
+    w = torch.sqrt(area * ratio).clamp(max=width)  # too wide: full width
+    h = (area / w).clamp(max=height)  # keeps the area if w was clamped; too tall: full height
+    w = area / h  # back to the drawn area (<= width, since area <= height * width)
+    return u_top * (height - h), u_left * (width - w), h, w
+
+
+@dataclass
+class Crops:
+    """Views already cut from the full-resolution images and resized while decoding (the streaming sources): uint8
+    (B, 3, S, S) each, in the recipe's order (2 global views, then the local ones). Augmenting them skips the crop
+    (their box is the whole view) and applies the rest of each view's parameters, batched on the device."""
+
+    views: list[Tensor]
+
+    def __len__(self) -> int:
+        return len(self.views[0])
+
+    @property
+    def shape(self) -> torch.Size:
+        """The shape of the first view, as a batch of source images would have."""
+        return self.views[0].shape
+
+
+def repeat(images: Tensor | Crops, k: int) -> Tensor | Crops:
+    """`k` views' worth of source rows: the batch k times (in memory), or the first k pre-cropped views (Crops)."""
+    if isinstance(images, Crops):
+        if len(images.views) < k:
+            raise InputError(f"the recipe needs {k} views and the data source cut {len(images.views)}")
+        return Crops([torch.cat(images.views[:k])])
+    return torch.cat([images] * k)
+
+
+def apply(
+    images: Tensor | Crops, params: AugmentParams, out_size: int, generator: torch.Generator | None = None
+) -> Tensor:
     """Augment uint8 (B, 3, H, W) images with `params`: float32 (B, 3, out_size, out_size) in [0, 1], not normalised.
 
     Order: crop + resize + flip + rotation (one resampling), colour jitter, grayscale, blur, solarize,
-    noise. `generator` draws the noise (the only randomness not in `params`).
+    noise. `generator` draws the noise (the only randomness not in `params`). Crops (one view, or the views
+    concatenated by repeat) are already cut and resized: their crop box is ignored, flip and rotation still apply.
     """
+    cropped = isinstance(images, Crops)
+    if cropped:
+        images = torch.cat(images.views)
+        if images.shape[-1] != out_size or images.shape[-2] != out_size:
+            raise InputError(f"pre-cropped views of {images.shape[-1]} px cannot make {out_size} px views")
     if images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
         raise InputError(f"augmentation expects uint8 (B, 3, H, W) images, got {images.dtype} {tuple(images.shape)}")
     p = params.to(images.device)
-    x = resized_crop(images.float(), p.top, p.left, p.height, p.width, out_size, p.flip, p.angle).mul_(1 / 255)
+    if cropped and p.angle is None:  # the box is the whole view: only the flip is left of the resampling
+        x = torch.where(p.flip.view(-1, 1, 1, 1), images.flip(-1), images).float().mul_(1 / 255)
+    elif cropped:
+        full, zero = torch.full_like(p.top, out_size), torch.zeros_like(p.top)
+        x = resized_crop(images.float(), zero, zero, full, full, out_size, p.flip, p.angle).mul_(1 / 255)
+    else:
+        x = resized_crop(images.float(), p.top, p.left, p.height, p.width, out_size, p.flip, p.angle).mul_(1 / 255)
     if p.jitter is not None:  # neutral factors where the mask is off: no gather, no sync
         x = adjust_brightness(x, torch.where(p.jitter, p.brightness, 1.0))
         x = adjust_contrast(x, torch.where(p.jitter, p.contrast, 1.0))
@@ -130,13 +180,13 @@ def apply(images: Tensor, params: AugmentParams, out_size: int, generator: torch
 
 
 def views(
-    images: Tensor, cfg: AugmentSettings, generator: torch.Generator, out_size: int | None = None
+    images: Tensor | Crops, cfg: AugmentSettings, generator: torch.Generator, out_size: int | None = None
 ) -> tuple[Tensor, Tensor]:
     """The SimCLR pair: two independent augmentations of a uint8 batch, in one batched pass; out_size defaults to the
-    shorter side."""
+    shorter side. Pre-cropped views (Crops) draw the same parameters and use all but their boxes."""
     n, (h, w) = len(images), images.shape[-2:]
     size = out_size or min(h, w)
-    x = apply(torch.cat([images, images]), sample_params(2 * n, h, w, cfg, generator), size, generator)
+    x = apply(repeat(images, 2), sample_params(2 * n, h, w, cfg, generator), size, generator)
     return x[:n], x[n:]
 
 
@@ -146,7 +196,7 @@ LOCAL_SCALE = (0.05, 0.4)
 
 
 def multi_crop(
-    images: Tensor, cfg: AugmentSettings, generator: torch.Generator, global_size: int | None = None,
+    images: Tensor | Crops, cfg: AugmentSettings, generator: torch.Generator, global_size: int | None = None,
     local_crops: int = 0, local_size: int | None = None, local_scale: tuple[float, float] = LOCAL_SCALE,
 ) -> list[Tensor]:  # fmt: skip
     """Multi-crop (SwAV, DINO): 2 global views, then `local_crops` local views of the uint8 batch, float in [0, 1].
@@ -165,7 +215,13 @@ def multi_crop(
             raise InputError(f"local crop scale must satisfy 0 < min <= max <= 1, got {local_scale}")
         local_cfg = cfg.model_copy(update={"crop_min_scale": lo, "crop_max_scale": hi})
         params = sample_params(local_crops * n, h, w, local_cfg, generator)
-        x = apply(images.repeat(local_crops, 1, 1, 1), params, local_size or max(1, size // 2), generator)
+        if isinstance(images, Crops):  # the local views follow the global pair, already cut at the local size
+            local = images.views[2:]
+            if len(local) != local_crops:
+                raise InputError(f"the recipe needs {local_crops} local crops and the data source cut {len(local)}")
+            x = apply(Crops(local), params, local[0].shape[-1], generator)
+        else:
+            x = apply(images.repeat(local_crops, 1, 1, 1), params, local_size or max(1, size // 2), generator)
         out += list(x.split(n))
     return out
 

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from crlf.engine import augment, distributed
+from crlf.engine import augment, backbones, distributed
 from crlf.errors import InputError
 from crlf.settings import PretrainSettings
 
@@ -41,8 +41,11 @@ class Method(nn.Module):
         self.backbone = backbone
         self.feature_dim = feature_dim
 
-    def views(self, batch: torch.Tensor, settings: PretrainSettings, gen: torch.Generator) -> list[torch.Tensor]:
-        """The augmented views of a uint8 batch (B, 3, H, W) as float in [0, 1]; default: two SimCLR views."""
+    def views(
+        self, batch: torch.Tensor | augment.Crops, settings: PretrainSettings, gen: torch.Generator
+    ) -> list[torch.Tensor]:
+        """The augmented views of a uint8 batch (B, 3, H, W), or of views a streaming source already cut
+        (augment.Crops), as float in [0, 1]; default: two SimCLR views."""
         return list(augment.views(batch, settings, gen))
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:  # pragma: no cover - the interface
@@ -59,13 +62,14 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 def resolve(settings: PretrainSettings) -> PretrainSettings:
-    """The settings with every value left to the method (None) filled from its defaults: what the run uses, what
-    config.json records and what --print-config shows."""
+    """The settings with every value left unset (None) filled from the backbone family's defaults, then the
+    method's: what the run uses, what config.json records and what --print-config shows."""
     cls = REGISTRY.get(settings.method)
     if cls is None:
         raise InputError(f"--method {settings.method} is not available in this version of crlf: "
                          f"choose one of {', '.join(sorted(REGISTRY))}")
-    unset = {k: v for k, v in {**_COMMON_DEFAULTS, **cls.defaults}.items() if getattr(settings, k) is None}
+    chosen = {**_COMMON_DEFAULTS, **cls.defaults, **backbones.defaults(settings.arch)}  # ViTs: AdamW
+    unset = {k: v for k, v in chosen.items() if getattr(settings, k) is None}
     return settings.model_copy(update=unset) if unset else settings
 
 
@@ -94,10 +98,21 @@ def per_crop_size(net: Callable[[torch.Tensor], torch.Tensor], views: list[torch
     return [out for run in runs for out in net(torch.cat(run)).split(len(views[0]))]
 
 
-def multi_crop_views(batch: torch.Tensor, settings: PretrainSettings, gen: torch.Generator) -> list[torch.Tensor]:
+def multi_crop_views(
+    batch: torch.Tensor | augment.Crops, settings: PretrainSettings, gen: torch.Generator
+) -> list[torch.Tensor]:
     """The multi-crop recipe (DINO, SwAV): 2 global views at the images' size, then `local_crops` small ones."""
     size = min(batch.shape[-2:])
     return augment.multi_crop(batch, settings, gen, size, settings.local_crops, min(settings.local_size, size))
+
+
+def crop_plan(settings: PretrainSettings, size: int) -> list[tuple[int, float, float]]:
+    """The views the (resolved) method's recipe makes of `size`-pixel images, as (side, min area, max area) each:
+    what a streaming source cuts from the full-resolution images while decoding (then augment.Crops)."""
+    plan = [(size, settings.crop_min_scale, settings.crop_max_scale)] * 2
+    if "local_crops" in REGISTRY[settings.method].defaults and settings.local_crops:  # multi-crop: dino, swav
+        plan += [(min(settings.local_size, size), *augment.LOCAL_SCALE)] * settings.local_crops
+    return plan
 
 
 @contextlib.contextmanager

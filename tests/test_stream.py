@@ -1,0 +1,220 @@
+"""Streaming sources (crlf.engine.sources.stream) and the tar source: order, resume, shares, corrupt files, crops."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import signal
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from crlf import PretrainSettings, pretrain
+from crlf.engine import augment, methods
+from crlf.engine.sources import catalog, feed, load
+from crlf.engine.sources.images import crop_boxes, decode_crops
+from crlf.engine.sources.stream import StreamFeed, _Decoder
+from crlf.engine.sources.tar import expand_braces
+from crlf.errors import InputError, Interrupted
+from crlf.settings import AugmentSettings, DataSettings
+
+PLAN = [(8, 0.2, 1.0), (8, 0.2, 1.0)]
+
+
+def _jpeg(rng: np.random.Generator, h: int, w: int) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> Path:
+    """3 shards of 8 samples (24): key k has a JPEG of 20-34 x 24 px and a .cls label k % 3; classes.txt names 3."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for s in range(3):
+        with tarfile.open(folder / f"part-{s:03d}.tar", "w") as tar:
+            for k in range(8 * s, 8 * s + 8):
+                for ext, data in (("jpg", _jpeg(rng, 20 + k % 15, 24)), ("cls", str(k % 3).encode())):
+                    info = tarfile.TarInfo(f"{k:04d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    (folder / "classes.txt").write_text("zero\none\ntwo\n")
+    return folder
+
+
+def _mapped_file(address: int) -> str:
+    """The file mapped at `address` in this process ('' for anonymous memory)."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, *rest = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in span.split("-"))
+        if lo <= address < hi:
+            return rest[-1] if len(rest) == 5 else ""
+    return ""
+
+
+def _train(out: Path, data_dir: Path, **kw):
+    values = dict(data="tar", data_dir=data_dir, image_size=8, batch_size=8, epochs=2, device="cpu", head_hidden=32,
+                  head_out=16, lr=0.1, out=out, stream=True, workers=0)  # fmt: skip
+    return PretrainSettings(**{**values, **kw})
+
+
+def _seen(monkeypatch) -> list[tuple[int, int]]:
+    """Record every (epoch, image index) the stream decodes."""
+    seen: list[tuple[int, int]] = []
+    real = _Decoder.__getitems__
+    monkeypatch.setattr(_Decoder, "__getitems__", lambda self, items: seen.extend(items) or real(self, items))
+    return seen
+
+
+def test_tar_listing_labels_class_names_and_patterns(shards):
+    listed = catalog(DataSettings(data="tar", data_dir=shards))
+    assert len(listed) == 24 and listed.ids[:2] == ["part-000/0000", "part-000/0001"]
+    assert listed.labels.tolist() == [k % 3 for k in range(24)] and listed.class_names == ["zero", "one", "two"]
+    braces = catalog(DataSettings(data="tar", data_dir=shards / "part-{000..001}.tar"))
+    assert braces.ids == listed.ids[:16]
+    assert catalog(DataSettings(data="tar", data_dir=shards / "part-*.tar")).ids == listed.ids
+    assert expand_braces("a-{08..10}-{x,y}.tar") == ["a-08-x.tar", "a-08-y.tar", "a-09-x.tar", "a-09-y.tar",
+                                                     "a-10-x.tar", "a-10-y.tar"]  # fmt: skip
+    with pytest.raises(InputError, match="names no shard"):
+        catalog(DataSettings(data="tar", data_dir=shards / "part-{000..005}.tar"))
+
+
+def test_tar_in_memory_equals_the_same_images_in_a_folder_and_is_memory_mapped(shards, tmp_path):
+    in_memory = load(DataSettings(data="tar", data_dir=shards, image_size=8, cache_dir=tmp_path / "c"))
+    root = tmp_path / "folder"
+    root.mkdir()
+    with tarfile.open(shards / "part-000.tar") as tar:
+        tar.extractall(root, filter="data")
+    (root / "0000.cls").unlink()
+    for p in root.glob("*.cls"):
+        p.unlink()
+    folder = load(DataSettings(data="folder", data_dir=root, image_size=8, cache_dir=tmp_path / "c"))
+    assert torch.equal(in_memory.images[:8], folder.images) and in_memory.labels[:8].tolist() == [0, 1, 2] * 2 + [0, 1]
+    again = load(DataSettings(data="tar", data_dir=shards, image_size=8, cache_dir=tmp_path / "c"))
+    assert _mapped_file(again.images.data_ptr()).endswith(".npy")  # read through the memory-mapped cache
+    assert torch.equal(again.images, in_memory.images)
+
+
+def test_same_seed_same_images_in_the_same_order_and_crops(shards):
+    listed = catalog(DataSettings(data="tar", data_dir=shards))
+    perm = torch.randperm(24, generator=torch.Generator().manual_seed(5))
+    runs = []
+    for _ in range(2):
+        stream = StreamFeed(listed, 8, PLAN, seed=3, device=torch.device("cpu"), workers=0)
+        runs.append([c.views for c in stream.batches(0, perm, 0, 3, 8, 0, 8)])
+        assert stream.sampler.batches == [[(0, i) for i in perm[8 * k : 8 * k + 8].tolist()] for k in range(3)]
+    assert all(torch.equal(a, b) for x, y in zip(*runs) for a, b in zip(x, y))
+    other_epoch = [c.views for c in stream.batches(1, perm, 0, 3, 8, 0, 8)]
+    assert not torch.equal(other_epoch[0][0], runs[0][0][0])  # the crops follow (seed, epoch, image)
+
+
+def test_two_ranks_read_disjoint_shares_that_cover_the_epoch_like_the_in_memory_rows(shards):
+    listed = catalog(DataSettings(data="tar", data_dir=shards))
+    perm = torch.randperm(24, generator=torch.Generator().manual_seed(0))
+    memory = feed.MemoryFeed(load(DataSettings(data="tar", data_dir=shards, image_size=8)), torch.device("cpu"))
+    shares = []
+    for rank in range(2):
+        stream = StreamFeed(listed, 8, PLAN, seed=0, device=torch.device("cpu"), workers=0)
+        list(stream.batches(0, perm, 0, 3, 8, rank, 4))
+        shares.append([i for batch in stream.sampler.batches for _, i in batch])
+        batches = torch.cat(list(memory.batches(0, perm, 0, 3, 8, rank, 4)))
+        rows = [int((memory.images == b).flatten(1).all(1).nonzero()[0]) for b in batches]
+        assert rows == shares[-1]
+    assert not set(shares[0]) & set(shares[1]) and sorted(shares[0] + shares[1]) == list(range(24))
+
+
+def test_corrupt_members_are_skipped_counted_and_replaced_by_the_next(shards, tmp_path):
+    path = shards / "part-001.tar"
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    with tarfile.open(path, "w") as tar:
+        for m, data in members:
+            if m.name == "0010.jpg":
+                data = data[:40]  # a truncated JPEG
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    listed = catalog(DataSettings(data="tar", data_dir=shards))
+    stream = StreamFeed(listed, 8, PLAN, seed=0, device=torch.device("cpu"), workers=0)
+    perm = torch.arange(24)
+    views = [c.views[0] for c in stream.batches(0, perm, 0, 3, 8, 0, 8)]
+    assert [s.split(" (")[0] for s in stream.skipped()] == ["part-001/0010"] and stream.skipped() == []
+    u = stream.decoder.uniforms(0, 10)  # row 10 holds image 11 cut with image 10's boxes
+    expected = decode_crops(listed.read(11), ".jpg", PLAN, u)[0]
+    assert torch.equal(views[1][2], torch.from_numpy(expected).permute(2, 0, 1))
+
+
+def test_resume_mid_epoch_is_exact_and_sees_every_image_once(shards, tmp_path, monkeypatch, signal_at):
+    seen = _seen(monkeypatch)
+    pretrain(_train(tmp_path / "whole", shards, epochs=1))
+    whole = list(seen)
+    seen.clear()
+    with pytest.raises(Interrupted):
+        pretrain(_train(tmp_path / "cut", shards, epochs=1), signal_at(1, 1, signal.SIGTERM))
+    assert seen == whole[:8]
+    pretrain(_train(tmp_path / "cut", shards, epochs=1), resume=True)
+    assert seen == whole and sorted(i for _, i in whole) == list(range(24))  # each image once, none repeated
+    a, b = load_file(tmp_path / "whole" / "encoder.safetensors"), load_file(tmp_path / "cut" / "encoder.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_crop_statistics_match_the_in_memory_path():
+    n, cfg = 4000, AugmentSettings(crop_min_scale=0.08)
+    p = augment.sample_params(n, 32, 32, cfg, torch.Generator().manual_seed(0))
+    memory_area, memory_ratio = (p.height * p.width / 32**2).numpy(), (p.width / p.height).numpy()
+    u = np.random.default_rng(0).random((n, 4))
+    boxes = crop_boxes(256, 256, [(224, 0.08, 1.0)] * n, u)  # a square full-resolution image
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    area, ratio = w * h / 256**2, w / h
+    for ours, theirs in ((area, memory_area), (np.log(ratio), np.log(memory_ratio))):
+        assert abs(ours.mean() - theirs.mean()) < 0.02 and abs(ours.std() - theirs.std()) < 0.02
+        assert np.abs(np.quantile(ours, [0.1, 0.5, 0.9]) - np.quantile(theirs, [0.1, 0.5, 0.9])).max() < 0.04
+    boxes = crop_boxes(500, 375, [(224, 0.08, 1.0)] * n, u)  # 4:3: the area is exact and every box inside
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert np.allclose(w * h / (500 * 375), 0.08 + 0.92 * u[:, 0]) and (boxes[:, :2] >= 0).all()
+    assert (boxes[:, 2] <= 500 + 1e-6).all() and (boxes[:, 3] <= 375 + 1e-6).all()
+
+
+def test_crops_keep_every_augmentation_but_the_box_and_multi_crop_plans():
+    x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    cfg = AugmentSettings(jitter_strength=0, grayscale_p=0, flip_p=1.0)
+    a, b = augment.views(augment.Crops([x, x.flip(-1)]), cfg, torch.Generator().manual_seed(0))
+    assert torch.allclose(a, x.flip(-1).float() / 255) and torch.allclose(b, x.float() / 255)
+    dino = methods.resolve(PretrainSettings(method="dino", image_size=32))
+    plan = methods.crop_plan(dino, 32)
+    assert plan[:2] == [(32, 0.2, 1.0)] * 2 and plan[2:] == [(16, *augment.LOCAL_SCALE)] * 4
+    crops = augment.Crops([torch.zeros(2, 3, s, s, dtype=torch.uint8) for s, _, _ in plan])
+    out = methods.multi_crop_views(crops, dino, torch.Generator().manual_seed(0))
+    assert [v.shape[-1] for v in out] == [32, 32, 16, 16, 16, 16]
+
+
+def test_auto_rule_streams_when_the_decoded_set_would_not_fit_and_says_why(shards, monkeypatch, caplog):
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.INFO, logger="crlf.engine"):
+        monkeypatch.setattr(feed, "available_memory", lambda: 1000)
+        streamed = feed.open_feed(DataSettings(data="tar", data_dir=shards, image_size=8, workers=0), cpu, PLAN, 0)
+        monkeypatch.setattr(feed, "available_memory", lambda: 10**12)
+        kept = feed.open_feed(DataSettings(data="tar", data_dir=shards, image_size=8, workers=0), cpu, PLAN, 0)
+    assert isinstance(streamed, StreamFeed) and isinstance(kept, feed.MemoryFeed)
+    assert "streaming from tar:" in caplog.text and "more than half of the 0.0 GB available" in caplog.text
+    assert "data: in memory (24 images at 8 px" in caplog.text
+    with pytest.raises(ValueError, match="--stream is for folder and tar data"):
+        DataSettings(data="digits", stream=True)
+
+
+def test_streaming_dino_with_spawned_workers_counts_a_corrupt_file(tmp_path, tiny_folder, caplog):
+    (tiny_folder / "cat" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    with caplog.at_level(logging.WARNING, logger="crlf.engine"):
+        run = pretrain(_train(tmp_path / "dino", tiny_folder, data="folder", method="dino", local_size=4, workers=2,
+                              epochs=1, batch_size=30, head_hidden=16, head_out=8, prototypes=16))  # fmt: skip
+    assert run["status"] == "trained" and (Path(run["run_dir"]) / "encoder.safetensors").is_file()
+    metrics = json.loads((Path(run["run_dir"]) / "metrics.jsonl").read_text().splitlines()[0])
+    assert metrics["skipped_images"] == 1 and "skipped 1 unreadable images in epoch 1" in caplog.text
+    assert "cat/broken.jpg (" in caplog.text

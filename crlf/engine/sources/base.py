@@ -138,18 +138,21 @@ def pick(n: int, limit: int | None, seed: int = 0) -> torch.Tensor | None:
 
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Center-crop to square and resize with antialiased bilinear, in float chunks of ~64 MB."""
+    """Center-crop to square and resize with antialiased bilinear, in float chunks of ~64 MB; uint8 stays uint8
+    (rounded), float stays float (the Encoder's float input)."""
     n, _, h, w = images.shape
     side = min(h, w)
     src = images[:, :, (h - side) // 2 : (h - side) // 2 + side, (w - side) // 2 : (w - side) // 2 + side]
-    log.info("resizing %s images from %dx%d to %dx%d", f"{n:,}", h, w, size, size)
-    out = torch.empty((n, 3, size, size), dtype=torch.uint8)
+    if n > 1:
+        log.info("resizing %s images from %dx%d to %dx%d", f"{n:,}", h, w, size, size)
+    uint8 = images.dtype == torch.uint8
+    out = torch.empty((n, 3, size, size), dtype=torch.uint8 if uint8 else torch.float32)
     chunk = max(1, 2**24 // (3 * max(side, size) ** 2))
     for i in range(0, n, chunk):
         x = F.interpolate(
             src[i : i + chunk].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
         )
-        out[i : i + chunk] = x.round_().clamp_(0, 255).to(torch.uint8)
+        out[i : i + chunk] = x.round_().clamp_(0, 255).to(torch.uint8) if uint8 else x
     return out
 
 

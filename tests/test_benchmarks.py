@@ -45,3 +45,15 @@ def test_throughput_benchmark_runs_every_variant_on_cpu(tmp_path):
     assert all("error" not in row and row["images_per_s"] > 0 for row in rows), rows
     assert {"of_floor", "seconds_per_epoch", "tflops"} <= set(rows[1]) and "speedup" in rows[3]
     assert "images/s" in r.stdout and "floor" in r.stdout
+
+
+def test_stream_benchmark_smoke_runs_every_variant_on_cpu(tmp_path):
+    out = tmp_path / "stream.json"
+    script = Path(__file__).parents[1] / "benchmarks" / "stream.py"
+    r = subprocess.run([sys.executable, script, "--smoke", "--device", "cpu", "--folder", tmp_path / "jpegs", "--json",
+                        out], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["variant"] for row in rows] == ["model alone (floor)", "crlf stream", "crlf stream, device JPEG decode",
+                                                "torchvision ImageFolder + DataLoader"]  # fmt: skip
+    assert all(row["images_per_s"] > 0 and 0 < row["device_busy"] <= 1 for row in rows)

@@ -27,6 +27,7 @@ from crlf.settings import (
     DeviceSettings,
     EmbeddingsInput,
     EncoderInput,
+    ExploreSettings,
     ExtractSettings,
     KnnEvalSettings,
     KnnSettings,
@@ -61,6 +62,7 @@ _COMMON = (
 )
 _PANELS = [
     (VisualizeSettings, "Figures"),
+    (ExploreSettings, "Explorer"),
     (LinearEvalSettings, "Linear probe"),
     (EncoderInput, "Encoder"),
     (EmbeddingsInput, "Embeddings"),
@@ -431,6 +433,47 @@ settings_command(
     _command(VisualizeSettings, _visualize),
     "Figures: loss curves, PCA / t-SNE maps, confusion matrix, nearest neighbours, augmented views; "
     "--run DIR draws them all with an index.html.",
+)
+
+
+def _explore(
+    settings_values: dict[str, Any],
+    config: ConfigOpt = None,
+    print_config: PrintConfigOpt = False,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    def work() -> None:
+        settings = _resolved(ExploreSettings, settings_values, config, print_config, json)
+        if settings is None:
+            return
+        try:
+            from crlf import explore_app
+        except ModuleNotFoundError as e:
+            if e.name not in ("flask", "werkzeug"):
+                raise
+            raise InputError("crlf explore needs Flask: pip install 'crlf[explore]'") from None
+        from crlf.engine.explore import open_space
+
+        sock = explore_app.bind(settings.host, settings.port)  # a port in use fails now, not after the embedding
+        with output.engine_progress(quiet=quiet, bar=not json):
+            space = open_space(settings)
+        app = explore_app.create_app(space, settings.neighbors, round(settings.max_upload_mb * 1e6))
+        server = explore_app.start(app, sock, settings.host)
+        if json:
+            output.emit_json(explore_app.summary(server, space))
+        explore_app.serve(server, settings.open)
+
+    _guarded(quiet, verbose, work)
+
+
+settings_command(
+    "explore",
+    ExploreSettings,
+    _explore,
+    "Browse an embedding space in the web browser: a 2-D map with thumbnails, nearest neighbours, search, and "
+    "queries with your own images (needs Flask: the explore extra).",
 )
 
 

@@ -610,6 +610,44 @@ class VisualizeSettings(AugmentSettings, EncoderInput, DeviceSettings, DataSetti
         return self
 
 
+class ExploreSettings(EncoderInput, DeviceSettings, DataSettings, _CommandSettings):
+    """Everything ``crlf explore`` needs. With --run, data settings the user did not give come from the run's
+    config.json."""
+
+    section: ClassVar[str] = "explore"
+    run: Path | None = Field(
+        None,
+        description="Run directory to explore: its encoder, its data (train and test splits) and its linear probe; "
+        "the map is cached in RUN/explore/.",
+    )
+    emb: Path | None = Field(
+        None,
+        description="Embeddings written by crlf extract to show (the images: the data options, else the file's "
+        "provenance); add --ckpt to embed uploads.",
+    )
+    projection: Literal["auto", "pca", "tsne", "umap"] = Field(
+        "auto",
+        description="The 2-D map: pca, tsne (after PCA to 50 dims), umap (needs umap-learn); auto: tsne up to "
+        "10,000 points, pca beyond.",
+    )
+    neighbors: int = Field(10, ge=1, le=100, description="Nearest neighbours listed for a point or an upload.")
+    host: str = Field(
+        "127.0.0.1", min_length=1, description="Address to serve on (any other exposes the images to the network)."
+    )
+    port: int = Field(8765, ge=0, le=65535, description="Port to serve on (0: any free port; the URL goes to stderr).")
+    open: bool = Field(False, description="Open the page in the default web browser.")
+    max_upload_mb: float = Field(10.0, gt=0.0, le=1024.0, description="Largest image upload in MB.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the t-SNE / UMAP layout.")
+
+    @model_validator(mode="after")
+    def _inputs(self) -> ExploreSettings:
+        if self.run is not None and (self.ckpt is not None or self.emb is not None):
+            raise ValueError("give --run DIR alone, --ckpt with the data options, or --emb (with --ckpt for uploads)")
+        if self.run is None and self.ckpt is None and self.emb is None:
+            raise ValueError("needs --run DIR, --ckpt FILE with the data options, or --emb FILE")
+        return self
+
+
 def resolve(cls: type[BaseModelT], cli_values: dict[str, Any], config: Path | None = None) -> BaseModelT:
     """Build settings with precedence CLI > CRLF_* env > TOML > defaults (plain groups: the values alone); raise
     InputError listing every problem."""

@@ -126,7 +126,7 @@ def test_readme_documents_every_option_of_every_subcommand():
     from crlf.settings import _COMMANDS
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    assert {c.section for c in _COMMANDS} == {"pretrain", "extract", "linear-eval", "knn-eval", "visualize"}
+    assert {c.section for c in _COMMANDS} == {"pretrain", "extract", "linear-eval", "knn-eval", "visualize", "explore"}
     for command in _COMMANDS:
         for name in command.model_fields:
             assert f"`--{name.replace('_', '-')}" in readme, (

@@ -23,7 +23,7 @@ import torch
 
 from crlf import __version__
 from crlf.engine import data, evaluate
-from crlf.engine.checkpoint import load_encoder
+from crlf.engine.checkpoint import load_encoder, save_tensors
 from crlf.engine.device import select_device
 from crlf.engine.files import atomic_write, check_writable, os_failure
 from crlf.errors import InputError
@@ -38,6 +38,7 @@ from crlf.settings import (
 )
 
 log = logging.getLogger(__name__)
+PROBE_FORMAT = "crlf-linear-probe"  # linear-eval's classifier on raw features: weight (C, D), bias (C,)
 
 
 def _open_encoder(settings: EncoderInput, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -251,6 +252,7 @@ def _labelled(
             "train_size": len(train),
             "test_size": len(test),
             "dim": meta["feature_dim"],
+            "checkpoint_sha256": meta["sha256"],
         }
         if features:
             parts.update(
@@ -277,6 +279,7 @@ def _labelled(
             "train_size": len(train_x),
             "test_size": len(test_x),
             "dim": train_x.shape[1],
+            "checkpoint_sha256": prov.get("checkpoint_sha256"),
         }
     for split in ("train", "test"):
         if parts[f"{split}_y"] is None:
@@ -299,7 +302,7 @@ def linear_eval(settings: LinearEvalSettings) -> dict[str, Any]:
     _check_results(settings, "finetune" if settings.finetune else "linear")
     device = select_device(settings.device)
     parts = _labelled(settings, device, features=not settings.finetune)
-    runs = []
+    runs, head = [], None
     for fraction in settings.label_fraction:
         for seed in range(settings.seed, settings.seed + settings.seeds):
             idx = (
@@ -333,7 +336,9 @@ def linear_eval(settings: LinearEvalSettings) -> dict[str, Any]:
                     epochs=settings.probe_epochs,
                     lr=settings.probe_lr,
                     weight_decay=settings.probe_weight_decay,
+                    keep_head=fraction == 1 and seed == settings.seed,  # the full-label run's probe is saved
                 )
+                head = result.pop("head", head)
             log.info(
                 "label fraction %g, seed %d: top-1 %.2f%%  top-5 %.2f%%  (%s train images, %.1f s)",
                 fraction,
@@ -344,7 +349,7 @@ def linear_eval(settings: LinearEvalSettings) -> dict[str, Any]:
                 result["seconds"],
             )
             runs.append({"fraction": fraction, "seed": seed, **result})
-    return _report("finetune" if settings.finetune else "linear", settings, parts, runs)
+    return _report("finetune" if settings.finetune else "linear", settings, parts, runs, head)
 
 
 def knn_eval(settings: KnnEvalSettings) -> dict[str, Any]:
@@ -383,10 +388,14 @@ def _check_results(settings: KnnEvalSettings | LinearEvalSettings, protocol: str
 
 
 def _report(
-    protocol: str, settings: KnnEvalSettings | LinearEvalSettings, parts: dict[str, Any], runs: list[dict[str, Any]]
+    protocol: str,
+    settings: KnnEvalSettings | LinearEvalSettings,
+    parts: dict[str, Any],
+    runs: list[dict[str, Any]],
+    head: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """The result document: every run, mean / std per label fraction, the main run's details; saved when asked or
-    known."""
+    known, with the full-label linear probe's weights (`head`) beside it as ``<results>_probe.safetensors``."""
     summary = []
     for fraction in dict.fromkeys(r["fraction"] for r in runs):
         group = [r for r in runs if r["fraction"] == fraction]
@@ -426,6 +435,14 @@ def _report(
             if "confusion" in result:
                 conf = np.asarray(result["confusion"], dtype=np.int64)
                 atomic_write(Path(str(target).removesuffix(".json") + "_confusion.npy"), lambda f: np.save(f, conf))
+            probe = Path(str(target).removesuffix(".json") + "_probe.safetensors")
+            if head is not None:  # crlf explore predicts uploads' classes with it
+                meta = {"format": PROBE_FORMAT, "class_names": json.dumps(parts["class_names"])}
+                sha = parts.get("checkpoint_sha256")
+                save_tensors(probe, head, {**meta, **({"checkpoint_sha256": sha} if sha else {})})
+                result["probe_file"] = str(probe)
+            elif protocol != "knn":  # a probe of earlier results would no longer belong to these
+                probe.unlink(missing_ok=True)
         except OSError as e:
             raise os_failure(e, str(target), "choose a writable --results") from None
         result["results_file"] = str(target)

@@ -203,6 +203,7 @@ def linear_probe(
     batch_size: int = 1024,
     lr: float | None = None,
     weight_decay: float = 0.0,
+    keep_head: bool = False,
 ) -> dict[str, Any]:
     """Linear classification accuracy of frozen features: the standard measure of representation quality.
 
@@ -213,6 +214,8 @@ def linear_probe(
     separable features), every step is a fixed amount of work on the device, and the only randomness is the
     shuffling order, drawn from a seeded CPU generator: the same seed gives the same numbers on CPU.
     Default lr: 0.1 x batch / 256 on the standardised features (batch clipped to the train size).
+    keep_head: also return the trained classifier as "head": {"weight" (C, D), "bias" (C,)} on the CPU, the
+    standardisation folded in, so that raw features x give the logits x @ weight.T + bias (``crlf explore``).
     """
     _check_features(train_x, train_y, num_classes, "train")
     _check_features(test_x, test_y, num_classes, "test", dim=train_x.shape[1])
@@ -247,12 +250,16 @@ def linear_probe(
     with torch.no_grad():
         logits = head((test_x.to(device, torch.float32) - mean) / std)
     log.debug("linear probe: %d steps, lr %.4g, last batch loss %.4f", steps, lr, loss.detach())
-    return {
+    result = {
         **accuracy_report(logits, test_y, num_classes),
         "train_size": n,
         "test_size": len(test_x),
         "seconds": round(time.perf_counter() - t0, 3),
     }
+    if keep_head:  # W ((x - mean) / std) + b = (W / std) x + (b - (W / std) mean)
+        weight = head.weight.detach() / std
+        result["head"] = {"weight": weight.cpu(), "bias": (head.bias.detach() - weight @ mean).cpu()}
+    return result
 
 
 def knn_classify(

@@ -48,7 +48,11 @@ class RunDir:
 
     def _own_files(self) -> list[Path]:
         """Every name crlf writes in a run directory (evaluation results included)."""
-        results = [self.path / f"{kind}_eval{ext}" for kind in ("linear", "knn") for ext in (".json", "_confusion.npy")]
+        results = [
+            self.path / f"{kind}_eval{ext}"
+            for kind in ("linear", "knn")
+            for ext in (".json", "_confusion.npy", "_probe.safetensors")
+        ]
         return [self.config, self.metrics, self.last, self.encoder, self.log_file, self.checkpoints, *results]
 
     def check_owner(self) -> None:

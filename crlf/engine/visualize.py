@@ -13,7 +13,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ class _Points:
     class_names: list[str]
     images: np.ndarray | None  # uint8 (N, H, W, 3)
     source: str
+    ids: list[str] = field(default_factory=list)
 
 
 class _Inputs:
@@ -61,6 +62,7 @@ class _Inputs:
                 )
         self.run = self.runs[0] if self.runs else None
         self._points: _Points | None = None
+        self.maps: dict[str, np.ndarray] = {}  # the 2-D maps drawn, for index.html's interactive map
 
     # --- what is available ---
     @property
@@ -194,6 +196,7 @@ class _Inputs:
             images.class_names,
             images.images.permute(0, 2, 3, 1).numpy(),
             images.source,
+            images.ids,
         )
 
 
@@ -279,6 +282,7 @@ def _embedding(method: str) -> Callable[[_Inputs], tuple[Any, dict[str, Any]]]:
         pts = inp.points()
         stats: dict[str, Any] = {}
         coords, seconds = project(pts.x, method, inp.settings.seed, stats)
+        inp.maps[method] = coords
         name = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}[method]
         how = " after PCA to 50 dims" if method == "tsne" else ""
         note = f"{len(coords):,} points{how}" + ("" if pts.labels is not None else " (no labels)")
@@ -458,6 +462,17 @@ def run_facts(config: dict[str, Any], metrics: list[dict[str, Any]]) -> dict[str
     return {k: str(v) for k, v in facts.items() if v not in (None, "")}
 
 
+def _static_map(inp: _Inputs, folder: Path) -> str:
+    """index.html's server-free map (hover thumbnails) of the t-SNE, UMAP or PCA drawn; "" when none was drawn."""
+    method = next((m for m in ("tsne", "umap", "pca") if m in inp.maps), None)
+    pts = inp._points
+    if method is None or pts is None or pts.images is None:
+        return ""
+    from crlf.engine.mapview import static_map
+
+    return static_map(folder, inp.maps[method], pts.labels, pts.class_names, pts.ids, pts.images, method)
+
+
 def _write_index(inp: _Inputs, folder: Path, figures: dict[str, dict[str, Any]]) -> Path:
     """One static page: the figures, the run's settings and its final metrics and evaluation results."""
     run = inp.run
@@ -506,6 +521,7 @@ figure{{margin:0 0 2em 0}} figcaption{{color:#555}}</style></head>
 <h2>Run</h2>{table(run_facts(config, metrics))}
 <h2>Final metrics</h2>{table({**final, **results}) if final or results else "<p>no metrics yet</p>"}
 <h2>Figures</h2>{images or "<p>no figures</p>"}
+{_static_map(inp, folder)}
 <h2>Settings</h2>{table(settings) if settings else "<p>no config.json</p>"}
 </body></html>
 """

@@ -14,7 +14,9 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "PretrainSettings": "crlf.settings",
     "pretrain": "crlf.engine.train",
-    "load_encoder": "crlf.engine.checkpoint",
+    "load_encoder": "crlf.engine.encoder",
+    "Encoder": "crlf.engine.encoder",
+    "BackboneSpec": "crlf.engine.backbones",
     "nt_xent": "crlf.engine.loss",
     "ImageSet": "crlf.engine.data",
     "load_data": ("crlf.engine.data", "load"),

@@ -44,10 +44,12 @@ MAX_SEED = 2**32 - 1  # what NumPy and scikit-learn accept; torch's per-epoch se
 MAX_WIDTH = 16384  # projection head widths (wide heads in the literature: 8192)
 MAX_EPOCHS = 1_000_000
 MAX_BATCH = 2**20  # batch sizes, and k neighbours
+# --arch names crlf builds itself (crlf.engine.backbones registers a family for each); timm:NAME adds timm's
+BUILTIN_ARCHS = ("resnet18", "resnet34", "resnet50", "vit_tiny", "vit_small", "vit_base")
 MAX_SCALAR = 1e30  # learning rates: larger values overflow float32 in the optimizer's step
 BaseModelT = TypeVar("BaseModelT", bound=BaseModel)
 
-DataSource = Literal["digits", "cifar10", "cifar100", "stl10", "folder", "npy", "npz"]
+DataSource = Literal["digits", "cifar10", "cifar100", "stl10", "folder", "npy", "npz", "tar"]
 
 
 class DataSettings(BaseModel):
@@ -58,12 +60,12 @@ class DataSettings(BaseModel):
     data: DataSource = Field(
         "digits",
         description="digits (offline), cifar10, cifar100, stl10, folder (a tree of images), npy, npz "
-        "(uint8 NHWC arrays).",
+        "(uint8 NHWC arrays), tar (WebDataset-style .tar shards).",
     )
     data_dir: Path | None = Field(
         None,
         description="Data root of cifar10 / cifar100 / stl10 (default ./data), the image folder, "
-        "or the npy / npz file.",
+        "the npy / npz file, or the tar shards (a .tar, a folder of them, or a pattern like 'shards-{000..009}.tar').",
     )
     split: Literal["train", "test", "unlabeled", "train+unlabeled"] | None = Field(
         None, description="train (default), test, unlabeled or train+unlabeled (stl10 pretraining's default)."
@@ -86,17 +88,31 @@ class DataSettings(BaseModel):
     )
     test_data_dir: Path | None = Field(
         None,
-        description="Test split (file or folder) of folder / npy / npz data that has none.",
+        description="Test split (file or folder) of folder / npy / npz / tar data that has none.",
+    )
+    stream: bool | None = Field(
+        None,
+        description="folder / tar: decode on the fly at full resolution (default: when the decoded set does not fit "
+        "in memory; --no-stream: a memory-mapped cache).",
+    )
+    workers: int | None = Field(
+        None, ge=0, le=256, description="Decoding processes when streaming (default: the CPU count; 0: in-process)."
+    )
+    gpu_decode: bool = Field(
+        False, description="Streaming on CUDA: decode JPEGs on the GPU in batches (torchvision.io).",
     )
 
     @model_validator(mode="after")
     def _needs_path(self) -> DataSettings:
-        if self.data in ("folder", "npy", "npz") and self.data_dir is None:
+        if self.data in ("folder", "npy", "npz", "tar") and self.data_dir is None:
+            what = {"folder": "folder", "tar": "shards"}.get(self.data, "file")
+            raise ValueError(f"--data {self.data} needs --data-dir (the {what} to read)")
+        if self.test_data_dir is not None and self.data not in ("folder", "npy", "npz", "tar"):
             raise ValueError(
-                f"--data {self.data} needs --data-dir (the {'folder' if self.data == 'folder' else 'file'} to read)"
+                f"--test-data-dir is for folder / npy / npz / tar data; {self.data} has its own test split"
             )
-        if self.test_data_dir is not None and self.data not in ("folder", "npy", "npz"):
-            raise ValueError(f"--test-data-dir is for folder / npy / npz data; {self.data} has its own test split")
+        if self.stream and self.data not in ("folder", "tar"):
+            raise ValueError(f"--stream is for folder and tar data; {self.data} is read into memory")
         return self
 
 
@@ -123,12 +139,16 @@ class ModelSettings(BaseModel):
 
     model_config = _STRICT
 
-    arch: Literal["resnet18", "resnet34", "resnet50"] = Field(
-        "resnet18", description="torchvision ResNet: resnet18, resnet34 or resnet50."
+    arch: str = Field(
+        "resnet18",
+        description="resnet18, resnet34, resnet50, vit_tiny, vit_small, vit_base or timm:NAME.",
     )
     stem: Literal["auto", "cifar", "imagenet"] = Field(
         "auto",
         description="cifar (3x3 conv, no max-pool), imagenet (7x7, stride 2, max-pool); auto: cifar up to 64 px.",
+    )
+    patch_size: int | None = Field(
+        None, ge=1, le=MAX_IMAGE_SIZE, description="ViTs: patch side in px (default: 4 up to 48 px, 8 below 96, 16)."
     )
     head_hidden: int | None = Field(
         None, gt=0, le=MAX_WIDTH, description="Width of the head's hidden layers (default: the method's; simclr 2048)."
@@ -145,6 +165,14 @@ class ModelSettings(BaseModel):
         lt=1.0,
         description="Dropout before each linear layer of the head but the first.",
     )
+
+    @field_validator("arch")
+    @classmethod
+    def _arch_name(cls, v: str) -> str:
+        if v in BUILTIN_ARCHS or re.fullmatch(r"timm:[A-Za-z0-9_.\-]+", v):
+            return v
+        raise ValueError(f"unknown arch '{v}'{did_you_mean(v, BUILTIN_ARCHS)}: choose one of "
+                         f"{', '.join(BUILTIN_ARCHS)}, or timm:NAME for any timm model")
 
 
 class MethodSettings(BaseModel):
@@ -236,17 +264,18 @@ class OptimSettings(BaseModel):
 
     epochs: int = Field(100, ge=1, le=MAX_EPOCHS, description="Passes over the data set.")
     batch_size: int = Field(512, ge=2, le=MAX_BATCH, description="Source images per step (each gives two views).")
-    optimizer: Literal["sgd", "lars", "adam"] | None = Field(
-        None, description="sgd (momentum 0.9), lars (SimCLR's) or adam (the seeds'); default: the method's (sgd)."
+    optimizer: Literal["sgd", "lars", "adam", "adamw"] | None = Field(
+        None,
+        description="sgd (momentum 0.9), lars, adam or adamw; default: adamw for ViTs, else the method's (sgd).",
     )
     lr: float | None = Field(
         None,
         gt=0.0,
         le=MAX_SCALAR,
-        description="Peak learning rate (default: 0.06 x batch/64 sgd, 0.3 x batch/256 lars, 3e-4 adam).",
+        description="Peak lr (default: 0.06 x batch/64 sgd, 0.3 x batch/256 lars, 3e-4 adam, 5e-4 x batch/256 adamw).",
     )
     weight_decay: float | None = Field(
-        None, ge=0.0, le=1.0, description="Weight decay (default: 5e-4 sgd, 1e-6 lars, 1e-4 adam)."
+        None, ge=0.0, le=1.0, description="Weight decay (default: 5e-4 sgd, 1e-6 lars, 1e-4 adam, 0.05 adamw)."
     )
     schedule: Literal["cosine", "none", "plateau"] = Field(
         "cosine",
@@ -263,14 +292,19 @@ class OptimSettings(BaseModel):
         """The learning rate actually used: explicit, or the optimizer's default scaled with the batch."""
         if self.lr is not None:
             return self.lr
-        rule = {"sgd": 0.06 * self.batch_size / 64, "lars": 0.3 * self.batch_size / 256, "adam": 3e-4}
+        rule = {
+            "sgd": 0.06 * self.batch_size / 64,
+            "lars": 0.3 * self.batch_size / 256,
+            "adam": 3e-4,
+            "adamw": 5e-4 * self.batch_size / 256,
+        }
         return rule[self.optimizer or "sgd"]
 
     @property
     def resolved_weight_decay(self) -> float:
         if self.weight_decay is not None:
             return self.weight_decay
-        return {"sgd": 5e-4, "lars": 1e-6, "adam": 1e-4}[self.optimizer or "sgd"]
+        return {"sgd": 5e-4, "lars": 1e-6, "adam": 1e-4, "adamw": 0.05}[self.optimizer or "sgd"]
 
 
 class RunSettings(BaseModel):

@@ -3,8 +3,6 @@
 python examples/pretrain_digits.py
 """
 
-import torch
-
 from crlf import PretrainSettings, load_data, load_encoder, pretrain
 
 settings = PretrainSettings(
@@ -13,9 +11,7 @@ settings = PretrainSettings(
 summary = pretrain(settings, force=True)
 print(f"final loss {summary['final_loss']:.3f} at {summary['images_per_s']:.0f} images/s")
 
-encoder, meta = load_encoder(summary["encoder"])
+encoder = load_encoder(summary["encoder"])  # an Encoder: backbone, normalisation, image size, backbone spec
 images = load_data(settings).images[:8]  # uint8 (8, 3, 16, 16)
-mean, std = torch.tensor(meta["mean"]).view(1, 3, 1, 1), torch.tensor(meta["std"]).view(1, 3, 1, 1)
-with torch.no_grad():
-    features = encoder((images.float() / 255 - mean) / std)
+features = encoder.embed(images)  # resized and normalised as crlf extract does; also PIL images, arrays, paths
 print("features:", tuple(features.shape))  # (8, 512)

@@ -8,51 +8,49 @@ from safetensors.torch import save_file
 from torchvision import models
 
 from crlf import PretrainSettings, load_encoder
-from crlf.engine import methods
-from crlf.engine.checkpoint import (
-    atomic_write,
-    digest,
-    encoder_metadata,
-    load_state,
-    read_tensors,
-    save_encoder,
-    save_state,
-    save_tensors,
-)
-from crlf.engine.model import build_backbone
+from crlf.engine import backbones, methods
+from crlf.engine.checkpoint import atomic_write, digest, load_state, read_tensors, save_state, save_tensors
+from crlf.engine.encoder import Encoder
 from crlf.engine.optim import build_optimizer
 from crlf.errors import InputError
 
 
+def build_backbone(arch, stem):
+    return backbones.build(backbones.spec_for(arch, 32, stem))
+
+
+def encoder(net, arch="resnet18", stem="cifar"):
+    """An Encoder of `net` as pretrain writes it (32 px, fixed normalisation, epoch 1)."""
+    spec = backbones.spec_for(arch, 32, stem)
+    return Encoder(net, spec, [0.5, 0.4, 0.3], [0.2, 0.2, 0.2], 1, {"arch": arch, "epochs": 1})
+
+
+def save_encoder(path, net, arch="resnet18", stem="cifar"):
+    encoder(net, arch, stem).save(path)
+
+
 def meta(arch="resnet18", stem="cifar"):
-    return encoder_metadata(
-        {"arch": arch, "epochs": 1},
-        stem=stem,
-        image_size=32,
-        feature_dim=512,
-        mean=[0.5, 0.4, 0.3],
-        std=[0.2, 0.2, 0.2],
-        epoch=1,
-    )
+    return encoder(None, arch, stem).metadata()
 
 
 def test_encoder_round_trip(tmp_path):
     torch.manual_seed(0)
     net = build_backbone("resnet18", "cifar").eval()
     path = tmp_path / "enc.safetensors"
-    save_encoder(path, net, meta())
-    loaded, info = load_encoder(path)
+    save_encoder(path, net)
+    loaded = load_encoder(path)
     x = torch.randn(2, 3, 32, 32)
-    assert torch.equal(loaded(x), net(x))
-    assert not loaded.training
-    assert info["arch"] == "resnet18" and info["stem"] == "cifar" and info["image_size"] == 32
-    assert info["mean"] == [0.5, 0.4, 0.3] and info["config"]["epochs"] == 1 and info["format"] == "crlf-encoder"
+    assert torch.equal(loaded.backbone(x), net(x))
+    assert not loaded.backbone.training
+    assert loaded.arch == "resnet18" and loaded.spec.stem == "cifar" and loaded.image_size == 32
+    assert loaded.mean == [0.5, 0.4, 0.3] and loaded.config["epochs"] == 1 and loaded.epoch == 1
+    assert loaded.sha256 and loaded.feature_dim == 512
 
 
 def test_encoder_weights_load_into_plain_torchvision(tmp_path):
     net = build_backbone("resnet18", "imagenet")
     path = tmp_path / "enc.safetensors"
-    save_encoder(path, net, meta(stem="imagenet"))
+    save_encoder(path, net, stem="imagenet")
     tensors, metadata = read_tensors(path)
     plain = models.resnet18(weights=None)
     missing, unexpected = plain.load_state_dict(tensors, strict=False)
@@ -62,7 +60,7 @@ def test_encoder_weights_load_into_plain_torchvision(tmp_path):
 
 def test_truncated_file_is_a_clear_error(tmp_path):
     path = tmp_path / "enc.safetensors"
-    save_encoder(path, build_backbone("resnet18", "cifar"), meta())
+    save_encoder(path, build_backbone("resnet18", "cifar"))
     data = path.read_bytes()
     for cut in (10, len(data) // 2, len(data) - 1):
         path.write_bytes(data[:cut])
@@ -74,7 +72,7 @@ def test_checksum_refuses_a_flipped_byte_in_a_tensor_and_a_changed_metadata_valu
     """Both damaged files are still valid safetensors files: only the sha256 in the metadata can tell."""
     torch.manual_seed(0)
     path = tmp_path / "enc.safetensors"
-    save_encoder(path, build_backbone("resnet18", "cifar"), meta())
+    save_encoder(path, build_backbone("resnet18", "cifar"))
     good = path.read_bytes()
     end = 8 + int.from_bytes(good[:8], "little")
     header = json.loads(good[8:end])
@@ -134,7 +132,7 @@ def test_foreign_and_missing_files(tmp_path):
 
 def test_mismatched_architecture(tmp_path):
     path = tmp_path / "enc.safetensors"
-    save_encoder(path, build_backbone("resnet34", "cifar"), meta(arch="resnet18"))  # metadata lies
+    encoder(build_backbone("resnet34", "cifar")).save(path)  # metadata lies
     with pytest.raises(InputError, match="does not match a resnet18"):
         load_encoder(path)
 
@@ -180,8 +178,9 @@ def test_state_round_trip_continues_identically(tmp_path, optimizer):
     for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
         assert torch.equal(a, b)
     # the backbone of a training state loads as an encoder too
-    enc, info = load_encoder(tmp_path / "last.safetensors")
-    assert info["format"] == "crlf-state"
+    enc = load_encoder(tmp_path / "last.safetensors")
+    saved, _ = read_tensors(tmp_path / "last.safetensors")
+    assert torch.equal(enc.backbone.conv1.weight, saved["model.backbone.conv1.weight"])
 
 
 @pytest.mark.parametrize(
@@ -193,6 +192,9 @@ def test_state_round_trip_continues_identically(tmp_path, optimizer):
         ("image_size", "-32", "image_size -32"),
         ("image_size", "100000000", "image_size 100000000"),
         ("feature_dim", "0", "feature_dim 0"),
+        ("patch_size", "3", "patch size 3 does not tile 32 px"),
+        ("backbone", '{"arch": "resnet18"}', "missing"),
+        ("backbone", '{"arch": "resnet18", "image_size": 32, "feature_dim": 512, "stem": "cifar", "x": 1}', "known"),
         ("mean", "[0.5, 0.5]", "mean must be a list of 3 finite numbers"),
         ("mean", '"abc"', "mean must be a list of 3"),
         ("std", "[NaN, 0.2, 0.2]", "std must be a list of 3 finite numbers"),
@@ -203,7 +205,14 @@ def test_state_round_trip_continues_identically(tmp_path, optimizer):
 )
 def test_crafted_metadata_with_a_valid_checksum_is_an_input_error(tmp_path, key, value, fragment):
     path = tmp_path / "enc.safetensors"
-    save_tensors(path, {"conv1.weight": torch.zeros(1)}, {"format": "crlf-encoder", **meta(), key: value})
+    crafted = meta("vit_tiny") if key == "patch_size" else meta()
+    spec = json.loads(crafted["backbone"])
+    if key in spec:  # the spec says it; the copy beside it for older readers agrees (else that alone is refused)
+        spec[key] = json.loads(value) if value[0] in "-0123456789" else value
+        crafted.update(backbone=json.dumps(spec), **({key: value} if key in crafted else {}))
+    else:
+        crafted[key] = value
+    save_tensors(path, {"conv1.weight": torch.zeros(1)}, {"format": "crlf-encoder", **crafted})
     read_tensors(path)  # the checksum is valid: only the values are wrong
     with pytest.raises(InputError) as info:
         load_encoder(path)
@@ -226,4 +235,4 @@ def test_crafted_metadata_exits_2_from_the_cli(tmp_path):
         r = CliRunner().invoke(app, args)
     finally:  # the CLI stops the crlf logger propagating, which would hide later tests' records from caplog
         logger.handlers[:], logger.propagate, logger.level = saved
-    assert r.exit_code == 2 and "image_size 0" in r.stderr and "unexpected" not in r.stderr
+    assert r.exit_code == 2 and "image_size '0'" in r.stderr and "unexpected" not in r.stderr

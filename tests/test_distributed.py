@@ -47,7 +47,7 @@ def _one_step(rank: int, world_size: int, port: int, out: str) -> None:
     try:
         setup = train._build(settings, world)
         share = settings.batch_size // world.world_size
-        batch = setup.images[rank * share : (rank + 1) * share]
+        batch = setup.feed.images[rank * share : (rank + 1) * share]
         loss = train._step(settings, setup, batch, torch.Generator(), 1, 1)
         tensors = {f"grad.{k}": p.grad for k, p in setup.model.named_parameters()}
         tensors.update({f"buffer.{k}": b for k, b in setup.model.named_buffers() if "running" in k})
@@ -90,7 +90,7 @@ def _one_step_single(out: str) -> None:
     try:
         settings = methods.resolve(PretrainSettings(**STEP))
         setup = train._build(settings, distributed.World(device=torch.device("cpu")))
-        loss = train._step(settings, setup, setup.images[: settings.batch_size], torch.Generator(), 1, 1)
+        loss = train._step(settings, setup, setup.feed.images[: settings.batch_size], torch.Generator(), 1, 1)
         tensors = {f"grad.{k}": p.grad for k, p in setup.model.named_parameters()}
         tensors.update({f"buffer.{k}": b for k, b in setup.model.named_buffers() if "running" in k})
         tensors["loss"] = loss.reshape(1)

@@ -12,11 +12,11 @@ import torch
 from inprocess import run_crlf
 
 import crlf as crlf_api
-from crlf.engine.checkpoint import encoder_metadata, save_encoder
+from crlf.engine import backbones
 from crlf.engine.embeddings import read_embeddings
+from crlf.engine.encoder import Encoder
 from crlf.engine.evaluate import knn_classify
 from crlf.engine.files import sha256
-from crlf.engine.model import build_backbone
 from crlf.errors import InputError
 from crlf.settings import DataSettings
 
@@ -37,16 +37,9 @@ def encoder_run(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     torch.manual_seed(0)
-    meta = encoder_metadata(
-        {"arch": "resnet18"},
-        stem="cifar",
-        image_size=8,
-        feature_dim=512,
-        mean=[0.5, 0.5, 0.5],
-        std=[0.25, 0.25, 0.25],
-        epoch=1,
-    )
-    save_encoder(run / "encoder.safetensors", build_backbone("resnet18", "cifar"), meta)
+    spec = backbones.spec_for("resnet18", 8, "cifar")
+    encoder = Encoder(backbones.build(spec), spec, [0.5] * 3, [0.25] * 3, 1, {"arch": "resnet18"})
+    encoder.save(run / "encoder.safetensors")
     (run / "config.json").write_text("{}")
     return run
 
@@ -87,8 +80,7 @@ def test_embed_api_rows_follow_the_data_order(encoder_run, tiny_folder):
     images = crlf_api.load_data(DataSettings(data="folder", data_dir=tiny_folder, image_size=8))
     assert emb.ids == images.ids and torch.equal(emb.labels, images.labels) and emb.x.shape == (60, 512)
     assert emb.provenance["image_size"] == 8 and emb.provenance["checkpoint_sha256"] == sha256(ckpt)
-    encoder, _ = crlf_api.load_encoder(ckpt)
-    encoder.eval()
+    encoder = crlf_api.load_encoder(ckpt).backbone
     with torch.no_grad():
         for i in (0, 6, 7, 33, 59):  # batch starts, middles and the ragged end
             direct = encoder((images.images[i : i + 1].float() / 255 - 0.5) / 0.25)[0]

@@ -7,19 +7,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crlf.engine.evaluate import (
-    accuracy_report,
-    balanced_subset,
-    embed,
-    finetune,
-    knn_classify,
-    linear_probe,
-)
-from crlf.engine.model import build_backbone
+from crlf.engine import backbones
+from crlf.engine.encoder import Encoder
+from crlf.engine.evaluate import accuracy_report, balanced_subset, finetune, knn_classify, linear_probe
 from crlf.errors import InputError
 
 CPU = torch.device("cpu")
-META = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+
+
+def encoder_of(net=None, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), size=8):
+    """`net` (default: a fresh CIFAR-stem ResNet-18) as an Encoder of `size` px images."""
+    spec = backbones.spec_for("resnet18", size, "cifar")
+    return Encoder(backbones.build(spec) if net is None else net, spec, list(mean), list(std))
+
+
+def embed(encoder, images, batch_size):
+    return encoder.features(images, batch_size=batch_size)
 
 
 def random_images(n, size=8, seed=0):
@@ -44,37 +47,41 @@ class MeanPool(nn.Module):
 # --- embed ------------------------------------------------------------------------------------------
 def test_embed_is_eval_mode_batch_size_invariant_and_in_input_order():
     torch.manual_seed(0)
-    encoder = build_backbone("resnet18", "cifar").train()  # embed must switch to eval itself, and switch back
-    buffers = {k: v.clone() for k, v in encoder.state_dict().items()}
+    net = encoder_of().backbone.train()  # embed must switch to eval itself, and switch back
+    encoder, buffers = encoder_of(net), {k: v.clone() for k, v in net.state_dict().items()}
     images = random_images(64)
-    out = embed(encoder, META, images, CPU, batch_size=64)
+    out = embed(encoder, images, batch_size=64)
     assert out.dtype == torch.float32 and out.shape == (64, 512) and out.device.type == "cpu"
     assert not torch.allclose(out[0], out[1])  # different images, different rows
     for batch_size in (1, 7):
-        assert torch.allclose(embed(encoder, META, images, CPU, batch_size=batch_size), out, atol=1e-5)
+        assert torch.allclose(embed(encoder, images, batch_size=batch_size), out, atol=1e-5)
     perm = torch.randperm(64, generator=torch.Generator().manual_seed(1))
-    assert torch.allclose(embed(encoder, META, images[perm], CPU, batch_size=7), out[perm], atol=1e-5)
-    assert encoder.training  # the caller's mode is restored
-    assert all(torch.equal(v, buffers[k]) for k, v in encoder.state_dict().items())  # BatchNorm statistics untouched
+    assert torch.allclose(embed(encoder, images[perm], batch_size=7), out[perm], atol=1e-5)
+    assert net.training  # the caller's mode is restored
+    assert all(torch.equal(v, buffers[k]) for k, v in net.state_dict().items())  # BatchNorm statistics untouched
+    floats = embed(encoder, images.float() / 255, batch_size=64)  # float input in [0, 1]: the same rows
+    assert torch.allclose(floats, out, atol=1e-5)
 
 
 def test_embed_scales_to_unit_range_and_normalises_with_the_encoders_mean_and_std():
-    meta = {"mean": [0.1, 0.5, 0.9], "std": [0.2, 0.3, 0.4], "image_size": 12}
+    mean, std = [0.1, 0.5, 0.9], [0.2, 0.3, 0.4]
     images = random_images(10, size=12)
     expected = (
-        (images.float() / 255 - torch.tensor(meta["mean"]).view(1, 3, 1, 1))
-        / torch.tensor(meta["std"]).view(1, 3, 1, 1)
+        (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     ).mean((2, 3))
-    assert torch.allclose(embed(MeanPool(), meta, images, CPU, batch_size=3), expected, atol=1e-5)
+    assert torch.allclose(embed(encoder_of(MeanPool(), mean, std, 12), images, batch_size=3), expected, atol=1e-5)
 
 
 def test_embed_rejects_what_it_cannot_embed():
+    encoder = encoder_of(MeanPool())
     with pytest.raises(InputError, match="too small"):
-        embed(MeanPool(), META, random_images(4, size=7), CPU)
-    with pytest.raises(InputError, match="uint8"):
-        embed(MeanPool(), META, random_images(4).float(), CPU)
-    with pytest.raises(InputError, match="mean"):
-        embed(MeanPool(), {"std": [1, 1, 1]}, random_images(4), CPU)
+        embed(encoder, random_images(4, size=7), 4)
+    with pytest.raises(InputError, match="uint8 or float"):
+        embed(encoder, random_images(4).to(torch.int32), 4)
+    with pytest.raises(InputError, match=r"\(N, 3, H, W\)"):
+        embed(encoder, random_images(4)[:, :1], 4)
+    with pytest.raises(InputError, match="batch_size must be positive"):
+        embed(encoder, random_images(4), 0)
 
 
 # --- accuracy_report and the linear probe -------------------------------------------------------------
@@ -195,16 +202,16 @@ def test_finetune_learns_an_easy_task_and_leaves_the_encoder_alone():
         return (noise + 175 * y.view(-1, 1, 1, 1)).to(torch.uint8), y  # class 0: 0..79, class 1: 175..254
 
     torch.manual_seed(0)
-    encoder = build_backbone("resnet18", "cifar")
-    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    encoder = encoder_of()
+    before = {k: v.clone() for k, v in encoder.backbone.state_dict().items()}
     train_images, train_y = bright_or_dark(64, 0)
     test_images, test_y = bright_or_dark(32, 1)
     result = finetune(
-        encoder, META, train_images, train_y, test_images, test_y, 2, device=CPU, epochs=3, batch_size=16, seed=0
+        encoder, train_images, train_y, test_images, test_y, 2, device=CPU, epochs=3, batch_size=16, seed=0
     )
     assert result["top1"] >= 80 and result["top5"] == 100.0
     assert result["train_size"] == 64 and result["test_size"] == 32 and sum(map(sum, result["confusion"])) == 32
-    assert all(torch.equal(v, before[k]) for k, v in encoder.state_dict().items())
+    assert all(torch.equal(v, before[k]) for k, v in encoder.backbone.state_dict().items())
 
 
 # --- progress hook ----------------------------------------------------------------------------------
@@ -213,11 +220,11 @@ def test_progress_hook_sees_embedding_probe_knn_and_finetuning_to_the_end(monkey
 
     calls = []
     monkeypatch.setattr(evaluate, "progress_hook", lambda what, done, total: calls.append((what, done, total)))
-    embed(MeanPool(), META, random_images(10), CPU, batch_size=4)
+    embed(encoder_of(MeanPool()), random_images(10), batch_size=4)
     x, y = blobs(40, classes=4, dim=8)
     linear_probe(x, y, x, y, 4, device=CPU, epochs=3, batch_size=16)
     knn_classify(x, y, x, y, 4, k=5, device=CPU, chunk=16)
-    finetune(build_backbone("resnet18", "cifar"), META, random_images(8), torch.arange(8) % 2, random_images(4),
+    finetune(encoder_of(), random_images(8), torch.arange(8) % 2, random_images(4),
              torch.arange(4) % 2, 2, device=CPU, epochs=2, batch_size=4)  # fmt: skip
     by_task = {}
     for what, done, total in calls:

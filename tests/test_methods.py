@@ -69,11 +69,11 @@ def test_resume_refuses_another_method(tmp_path, reference_run):
 
 
 def test_every_method_keeps_its_encoder_under_backbone(tmp_path):
-    from crlf.engine.model import build_backbone
+    from crlf.engine import backbones
 
     s = methods.resolve(resolve(PretrainSettings, {"head_hidden": 16, "head_out": 8, "device": "cpu"}))
     for name in methods.REGISTRY:
-        backbone = build_backbone("resnet18", "cifar")
+        backbone = backbones.build(backbones.spec_for("resnet18", 32, "cifar"))
         m = methods.build(s.model_copy(update={"method": name}), backbone, 512)
         assert isinstance(m, methods.Method) and m.backbone is backbone
         keys = set(m.state_dict())

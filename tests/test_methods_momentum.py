@@ -276,10 +276,10 @@ def test_tiny_run_trains_and_resumes_bit_for_bit(tmp_path, method, signal_at):
     full = tiny(tmp_path / "full", method)
     summary = pretrain(full)
     assert summary["status"] == "trained" and math.isfinite(summary["final_loss"])
-    encoder, meta = load_encoder(full.out / "encoder.safetensors")
-    assert meta["epoch"] == 2 and meta["image_size"] == 8
+    encoder = load_encoder(full.out / "encoder.safetensors")
+    assert encoder.epoch == 2 and encoder.image_size == 8
     with torch.no_grad():
-        feats = encoder(torch.rand(2, 3, 8, 8))
+        feats = encoder.backbone(torch.rand(2, 3, 8, 8))
     assert feats.shape == (2, 512) and torch.isfinite(feats).all()
     a = weights(full.out / "last.safetensors")
     assert all(any(k.startswith(f"model.{s}") for k in a) for s in STATE[method]), sorted(a)

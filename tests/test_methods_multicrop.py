@@ -298,9 +298,9 @@ def test_tiny_pretrain_runs_and_resumes_exactly_after_a_mid_epoch_signal(tmp_pat
     summary = pretrain(full)
     losses = [m["loss"] for m in RunDir(full.out).read_metrics()]
     assert summary["status"] == "trained" and len(losses) == 2 and all(math.isfinite(x) for x in losses)
-    encoder, meta = load_encoder(full.out / "encoder.safetensors")
+    encoder = load_encoder(full.out / "encoder.safetensors")
     with torch.no_grad():
-        feats = encoder(torch.rand(3, 3, 8, 8))
+        feats = encoder.backbone(torch.rand(3, 3, 8, 8))
     assert feats.shape == (3, 512) and torch.isfinite(feats).all()
     state = weights(full.out / "last.safetensors")
     kept = {"dino": ("teacher_backbone.", "center"), "swav": ("prototypes.weight", "frozen")}[method]

@@ -237,10 +237,10 @@ def test_tiny_pretrain_runs_and_its_encoder_loads(full_runs, name):
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == name
-    encoder, meta = load_encoder(out / "encoder.safetensors")
-    assert meta["epoch"] == 2 and meta["image_size"] == 8
+    encoder = load_encoder(out / "encoder.safetensors")
+    assert encoder.epoch == 2 and encoder.image_size == 8
     with torch.no_grad():
-        feats = encoder(torch.rand(3, 3, 8, 8))
+        feats = encoder.backbone(torch.rand(3, 3, 8, 8))
     assert feats.shape == (3, 512) and torch.isfinite(feats).all()
 
 

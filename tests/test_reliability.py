@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from crlf import PretrainSettings, pretrain
-from crlf.engine import checkpoint, methods, train
-from crlf.engine.checkpoint import load_encoder, load_state, read_tensors
-from crlf.engine.model import build_backbone
+from crlf.engine import backbones, checkpoint, methods, train
+from crlf.engine.checkpoint import load_state, read_tensors
+from crlf.engine.encoder import Encoder, load_encoder
 from crlf.engine.optim import build_optimizer
 from crlf.engine.rundir import RunDir
 from crlf.errors import InputError, RunError
@@ -118,7 +118,7 @@ def test_sigkill_at_named_points_then_resume_is_exact(tmp_path, reference_run):
 
 def _fresh_model_and_optimizer():
     settings = PretrainSettings(head_hidden=32, head_out=16, head_dropout=0.1)  # the reference run's
-    model = methods.build(settings, build_backbone("resnet18", "cifar"), 512)
+    model = methods.build(settings, backbones.build(backbones.spec_for("resnet18", 8, "cifar")), 512)
     return model, build_optimizer(model, "sgd", 0.1, 5e-4)
 
 
@@ -277,12 +277,10 @@ def _bad_inputs(tmp: Path) -> None:
     np.save(tmp / "flat.npy", np.zeros((10, 8), np.uint8))
     torch.manual_seed(0)
     save_file({"w": torch.zeros(3)}, str(tmp / "foreign.safetensors"))
-    meta = checkpoint.encoder_metadata(
-        {"arch": "resnet34"}, stem="cifar", image_size=8, feature_dim=512, mean=[0.5] * 3, std=[0.2] * 3, epoch=1
-    )
-    checkpoint.save_encoder(tmp / "r18_as_r34.safetensors", build_backbone("resnet18", "cifar"), meta)
+    r18, r34 = (backbones.spec_for(arch, 8, "cifar") for arch in ("resnet18", "resnet34"))
+    Encoder(backbones.build(r18), r34, [0.5] * 3, [0.2] * 3, 1).save(tmp / "r18_as_r34.safetensors")
     good = tmp / "good.safetensors"
-    checkpoint.save_encoder(good, build_backbone("resnet18", "cifar"), {**meta, "arch": "resnet18"})
+    Encoder(backbones.build(r18), r18, [0.5] * 3, [0.2] * 3, 1).save(good)
     (tmp / "truncated.safetensors").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     (tmp / "bad.toml").write_text("epochs = [unclosed\n")
     (tmp / "unknown.toml").write_text("epochs = 2\nlearning_rate = 0.1\n")
@@ -384,4 +382,4 @@ def test_no_pickle_and_no_shell_anywhere_in_the_package():
         text = path.read_text()
         for pattern in forbidden:
             assert not re.search(pattern, text), f"{path.name} matches {pattern}"
-    assert "pickle.Unpickler" in (package / "engine" / "data.py").read_text()  # the one, restricted, reader
+    assert "pickle.Unpickler" in (package / "engine" / "sources" / "builtin.py").read_text()  # the one, restricted

@@ -195,10 +195,6 @@ def test_non_finite_and_absurd_values_are_rejected(cls, values, fragment):
 def test_largest_accepted_values_still_resolve():
     s = resolve(PretrainSettings, {"seed": 2**32 - 1, "image_size": 8, "head_hidden": 16384, "lr": 1e12})
     assert s.seed == 2**32 - 1 and s.image_size == 8 and s.lr == 1e12
-    from crlf.engine.evaluate import MIN_SIDE
-    from crlf.settings import MIN_IMAGE_SIZE
-
-    assert MIN_IMAGE_SIZE == MIN_SIDE
 
 
 @pytest.mark.parametrize("where", ["flag", "env", "toml"])

@@ -79,10 +79,10 @@ def test_loss_goes_down_and_run_dir_is_complete(tmp_path):
     assert json.loads(run.config.read_text())["epochs"] == 6
     assert sorted(p.name for p in run.checkpoints.iterdir()) == ["epoch-0004.safetensors", "epoch-0006.safetensors"]
     assert "epoch 6/6" in run.log_file.read_text()
-    encoder, meta = load_encoder(run.encoder)
-    assert meta["epoch"] == 6 and meta["image_size"] == 8 and meta["stem"] == "cifar" and len(meta["mean"]) == 3
+    encoder = load_encoder(run.encoder)
+    assert encoder.epoch == 6 and encoder.image_size == 8 and encoder.spec.stem == "cifar" and len(encoder.mean) == 3
     with torch.no_grad():
-        feats = encoder(torch.rand(3, 3, 8, 8))
+        feats = encoder.backbone(torch.rand(3, 3, 8, 8))
     assert feats.shape == (3, 512) and torch.isfinite(feats).all()
 
 
@@ -155,6 +155,7 @@ IDENTITY_CHANGES = {  # for every setting that defines a run: a valid value the 
     "method": "byol",
     "arch": "resnet34",
     "stem": "imagenet",
+    "patch_size": 2,
     "head_hidden": 48,
     "head_out": 8,
     "head_layers": 3,

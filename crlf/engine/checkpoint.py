@@ -1,7 +1,8 @@
 """Safetensors checkpoints: atomic writes, self-describing metadata, the encoder file and the resumable state.
 
 Two kinds of file, told apart by the metadata key ``format``:
-- ``crlf-encoder``: the backbone alone, keys as in torchvision's ResNet (``conv1.weight``, ``layer1.0...``).
+- ``crlf-encoder``: the backbone alone, keys as in its library (torchvision, timm); written and read by
+  ``crlf.engine.encoder`` (the Encoder object), whose metadata says how to rebuild it.
 - ``crlf-state``: everything ``--resume`` needs: ``model.*`` (backbone + head), ``optim.*`` (optimizer
   buffers), and in the metadata the optimizer's param groups, the epoch, the schedule state and the config.
 No pickle anywhere: tensors go to safetensors, everything else to JSON strings in the metadata.
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import signal
 import struct
@@ -26,9 +26,7 @@ from torch import nn
 
 from crlf import __version__
 from crlf.engine.files import atomic_write
-from crlf.engine.model import ARCHS, build_backbone, feature_dim
 from crlf.errors import InputError
-from crlf.settings import MAX_IMAGE_SIZE
 
 ENCODER_FORMAT = "crlf-encoder"
 STATE_FORMAT = "crlf-state"
@@ -95,108 +93,6 @@ def read_tensors_hashed(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
             f"{path} is damaged (its checksum does not match its contents): use an earlier checkpoint or re-create it"
         )
     return tensors, metadata, hashlib.sha256(data).hexdigest()
-
-
-def encoder_metadata(
-    config: dict[str, Any],
-    *,
-    stem: str,
-    image_size: int,
-    feature_dim: int,
-    mean: list[float],
-    std: list[float],
-    epoch: int,
-) -> dict[str, str]:
-    """What a reader of the encoder needs without the run directory: architecture, input size, normalisation, config."""
-    return {
-        "arch": config["arch"],
-        "stem": stem,
-        "feature_dim": str(feature_dim),
-        "image_size": str(image_size),
-        "mean": json.dumps(mean),
-        "std": json.dumps(std),
-        "epoch": str(epoch),
-        "config": json.dumps(config),
-    }
-
-
-def save_encoder(path: Path, backbone: nn.Module, metadata: dict[str, str]) -> None:
-    """The backbone alone, in torchvision key names, for extract / linear-eval / other programs."""
-    save_tensors(path, backbone.state_dict(), {"format": ENCODER_FORMAT, **metadata})
-
-
-def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Load a crlf encoder (or the backbone of a training state) ready for inference, with its parsed metadata.
-
-    Raises InputError for a file that is not a crlf checkpoint, is truncated, or does not match its architecture.
-    The metadata's ``sha256`` is the hash of the bytes the weights were loaded from.
-    """
-    tensors, meta, file_hash = read_tensors_hashed(Path(path))
-    fmt = meta.get("format")
-    if fmt == STATE_FORMAT:
-        tensors = {k[len("model.backbone.") :]: v for k, v in tensors.items() if k.startswith("model.backbone.")}
-    elif fmt != ENCODER_FORMAT:
-        raise InputError(
-            f"{path} is not a crlf checkpoint (no crlf format in its metadata); "
-            "expected a file written by crlf pretrain"
-        )
-    info = parse_metadata(meta, path)
-    backbone = build_backbone(info["arch"], info["stem"])
-    try:
-        backbone.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise InputError(f"{path} does not match a {info['arch']} ({info['stem']} stem) encoder: {first}") from None
-    return backbone.to(device).eval(), {**info, "sha256": file_hash}
-
-
-def parse_metadata(meta: dict[str, str], path: str | Path) -> dict[str, Any]:
-    """Metadata strings -> typed values; InputError naming the missing key when the file is incomplete, or the
-    value that is out of range (a crafted or damaged file can carry a valid checksum)."""
-    try:
-        info = {
-            "format": meta["format"],
-            "crlf_version": meta.get("crlf_version", "?"),
-            "arch": meta["arch"],
-            "stem": meta["stem"],
-            "feature_dim": int(meta["feature_dim"]),
-            "image_size": int(meta["image_size"]),
-            "mean": json.loads(meta["mean"]),
-            "std": json.loads(meta["std"]),
-            "epoch": int(meta["epoch"]),
-            "config": json.loads(meta["config"]),
-        }
-    except (KeyError, ValueError) as e:
-        raise InputError(
-            f"{path}: crlf checkpoint metadata is incomplete or damaged ({e}); re-create it with crlf pretrain"
-        ) from None
-    problem = _metadata_problem(info)
-    if problem:
-        raise InputError(f"{path}: crlf checkpoint metadata is damaged ({problem}); re-create it with crlf pretrain")
-    return info
-
-
-def _metadata_problem(info: dict[str, Any]) -> str | None:
-    """What is wrong with parsed encoder metadata (names, sizes and normalisation out of range), or None."""
-    arch, stem, size = info["arch"], info["stem"], info["image_size"]
-    if arch not in ARCHS:
-        return f"unknown arch {str(arch)[:40]!r}, expected one of {', '.join(ARCHS)}"
-    if stem not in ("cifar", "imagenet"):
-        return f"unknown stem {str(stem)[:40]!r}, expected cifar or imagenet"
-    if info["feature_dim"] != feature_dim(arch):
-        return f"feature_dim {info['feature_dim']} for a {arch}, whose features have {feature_dim(arch)}"
-    if not 1 <= size <= MAX_IMAGE_SIZE:  # not MIN_IMAGE_SIZE: older runs could save smaller encoders
-        return f"image_size {size} outside 1..{MAX_IMAGE_SIZE}"
-    for key in ("mean", "std"):
-        v = info[key]
-        numbers = isinstance(v, list) and len(v) == 3
-        if not numbers or not all(type(x) in (int, float) and math.isfinite(x) for x in v):
-            return f"{key} must be a list of 3 finite numbers, found {str(v)[:60]}"
-    if min(info["std"]) <= 0:
-        return f"std must be positive, found {info['std']}"
-    if info["epoch"] < 0:
-        return f"negative epoch {info['epoch']}"
-    return None
 
 
 def save_state(

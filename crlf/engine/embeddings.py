@@ -23,8 +23,9 @@ import torch
 
 from crlf import __version__
 from crlf.engine import data, evaluate
-from crlf.engine.checkpoint import load_encoder, save_tensors
+from crlf.engine.checkpoint import save_tensors
 from crlf.engine.device import select_device
+from crlf.engine.encoder import Encoder, load_encoder
 from crlf.engine.files import atomic_write, check_writable, os_failure
 from crlf.errors import InputError
 from crlf.settings import (
@@ -41,22 +42,22 @@ log = logging.getLogger(__name__)
 PROBE_FORMAT = "crlf-linear-probe"  # linear-eval's classifier on raw features: weight (C, D), bias (C,)
 
 
-def _open_encoder(settings: EncoderInput, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+def _open_encoder(settings: EncoderInput, device: torch.device) -> Encoder:
     assert settings.ckpt is not None
     return load_encoder(settings.ckpt.expanduser(), device)
 
 
-def encoder_data(settings: DataSettings, meta: dict[str, Any]) -> DataSettings:
+def encoder_data(settings: DataSettings, encoder: Encoder) -> DataSettings:
     """The data settings with the encoder's image size unless the user chose one."""
-    return settings.model_copy(update={"image_size": settings.image_size or meta["image_size"]})
+    return settings.model_copy(update={"image_size": settings.image_size or encoder.image_size})
 
 
-def embed_images(
-    settings: EncoderInput, encoder: torch.nn.Module, meta: dict[str, Any], device: torch.device, images: data.ImageSet
-) -> torch.Tensor:
-    """Features of a loaded data set (float32 N x D on the CPU), with a log line of how long it took."""
+def embed_images(settings: EncoderInput, encoder: Encoder, images: data.ImageSet) -> torch.Tensor:
+    """Features of a loaded data set (float32 N x D on the CPU) at the settings' precision, with a log line of how
+    long it took."""
     t0 = time.perf_counter()
-    x = evaluate.embed(encoder, meta, images.images, device, settings.embed_batch_size)
+    precision = getattr(settings, "precision", "auto")
+    x = encoder.features(images.images, batch_size=settings.embed_batch_size, precision=precision)
     log.info(
         "embedded %s %s images in %.1f s (%d dims)",
         f"{len(images):,}",
@@ -89,9 +90,9 @@ def embed(ckpt: str | Path, **options: Any) -> Embeddings:
 
 def _embed(settings: EmbedSettings) -> Embeddings:
     device = select_device(settings.device)
-    encoder, meta = _open_encoder(settings, device)
-    images = data.load(encoder_data(settings, meta), settings.split)
-    x = embed_images(settings, encoder, meta, device, images)
+    encoder = _open_encoder(settings, device)
+    images = data.load(encoder_data(settings, encoder), settings.split)
+    x = embed_images(settings, encoder, images)
     bad = int((~torch.isfinite(x).all(dim=1)).sum())
     if bad:
         raise InputError(f"{settings.ckpt} gives NaN or infinite embeddings for {bad:,} of {len(x):,} images: the "
@@ -102,7 +103,7 @@ def _embed(settings: EmbedSettings) -> Embeddings:
         "crlf_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "checkpoint": str(settings.ckpt),
-        "checkpoint_sha256": meta["sha256"],  # of the bytes the weights were loaded from
+        "checkpoint_sha256": encoder.sha256,  # of the bytes the weights were loaded from
         "data": settings.data,
         "data_dir": None if settings.data_dir is None else str(settings.data_dir),
         "split": settings.split or ("train+unlabeled" if settings.data == "stl10" else "train"),
@@ -111,9 +112,10 @@ def _embed(settings: EmbedSettings) -> Embeddings:
         "dim": x.shape[1],
         "l2_normalized": settings.normalize,
         "image_size": images.images.shape[-1],
-        "mean": meta["mean"],
-        "std": meta["std"],
-        "arch": meta["arch"],
+        "mean": encoder.mean,
+        "std": encoder.std,
+        "arch": encoder.arch,
+        "backbone": json.loads(encoder.spec.to_json()),
     }
     return Embeddings(x, images.labels, images.ids, images.class_names, provenance)
 
@@ -241,9 +243,9 @@ def _labelled(
     features=False (fine-tuning, which trains on the images): the encoder and the loaded images instead of features.
     """
     if settings.ckpt is not None:
-        encoder, meta = _open_encoder(settings, device)
-        train = data.load(encoder_data(settings, meta), settings.split)
-        test = data.load(encoder_data(settings, meta), "test")
+        encoder = _open_encoder(settings, device)
+        train = data.load(encoder_data(settings, encoder), settings.split)
+        test = data.load(encoder_data(settings, encoder), "test")
         parts = {
             "train_y": train.labels,
             "test_y": test.labels,
@@ -251,16 +253,16 @@ def _labelled(
             "source": {"checkpoint": str(settings.ckpt), "data": train.source},
             "train_size": len(train),
             "test_size": len(test),
-            "dim": meta["feature_dim"],
-            "checkpoint_sha256": meta["sha256"],
+            "dim": encoder.feature_dim,
+            "checkpoint_sha256": encoder.sha256,
         }
         if features:
             parts.update(
-                train_x=embed_images(settings, encoder, meta, device, train),
-                test_x=embed_images(settings, encoder, meta, device, test),
+                train_x=embed_images(settings, encoder, train),
+                test_x=embed_images(settings, encoder, test),
             )
         else:
-            parts.update(encoder=encoder, meta=meta, train_images=train.images, test_images=test.images)
+            parts.update(encoder=encoder, train_images=train.images, test_images=test.images)
     else:
         assert settings.train_emb is not None and settings.test_emb is not None
         train_x, train_y, names, prov = read_embeddings(settings.train_emb)
@@ -313,7 +315,6 @@ def linear_eval(settings: LinearEvalSettings) -> dict[str, Any]:
             if settings.finetune:  # evaluate.finetune trains a copy: the one encoder serves every run
                 result = evaluate.finetune(
                     parts["encoder"],
-                    parts["meta"],
                     parts["train_images"][idx],
                     parts["train_y"][idx],
                     parts["test_images"],
@@ -322,6 +323,7 @@ def linear_eval(settings: LinearEvalSettings) -> dict[str, Any]:
                     device=device,
                     epochs=settings.probe_epochs,
                     seed=seed,
+                    precision=settings.precision,
                     **({"lr": settings.probe_lr} if settings.probe_lr else {}),
                 )
             else:

@@ -7,6 +7,7 @@ confusion matrix are computed one way. Bad input raises InputError with one line
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -19,6 +20,7 @@ from torch import nn
 
 from crlf.engine import augment
 from crlf.engine.device import autocast, autocast_dtype, make_generator
+from crlf.engine.encoder import Encoder, check_images
 from crlf.errors import InputError
 from crlf.settings import AugmentSettings
 
@@ -39,7 +41,6 @@ def progress(what: str, done: int, total: int) -> bool:
     return True
 
 
-MIN_SIDE = 8  # smaller images vanish in a ResNet's strided stages
 # fine-tuning's light augmentation: random resized crop of 50-100% of the area and a horizontal flip, no colour ops
 FINETUNE_AUGMENT = AugmentSettings(
     crop_min_scale=0.5, crop_max_scale=1.0, flip_p=0.5, jitter_strength=0.0, jitter_p=0.0, grayscale_p=0.0
@@ -51,21 +52,6 @@ def _positive(**values: float) -> None:
     for name, value in values.items():
         if not value > 0:
             raise InputError(f"{name} must be positive, got {value}")
-
-
-def _check_images(images: torch.Tensor, what: str) -> None:
-    if images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
-        raise InputError(
-            f"{what}: expected uint8 images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}; "
-            "load them with crlf's data sources"
-        )
-    if len(images) == 0:
-        raise InputError(f"{what}: no images to process; check the data source and --limit")
-    if min(images.shape[-2:]) < MIN_SIDE:
-        raise InputError(
-            f"{what}: images of {images.shape[-2]}x{images.shape[-1]} px are too small for the encoder; "
-            f"use --image-size {MIN_SIDE} or more"
-        )
 
 
 def _check_labels(y: torch.Tensor, n: int, num_classes: int, what: str) -> None:
@@ -94,24 +80,6 @@ def _check_features(x: torch.Tensor, y: torch.Tensor, num_classes: int, what: st
             "re-extract with a healthy checkpoint"
         )
     _check_labels(y, len(x), num_classes, what)
-
-
-def _normaliser(meta: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The encoder's per-channel mean and std from its metadata, as (1, 3, 1, 1) tensors on `device`."""
-    try:
-        mean, std = (
-            torch.tensor([float(v) for v in meta[key]], device=device).view(1, 3, 1, 1) for key in ("mean", "std")
-        )
-    except (KeyError, TypeError, ValueError, RuntimeError):
-        raise InputError(
-            "encoder metadata needs 'mean' and 'std' lists of 3 numbers: load the encoder with crlf's load_encoder"
-        ) from None
-    if not bool((std > 0).all()):
-        raise InputError(
-            f"encoder metadata has a non-positive std {std.flatten().tolist()}: "
-            "re-create the checkpoint with crlf pretrain"
-        )
-    return mean, std
 
 
 def _prepare(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -148,48 +116,6 @@ def accuracy_report(logits_or_scores: torch.Tensor, y: torch.Tensor, num_classes
 
 
 # --- protocols ------------------------------------------------------------------------------------
-def embed(
-    encoder: nn.Module, meta: dict, images: torch.Tensor, device: torch.device, batch_size: int = 512
-) -> torch.Tensor:
-    """Features of uint8 (N, 3, H, W) images from the frozen encoder in eval mode: float32 (N, D) on the CPU, in
-    input order.
-
-    Un-augmented images, scaled to [0, 1] and normalised with meta's mean / std as in pretraining; eval mode makes
-    BatchNorm use its running statistics, so a row does not depend on the batch it was in. bf16 autocast on CUDA.
-    """
-    _check_images(images, "embed")
-    _positive(batch_size=batch_size)
-    if meta.get("image_size") not in (None, images.shape[-1]):
-        log.warning(
-            "embedding %dx%d px images with an encoder pretrained on %s px",
-            images.shape[-2],
-            images.shape[-1],
-            meta["image_size"],
-        )
-    mean, std = _normaliser(meta, device)
-    dtype, was_training = autocast_dtype(device), encoder.training
-    out: torch.Tensor | None = None
-    shown = time.monotonic()
-    encoder.eval()
-    try:
-        with torch.no_grad():
-            for i in range(0, len(images), batch_size):
-                x = _prepare(images[i : i + batch_size].to(device, non_blocking=True).float().div_(255), mean, std)
-                with autocast(device, dtype):
-                    z = encoder(x)
-                if out is None:
-                    out = torch.empty((len(images), z.shape[1]), dtype=torch.float32)
-                out[i : i + len(z)] = z.float()
-                # the hook's bar or lines, else a plain progress line now and then for long CPU runs
-                if not progress("embedding", i + len(z), len(images)) and time.monotonic() - shown > 30:
-                    shown = time.monotonic()
-                    log.info("embedded %s of %s images", f"{i + len(z):,}", f"{len(images):,}")
-    finally:
-        encoder.train(was_training)
-    assert out is not None
-    return out
-
-
 def linear_probe(
     train_x: torch.Tensor,
     train_y: torch.Tensor,
@@ -323,8 +249,7 @@ def balanced_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.T
 
 
 def finetune(
-    encoder: nn.Module,
-    meta: dict,
+    encoder: Encoder,
     train_images: torch.Tensor,
     train_y: torch.Tensor,
     test_images: torch.Tensor,
@@ -337,17 +262,18 @@ def finetune(
     lr: float = 0.05,
     encoder_lr_scale: float = 0.1,
     seed: int = 0,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     """Fine-tuning accuracy: a copy of the encoder is trained with a new linear head on the labelled images.
 
     The other downstream protocol (SimCLR's semi-supervised table): light augmentation (random resized crop of
     50-100% of the area, horizontal flip), cross-entropy, SGD momentum 0.9 with cosine decay, the encoder at
-    lr x encoder_lr_scale and the head at lr, bf16 autocast on CUDA. Batches are full (the remainder of an epoch
-    is dropped) so BatchNorm never sees a batch of one. Test images are embedded un-augmented in eval mode.
-    The caller's encoder is left unchanged. Returns the same fields as linear_probe.
+    lr x encoder_lr_scale and the head at lr, bf16 autocast on CUDA under precision 'auto'. Batches are full (the
+    remainder of an epoch is dropped) so BatchNorm never sees a batch of one. Test images are embedded un-augmented
+    in eval mode. The caller's encoder is left unchanged. Returns the same fields as linear_probe.
     """
-    _check_images(train_images, "fine-tuning train")
-    _check_images(test_images, "fine-tuning test")
+    check_images(train_images, "fine-tuning train")
+    check_images(test_images, "fine-tuning test")
     _check_labels(train_y, len(train_images), num_classes, "fine-tuning train")
     _check_labels(test_y, len(test_images), num_classes, "fine-tuning test")
     _positive(epochs=epochs, batch_size=batch_size, lr=lr, encoder_lr_scale=encoder_lr_scale)
@@ -357,10 +283,10 @@ def finetune(
             "use a larger label fraction"
         )
     t0 = time.perf_counter()
-    model = copy.deepcopy(encoder).to(device)
-    mean, std = _normaliser(meta, device)
-    dim = embed(model, meta, train_images[:1], device).shape[1]
-    head = nn.Linear(dim, num_classes).to(device)
+    tuned = dataclasses.replace(encoder, backbone=copy.deepcopy(encoder.backbone).to(device))
+    model = tuned.backbone
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (encoder.mean, encoder.std))
+    head = nn.Linear(encoder.feature_dim, num_classes).to(device)
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     base = [lr * encoder_lr_scale, lr]
@@ -373,7 +299,7 @@ def finetune(
     per_epoch = n // batch
     total, steps = epochs * per_epoch, 0
     augment_gen, order = make_generator(device, seed), torch.Generator().manual_seed(seed)
-    dtype = autocast_dtype(device)
+    dtype = autocast_dtype(device, precision)
     model.train()
     progress("fine-tuning", 0, total)
     for _ in range(epochs):
@@ -389,7 +315,7 @@ def finetune(
             optimizer.step()
             steps += 1
             progress("fine-tuning", steps, total)
-    features = embed(model, meta, test_images, device)
+    features = tuned.features(test_images, precision=precision)
     with torch.no_grad():
         logits = head(features.to(device))
     log.debug("fine-tuning: %d steps, last batch loss %.4f", steps, loss.detach())

@@ -25,7 +25,7 @@ class LARS(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 grad = p.grad
-                if p.ndim > 1:  # weight matrices / conv kernels: decay and adapt
+                if p.ndim > 1 and group.get("adapt", True):  # weight matrices / conv kernels: decay and adapt
                     grad = grad.add(p, alpha=group["weight_decay"])
                     w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(grad)
                     ratio = torch.where(
@@ -41,19 +41,26 @@ class LARS(torch.optim.Optimizer):
         return None
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """sgd (momentum 0.9, nesterov off), lars, or adam; 1-D parameters (biases, BatchNorm) get no weight decay."""
-    trained = [p for p in model.parameters() if p.requires_grad]  # not a momentum teacher's
-    decay = [p for p in trained if p.ndim > 1]
-    no_decay = [p for p in trained if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def build_optimizer(
+    model: nn.Module, name: str, lr: float, weight_decay: float, no_decay: set[str] = frozenset()
+) -> torch.optim.Optimizer:
+    """sgd (momentum 0.9, nesterov off), lars, adam or adamw. Parameters named in `no_decay` and every 1-D one
+    (biases, norms) get no weight decay (and no LARS adaptation): position embeddings and class tokens are not
+    weights to shrink. A momentum teacher's frozen parameters are left out."""
+    decay, keep = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (keep if p.ndim <= 1 or n in no_decay else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0, "adapt": False}]
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9)
     if name == "lars":
         return LARS(groups, lr=lr)
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr)
-    raise ValueError(f"unknown optimizer '{name}': choose sgd, lars or adam")
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    raise ValueError(f"unknown optimizer '{name}': choose sgd, lars, adam or adamw")
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, schedule: str) -> float:

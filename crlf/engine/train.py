@@ -25,14 +25,16 @@ from typing import Any, Protocol
 import torch
 
 from crlf import __version__
-from crlf.engine import data, distributed, evaluate, methods
-from crlf.engine.checkpoint import encoder_metadata, load_state, save_encoder, save_state
+from crlf.engine import backbones, data, distributed, evaluate, methods, sources
+from crlf.engine.backbones import BackboneSpec
+from crlf.engine.checkpoint import load_state, save_state
 from crlf.engine.device import autocast, autocast_dtype, make_generator, seed_everything
+from crlf.engine.encoder import Encoder
 from crlf.engine.files import atomic_write
-from crlf.engine.model import build_backbone, feature_dim, resolve_stem
 from crlf.engine.optim import Plateau, build_optimizer, lr_at
 from crlf.engine.rundir import RunDir
 from crlf.engine.signals import StopFlag
+from crlf.engine.sources.feed import Feed, MemoryFeed, open_feed
 from crlf.errors import InputError, Interrupted, RunError
 from crlf.settings import PretrainSettings
 
@@ -48,6 +50,7 @@ IDENTITY_KEYS = (
     "method",
     "arch",
     "stem",
+    "patch_size",
     "head_hidden",
     "head_out",
     "head_layers",
@@ -98,10 +101,11 @@ class _Setup:
     model: methods.Method
     step_model: torch.nn.Module  # the model, compiled when asked
     optimizer: torch.optim.Optimizer
-    images: torch.Tensor  # uint8 (N, 3, H, W), on the device when it fits
+    feed: Feed  # the training images: in memory (on the device when they fit) or streamed
+    probe: torch.Tensor  # uint8 (<= 64, 3, S, S): the fixed batch the divergence / collapse probe embeds
     mean: torch.Tensor  # (1, 3, 1, 1) on the device
     std: torch.Tensor
-    stem: str
+    spec: BackboneSpec  # the backbone's, resolved for the data's image size
     device: torch.device
     amp: torch.dtype | None
     monitor: _Monitor | None  # the --knn-every evaluation data, when asked for (main process only)
@@ -328,47 +332,52 @@ def _writing(run: RunDir) -> Iterator[None]:
 def _build(settings: PretrainSettings, world: distributed.World) -> _Setup:
     """Load the data, build model and optimizer (seeded, so weights are reproducible) on this process's device."""
     device = world.device
-    images = data.load(settings)
-    if len(images) < settings.batch_size:
+    plan = methods.crop_plan(settings, settings.image_size or sources.REGISTRY[settings.data].default_size or 0)
+    feed = open_feed(settings, device, plan, settings.seed)
+    if len(feed) < settings.batch_size:
         raise InputError(
-            f"batch size {settings.batch_size} is larger than the data set ({len(images)} images): "
-            f"use --batch-size {len(images)} or less"
+            f"batch size {settings.batch_size} is larger than the data set ({len(feed)} images): "
+            f"use --batch-size {len(feed)} or less"
         )
     amp = autocast_dtype(device, settings.precision)
-    size = images.images.shape[-1]
-    stem = resolve_stem(settings.stem, size)
+    size = feed.size
+    spec = backbones.spec_for(settings.arch, size, settings.stem, settings.patch_size)
     seed_everything(settings.seed)
-    model = methods.build(settings, build_backbone(settings.arch, stem), feature_dim(settings.arch))
-    mean, std = channel_stats(images.images)
+    backbone = backbones.build(spec)
+    no_decay = {f"backbone.{n}" for n in backbones.no_weight_decay(spec, backbone)}
+    model = methods.build(settings, backbone, spec.feature_dim)
+    mean, std = channel_stats(feed.spaced(10_000))
     model = model.to(device)
     if settings.sync_bn and world.active:
         model = distributed.sync_batchnorm(model, device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, settings.optimizer, settings.resolved_lr, settings.resolved_weight_decay)
-    monitor = _monitor_data(settings, images) if settings.knn_every and world.main else None
+    optimizer = build_optimizer(
+        model, settings.optimizer, settings.resolved_lr, settings.resolved_weight_decay, no_decay
+    )
+    monitor = _monitor_data(settings, feed) if settings.knn_every and world.main else None
     step_model = distributed.wrap(model, world)
     log.info(
-        "%s images %dx%d from %s; %s (%s stem) on %s%s; %d steps/epoch%s",
-        f"{len(images):,}",
+        "%s images %dx%d from %s; %s on %s%s; %d steps/epoch%s",
+        f"{len(feed):,}",
         size,
         size,
-        images.source,
-        settings.arch,
-        stem,
+        feed.source,
+        backbones.describe(spec),
         device,
         f" ({str(amp).removeprefix('torch.')})" if amp else "",
-        len(images) // settings.batch_size,
+        len(feed) // settings.batch_size,
         f"; {world.world_size} processes x {settings.batch_size // world.world_size} images" if world.active else "",
     )
     return _Setup(
         model=model,
         step_model=torch.compile(step_model) if settings.compile else step_model,
         optimizer=optimizer,
-        images=_place(images.images, device),
+        feed=feed,
+        probe=feed.head(64),
         mean=torch.tensor(mean, device=device).view(1, 3, 1, 1),
         std=torch.tensor(std, device=device).view(1, 3, 1, 1),
-        stem=stem,
+        spec=spec,
         device=device,
         amp=amp,
         monitor=monitor,
@@ -376,29 +385,23 @@ def _build(settings: PretrainSettings, world: distributed.World) -> _Setup:
     )
 
 
-def _monitor_data(settings: PretrainSettings, images: data.ImageSet) -> _Monitor:
+def _monitor_data(settings: PretrainSettings, feed: Feed) -> _Monitor:
     """The test split for the kNN monitor, at the training image size; labels are required on both sides."""
-    if images.labels is None:
+    if not isinstance(feed, MemoryFeed):
         raise InputError(
-            f"--knn-every needs labelled training images, and {images.source} has none: "
+            "--knn-every embeds every training image each time: it needs them in memory; use --no-stream, or "
+            "--knn-every 0 and score the checkpoints with crlf knn-eval"
+        )
+    if feed.labels is None:
+        raise InputError(
+            f"--knn-every needs labelled training images, and {feed.source} has none: "
             "use a labelled split (e.g. --split train) or --knn-every 0"
         )
-    test = data.load(settings.model_copy(update={"image_size": images.images.shape[-1]}), "test")
+    test = data.load(settings.model_copy(update={"image_size": feed.size}), "test")
     if test.labels is None:
         raise InputError(f"--knn-every needs a labelled test split, and {test.source} has none: use --knn-every 0")
-    classes = int(max(images.labels.max(), test.labels.max())) + 1
-    return _Monitor(images.labels, test.images, test.labels, classes)
-
-
-def _place(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Put the uint8 data set on the accelerator when it fits comfortably (CIFAR-10 is 150 MB), else pin it."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if images.nbytes < 0.3 * free:
-            return images.to(device)
-        log.info("data set (%.1f GB) stays in pinned host memory", images.nbytes / 1e9)
-        return images.pin_memory()
-    return images.to(device)
+    classes = int(max(feed.labels.max(), test.labels.max())) + 1
+    return _Monitor(feed.labels, test.images, test.labels, classes)
 
 
 def channel_stats(images: torch.Tensor, sample: int = 10_000) -> tuple[list[float], list[float]]:
@@ -419,7 +422,7 @@ def _loop(
     stop: StopFlag,
 ) -> dict[str, Any]:
     start, plateau = progress["epoch"], Plateau(**progress["plateau"])
-    n, world = len(s.images), s.world
+    n, world = len(s.feed), s.world
     bsz = settings.batch_size  # global: this process takes its share of each batch
     share = bsz // world.world_size
     steps = n // bsz  # drop the last partial batch: every step sees the same number of negatives
@@ -427,7 +430,7 @@ def _loop(
     warmup = min(total_steps, round(settings.warmup_epochs * steps))
     peak = settings.resolved_lr
     gen = make_generator(s.device, settings.seed)
-    index_device = s.images.device  # batches are drawn where the data lives
+    index_device = s.feed.rows_on  # batches are drawn where the data lives
     index_gen = gen if index_device == s.device else make_generator(index_device, settings.seed)
     reporter.on_start(
         {
@@ -458,14 +461,14 @@ def _loop(
             first, before = progress["step"], progress["seconds"]
             loss_sum += progress["loss_sum"]
             _set_rng(gen, rng, s.device)
+        batches = s.feed.batches(epoch, perm, first, steps, bsz, world.rank, share)
         t0 = time.perf_counter()
         lr = peak
         for step in range(first, steps):
             lr = lr_at(epoch * steps + step, total_steps, warmup, peak, settings.schedule) * plateau.scale
             for group in s.optimizer.param_groups:
                 group["lr"] = lr
-            rows = step * bsz + world.rank * share
-            batch = s.images[perm[rows : rows + share]].to(s.device, non_blocking=True)
+            batch = next(batches)
             try:
                 loss_sum += _step(settings, s, batch, gen, epoch * steps + step + 1, total_steps)
             except RuntimeError as e:
@@ -516,6 +519,7 @@ def _loop(
                             f"batch are NaN or infinite (training loss {loss:.4g})", epoch, run)
         if settings.schedule == "plateau":
             plateau.update(loss)
+        skipped = s.feed.skipped()
         metrics = {
             "epoch": epoch + 1,
             "loss": round(loss, 6),
@@ -525,6 +529,10 @@ def _loop(
             "embedding_std": round(spread, 5),
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        if skipped:  # streaming: unreadable images, each replaced by the next readable one
+            metrics["skipped_images"] = len(skipped)
+            log.warning("skipped %s unreadable images in epoch %d (each replaced by the next readable one): %s",
+                        f"{len(skipped):,}", epoch + 1, ", ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else ""))
         if spread < 1e-4:
             log.warning("the embeddings have collapsed (std %.2g across a probe batch): every image maps to the "
                         "same point; try a lower --lr or another method's defaults", spread)
@@ -548,6 +556,7 @@ def _loop(
             f"  kNN top-1 {metrics['knn_top1']:.2f}%" if "knn_top1" in metrics else "",
         )
         reporter.on_epoch(metrics)
+    s.feed.close()
     if world.main:
         with _writing(run):
             _save_encoder(settings, s, run, max(start, settings.epochs))
@@ -575,7 +584,7 @@ def _probe(s: _Setup) -> float | None:
     s.model.eval()
     try:
         with torch.no_grad(), autocast(s.device, s.amp):
-            out = s.model.backbone((s.images[:64].to(s.device).float() / 255 - s.mean) / s.std).float()
+            out = s.model.backbone((s.probe.to(s.device).float() / 255 - s.mean) / s.std).float()
         if not bool(torch.isfinite(out).all()):
             return None
         return float(torch.nn.functional.normalize(out, dim=1).std(dim=0).mean())
@@ -593,9 +602,10 @@ def _knn(settings: PretrainSettings, s: _Setup, m: _Monitor) -> dict[str, float]
     """kNN top-1 of the test split against the training images, embedded by the backbone in eval mode (no randomness
     is drawn, so the monitor does not change the run)."""
     t0 = time.perf_counter()
-    meta = {"mean": s.mean.flatten().tolist(), "std": s.std.flatten().tolist()}
-    bank = evaluate.embed(s.model.backbone, meta, s.images, s.device, settings.batch_size)
-    queries = evaluate.embed(s.model.backbone, meta, m.test_images, s.device, settings.batch_size)
+    encoder = _encoder(settings, s, 0)
+    assert isinstance(s.feed, MemoryFeed)  # _monitor_data refuses a stream
+    bank = encoder.features(s.feed.images, batch_size=settings.batch_size, precision=settings.precision)
+    queries = encoder.features(m.test_images, batch_size=settings.batch_size, precision=settings.precision)
     result = evaluate.knn_classify(
         bank,
         m.train_labels,
@@ -644,16 +654,14 @@ def _step(
     return loss.detach()
 
 
+def _encoder(settings: PretrainSettings, s: _Setup, epoch: int) -> Encoder:
+    """The run's backbone as an Encoder (shared weights, not a copy) with its normalisation and provenance."""
+    config = s.record or settings.model_dump(mode="json")
+    return Encoder(s.model.backbone, s.spec, s.mean.flatten().tolist(), s.std.flatten().tolist(), epoch, config)
+
+
 def _metadata(settings: PretrainSettings, s: _Setup, epoch: int) -> dict[str, str]:
-    return encoder_metadata(
-        s.record or settings.model_dump(mode="json"),
-        stem=s.stem,
-        image_size=s.images.shape[-1],
-        feature_dim=feature_dim(settings.arch),
-        mean=s.mean.flatten().tolist(),
-        std=s.std.flatten().tolist(),
-        epoch=epoch,
-    )
+    return _encoder(settings, s, epoch).metadata()
 
 
 def _save(settings: PretrainSettings, s: _Setup, run: RunDir, epoch: int, plateau: Plateau) -> None:
@@ -666,5 +674,5 @@ def _save(settings: PretrainSettings, s: _Setup, run: RunDir, epoch: int, platea
 
 
 def _save_encoder(settings: PretrainSettings, s: _Setup, run: RunDir, epoch: int) -> None:
-    save_encoder(run.encoder, s.model.backbone, _metadata(settings, s, epoch))
+    _encoder(settings, s, epoch).save(run.encoder)
     log.info("encoder written to %s", run.encoder)

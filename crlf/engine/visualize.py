@@ -23,9 +23,9 @@ from pydantic import ValidationError
 
 from crlf import __version__
 from crlf.engine import augment, data, evaluate, plots
-from crlf.engine.checkpoint import load_encoder
 from crlf.engine.device import select_device
 from crlf.engine.embeddings import embed_images, encoder_data, read_embeddings
+from crlf.engine.encoder import load_encoder
 from crlf.engine.files import atomic_write, check_writable, os_failure
 from crlf.engine.rundir import RunDir
 from crlf.errors import InputError
@@ -176,8 +176,8 @@ class _Inputs:
         s, ckpt = self.settings, self.checkpoint
         assert ckpt is not None
         device = select_device(s.device)
-        encoder, meta = load_encoder(ckpt, device)
-        data_settings = encoder_data(self.merged(DataSettings), meta)
+        encoder = load_encoder(ckpt, device)
+        data_settings = encoder_data(self.merged(DataSettings), encoder)
         images = None
         if self.run is not None and "split" not in s.model_fields_set:
             try:  # a run's figures show its held-out images when the source has them
@@ -189,7 +189,7 @@ class _Inputs:
         keep = data.pick(len(images), s.max_points, s.seed)
         if keep is not None:
             images = images.subset(keep)
-        x = embed_images(s, encoder, meta, device, images)
+        x = embed_images(s, encoder, images)
         return _Points(
             x.numpy(),
             None if images.labels is None else images.labels.numpy(),

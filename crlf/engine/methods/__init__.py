@@ -68,6 +68,7 @@ def resolve(settings: PretrainSettings) -> PretrainSettings:
     if cls is None:
         raise InputError(f"--method {settings.method} is not available in this version of crlf: "
                          f"choose one of {', '.join(sorted(REGISTRY))}")
+    backbones.check(settings.arch)  # an unknown or unavailable backbone fails before any data is read
     chosen = {**_COMMON_DEFAULTS, **cls.defaults, **backbones.defaults(settings.arch)}  # ViTs: AdamW
     unset = {k: v for k, v in chosen.items() if getattr(settings, k) is None}
     return settings.model_copy(update=unset) if unset else settings

@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from crlf.engine.heads import build_head
 from crlf.engine.methods import Method, full_precision, pair, register
-from crlf.engine.model import build_head
 from crlf.settings import PretrainSettings
 
 BN_EPS = 1e-5  # torch.nn.BatchNorm1d's, as in the official code's affine-free bn

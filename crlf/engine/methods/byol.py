@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from crlf.engine import augment, distributed
+from crlf.engine.heads import build_head
 from crlf.engine.methods import Method, full_precision, register
 from crlf.engine.methods.teacher import ema_, frozen_copy, momentum_at
-from crlf.engine.model import build_head
 from crlf.settings import PretrainSettings
 
 BLUR_MIN_SIZE = 33  # images at least this large get BYOL's blur (1.0 / 0.1)
@@ -68,12 +68,14 @@ def _cat(a: augment.AugmentParams, b: augment.AugmentParams) -> augment.AugmentP
     return augment.AugmentParams(**fields)
 
 
-def asymmetric_views(batch: torch.Tensor, settings: PretrainSettings, gen: torch.Generator) -> list[torch.Tensor]:
+def asymmetric_views(
+    batch: torch.Tensor | augment.Crops, settings: PretrainSettings, gen: torch.Generator
+) -> list[torch.Tensor]:
     """BYOL's two views of a uint8 batch as float in [0, 1]: view 1's parameters, then view 2's, from `gen`."""
     n, (h, w) = len(batch), batch.shape[-2:]
     size = min(h, w)
     params = [augment.sample_params(n, h, w, cfg, gen) for cfg in view_settings(settings, size)]
-    x = augment.apply(torch.cat([batch, batch]), _cat(*params), size, gen)
+    x = augment.apply(augment.repeat(batch, 2), _cat(*params), size, gen)
     return [x[:n], x[n:]]
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from crlf.engine.heads import build_head
 from crlf.engine.loss import nt_xent
 from crlf.engine.methods import Method, full_precision, pair, register
-from crlf.engine.model import build_head
 from crlf.settings import PretrainSettings
 
 

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from crlf.engine import distributed
+from crlf.engine.heads import build_head
 from crlf.engine.methods import Method, full_precision, register
-from crlf.engine.model import build_head
 from crlf.settings import PretrainSettings
 
 

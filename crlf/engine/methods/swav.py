@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from crlf.engine import distributed
+from crlf.engine.heads import build_head
 from crlf.engine.methods import Method, full_precision, multi_crop_views, per_crop_size, register
-from crlf.engine.model import build_head
 from crlf.settings import PretrainSettings
 
 EPSILON = 0.05  # official --epsilon

@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from crlf.engine.heads import build_head
 from crlf.engine.methods import Method, full_precision, pair, register
 from crlf.engine.methods.barlow import off_diagonal, spread
-from crlf.engine.model import build_head
 from crlf.settings import PretrainSettings
 
 VAR_EPS = 1e-4  # the official code's, inside the square root of the variance

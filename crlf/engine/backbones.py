@@ -196,7 +196,8 @@ class _ViT(models.VisionTransformer):
         if h == w == self.image_size:
             return super().forward(x)
         if h % p or w % p:
-            raise InputError(f"a ViT with {p} px patches takes sides that are multiples of {p}, got {h}x{w}")
+            raise InputError(f"a ViT with {p} px patches takes sides that are multiples of {p}, got {h}x{w}: "
+                             f"choose an --image-size that is a multiple of {p}")
         tokens = self.conv_proj(x).flatten(2).transpose(1, 2)  # (B, h/p * w/p, D)
         tokens = torch.cat([self.class_token.expand(n, -1, -1), tokens], dim=1)
         pos = self.encoder.pos_embedding

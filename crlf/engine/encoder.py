@@ -123,6 +123,9 @@ class Encoder:
             if batch_size <= 0:
                 raise InputError(f"batch_size must be positive, got {batch_size}")
             total = len(images)
+            if images.shape[-1] != self.image_size:
+                log.warning("embedding %dx%d px images with an encoder pretrained on %d px", *images.shape[-2:],
+                            self.image_size)
             batches: Iterable[torch.Tensor] = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
         else:
             batches = images

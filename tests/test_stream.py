@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from inprocess import run_crlf
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -218,3 +219,51 @@ def test_streaming_dino_with_spawned_workers_counts_a_corrupt_file(tmp_path, tin
     metrics = json.loads((Path(run["run_dir"]) / "metrics.jsonl").read_text().splitlines()[0])
     assert metrics["skipped_images"] == 1 and "skipped 1 unreadable images in epoch 1" in caplog.text
     assert "cat/broken.jpg (" in caplog.text
+
+
+# --- embedding streamed: extract, the evaluations and visualize --------------------------------------------------
+def _extract(ckpt: Path, out: Path, *args: object) -> dict:
+    r = run_crlf("extract", "--ckpt", ckpt, "--out", out, "--device", "cpu", "--json", *args)
+    assert r.returncode == 0, r.stderr
+    return {"rows": np.load(out), "side": json.loads(Path(f"{out}.json").read_text()), "log": r.stderr}
+
+
+@pytest.mark.parametrize("kind", ["folder", "tar"])
+def test_extract_streamed_gives_the_in_memory_rows_ids_labels_and_skips(kind, reference_run, tiny_folder, shards,
+                                                                        tmp_path):  # fmt: skip
+    if kind == "folder":
+        (tiny_folder / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")  # skipped, not replaced
+        data = ["--data", "folder", "--data-dir", tiny_folder, "--workers", 1]  # one spawned decoding process
+    else:
+        data = ["--data", "tar", "--data-dir", shards, "--workers", 0, "--embed-batch-size", 10]
+    ckpt = reference_run.path / "encoder.safetensors"
+    streamed = _extract(ckpt, tmp_path / "s.npy", *data, "--stream")
+    memory = _extract(ckpt, tmp_path / "m.npy", *data, "--no-stream")
+    assert "data: streaming from" in streamed["log"] and "--stream" in streamed["log"]
+    assert "data: in memory (--no-stream)" in memory["log"]
+    assert np.array_equal(streamed["rows"], memory["rows"]) and len(memory["rows"]) == (60 if kind == "folder" else 24)
+    for key in ("ids", "labels", "class_names", "image_size", "count"):
+        assert streamed["side"][key] == memory["side"][key]
+    if kind == "folder":
+        assert "dog/broken.jpg" not in streamed["side"]["ids"]
+        assert "skipped 1 of 61 files" in streamed["log"] and "dog/broken.jpg (" in streamed["log"]
+
+
+def test_evaluations_and_visualize_stream_finetune_does_not(reference_run, tiny_folder, tmp_path):
+    ckpt = reference_run.path / "encoder.safetensors"
+    data = ["--ckpt", ckpt, "--data", "folder", "--data-dir", tiny_folder, "--test-data-dir", tiny_folder,
+            "--device", "cpu", "--workers", 0, "--json"]  # fmt: skip
+    results = []
+    for stream in ("--stream", "--no-stream"):
+        r = run_crlf("knn-eval", *data, stream, "--k", 5, "--results", tmp_path / f"knn{stream}.json")
+        assert r.returncode == 0, r.stderr
+        assert ("data: streaming from" in r.stderr) == (stream == "--stream")
+        results.append(json.loads(r.stdout))
+    assert results[0]["top1"] == results[1]["top1"] and results[0]["train_size"] == 60
+    r = run_crlf("linear-eval", *data, "--stream", "--finetune", "--probe-epochs", 1)
+    assert r.returncode == 2 and "--finetune trains on the images in memory" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_crlf("visualize", "--ckpt", ckpt, "--data", "folder", "--data-dir", tiny_folder, "--device", "cpu",
+                 "--workers", 0, "--stream", "--kind", "pca", "--max-points", 40, "--out", tmp_path / "pca.png")
+    assert r.returncode == 0, r.stderr
+    assert "data: streaming from" in r.stderr and "streaming 40 images" in r.stderr and (tmp_path / "pca.png").is_file()

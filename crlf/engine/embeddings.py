@@ -27,6 +27,7 @@ from crlf.engine.checkpoint import save_tensors
 from crlf.engine.device import select_device
 from crlf.engine.encoder import Encoder, load_encoder
 from crlf.engine.files import atomic_write, check_writable, os_failure
+from crlf.engine.sources.squares import SquareStream, open_images
 from crlf.errors import InputError
 from crlf.settings import (
     DataSettings,
@@ -52,15 +53,16 @@ def encoder_data(settings: DataSettings, encoder: Encoder) -> DataSettings:
     return settings.model_copy(update={"image_size": settings.image_size or encoder.image_size})
 
 
-def embed_images(settings: EncoderInput, encoder: Encoder, images: data.ImageSet) -> torch.Tensor:
-    """Features of a loaded data set (float32 N x D on the CPU) at the settings' precision, with a log line of how
-    long it took."""
+def embed_images(settings: EncoderInput, encoder: Encoder, images: data.ImageSet | SquareStream) -> torch.Tensor:
+    """Features of a data set in memory or streamed (float32 N x D on the CPU; streamed: one row per readable image)
+    at the settings' precision, with a log line of how long it took."""
     t0 = time.perf_counter()
     precision = getattr(settings, "precision", "auto")
-    x = encoder.features(images.images, batch_size=settings.embed_batch_size, precision=precision)
+    pixels = images if isinstance(images, SquareStream) else images.images
+    x = encoder.features(pixels, batch_size=settings.embed_batch_size, precision=precision, total=len(images))
     log.info(
         "embedded %s %s images in %.1f s (%d dims)",
-        f"{len(images):,}",
+        f"{len(x):,}",
         images.source,
         time.perf_counter() - t0,
         x.shape[1],
@@ -91,7 +93,8 @@ def embed(ckpt: str | Path, **options: Any) -> Embeddings:
 def _embed(settings: EmbedSettings) -> Embeddings:
     device = select_device(settings.device)
     encoder = _open_encoder(settings, device)
-    images = data.load(encoder_data(settings, encoder), settings.split)
+    data_settings = encoder_data(settings, encoder)
+    images = open_images(data_settings, settings.split, settings.embed_batch_size)
     x = embed_images(settings, encoder, images)
     bad = int((~torch.isfinite(x).all(dim=1)).sum())
     if bad:
@@ -111,7 +114,7 @@ def _embed(settings: EmbedSettings) -> Embeddings:
         "count": len(x),
         "dim": x.shape[1],
         "l2_normalized": settings.normalize,
-        "image_size": images.images.shape[-1],
+        "image_size": data_settings.image_size,
         "mean": encoder.mean,
         "std": encoder.std,
         "arch": encoder.arch,
@@ -243,24 +246,28 @@ def _labelled(
     features=False (fine-tuning, which trains on the images): the encoder and the loaded images instead of features.
     """
     if settings.ckpt is not None:
+        if not features and settings.stream:
+            raise InputError("linear-eval --finetune trains on the images in memory or their memory-mapped cache: "
+                             "drop --stream")  # fmt: skip
         encoder = _open_encoder(settings, device)
-        train = data.load(encoder_data(settings, encoder), settings.split)
-        test = data.load(encoder_data(settings, encoder), "test")
+        data_settings = encoder_data(settings, encoder)
+        if features:
+            train_x, train = _embed_split(settings, encoder, data_settings, settings.split)
+            test_x, test = _embed_split(settings, encoder, data_settings, "test")
+        else:
+            train, test = data.load(data_settings, settings.split), data.load(data_settings, "test")
         parts = {
             "train_y": train.labels,
             "test_y": test.labels,
             "class_names": train.class_names,
             "source": {"checkpoint": str(settings.ckpt), "data": train.source},
-            "train_size": len(train),
-            "test_size": len(test),
+            "train_size": len(train_x) if features else len(train),
+            "test_size": len(test_x) if features else len(test),
             "dim": encoder.feature_dim,
             "checkpoint_sha256": encoder.sha256,
         }
         if features:
-            parts.update(
-                train_x=embed_images(settings, encoder, train),
-                test_x=embed_images(settings, encoder, test),
-            )
+            parts.update(train_x=train_x, test_x=test_x)
         else:
             parts.update(encoder=encoder, train_images=train.images, test_images=test.images)
     else:
@@ -297,6 +304,14 @@ def _labelled(
     parts["num_classes"] = int(max(parts["train_y"].max(), parts["test_y"].max())) + 1
     parts["class_names"] = parts["class_names"] or [str(i) for i in range(parts["num_classes"])]
     return parts
+
+
+def _embed_split(
+    settings: EncoderInput, encoder: Encoder, data_settings: DataSettings, split: str | None
+) -> tuple[torch.Tensor, data.ImageSet | SquareStream]:
+    """A split's features and its images (in memory) or stream (whose ids and labels are the rows embedded)."""
+    images = open_images(data_settings, split, settings.embed_batch_size)
+    return embed_images(settings, encoder, images), images
 
 
 def linear_eval(settings: LinearEvalSettings) -> dict[str, Any]:

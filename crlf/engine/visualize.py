@@ -28,6 +28,7 @@ from crlf.engine.embeddings import embed_images, encoder_data, read_embeddings
 from crlf.engine.encoder import load_encoder
 from crlf.engine.files import atomic_write, check_writable, os_failure
 from crlf.engine.rundir import RunDir
+from crlf.engine.sources.squares import open_images
 from crlf.errors import InputError
 from crlf.settings import AugmentSettings, DataSettings, VisualizeSettings
 
@@ -179,16 +180,14 @@ class _Inputs:
         encoder = load_encoder(ckpt, device)
         data_settings = encoder_data(self.merged(DataSettings), encoder)
         images = None
+        sample = (s.max_points, s.seed)
         if self.run is not None and "split" not in s.model_fields_set:
             try:  # a run's figures show its held-out images when the source has them
-                images = data.load(data_settings, "test")
+                images = open_images(data_settings, "test", s.embed_batch_size, sample, keep=True)
             except InputError:
                 images = None
         if images is None:
-            images = data.load(data_settings)
-        keep = data.pick(len(images), s.max_points, s.seed)
-        if keep is not None:
-            images = images.subset(keep)
+            images = open_images(data_settings, None, s.embed_batch_size, sample, keep=True)
         x = embed_images(s, encoder, images)
         return _Points(
             x.numpy(),

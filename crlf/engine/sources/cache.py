@@ -54,6 +54,12 @@ def load_catalog(catalog: Catalog, size: int, configured_cache: Path | None = No
     else:
         log.info("no valid cache for %s: decoding it", shown)
         images, skipped = _decode_into_cache(catalog, size, cache)
+    report_skipped(catalog, skipped)
+    return images
+
+
+def report_skipped(catalog: Catalog, skipped: list[str]) -> None:
+    """One warning naming the files left out by listing (catalog.skipped) and by decoding (`skipped`), if any."""
     skipped = catalog.skipped + skipped
     if skipped:
         named = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3:,} more" if len(skipped) > 3 else "")
@@ -61,10 +67,9 @@ def load_catalog(catalog: Catalog, size: int, configured_cache: Path | None = No
             "skipped %s of %s files in %s that are not readable images: %s",
             f"{len(skipped):,}",
             f"{catalog.listed:,}",
-            shown,
+            catalog.source.split(":", 1)[1],
             named,
         )
-    return images
 
 
 def _decode_into_cache(catalog: Catalog, size: int, cache: Path) -> tuple[ImageSet, list[str]]:

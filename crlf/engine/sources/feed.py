@@ -17,7 +17,7 @@ import torch
 
 from crlf.engine.augment import Crops
 from crlf.engine.sources import catalog, load
-from crlf.engine.sources.base import ImageSet
+from crlf.engine.sources.base import Catalog, ImageSet
 from crlf.engine.sources.cache import load_catalog
 from crlf.settings import DataSettings
 
@@ -118,6 +118,20 @@ def available_memory() -> int:
         return 8 << 30  # unknown: assume a small machine
 
 
+def streams(settings: DataSettings, listed: Catalog, size: int, how: str) -> bool:
+    """Whether to stream `listed` at `size` px (not asked under --no-stream): under --stream, else when the decoded
+    set would take more than FIT of the available memory; logs which and why (`how`: what streaming does here)."""
+    need, free = len(listed) * 3 * size * size, available_memory()
+    shown = f"{len(listed):,} images at {size} px take {need / 1e9:.1f} GB decoded"
+    if settings.stream is None and need <= FIT * free:
+        log.info("data: in memory (%s, within half of the %.1f GB available; --stream decodes on the fly instead)",
+                 shown, free / 1e9)  # fmt: skip
+        return False
+    why = "--stream" if settings.stream else f"more than half of the {free / 1e9:.1f} GB available"
+    log.info("data: streaming from %s (%s, %s); %s", listed.source, shown, why, how)
+    return True
+
+
 def open_feed(
     settings: DataSettings, device: torch.device, plan: list[tuple[int, float, float]], seed: int
 ) -> Feed:
@@ -131,15 +145,8 @@ def open_feed(
         return MemoryFeed(load(settings), device)
     listed = catalog(settings)
     size = plan[0][0]
-    need, free = len(listed) * 3 * size * size, available_memory()
-    shown = f"{len(listed):,} images at {size} px take {need / 1e9:.1f} GB decoded"
-    if settings.stream is None and need <= FIT * free:
-        log.info("data: in memory (%s, within half of the %.1f GB available; --stream crops from the full-resolution "
-                 "images instead)", shown, free / 1e9)  # fmt: skip
+    if not streams(settings, listed, size, "random-resized crops are cut from the full-resolution images"):
         return MemoryFeed(load_catalog(listed, size, settings.cache_dir), device)
-    why = "--stream" if settings.stream else f"more than half of the {free / 1e9:.1f} GB available"
-    log.info("data: streaming from %s (%s, %s); random-resized crops are cut from the full-resolution images",
-             listed.source, shown, why)  # fmt: skip
     from crlf.engine.sources.stream import StreamFeed
 
     return StreamFeed(listed, size, plan, seed, device, settings.workers, settings.gpu_decode)

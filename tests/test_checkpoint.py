@@ -9,7 +9,15 @@ from torchvision import models
 
 from crlf import PretrainSettings, load_encoder
 from crlf.engine import backbones, methods
-from crlf.engine.checkpoint import atomic_write, digest, load_state, read_tensors, save_state, save_tensors
+from crlf.engine.checkpoint import (
+    atomic_write,
+    digest,
+    load_state,
+    read_tensors,
+    save_state,
+    save_tensors,
+    state_tensors,
+)
 from crlf.engine.encoder import Encoder
 from crlf.engine.optim import build_optimizer
 from crlf.errors import InputError
@@ -236,3 +244,43 @@ def test_crafted_metadata_exits_2_from_the_cli(tmp_path):
     finally:  # the CLI stops the crlf logger propagating, which would hide later tests' records from caplog
         logger.handlers[:], logger.propagate, logger.level = saved
     assert r.exit_code == 2 and "image_size '0'" in r.stderr and "unexpected" not in r.stderr
+
+
+def test_background_writes_in_order_and_raises_the_error_in_the_callers_thread(tmp_path):
+    from crlf.engine.files import Background
+
+    done, writer = [], Background()
+    writer.submit(lambda: done.append(1))
+    writer.submit(lambda: done.append(2))  # waits for the first
+    writer.wait()
+    assert done == [1, 2]
+
+    def full():
+        raise OSError(28, "No space left on device")
+
+    writer.submit(full)
+    with pytest.raises(OSError, match="No space"):
+        writer.submit(lambda: done.append(3))  # the previous error surfaces before new work starts
+    writer.wait()  # raised once only
+    assert done == [1, 2]
+
+
+def test_state_tensors_are_copies_that_training_cannot_change(tmp_path):
+    torch.manual_seed(0)
+    model = methods.build(PretrainSettings(head_hidden=16, head_out=8), build_backbone("resnet18", "cifar"), 512)
+    opt = build_optimizer(model, "sgd", 0.01, 1e-4)
+    model.head(model.backbone(torch.randn(4, 3, 8, 8))).pow(2).mean().backward()
+    opt.step()
+    tensors, metadata = state_tensors(model, opt, meta(), {"epoch": 1})
+    before = {k: v.clone() for k, v in tensors.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        for state in opt.state.values():
+            state["momentum_buffer"].mul_(2)
+    assert all(torch.equal(tensors[k], before[k]) for k in tensors)
+    save_tensors(tmp_path / "s.safetensors", tensors, metadata)
+    model2 = methods.build(PretrainSettings(head_hidden=16, head_out=8), build_backbone("resnet18", "cifar"), 512)
+    opt2 = build_optimizer(model2, "sgd", 0.01, 1e-4)
+    assert load_state(tmp_path / "s.safetensors", model2, opt2)[0] == {"epoch": 1}
+    assert torch.equal(model2.backbone.conv1.weight, before["model.backbone.conv1.weight"])

@@ -105,19 +105,32 @@ def save_state(
 ) -> None:
     """Full training state for --resume: weights, optimizer buffers and param groups, progress (epoch, step,
     schedule state) and, for a run stopped inside an epoch, the random generators' states (`rng`)."""
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors.update({f"rng.{k}": v for k, v in (rng or {}).items()})
+    save_tensors(path, *state_tensors(model, optimizer, metadata, progress, rng))
+
+
+def state_tensors(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    metadata: dict[str, str],
+    progress: dict[str, Any],
+    rng: dict[str, torch.Tensor] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """What save_state writes, as CPU copies: training may go on (and change the live tensors in place) while
+    they are hashed and written on another thread."""
+    tensors = {f"model.{k}": v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    tensors.update({f"rng.{k}": v.detach().to("cpu", copy=True) for k, v in (rng or {}).items()})
     opt = optimizer.state_dict()
     for idx, buffers in opt["state"].items():
         for name, value in buffers.items():
-            tensors[f"optim.{idx}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+            value = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"optim.{idx}.{name}"] = value.detach().to("cpu", copy=True)
     meta = {
         **metadata,
         "format": STATE_FORMAT,
         "param_groups": json.dumps(opt["param_groups"]),
         "progress": json.dumps(progress),
     }
-    save_tensors(path, tensors, meta)
+    return tensors, meta
 
 
 def load_state(

@@ -9,6 +9,7 @@ import hashlib
 import os
 import stat
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,38 @@ def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+class Background:
+    """One write at a time on a worker thread, so training goes on while a checkpoint is hashed and written (~100 MB
+    for a ResNet-18 state: 0.4 s on a CPU, a quarter of an H100 epoch). wait() returns once it is on disk and raises
+    its error there, in the caller's thread; the thread is not a daemon, so an exit waits for the rename."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, work: Callable[[], None]) -> None:
+        """Run `work` in the background once the previous work is done (whose error is raised here)."""
+        self.wait()
+
+        def run() -> None:
+            try:
+                work()
+            except BaseException as e:  # handed to the next wait(), in the training thread
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name="crlf-writer")
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Block until the submitted work is done; raise its error, if any (once)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
 
 def open_no_follow(path: Path, flags: int = os.O_WRONLY | os.O_APPEND | os.O_CREAT) -> int:

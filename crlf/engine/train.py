@@ -27,10 +27,10 @@ import torch
 from crlf import __version__
 from crlf.engine import backbones, data, distributed, evaluate, methods, sources
 from crlf.engine.backbones import BackboneSpec
-from crlf.engine.checkpoint import load_state, save_state
+from crlf.engine.checkpoint import load_state, save_state, save_tensors, state_tensors
 from crlf.engine.device import autocast, autocast_dtype, make_generator, seed_everything
 from crlf.engine.encoder import Encoder
-from crlf.engine.files import atomic_write
+from crlf.engine.files import Background, atomic_write
 from crlf.engine.optim import Plateau, build_optimizer, lr_at
 from crlf.engine.rundir import RunDir
 from crlf.engine.signals import StopFlag
@@ -111,6 +111,7 @@ class _Setup:
     monitor: _Monitor | None  # the --knn-every evaluation data, when asked for (main process only)
     world: distributed.World
     record: dict[str, Any] = field(default_factory=dict)  # config.json's contents (main process only)
+    writer: Background = field(default_factory=Background)  # the per-epoch checkpoint, written while training goes on
 
 
 def pretrain(
@@ -203,9 +204,13 @@ def _start(
     progress, rng = _restore(run, setup, world) if plan == _RESUME else (None, {})
     stop = StopFlag(hard_abort)
     with stop.installed():
-        return _loop(
-            settings, setup, run, reporter, progress or {"epoch": 0, "plateau": Plateau().state()}, rng, stop
-        )
+        try:
+            return _loop(
+                settings, setup, run, reporter, progress or {"epoch": 0, "plateau": Plateau().state()}, rng, stop
+            )
+        finally:  # a run that fails still finishes writing the checkpoint it started; its own error is the one shown
+            with contextlib.suppress(Exception):
+                setup.writer.wait()
 
 
 _FRESH, _RESTART, _RESUME, _COMPLETE = 0, 1, 2, 3  # what a start does with the run directory (the largest wins)
@@ -502,6 +507,7 @@ def _loop(
                 states = distributed.gather_states(_get_rng(gen, s.device), world)
                 if world.main:
                     with _writing(run):
+                        s.writer.wait()  # the epoch's checkpoint first, then this one over it
                         save_state(run.last, s.model, s.optimizer, _metadata(settings, s, epoch), mid, states)
                 name = signal.Signals(signum).name
                 raise Interrupted(
@@ -559,6 +565,7 @@ def _loop(
     s.feed.close()
     if world.main:
         with _writing(run):
+            s.writer.wait()
             _save_encoder(settings, s, run, max(start, settings.epochs))
     summary = {
         "status": "trained",
@@ -666,11 +673,17 @@ def _metadata(settings: PretrainSettings, s: _Setup, epoch: int) -> dict[str, st
 
 def _save(settings: PretrainSettings, s: _Setup, run: RunDir, epoch: int, plateau: Plateau) -> None:
     """last.safetensors every epoch; a snapshot in checkpoints/ every `checkpoint_every` epochs, keeping the
-    newest K."""
-    meta = _metadata(settings, s, epoch)
-    save_state(run.last, s.model, s.optimizer, meta, {"epoch": epoch, "step": 0, "plateau": plateau.state()})
-    if epoch % settings.checkpoint_every == 0 or epoch == settings.epochs:
-        run.snapshot(epoch, settings.keep_checkpoints)
+    newest K. The state is copied now and hashed and written on the writer thread while the next epoch trains;
+    the previous write is waited for (and its error raised) first."""
+    progress = {"epoch": epoch, "step": 0, "plateau": plateau.state()}
+    tensors, meta = state_tensors(s.model, s.optimizer, _metadata(settings, s, epoch), progress)
+
+    def write() -> None:
+        save_tensors(run.last, tensors, meta)
+        if epoch % settings.checkpoint_every == 0 or epoch == settings.epochs:
+            run.snapshot(epoch, settings.keep_checkpoints)
+
+    s.writer.submit(write)
 
 
 def _save_encoder(settings: PretrainSettings, s: _Setup, run: RunDir, epoch: int) -> None:

@@ -57,3 +57,46 @@ def test_stream_benchmark_smoke_runs_every_variant_on_cpu(tmp_path):
     assert [row["variant"] for row in rows] == ["model alone (floor)", "crlf stream", "crlf stream, device JPEG decode",
                                                 "torchvision ImageFolder + DataLoader"]  # fmt: skip
     assert all(row["images_per_s"] > 0 and 0 < row["device_busy"] <= 1 for row in rows)
+
+
+def test_gpu_driver_smoke_runs_every_stage_on_cpu(tmp_path):
+    """benchmarks/gpu.py --smoke: every stage of the GPU measurement runs (tiny, CPU) and writes its few files."""
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu.py"
+    r = subprocess.run([sys.executable, script, "--smoke", "--out", tmp_path], capture_output=True, text=True,
+                       timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    stages = json.loads((tmp_path / "results.json").read_text())["stages"]
+    expected = ["env", "e2e_eager", "e2e_compile", "profile", "throughput", "evaluation", "torchrun", "methods"]
+    assert list(stages) == expected
+    assert not [name for name, s in stages.items() if "error" in s or "skipped" in s], stages
+    assert stages["e2e_eager"]["images_per_s"][0] > 0 and stages["torchrun"]["max_rel_loss_diff"] < 1e-4
+    assert set(stages["profile"]["epoch_shares"]) == {"augment", "forward", "loss", "backward", "optimizer",
+                                                      "checkpoint"} and stages["profile"]["top_kernels"]  # fmt: skip
+    assert 0 <= stages["evaluation"]["linear_top1"] <= 100 and stages["evaluation"]["knn_every_10_share"] > 0
+    assert all("images_per_s" in stages["methods"][m] for m in ("simclr", "dino")), stages["methods"]
+    files = list(tmp_path.iterdir())
+    assert len(files) <= 8 and all(f.stat().st_size < 16 * 2**20 for f in files)
+    assert {"results.json", "gpu.log", "profile.txt", "throughput.json"} <= {f.name for f in files}
+
+
+def test_accuracy_sweep_smoke_runs_two_configurations_at_once_on_cpu(tmp_path):
+    """benchmarks/accuracy.py --smoke --sweep: pretrain + linear + kNN per configuration, two processes at once."""
+    script = Path(__file__).parents[1] / "benchmarks" / "accuracy.py"
+    r = subprocess.run([sys.executable, script, "--smoke", "--sweep", "ablation", "--max-configs", "2", "--parallel",
+                        "2", "--out", tmp_path], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [row["name"] for row in rows] == ["baseline", "lr x0.5"]
+    assert all(0 <= row["linear_top1"] <= 100 and 0 <= row["knn_top1"] <= 100 and row["commit"] for row in rows)
+    assert rows[1]["commands"][0].startswith("crlf pretrain") and "--lr 0.24" in rows[1]["commands"][0]
+    assert "| baseline |" in (tmp_path / "accuracy.md").read_text()
+
+
+def test_augmentation_fidelity_smoke_compares_every_measure(tmp_path):
+    script = Path(__file__).parents[1] / "benchmarks" / "augfidelity.py"
+    out = tmp_path / "aug.json"
+    r = subprocess.run([sys.executable, script, "--smoke", "--json", out], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {row["measure"]: row for row in json.loads(out.read_text())["rows"]}
+    assert {"crop area (16 px)", "crop area (224 px)", "jitter hue_shift", "grayscale rate (p 0.2)"} <= set(rows)
+    assert 0 <= rows["jitter luma_mean_ratio"]["ks"] <= 1 and "torchvision_fixed_order" in rows["jitter hue_shift"]

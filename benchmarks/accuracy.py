@@ -35,7 +35,7 @@ from typing import Any
 import tomllib
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu import ROOT, commit, tiny_folder  # noqa: E402  (benchmarks/ is not a package)
+from gpu import ROOT, commit, pretrain_command, tiny_folder  # noqa: E402  (benchmarks/ is not a package)
 
 log = logging.getLogger("accuracy")
 METHODS = ["simclr", "moco", "byol", "simsiam", "barlow", "vicreg", "dino", "swav"]
@@ -76,17 +76,6 @@ def sweep(name: str, epochs: int, epoch_seconds: float) -> list[tuple[str, dict[
     raise SystemExit(f"unknown sweep {name!r}: ablation, seed, methods or targets")
 
 
-def command(options: dict[str, Any]) -> str:
-    """The crlf pretrain command line of these settings."""
-    flags = []
-    for k, v in options.items():
-        if v is None:
-            continue
-        flag = "--" + k.replace("_", "-")
-        flags += [flag] if v is True else [f"--no-{flag[2:]}"] if v is False else [flag, str(v)]
-    return "crlf pretrain " + " ".join(flags)
-
-
 def run_one(name: str, options: dict[str, Any], work: Path) -> dict[str, Any]:
     """Pretrain with `options`, embed train and test, linear probe and kNN: one row."""
     import torch
@@ -117,7 +106,7 @@ def run_one(name: str, options: dict[str, Any], work: Path) -> dict[str, Any]:
         "linear_top1": lin["top1"],
         "knn_top1": knn["top1"],
         "commands": [
-            command({**options, "out": "runs/x"}),
+            pretrain_command({**options, "out": "runs/x"}),
             "crlf extract --ckpt runs/x/encoder.safetensors --data folder --data-dir DIR --split train "
             "--out train.npy (and --split test --out test.npy)",
             "crlf linear-eval --train-emb train.npy --test-emb test.npy",
@@ -148,7 +137,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def run_sweep(args: argparse.Namespace, base: dict[str, Any], work: Path) -> list[dict[str, Any]]:
     """Every configuration of the sweep in a child process, --parallel at a time, within --budget seconds."""
-    configs = sweep(args.sweep, args.epochs, args.epoch_seconds)[: args.max_configs]
+    configs = sweep(args.sweep, args.epochs, args.epoch_seconds)[args.start :][: args.max_configs]
     deadline = time.perf_counter() + args.budget
     pending = list(enumerate(configs))
     running: dict[int, tuple[subprocess.Popen, Path, float]] = {}
@@ -201,6 +190,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="settings changed (TOML values)")
     parser.add_argument("--sweep", help="ablation, seed, methods or targets")
+    parser.add_argument("--start", type=int, default=0, help="skip the sweep's first N configurations (a 2nd call)")
     parser.add_argument("--max-configs", type=int, help="only the first N configurations of the sweep")
     parser.add_argument("--parallel", type=int, default=1, help="configurations at once (sweeps)")
     parser.add_argument("--budget", type=float, default=450.0, help="seconds for the whole sweep")

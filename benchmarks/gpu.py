@@ -65,12 +65,12 @@ def commit() -> str | None:
     return found
 
 
-def run_command(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> tuple[int, str, float]:
+def run_command(cmd: list[str], timeout: float) -> tuple[int, str, float]:
     """Run a program in its own process group (killed whole on timeout); returns exit code, output, seconds."""
     t0 = time.perf_counter()
     log.info("$ %s", " ".join(cmd))
     with subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True, cwd=ROOT
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=ROOT
     ) as proc:
         try:
             out, _ = proc.communicate(timeout=max(1.0, timeout))
@@ -104,6 +104,17 @@ def no_compile(active: bool) -> Iterator[None]:
         yield
     finally:
         torch._dynamo.config.disable = old
+
+
+def pretrain_command(options: dict[str, Any]) -> str:
+    """The `crlf pretrain` command line of PretrainSettings keywords (unset ones left out), for the docs."""
+    flags = []
+    for k, v in options.items():
+        if v is None:
+            continue
+        flag = "--" + k.replace("_", "-")
+        flags += [flag] if v is True else [f"--no-{flag[2:]}"] if v is False else [flag, str(v)]
+    return "crlf pretrain " + " ".join(flags)
 
 
 class Driver:
@@ -166,17 +177,6 @@ class Driver:
         }
         return {**base, **extra}
 
-    @staticmethod
-    def cli(options: dict[str, Any]) -> str:
-        """The `crlf pretrain` command line of the same settings, for the docs."""
-        flags = []
-        for k, v in options.items():
-            if v is None or (k == "knn_every" and v == 0):
-                continue
-            flag = "--" + k.replace("_", "-")
-            flags += [flag] if v is True else [f"--no-{flag[2:]}"] if v is False else [flag, str(v)]
-        return "crlf pretrain " + " ".join(flags)
-
     def pretrain(self, name: str, **extra: Any) -> tuple[dict[str, Any], Path]:
         """One in-process `crlf pretrain` into the work folder; its metrics and the CLI command."""
         from crlf import PretrainSettings, pretrain
@@ -189,7 +189,7 @@ class Driver:
             summary = pretrain(settings, force=True)
         rows = metrics(run)
         return {
-            "command": self.cli({**options, "out": f"runs/{name}"}),
+            "command": pretrain_command({**options, "out": f"runs/{name}"}),
             "wall_s": round(time.perf_counter() - t0, 2),
             "images_per_s": [m["images_per_s"] for m in rows],
             "epoch_seconds": [m["seconds"] for m in rows],
@@ -475,7 +475,7 @@ class Driver:
         plain = self.results["stages"].get("e2e_eager", {})
         if "losses" not in plain:
             plain, _ = self.pretrain("plain")
-        flags = self.cli({**options, "out": str(self.work / "torchrun")}).split()[2:]
+        flags = pretrain_command({**options, "out": str(self.work / "torchrun")}).split()[2:]
         cmd = [
             sys.executable,
             "-m",
@@ -565,7 +565,7 @@ def main() -> None:
         os.environ.setdefault("CRLF_CACHE_DIR", str(work / "cache"))  # decoded folders: cached once, for every stage
         if args.smoke:
             args.data, args.batch, args.epochs, args.image_size = tiny_folder(work / "data"), 8, 1, 8
-            args.methods, args.method_epochs = args.methods if args.methods != METHODS else ["simclr", "dino"], 1
+            args.methods, args.method_epochs = args.methods if args.methods != METHODS else ["dino"], 1
             os.environ["OMP_NUM_THREADS"] = "1"  # tiny ops on shared cores: one thread is many times faster
             torch.set_num_threads(1)
         handler = logging.FileHandler(args.out / "gpu.log")

@@ -54,8 +54,10 @@ def test_stream_benchmark_smoke_runs_every_variant_on_cpu(tmp_path):
                         out], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert [row["variant"] for row in rows] == ["model alone (floor)", "crlf stream", "crlf stream, device JPEG decode",
+    assert [row["variant"] for row in rows] == ["model alone (floor)", "crlf stream",
+                                                "crlf stream, main process augments", "crlf stream, device JPEG decode",
                                                 "torchvision ImageFolder + DataLoader"]  # fmt: skip
+    assert all(row["cpu_ms_per_image"] > 0 for row in rows)
     assert all(row["images_per_s"] > 0 and 0 < row["device_busy"] <= 1 for row in rows)
 
 
@@ -73,7 +75,7 @@ def test_gpu_driver_smoke_runs_every_stage_on_cpu(tmp_path):
     assert set(stages["profile"]["epoch_shares"]) == {"augment", "forward", "loss", "backward", "optimizer",
                                                       "checkpoint"} and stages["profile"]["top_kernels"]  # fmt: skip
     assert 0 <= stages["evaluation"]["linear_top1"] <= 100 and stages["evaluation"]["knn_every_10_share"] > 0
-    assert all("images_per_s" in stages["methods"][m] for m in ("simclr", "dino")), stages["methods"]
+    assert "images_per_s" in stages["methods"]["dino"], stages["methods"]
     files = list(tmp_path.iterdir())
     assert len(files) <= 8 and all(f.stat().st_size < 16 * 2**20 for f in files)
     assert {"results.json", "gpu.log", "profile.txt", "throughput.json"} <= {f.name for f in files}

@@ -2,9 +2,10 @@
 
 Both make two SimCLR views per image at --size px (random-resized crop 0.08-1 of the full-resolution JPEG, flip,
 colour jitter 0.8, grayscale 0.2) with the same --workers decoding processes; crlf cuts the crops while decoding and
-augments the rest batched on --device, torchvision does everything per image in the workers. With --train (the GPU
-part) each also feeds a ResNet-50 step at --size px: images/s, and how busy the model keeps the device (the model's
-own step time over the step time with data; >= 90% means the input keeps up). --gpu-decode adds crlf with JPEGs
+augments the rest batched (on a CPU inside the workers, one batch each; on CUDA on the device; "main process
+augments" is the CPU path before that change), torchvision does everything per image in the workers. With --train
+(the GPU part) each also feeds a ResNet-50 step at --size px: images/s, and how busy the model keeps the device (the
+model's own step time over the step time with data; >= 90% means the input keeps up). --gpu-decode adds crlf with JPEGs
 decoded by torchvision.io on the device. --smoke: a tiny generated folder, every path, seconds on a CPU.
 
     python benchmarks/stream.py --make 2000 --folder /tmp/jpegs --workers 2            # CPU here
@@ -24,10 +25,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from crlf.engine import augment
+from crlf.engine import augment, methods
 from crlf.engine.sources import catalog
 from crlf.engine.sources.stream import StreamFeed
-from crlf.settings import AugmentSettings, DataSettings
+from crlf.settings import AugmentSettings, DataSettings, PretrainSettings
 
 AUG = AugmentSettings(crop_min_scale=0.08, jitter_strength=0.5, jitter_p=0.8, grayscale_p=0.2)
 
@@ -97,29 +98,50 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds used so far by this process and its live descendants (the loaders' workers), from /proc (Linux):
+    the work a variant costs, whatever else shares the cores."""
+    total, todo = 0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def run(name: str, batches, device: torch.device, steps: int, warmup: int, step=None) -> dict:
-    """Images/s over `steps` batches after `warmup`, each batch two float views (B, 3, S, S) on the device."""
+    """Images/s over `steps` batches after `warmup`, each batch two float views (B, 3, S, S) on the device; and the
+    CPU milliseconds per image that every process of the variant spent meanwhile."""
     it = iter(batches)
     for _ in range(warmup):
         x = next(it)
         if step:
             step(torch.cat(x))
     _sync(device)
-    t0, n = time.perf_counter(), 0
+    t0, n, cpu0 = time.perf_counter(), 0, _cpu_seconds()
     for _ in range(steps):
         x = next(it)
         n += len(x[0])
         if step:
             step(torch.cat(x))
     _sync(device)
-    seconds = time.perf_counter() - t0
-    return {"variant": name, "images_per_s": round(n / seconds, 1), "seconds": round(seconds, 2)}
+    seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+    return {"variant": name, "images_per_s": round(n / seconds, 1), "seconds": round(seconds, 2),
+            "cpu_ms_per_image": round(1000 * cpu / n, 1)}  # fmt: skip
 
 
-def crlf_batches(folder: Path, size: int, batch: int, workers: int, device: torch.device, gpu_decode: bool):
+def crlf_batches(
+    folder: Path, size: int, batch: int, workers: int, device: torch.device, gpu_decode: bool, in_workers: bool = True
+):
     listed = catalog(DataSettings(data="folder", data_dir=folder))
     plan = [(size, 0.08, 1.0)] * 2
-    feed = StreamFeed(listed, size, plan, 0, device, workers, gpu_decode)
+    recipe = methods.recipe(PretrainSettings(method="simclr", **AUG.model_dump())) if in_workers else None
+    feed = StreamFeed(listed, size, plan, 0, device, workers, gpu_decode, recipe)
     feed.gpu = gpu_decode  # --smoke on a CPU: the device-decode path with the CPU as the device
     feed.decoder.gpu = gpu_decode
     gen = torch.Generator(device).manual_seed(0)
@@ -128,7 +150,7 @@ def crlf_batches(folder: Path, size: int, batch: int, workers: int, device: torc
     while True:
         perm = torch.randperm(len(listed), generator=torch.Generator().manual_seed(epoch))
         for crops in feed.batches(epoch, perm, 0, steps, batch, 0, batch):
-            yield augment.views(crops, AUG, gen)
+            yield tuple(crops.views) if isinstance(crops, augment.Views) else augment.views(crops, AUG, gen)
         epoch += 1
 
 
@@ -172,6 +194,9 @@ def main() -> None:
         rows.append(run("model alone (floor)", floor_batches(a.batch, a.size, device), device, a.steps, a.warmup, step))
     rows.append(run("crlf stream", crlf_batches(a.folder, a.size, a.batch, a.workers, device, False), device, a.steps,
                     a.warmup, step))  # fmt: skip
+    if device.type == "cpu":
+        rows.append(run("crlf stream, main process augments", crlf_batches(a.folder, a.size, a.batch, a.workers,
+                        device, False, in_workers=False), device, a.steps, a.warmup, step))  # fmt: skip
     if a.gpu_decode:
         rows.append(run("crlf stream, device JPEG decode", crlf_batches(a.folder, a.size, a.batch, a.workers, device,
                         True), device, a.steps, a.warmup, step))  # fmt: skip
@@ -187,7 +212,8 @@ def main() -> None:
     print(f"{a.workers} workers, batch {a.batch}, {a.size} px, {device} ({machine})")
     for r in rows:
         busy = f"  device busy {r['device_busy']:.0%}" if "device_busy" in r else ""
-        print(f"{r['variant']:<40} {r['images_per_s']:>9,.1f} images/s  x{r['vs_torchvision']:.2f}{busy}")
+        print(f"{r['variant']:<40} {r['images_per_s']:>9,.1f} images/s  x{r['vs_torchvision']:.2f}  "
+              f"{r['cpu_ms_per_image']:>6.1f} CPU ms/image{busy}")
     if a.json:
         a.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "machine": machine,
                                       "rows": rows}, indent=2))  # fmt: skip

@@ -267,3 +267,36 @@ def test_evaluations_and_visualize_stream_finetune_does_not(reference_run, tiny_
                  "--workers", 0, "--stream", "--kind", "pca", "--max-points", 40, "--out", tmp_path / "pca.png")
     assert r.returncode == 0, r.stderr
     assert "data: streaming from" in r.stderr and "streaming 40 images" in r.stderr and (tmp_path / "pca.png").is_file()
+
+
+def test_cpu_stream_workers_run_the_recipe_seeded_by_epoch_and_batch(shards):
+    listed = catalog(DataSettings(data="tar", data_dir=shards))
+    recipe = methods.recipe(methods.resolve(PretrainSettings(image_size=8)))
+    perm = torch.randperm(24, generator=torch.Generator().manual_seed(1))
+
+    def run(first: int = 0, epoch: int = 0) -> list[augment.Views]:
+        stream = StreamFeed(listed, 8, PLAN, seed=3, device=torch.device("cpu"), workers=0, recipe=recipe)
+        return list(stream.batches(epoch, perm, first, 3, 8, 0, 8))
+
+    whole = run()
+    assert all(isinstance(b, augment.Views) and b.views[0].dtype == torch.float32 for b in whole)
+    assert [tuple(v.shape) for v in whole[0].views] == [(8, 3, 8, 8)] * 2
+    resumed = run(first=1)  # a run resumed at step 1 augments exactly as the uninterrupted one
+    assert all(torch.equal(a, b) for x, y in zip(whole[1:], resumed) for a, b in zip(x.views, y.views))
+    assert not torch.equal(run(epoch=1)[0].views[0], whole[0].views[0])
+
+
+@pytest.mark.parametrize("cropped", [True, False])
+def test_one_thread_chunked_colour_equals_the_whole_batch_passes(cropped):
+    x = torch.randint(0, 256, (40, 3, 48, 48), dtype=torch.uint8)
+    cfg = AugmentSettings(jitter_p=0.5, grayscale_p=0.3, blur_p=0.5, solarize_p=0.2)
+    p = augment.sample_params(40, 48, 48, cfg, torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    out = []
+    try:
+        for n in (1, 2):  # one thread: chunked (streaming workers); more: whole-batch passes
+            torch.set_num_threads(n)
+            out.append(augment.apply(augment.Crops([x]) if cropped else x, p, 48))
+    finally:
+        torch.set_num_threads(threads)
+    assert (out[0] - out[1]).abs().max() < 1e-5 and out[0].shape == (40, 3, 48, 48)

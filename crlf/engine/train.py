@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import torch
 
 from crlf import __version__
-from crlf.engine import backbones, data, distributed, evaluate, methods, sources
+from crlf.engine import augment, backbones, data, distributed, evaluate, methods, sources
 from crlf.engine.backbones import BackboneSpec
 from crlf.engine.checkpoint import load_state, save_state, save_tensors, state_tensors
 from crlf.engine.device import autocast, autocast_dtype, make_generator, seed_everything
@@ -338,7 +338,7 @@ def _build(settings: PretrainSettings, world: distributed.World) -> _Setup:
     """Load the data, build model and optimizer (seeded, so weights are reproducible) on this process's device."""
     device = world.device
     plan = methods.crop_plan(settings, settings.image_size or sources.REGISTRY[settings.data].default_size or 0)
-    feed = open_feed(settings, device, plan, settings.seed)
+    feed = open_feed(settings, device, plan, settings.seed, methods.recipe(settings))
     if len(feed) < settings.batch_size:
         raise InputError(
             f"batch size {settings.batch_size} is larger than the data set ({len(feed)} images): "
@@ -646,7 +646,8 @@ def _step(
 ) -> torch.Tensor:
     """One optimisation step on a uint8 batch (`step` counts from 1 over the run); returns the loss as a device
     tensor (no host sync)."""
-    views = s.model.views(batch, settings, gen)  # the method's recipe, float in [0, 1]
+    # the method's recipe, float in [0, 1] (a streaming source on a CPU ran it in its workers: augment.Views)
+    views = batch.views if isinstance(batch, augment.Views) else s.model.views(batch, settings, gen)
     views = [(v - s.mean) / s.std for v in views]
     if s.device.type == "cuda":
         views = [v.contiguous(memory_format=torch.channels_last) for v in views]

@@ -15,6 +15,7 @@ keeps lives in its ``state_dict`` (parameters and buffers), so checkpoints and e
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
@@ -105,6 +106,18 @@ def multi_crop_views(
     """The multi-crop recipe (DINO, SwAV): 2 global views at the images' size, then `local_crops` small ones."""
     size = min(batch.shape[-2:])
     return augment.multi_crop(batch, settings, gen, size, settings.local_crops, min(settings.local_size, size))
+
+
+def recipe(settings: PretrainSettings) -> Callable[[augment.Crops, torch.Generator], list[torch.Tensor]]:
+    """The (resolved) method's augmentation as a picklable function of (pre-cut views, generator): what a streaming
+    source's worker processes run on a CPU. The recipes (``views``) use no state of the method, only the settings."""
+    return functools.partial(_views, REGISTRY[settings.method], settings)
+
+
+def _views(
+    cls: type[Method], settings: PretrainSettings, batch: augment.Crops, gen: torch.Generator
+) -> list[torch.Tensor]:
+    return cls.views(None, batch, settings, gen)  # type: ignore[arg-type]
 
 
 def crop_plan(settings: PretrainSettings, size: int) -> list[tuple[int, float, float]]:

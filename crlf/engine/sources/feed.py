@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
-from crlf.engine.augment import Crops
+from crlf.engine.augment import Crops, Views
 from crlf.engine.sources import catalog, load
 from crlf.engine.sources.base import Catalog, ImageSet
 from crlf.engine.sources.cache import load_catalog
@@ -40,7 +40,7 @@ class Feed(ABC):
     @abstractmethod
     def batches(
         self, epoch: int, perm: torch.Tensor, first: int, steps: int, batch_size: int, rank: int, share: int
-    ) -> Iterator[torch.Tensor | Crops]:
+    ) -> Iterator[torch.Tensor | Crops | Views]:
         """Steps first..steps-1 of `epoch`: rows perm[step * batch_size + rank * share:][:share], on the device."""
 
     @abstractmethod
@@ -133,10 +133,12 @@ def streams(settings: DataSettings, listed: Catalog, size: int, how: str) -> boo
 
 
 def open_feed(
-    settings: DataSettings, device: torch.device, plan: list[tuple[int, float, float]], seed: int
-) -> Feed:
+    settings: DataSettings, device: torch.device, plan: list[tuple[int, float, float]], seed: int,
+    recipe: Callable[[Crops, torch.Generator], list[torch.Tensor]] | None = None,
+) -> Feed:  # fmt: skip
     """The training data: in memory when --no-stream or when the decoded set fits (FIT of the available memory),
-    streamed otherwise; logs which and why. `plan` is the method's views (side, min area, max area) for streaming."""
+    streamed otherwise; logs which and why. `plan` is the method's views (side, min area, max area) for streaming;
+    `recipe` its augmentation, which streaming workers run on a CPU (StreamFeed)."""
     from crlf.engine.sources import REGISTRY
 
     if REGISTRY[settings.data].list is None or settings.stream is False:
@@ -149,4 +151,4 @@ def open_feed(
         return MemoryFeed(load_catalog(listed, size, settings.cache_dir), device)
     from crlf.engine.sources.stream import StreamFeed
 
-    return StreamFeed(listed, size, plan, seed, device, settings.workers, settings.gpu_decode)
+    return StreamFeed(listed, size, plan, seed, device, settings.workers, settings.gpu_decode, recipe)

@@ -3,8 +3,10 @@
 Worker processes (a DataLoader over spawned processes, kept for the whole run) read the encoded bytes (a file, or a
 member of a tar shard at a known offset), draw each view's crop box from a generator seeded by (seed, epoch, image),
 decode (JPEG at the smallest DCT scale that keeps every box at least its output size), cut and resize the boxes, and
-return uint8 views. The device applies the rest of the augmentation batched (augment.Crops). An unreadable image is
-replaced by the next readable one in catalogue order, the same in every run, and counted.
+return uint8 views. The device applies the rest of the augmentation batched (augment.Crops); on a CPU the workers
+run the method's whole recipe on their batch instead (augment.Views; one torch thread each), so every core augments
+rather than the training process alone, its draws seeded by (seed, epoch, the batch's images). An unreadable image
+is replaced by the next readable one in catalogue order, the same in every run, and counted.
 
 With --gpu-decode on CUDA the workers only read the bytes and draw the boxes; JPEGs are decoded on the GPU in one
 batched call (torchvision.io.decode_jpeg), cut and resized there. Other formats are still decoded in the workers.
@@ -15,7 +17,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from crlf.engine.augment import Crops
+from crlf.engine.augment import Crops, Views
 from crlf.engine.sources.base import Catalog, short_reason
 from crlf.engine.sources.feed import Feed
 from crlf.engine.sources.images import crop_boxes, decode, decode_crops, printable, upright_size
@@ -38,8 +40,9 @@ _JPEG = (".jpg", ".jpeg")
 class _Decoder(torch.utils.data.Dataset):
     """The worker side: a batch of (epoch, index) -> its views (uint8 (B, S, S, 3) per view of the plan)."""
 
-    def __init__(self, catalog: Catalog, plan: list[tuple[int, float, float]], seed: int, gpu: bool):
-        self.catalog, self.plan, self.seed, self.gpu = catalog, plan, seed, gpu
+    def __init__(self, catalog: Catalog, plan: list[tuple[int, float, float]], seed: int, gpu: bool,
+                 recipe: Callable[[Crops, torch.Generator], list[torch.Tensor]] | None = None):  # fmt: skip
+        self.catalog, self.plan, self.seed, self.gpu, self.recipe = catalog, plan, seed, gpu, recipe
         self.handles: dict[int, Any] = {}  # this process's open shards
 
     def __len__(self) -> int:
@@ -71,8 +74,19 @@ class _Decoder(torch.utils.data.Dataset):
             else:
                 return {"failed": self.catalog.ids[index]}
             used.append(j)
+        cut = [torch.from_numpy(v).permute(0, 3, 1, 2) for v in views]
+        if self.recipe is not None:  # the batch's draws: a pure function of (seed, epoch, its images)
+            state = np.random.SeedSequence([self.seed, *(x for item in items for x in item)]).generate_state(2)
+            gen = torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
+            threads = torch.get_num_threads()  # one, as in a worker (--workers 0 too): the same values either way
+            torch.set_num_threads(1)
+            try:
+                cut = [v.contiguous() for v in self.recipe(Crops([v.contiguous() for v in cut]), gen)]
+            finally:
+                torch.set_num_threads(threads)
         return {
-            "views": [torch.from_numpy(v).permute(0, 3, 1, 2) for v in views],
+            "views": cut,
+            "augmented": self.recipe is not None,
             "rows": torch.tensor(used),
             "bad": bad,
             "jpegs": jpegs,
@@ -102,18 +116,20 @@ class StreamFeed(Feed):
     def __init__(
         self, catalog: Catalog, size: int, plan: list[tuple[int, float, float]], seed: int, device: torch.device,
         workers: int | None = None, gpu_decode: bool = False,
+        recipe: Callable[[Crops, torch.Generator], list[torch.Tensor]] | None = None,
     ) -> None:  # fmt: skip
         self.catalog, self.size, self.plan, self.device = catalog, size, plan, device
         self.source = catalog.source
         self.labels = None if catalog.labels is None else torch.from_numpy(catalog.labels)
         self.gpu = gpu_decode and device.type == "cuda"
-        self.decoder = _Decoder(catalog, plan, seed, self.gpu)
+        self.decoder = _Decoder(catalog, plan, seed, self.gpu, recipe if device.type == "cpu" else None)
         self.workers = (os.cpu_count() or 1) if workers is None else workers
         self.sampler = _Steps()
         self.loader: torch.utils.data.DataLoader | None = None
         self.bad: list[str] = []
-        gpu = "; JPEGs decoded on the GPU" if self.gpu else ""
-        log.info("streaming with %d decoding processes%s", self.workers, gpu)
+        how = "; JPEGs decoded on the GPU" if self.gpu else ""
+        how += "; they augment too (CPU)" if self.decoder.recipe is not None else ""
+        log.info("streaming with %d decoding processes%s", self.workers, how)
 
     def __len__(self) -> int:
         return len(self.catalog)
@@ -122,7 +138,8 @@ class StreamFeed(Feed):
         if self.loader is None:
             extra: dict[str, Any] = {}
             if self.workers > 0:  # spawn: a forked child of a process whose OpenMP threads ran can hang
-                extra = {"multiprocessing_context": "spawn", "persistent_workers": True, "prefetch_factor": 4}
+                ahead = 2 if self.decoder.recipe is not None else 4  # float views are 4x the bytes of uint8 crops
+                extra = {"multiprocessing_context": "spawn", "persistent_workers": True, "prefetch_factor": ahead}
             self.loader = torch.utils.data.DataLoader(
                 self.decoder, batch_sampler=self.sampler, num_workers=self.workers, collate_fn=_as_is,
                 pin_memory=self.device.type == "cuda", **extra,
@@ -131,7 +148,7 @@ class StreamFeed(Feed):
 
     def batches(
         self, epoch: int, perm: torch.Tensor, first: int, steps: int, batch_size: int, rank: int, share: int
-    ) -> Iterator[Crops]:
+    ) -> Iterator[Crops | Views]:
         order = perm.cpu().tolist()
         self.sampler.batches = [
             [(epoch, i) for i in order[step * batch_size + rank * share :][:share]] for step in range(first, steps)
@@ -143,6 +160,9 @@ class StreamFeed(Feed):
                     "check the data (the log names the unreadable images)"
                 )
             self.bad += out["bad"]
+            if out["augmented"]:
+                yield Views(out["views"])
+                continue
             views = [v.to(self.device, non_blocking=True) for v in out["views"]]
             if out["jpegs"]:
                 self._decode_on_device(out["jpegs"], views)

@@ -220,21 +220,33 @@ def test_ops_that_are_off_are_none():
     )
 
 
-@pytest.mark.parametrize("scales", [(0.2, 1.0), (0.9, 1.0), (0.08, 0.3)])
-def test_crop_boxes_have_uniform_area_and_aspect_in_range(scales):
-    lo, hi = scales
-    p = A.sample_params(
-        N, 32, 32, AugmentSettings(crop_min_scale=lo, crop_max_scale=hi), torch.Generator().manual_seed(2)
-    )
-    frac = p.height * p.width / (32 * 32)
-    assert frac.min() >= lo - 1e-5 and frac.max() <= hi + 1e-5
-    assert abs(frac.mean().item() - (lo + hi) / 2) <= 4 * (hi - lo) / math.sqrt(12 * N)  # U(lo, hi)
-    log_ratio = torch.log(p.width / p.height)
-    assert log_ratio.abs().max() <= math.log(4 / 3) + 1e-5
-    # the whole range is used: ratios beyond [lo, 1/lo] cannot fit a square image with the area kept, so they are
-    # clamped there
-    reach = min(math.log(4 / 3), -math.log(lo))
-    assert log_ratio.min() < -reach + 0.01 and log_ratio.max() > reach - 0.01
+@pytest.mark.parametrize("scales", [(0.2, 1.0), (0.9, 1.0), (0.08, 0.3), (0.08, 1.0)])
+@pytest.mark.parametrize("size", [(64, 64), (48, 80)])
+def test_crop_boxes_follow_torchvisions_random_resized_crop(scales, size):
+    """The area and aspect-ratio distributions of torchvision's RandomResizedCrop.get_params (which redraws boxes
+    that do not fit): quantiles agree within sampling noise and its integer rounding; every box lies inside."""
+    from torchvision.transforms import v2
+
+    (lo, hi), (height, width) = scales, size
+    p = A.sample_params(N, height, width, AugmentSettings(crop_min_scale=lo, crop_max_scale=hi),
+                        torch.Generator().manual_seed(2))  # fmt: skip
+    torch.manual_seed(0)
+    image = torch.empty(3, height, width)
+    tv = torch.tensor([v2.RandomResizedCrop.get_params(image, [lo, hi], [3 / 4, 4 / 3]) for _ in range(N)]).double()
+    ours = {"area": p.height * p.width / (height * width), "log ratio": torch.log(p.width / p.height)}
+    theirs = {"area": tv[:, 2] * tv[:, 3] / (height * width), "log ratio": torch.log(tv[:, 3] / tv[:, 2])}
+    q = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64)
+    for name in ours:
+        gap = (torch.quantile(ours[name].double(), q) - torch.quantile(theirs[name], q)).abs().max()
+        assert gap < 0.03, (name, gap)
+    rho = math.log(width / height)  # no box of area >= lo fits: torchvision's central fallback box
+    fallback = max(math.log(3 / 4), math.log(lo) + rho) >= min(math.log(4 / 3), rho - math.log(lo))
+    assert ours["area"].min() >= (0 if fallback else lo - 1e-4) and ours["area"].max() <= hi + 1e-4
+    assert ours["log ratio"].abs().max() <= math.log(4 / 3) + 1e-5
+    assert p.top.min() >= 0 and p.left.min() >= 0
+    assert (p.top + p.height).max() <= height + 1e-3 and (p.left + p.width).max() <= width + 1e-3
+    full = ((p.height > height - 0.5) | (p.width > width - 0.5)).float().mean()  # clamping gave 16% at (0.2, 1)
+    assert full <= ((tv[:, 2] > height - 0.5) | (tv[:, 3] > width - 0.5)).float().mean() + 0.02
 
 
 def test_crop_boxes_lie_inside_non_square_images():

@@ -57,7 +57,7 @@ log = logging.getLogger("gpu")
 
 def commit() -> str | None:
     """crlf's commit: from .git when the checkout has one, else from .gpu/COMMIT (written before the GPU run)."""
-    from crlf.engine.train import git_commit
+    from crlf.engine.runplan import git_commit
 
     found = git_commit()
     if found is None and (ROOT / ".gpu" / "COMMIT").is_file():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from crlf import PretrainSettings, load_encoder, pretrain
-from crlf.engine import train
+from crlf.engine import runplan
 from crlf.engine.methods import simclr
 from crlf.engine.rundir import RunDir
 from crlf.errors import InputError, Interrupted, LockedError, RunError
@@ -170,7 +170,7 @@ IDENTITY_CHANGES = {  # for every setting that defines a run: a valid value the 
 
 
 def test_every_identity_setting_has_a_resume_refusal_case():
-    assert sorted(IDENTITY_CHANGES) == sorted(train.IDENTITY_KEYS)
+    assert sorted(IDENTITY_CHANGES) == sorted(runplan.IDENTITY_KEYS)
 
 
 @pytest.mark.parametrize("key", IDENTITY_CHANGES)

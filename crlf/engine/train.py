@@ -1,8 +1,10 @@
-"""The pretraining loop: data on the device as uint8, batched augmentation, one forward over both views, NT-Xent.
+"""The pretraining loop, method-agnostic: build (data feed, backbone, method, optimizer), then epochs of steps,
+a metrics line, a probe and a checkpoint each; what a start does with the run directory is runplan's.
 
-No DataLoader and no per-image Python: each step indexes a batch, draws two augmented views with per-sample
-parameters on the device, and runs encoder + head on the 2B views at once. Nothing in the step loop reads a
-value back to the host; the epoch's loss is summed on the device and read once at the end of the epoch.
+In memory, each step indexes a uint8 batch where the data lives and the method draws its augmented views with
+per-sample parameters on the device (no DataLoader, no per-image Python); a streamed source hands over crops cut
+by its workers. Nothing in the step loop reads a value back to the host; the epoch's loss is summed on the
+device and read once at the end of the epoch, and the checkpoint is written on a thread while the next one trains.
 """
 
 from __future__ import annotations
@@ -11,21 +13,16 @@ import contextlib
 import json
 import logging
 import math
-import platform
-import shlex
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from crlf import __version__
-from crlf.engine import augment, backbones, data, distributed, evaluate, methods, sources
+from crlf.engine import augment, backbones, data, distributed, evaluate, methods, runplan, sources
 from crlf.engine.backbones import BackboneSpec
 from crlf.engine.checkpoint import load_state, save_state, save_tensors, state_tensors
 from crlf.engine.device import autocast, autocast_dtype, make_generator, seed_everything
@@ -41,27 +38,7 @@ from crlf.settings import PretrainSettings
 log = logging.getLogger(__name__)
 
 # Settings that define what a run *is*: resuming with another value would silently mix two experiments.
-IDENTITY_KEYS = (
-    "data",
-    "data_dir",
-    "split",
-    "image_size",
-    "limit",
-    "method",
-    "arch",
-    "stem",
-    "patch_size",
-    "head_hidden",
-    "head_out",
-    "head_layers",
-    "head_dropout",
-    "queue_size",
-    "pred_hidden",
-    "prototypes",
-    "batch_size",
-    "optimizer",
-    "seed",
-)
+
 
 
 class Reporter(Protocol):
@@ -161,8 +138,8 @@ def _pretrain(
     if main:
         run.check_owner()  # a foreign folder or a link is refused before anything is opened in it
         if resume and run.path.is_dir() and not run.writable():  # e.g. a finished run on a read-only mount
-            if _plan(run, settings, resume=True, force=False) == _COMPLETE:
-                return _complete(run)
+            if runplan.plan(run, settings, resume=True, force=False) == runplan.COMPLETE:
+                return runplan.complete(run)
             raise InputError(f"cannot write to {run.path} (read-only): it holds an unfinished run; copy it elsewhere")
     with run.locked() if main else contextlib.nullcontext():
         if main:
@@ -183,25 +160,26 @@ def _start(
 ) -> dict[str, Any]:
     """Plan, build, prepare the directory and train, with the directory locked and logged to."""
     main = world.main
-    plan = _plan(run, settings, resume=resume, force=force) if main else _FRESH  # main decides; the others follow
+    # the main process decides; the others follow
+    plan = runplan.plan(run, settings, resume=resume, force=force) if main else runplan.FRESH
     plan = distributed.any_flag(plan, world)
-    if plan == _COMPLETE:
-        return _complete(run)
+    if plan == runplan.COMPLETE:
+        return runplan.complete(run)
     setup = _build(settings, world)  # bad data or settings fail here, before anything is changed or written
     if main:
         with _writing(run):
             run.remove_temp_files()  # left by a process killed while writing
-            if plan == _FRESH and run.has_run():
+            if plan == runplan.FRESH and run.has_run():
                 log.warning("--force: discarding the run in %s and starting over", run.path)
                 run.clear()
-            elif plan == _RESTART:
+            elif plan == runplan.RESTART:
                 log.info("%s has no checkpoint yet: starting fresh", run.path)
                 run.truncate_metrics(0)  # a line of an epoch whose checkpoint was never written
-            setup.record = run_record(settings, setup.device, setup.amp, world)
+            setup.record = runplan.run_record(settings, setup.device, setup.amp, world)
             config = json.dumps(setup.record, indent=2)
             atomic_write(run.config, lambda f: f.write(config.encode()))
     distributed.barrier(world)  # the others read checkpoints only after the main process has set up
-    progress, rng = _restore(run, setup, world) if plan == _RESUME else (None, {})
+    progress, rng = _restore(run, setup, world) if plan == runplan.RESUME else (None, {})
     stop = StopFlag(hard_abort)
     with stop.installed():
         try:
@@ -213,84 +191,7 @@ def _start(
                 setup.writer.wait()
 
 
-_FRESH, _RESTART, _RESUME, _COMPLETE = 0, 1, 2, 3  # what a start does with the run directory (the largest wins)
 
-
-def _plan(run: RunDir, settings: PretrainSettings, *, resume: bool, force: bool) -> int:
-    """Decide what to do with the run directory without changing it; refuse what would mix two experiments."""
-    if force or not run.has_run():
-        return _FRESH
-    if not resume:
-        raise InputError(
-            f"{run.path} already holds a run: pass --resume to continue it, --force to start over, "
-            "or choose another --out"
-        )
-    saved = run.saved_config()
-    if not run.checkpoints_newest_first():
-        return _RESTART
-    conflicts = [
-        f"{k}: {saved.get(k)!r} -> {v!r}"
-        for k, v in settings.model_dump(mode="json").items()
-        if k in IDENTITY_KEYS and k in saved and saved[k] != v
-    ]
-    if conflicts:
-        raise InputError(
-            f"cannot resume {run.path}: settings differ from the saved run ({'; '.join(conflicts)}); "
-            "use --force to start over"
-        )
-    done = run.finished_epoch()
-    return _COMPLETE if done is not None and done >= settings.epochs and run.encoder.is_file() else _RESUME
-
-
-def _complete(run: RunDir) -> dict[str, Any]:
-    done = run.finished_epoch()
-    log.info("run %s is complete (%d epochs): nothing to do", run.path, done)
-    return {"status": "complete", "run_dir": str(run.path), "encoder": str(run.encoder), "epochs": done}
-
-
-def run_record(
-    settings: PretrainSettings, device: torch.device, amp: torch.dtype | None, world: distributed.World
-) -> dict[str, Any]:
-    """config.json: the settings with the lr and weight decay that were used, and a 'resolved' block of what the
-    defaults turned into and where the run ran (device, precision, versions, command line, crlf's git commit)."""
-    values = settings.model_dump(mode="json")
-    values.update(lr=settings.resolved_lr, weight_decay=settings.resolved_weight_decay)
-    resolved = {
-        "lr": settings.resolved_lr,
-        "weight_decay": settings.resolved_weight_decay,
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "precision": "bf16" if amp == torch.bfloat16 else "fp32",
-        "world_size": world.world_size,
-        "crlf": __version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "command": shlex.join(["crlf", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("crlf", "__main__.py") else None,
-        "git_commit": git_commit(),
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    return {**values, "resolved": resolved}
-
-
-def git_commit() -> str | None:
-    """The commit of crlf's own source when it runs from a git checkout (an editable install), else None. Read from
-    .git's files: crlf runs no programs."""
-    for folder in Path(__file__).resolve().parents:
-        git = folder / ".git"
-        if not git.is_dir():
-            continue
-        try:
-            head = (git / "HEAD").read_text().strip()
-            if not head.startswith("ref: "):
-                return head  # a detached HEAD is the commit itself
-            ref = head.removeprefix("ref: ")
-            if (git / ref).is_file():
-                return (git / ref).read_text().strip()
-            packed = (git / "packed-refs").read_text().splitlines() if (git / "packed-refs").is_file() else []
-            return next((line.split()[0] for line in packed if line.endswith(" " + ref)), None)
-        except OSError:
-            return None
-    return None
 
 
 def _restore(run: RunDir, s: _Setup, world: distributed.World) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

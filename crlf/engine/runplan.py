@@ -1,0 +1,126 @@
+"""What a start does with a run directory, decided before anything in it changes: start fresh, restart, resume or
+nothing (the run is complete), refusing a resume whose settings would mix two experiments; and config.json's
+record of what ran."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crlf import __version__
+from crlf.engine import distributed
+from crlf.engine.rundir import RunDir
+from crlf.errors import InputError
+from crlf.settings import PretrainSettings
+
+log = logging.getLogger(__name__)
+
+# settings that define a run: --resume refuses to continue a run saved with other values
+IDENTITY_KEYS = (
+    "data",
+    "data_dir",
+    "split",
+    "image_size",
+    "limit",
+    "method",
+    "arch",
+    "stem",
+    "patch_size",
+    "head_hidden",
+    "head_out",
+    "head_layers",
+    "head_dropout",
+    "queue_size",
+    "pred_hidden",
+    "prototypes",
+    "batch_size",
+    "optimizer",
+    "seed",
+)
+
+FRESH, RESTART, RESUME, COMPLETE = 0, 1, 2, 3  # what a start does with the run directory (the largest wins)
+
+
+def plan(run: RunDir, settings: PretrainSettings, *, resume: bool, force: bool) -> int:
+    """Decide what to do with the run directory without changing it; refuse what would mix two experiments."""
+    if force or not run.has_run():
+        return FRESH
+    if not resume:
+        raise InputError(
+            f"{run.path} already holds a run: pass --resume to continue it, --force to start over, "
+            "or choose another --out"
+        )
+    saved = run.saved_config()
+    if not run.checkpoints_newest_first():
+        return RESTART
+    conflicts = [
+        f"{k}: {saved.get(k)!r} -> {v!r}"
+        for k, v in settings.model_dump(mode="json").items()
+        if k in IDENTITY_KEYS and k in saved and saved[k] != v
+    ]
+    if conflicts:
+        raise InputError(
+            f"cannot resume {run.path}: settings differ from the saved run ({'; '.join(conflicts)}); "
+            "use --force to start over"
+        )
+    done = run.finished_epoch()
+    return COMPLETE if done is not None and done >= settings.epochs and run.encoder.is_file() else RESUME
+
+
+def complete(run: RunDir) -> dict[str, Any]:
+    """The summary of a run that has nothing left to do (--resume of a finished run)."""
+    done = run.finished_epoch()
+    log.info("run %s is complete (%d epochs): nothing to do", run.path, done)
+    return {"status": "complete", "run_dir": str(run.path), "encoder": str(run.encoder), "epochs": done}
+
+
+def run_record(
+    settings: PretrainSettings, device: torch.device, amp: torch.dtype | None, world: distributed.World
+) -> dict[str, Any]:
+    """config.json: the settings with the lr and weight decay that were used, and a 'resolved' block of what the
+    defaults turned into and where the run ran (device, precision, versions, command line, crlf's git commit)."""
+    values = settings.model_dump(mode="json")
+    values.update(lr=settings.resolved_lr, weight_decay=settings.resolved_weight_decay)
+    resolved = {
+        "lr": settings.resolved_lr,
+        "weight_decay": settings.resolved_weight_decay,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "precision": "bf16" if amp == torch.bfloat16 else "fp32",
+        "world_size": world.world_size,
+        "crlf": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "command": shlex.join(["crlf", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("crlf", "__main__.py") else None,
+        "git_commit": git_commit(),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return {**values, "resolved": resolved}
+
+
+def git_commit() -> str | None:
+    """The commit of crlf's own source when it runs from a git checkout (an editable install), else None. Read from
+    .git's files: crlf runs no programs."""
+    for folder in Path(__file__).resolve().parents:
+        git = folder / ".git"
+        if not git.is_dir():
+            continue
+        try:
+            head = (git / "HEAD").read_text().strip()
+            if not head.startswith("ref: "):
+                return head  # a detached HEAD is the commit itself
+            ref = head.removeprefix("ref: ")
+            if (git / ref).is_file():
+                return (git / ref).read_text().strip()
+            packed = (git / "packed-refs").read_text().splitlines() if (git / "packed-refs").is_file() else []
+            return next((line.split()[0] for line in packed if line.endswith(" " + ref)), None)
+        except OSError:
+            return None
+    return None

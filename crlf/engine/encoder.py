@@ -65,6 +65,11 @@ class Encoder:
         first = next(iter(self.backbone.parameters()), None)
         return torch.device("cpu") if first is None else first.device
 
+    def normaliser(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean and std as (1, 3, 1, 1) tensors on `device`, for prepare()."""
+        mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (self.mean, self.std))
+        return mean, std
+
     def to(self, device: str | torch.device) -> Encoder:
         """Move the backbone to `device` (in place); returns self."""
         self.backbone.to(device)
@@ -130,7 +135,7 @@ class Encoder:
         else:
             batches = images
         device = self.device
-        mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (self.mean, self.std))
+        mean, std = self.normaliser(device)
         dtype, was_training = autocast_dtype(device, precision), self.backbone.training
         rows: list[torch.Tensor] = []
         done, shown = 0, time.monotonic()
@@ -139,10 +144,7 @@ class Encoder:
             with torch.no_grad():
                 for batch in batches:
                     x = batch.to(device, non_blocking=True)
-                    x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-                    x = (x - mean) / std
-                    if device.type == "cuda":
-                        x = x.contiguous(memory_format=torch.channels_last)
+                    x = prepare(x.float().div_(255) if x.dtype == torch.uint8 else x.float(), mean, std)
                     with autocast(device, dtype):
                         rows.append(self.backbone(x).float().cpu())
                     done += len(x)
@@ -169,6 +171,13 @@ class Encoder:
 
 
 # --- inputs ----------------------------------------------------------------------------------------------------------
+def prepare(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1] -> normalised network input, channels_last on CUDA: the one way pretraining,
+    embedding and fine-tuning feed a backbone."""
+    x = (x - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cuda" else x
+
+
 def check_images(images: torch.Tensor, what: str) -> None:
     """uint8 or float (N, 3, H, W), non-empty, sides >= MIN_IMAGE_SIZE; else an InputError saying what to change."""
     if images.ndim != 4 or images.shape[1] != 3 or not (images.dtype == torch.uint8 or images.is_floating_point()):

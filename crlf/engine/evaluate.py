@@ -20,7 +20,7 @@ from torch import nn
 
 from crlf.engine import augment
 from crlf.engine.device import autocast, autocast_dtype, make_generator
-from crlf.engine.encoder import Encoder, check_images
+from crlf.engine.encoder import Encoder, check_images, prepare
 from crlf.errors import InputError
 from crlf.settings import AugmentSettings
 
@@ -80,12 +80,6 @@ def _check_features(x: torch.Tensor, y: torch.Tensor, num_classes: int, what: st
             "re-extract with a healthy checkpoint"
         )
     _check_labels(y, len(x), num_classes, what)
-
-
-def _prepare(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Float images in [0, 1] -> normalised network input (channels_last on CUDA, as in pretraining)."""
-    x = (x - mean) / std
-    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cuda" else x
 
 
 def _cosine(optimizer: torch.optim.Optimizer, base: list[float], step: int, total: int) -> None:
@@ -285,7 +279,7 @@ def finetune(
     t0 = time.perf_counter()
     tuned = dataclasses.replace(encoder, backbone=copy.deepcopy(encoder.backbone).to(device))
     model = tuned.backbone
-    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (encoder.mean, encoder.std))
+    mean, std = encoder.normaliser(device)
     head = nn.Linear(encoder.feature_dim, num_classes).to(device)
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
@@ -309,7 +303,7 @@ def finetune(
             x = augment.apply(images[idx], augment.sample_params(batch, h, w, FINETUNE_AUGMENT, augment_gen), min(h, w))
             _cosine(optimizer, base, steps, total)
             with autocast(device, dtype):
-                loss = F.cross_entropy(head(model(_prepare(x, mean, std))).float(), y[idx])
+                loss = F.cross_entropy(head(model(prepare(x, mean, std))).float(), y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

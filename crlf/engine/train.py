@@ -26,7 +26,7 @@ from crlf.engine import augment, backbones, data, distributed, evaluate, methods
 from crlf.engine.backbones import BackboneSpec
 from crlf.engine.checkpoint import load_state, save_state, save_tensors, state_tensors
 from crlf.engine.device import autocast, autocast_dtype, make_generator, seed_everything
-from crlf.engine.encoder import Encoder
+from crlf.engine.encoder import Encoder, prepare
 from crlf.engine.files import Background, atomic_write
 from crlf.engine.optim import Plateau, build_optimizer, lr_at
 from crlf.engine.rundir import RunDir
@@ -549,9 +549,7 @@ def _step(
     tensor (no host sync)."""
     # the method's recipe, float in [0, 1] (a streaming source on a CPU ran it in its workers: augment.Views)
     views = batch.views if isinstance(batch, augment.Views) else s.model.views(batch, settings, gen)
-    views = [(v - s.mean) / s.std for v in views]
-    if s.device.type == "cuda":
-        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+    views = [prepare(v, s.mean, s.std) for v in views]
     with autocast(s.device, s.amp):
         loss = s.step_model(views)  # the loss of the global batch
     s.optimizer.zero_grad(set_to_none=True)

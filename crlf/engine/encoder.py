@@ -220,13 +220,13 @@ def to_batch(images: Any, size: int) -> torch.Tensor:
         if isinstance(item, (str, Path)):
             path = Path(item).expanduser()
             try:
-                rows.append(torch.from_numpy(folder.decode(path, size)).permute(2, 0, 1))
+                rows.append(torch.tensor(folder.decode(path, size)).permute(2, 0, 1))
             except Exception as e:  # one line per unreadable file, whatever the decoder raised
                 raise InputError(f"embed: cannot read the image {path}: {data.short_reason(e)}") from None
         elif isinstance(item, Image.Image):
             # as the folder source: a JPEG not yet loaded is decoded at a reduced scale (Image.draft; this sets the
             # caller's image to that scale too), so the rows equal extract's
-            rows.append(torch.from_numpy(folder.square(item, size)).permute(2, 0, 1))
+            rows.append(torch.tensor(folder.square(item, size)).permute(2, 0, 1))
         else:
             rows.append(to_batch(item, size)[0])
     if len({r.dtype for r in rows}) > 1:

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 from inprocess import run_crlf
-from PIL import Image
+from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
 from crlf import PretrainSettings, pretrain
 from crlf.engine import augment, methods
-from crlf.engine.sources import catalog, feed, load
+from crlf.engine.sources import catalog, feed, images, load
 from crlf.engine.sources.images import crop_boxes, decode_crops
 from crlf.engine.sources.stream import StreamFeed, _Decoder
 from crlf.engine.sources.tar import expand_braces
@@ -149,7 +149,7 @@ def test_corrupt_members_are_skipped_counted_and_replaced_by_the_next(shards, tm
     assert [s.split(" (")[0] for s in stream.skipped()] == ["part-001/0010"] and stream.skipped() == []
     u = stream.decoder.uniforms(0, 10)  # row 10 holds image 11 cut with image 10's boxes
     expected = decode_crops(listed.read(11), ".jpg", PLAN, u)[0]
-    assert torch.equal(views[1][2], torch.from_numpy(expected).permute(2, 0, 1))
+    assert torch.equal(views[1][2], expected)
 
 
 def test_resume_mid_epoch_is_exact_and_sees_every_image_once(shards, tmp_path, monkeypatch, signal_at):
@@ -287,17 +287,52 @@ def test_cpu_stream_workers_run_the_recipe_seeded_by_epoch_and_batch(shards):
     assert not torch.equal(run(epoch=1)[0].views[0], whole[0].views[0])
 
 
-@pytest.mark.parametrize("cropped", [True, False])
-def test_one_thread_chunked_colour_equals_the_whole_batch_passes(cropped):
-    x = torch.randint(0, 256, (40, 3, 48, 48), dtype=torch.uint8)
+@pytest.mark.parametrize(("cropped", "rows", "side"), [(True, 40, 48), (False, 40, 48), (True, 12, 224)])
+def test_one_thread_chunked_colour_equals_the_whole_batch_passes(cropped, rows, side):
+    """48 px: chunks of 37 rows with mixed masks; 224 px: one row per chunk, each op on or off for the whole chunk.
+    Pre-cut views come in two parts (as repeat hands them over), read in place by the chunked path."""
+    x = torch.randint(0, 256, (rows, 3, side, side), dtype=torch.uint8)
     cfg = AugmentSettings(jitter_p=0.5, grayscale_p=0.3, blur_p=0.5, solarize_p=0.2)
-    p = augment.sample_params(40, 48, 48, cfg, torch.Generator().manual_seed(0))
+    p = augment.sample_params(rows, side, side, cfg, torch.Generator().manual_seed(0))
     threads = torch.get_num_threads()
     out = []
     try:
         for n in (1, 2):  # one thread: chunked (streaming workers); more: whole-batch passes
             torch.set_num_threads(n)
-            out.append(augment.apply(augment.Crops([x]) if cropped else x, p, 48))
+            out.append(augment.apply(augment.Crops([x[:5], x[5:]]) if cropped else x, p, side))
     finally:
         torch.set_num_threads(threads)
-    assert (out[0] - out[1]).abs().max() < 1e-5 and out[0].shape == (40, 3, 48, 48)
+    assert (out[0] - out[1]).abs().max() < 1e-5 and out[0].shape == (rows, 3, side, side)
+
+
+def test_worker_buffers_are_in_shared_memory(monkeypatch):
+    assert not augment.empty((2, 3), dtype=torch.float32).is_shared()
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())  # as inside a DataLoader worker
+    x = augment.empty((2, 3), dtype=torch.uint8)
+    assert x.is_shared() and x.shape == (2, 3) and x.dtype == torch.uint8 and x.is_contiguous()
+
+
+def test_torchvision_and_pillow_decode_jpegs_to_the_same_crops(tmp_path, monkeypatch):
+    """Full-scale RGB and gray JPEGs (an EXIF-turned one too) go to torchvision.io, CMYK and reduced-scale ones to
+    Pillow: the crops equal Pillow's upright pixels cut with the same boxes."""
+    calls = []
+    original = images._torchvision_jpeg
+    monkeypatch.setattr(images, "_torchvision_jpeg", lambda data: calls.append(1) or original(data))
+    rng = np.random.default_rng(0)
+    pixels = np.kron(rng.integers(0, 256, (15, 20, 3), dtype=np.uint8), np.ones((4, 4, 1), np.uint8))  # 60 x 80
+    turned = Image.Exif()
+    turned[0x0112] = 6
+    cases = {"rgb": ("RGB", {}, 1), "gray": ("L", {}, 1), "exif": ("RGB", {"exif": turned}, 1), "cmyk": ("CMYK", {}, 0)}
+    for name, (mode, extra, expected_calls) in cases.items():
+        out = io.BytesIO()
+        Image.fromarray(pixels).convert(mode).save(out, "JPEG", quality=90, **extra)
+        data, u, plan = out.getvalue(), rng.random((2, 4)), [(48, 0.3, 1.0), (32, 0.5, 1.0)]
+        with Image.open(io.BytesIO(data)) as im:
+            upright = torch.from_numpy(np.array(ImageOps.exif_transpose(im).convert("RGB"))).permute(2, 0, 1)
+        calls.clear()
+        crops = decode_crops(data, ".jpg", plan, u)
+        boxes = crop_boxes(upright.shape[2], upright.shape[1], plan, u)
+        assert len(calls) == expected_calls, name
+        assert all(torch.equal(c, images.cut_box(upright, b, p[0])) for c, b, p in zip(crops, boxes, plan)), name
+    calls.clear()
+    assert decode_crops(data, ".jpg", [(8, 0.9, 1.0)] * 2, u)[0].shape == (3, 8, 8) and not calls  # DCT-reduced

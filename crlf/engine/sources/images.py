@@ -6,11 +6,13 @@ from __future__ import annotations
 import functools
 import io
 import math
+import warnings
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from crlf.engine.augment import crop_box
@@ -115,19 +117,49 @@ def crop_boxes(width: int, height: int, plan: list[tuple[int, float, float]], u:
     return torch.stack([left, top, left + w, top + h], 1).numpy()
 
 
-def decode_crops(data: bytes, suffix: str, plan: list[tuple[int, float, float]], u: np.ndarray) -> list[np.ndarray]:
-    """One encoded image -> one uint8 (size, size, 3) random resized crop per view of `plan`, each cut from the
-    full-resolution image (JPEG: decoded at the smallest scale that keeps every box at least its output size) and
-    resized with antialiasing. The boxes come from the uniforms u (V, 4) alone (see crop_boxes)."""
+def decode_crops(data: bytes, suffix: str, plan: list[tuple[int, float, float]], u: np.ndarray) -> list[torch.Tensor]:
+    """One encoded image -> one uint8 (3, size, size) random resized crop per view of `plan`, each cut from the
+    full-resolution image and resized with antialiasing (cut_box). The boxes come from the uniforms u (V, 4) alone
+    (see crop_boxes).
+
+    A JPEG is decoded at the smallest DCT scale that keeps every box at least its output size (Pillow's draft). When
+    that is full scale (the common case: no box is twice its output size), an RGB or gray JPEG is decoded by
+    torchvision.io instead: the same libjpeg-turbo pixels, handed over as a tensor without Pillow's copy (one 500x375
+    JPEG cut into two 224 px views: 3.6 -> 2.5 ms). Anything it cannot read goes to Pillow, whose errors are clearer."""
     with Image.open(io.BytesIO(data), formats=formats_for(suffix)) as im:
         width, height = upright_size(im)
         boxes = crop_boxes(width, height, plan, u)
         sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
         factor = max(1.0, float(min(sides / np.array([p[0] for p in plan]))))  # the largest reduction allowed
-        im.draft(None, (math.ceil(im.size[0] / factor), math.ceil(im.size[1] / factor)))
-        rgb = _upright(im)
-        scale = np.array([rgb.size[0] / width, rgb.size[1] / height] * 2)
-        return [
-            np.asarray(rgb.resize((p[0], p[0]), Image.Resampling.BILINEAR, box=tuple(box * scale)))
-            for p, box in zip(plan, boxes)
-        ]
+        image = _torchvision_jpeg(data) if im.format == "JPEG" and im.mode in ("RGB", "L") and factor < 2 else None
+        if image is None:
+            im.draft(None, (math.ceil(im.size[0] / factor), math.ceil(im.size[1] / factor)))
+            image = torch.from_numpy(np.array(_upright(im))).permute(2, 0, 1)  # (3, h, w), channels last in memory
+    scale = np.array([image.shape[2] / width, image.shape[1] / height] * 2)
+    return [cut_box(image, box * scale, p[0]) for p, box in zip(plan, boxes)]
+
+
+def _torchvision_jpeg(data: bytes) -> torch.Tensor | None:
+    """A JPEG -> uint8 (3, H, W) RGB, upright (EXIF), by torchvision.io; None when it cannot decode it or has no
+    decoder (deprecated since torchvision 0.29 in favour of TorchCodec: silenced here, and Pillow once it is gone)."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                               apply_exif_orientation=True)  # fmt: skip
+    except (ImportError, RuntimeError):
+        return None
+
+
+def cut_box(image: torch.Tensor, box: np.ndarray, side: int) -> torch.Tensor:
+    """The box (left, top, right, bottom; rounded to whole pixels, at least one) of uint8 (3, H, W) resized to uint8
+    (3, side, side): bilinear with antialiasing; on a CPU torch's uint8 kernel (Pillow's filter, a few times faster),
+    elsewhere in float32, rounded (there is no uint8 kernel there)."""
+    left, top, right, bottom = (int(round(c)) for c in box)
+    crop = image[None, :, top : max(bottom, top + 1), left : max(right, left + 1)]
+    if crop.device.type == "cpu":
+        return F.interpolate(crop, size=(side, side), mode="bilinear", antialias=True, align_corners=False)[0]
+    out = F.interpolate(crop.float(), size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+    return out[0].round_().clamp_(0, 255).to(torch.uint8)

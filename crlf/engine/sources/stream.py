@@ -22,13 +22,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from crlf.engine.augment import Crops, Views
+from crlf.engine.augment import Crops, Views, empty
 from crlf.engine.sources.base import Catalog, short_reason
 from crlf.engine.sources.feed import Feed
-from crlf.engine.sources.images import crop_boxes, decode, decode_crops, printable, upright_size
+from crlf.engine.sources.images import crop_boxes, cut_box, decode, decode_crops, printable, upright_size
 from crlf.errors import RunError
 
 log = logging.getLogger(__name__)
@@ -38,7 +37,7 @@ _JPEG = (".jpg", ".jpeg")
 
 
 class _Decoder(torch.utils.data.Dataset):
-    """The worker side: a batch of (epoch, index) -> its views (uint8 (B, S, S, 3) per view of the plan)."""
+    """The worker side: a batch of (epoch, index) -> its views (uint8 (B, 3, S, S) per view of the plan)."""
 
     def __init__(self, catalog: Catalog, plan: list[tuple[int, float, float]], seed: int, gpu: bool,
                  recipe: Callable[[Crops, torch.Generator], list[torch.Tensor]] | None = None):  # fmt: skip
@@ -53,7 +52,8 @@ class _Decoder(torch.utils.data.Dataset):
         return np.random.default_rng([self.seed, epoch, index]).random((len(self.plan), 4))
 
     def __getitems__(self, items: list[tuple[int, int]]) -> dict[str, Any]:
-        views = [np.empty((len(items), s, s, 3), np.uint8) for s, _, _ in self.plan]
+        alloc = empty if self.recipe is None else torch.empty  # returned as they are: in shared memory
+        views = [alloc((len(items), 3, s, s), dtype=torch.uint8) for s, _, _ in self.plan]
         used, bad, jpegs = [], [], []
         for row, (epoch, index) in enumerate(items):
             u = self.uniforms(epoch, index)
@@ -74,14 +74,14 @@ class _Decoder(torch.utils.data.Dataset):
             else:
                 return {"failed": self.catalog.ids[index]}
             used.append(j)
-        cut = [torch.from_numpy(v).permute(0, 3, 1, 2) for v in views]
+        cut = views
         if self.recipe is not None:  # the batch's draws: a pure function of (seed, epoch, its images)
             state = np.random.SeedSequence([self.seed, *(x for item in items for x in item)]).generate_state(2)
             gen = torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
             threads = torch.get_num_threads()  # one, as in a worker (--workers 0 too): the same values either way
             torch.set_num_threads(1)
             try:
-                cut = [v.contiguous() for v in self.recipe(Crops([v.contiguous() for v in cut]), gen)]
+                cut = [v.contiguous() for v in self.recipe(Crops(cut), gen)]
             finally:
                 torch.set_num_threads(threads)
         return {
@@ -176,10 +176,7 @@ class StreamFeed(Feed):
         decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True)
         for (row, _, boxes), image in zip(jpegs, decoded):
             for v, ((side, _, _), box) in enumerate(zip(self.plan, boxes)):
-                left, top, right, bottom = (int(round(c)) for c in box)
-                crop = image[None, :, top : max(bottom, top + 1), left : max(right, left + 1)].float()
-                out = F.interpolate(crop, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
-                views[v][row] = out[0].round_().clamp_(0, 255).to(torch.uint8)
+                views[v][row] = cut_box(image, box, side)
 
     def head(self, count: int) -> torch.Tensor:
         return self._decode_rows(range(min(count, len(self.catalog))))

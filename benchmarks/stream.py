@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -180,6 +181,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1, help="run the variants this many times, interleaved; medians")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--train", action="store_true", help="feed a ResNet-50 step (the GPU part)")
     p.add_argument("--gpu-decode", action="store_true", help="also crlf with JPEGs decoded on the device")
@@ -187,37 +189,48 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="write the rows here")
     a = p.parse_args()
     if a.smoke:
-        a.make, a.size, a.batch, a.steps, a.warmup, a.workers = 24, 32, 4, 2, 1, 1
+        a.make, a.size, a.batch, a.steps, a.warmup, a.workers, a.rounds = 24, 32, 4, 2, 1, 1, 2
         a.train = a.gpu_decode = True
     device = torch.device(a.device)
     if a.make:
         make(a.folder, a.make, (64, 48) if a.smoke else (500, 375))
     step = _model(device, a.size) if a.train else None
-    rows = []
+    variants = {"crlf stream": lambda: crlf_batches(a.folder, a.size, a.batch, a.workers, device, False)}
     if step:
-        rows.append(run("model alone (floor)", floor_batches(a.batch, a.size, device), device, a.steps, a.warmup, step))
-    rows.append(run("crlf stream", crlf_batches(a.folder, a.size, a.batch, a.workers, device, False), device, a.steps,
-                    a.warmup, step))  # fmt: skip
+        variants = {"model alone (floor)": lambda: floor_batches(a.batch, a.size, device), **variants}
     if device.type == "cpu":
-        rows.append(run("crlf stream, main process augments", crlf_batches(a.folder, a.size, a.batch, a.workers,
-                        device, False, in_workers=False), device, a.steps, a.warmup, step))  # fmt: skip
+        variants["crlf stream, main process augments"] = lambda: crlf_batches(
+            a.folder, a.size, a.batch, a.workers, device, False, in_workers=False)  # fmt: skip
     if a.gpu_decode:
-        rows.append(run("crlf stream, device JPEG decode", crlf_batches(a.folder, a.size, a.batch, a.workers, device,
-                        True), device, a.steps, a.warmup, step))  # fmt: skip
-    rows.append(run("torchvision ImageFolder + DataLoader", tv_batches(_torchvision_loader(a.folder, a.size, a.batch,
-                    a.workers), device), device, a.steps, a.warmup, step))  # fmt: skip
-    tv = rows[-1]["images_per_s"]
-    for r in rows:
-        r["vs_torchvision"] = round(r["images_per_s"] / tv, 2)
+        variants["crlf stream, device JPEG decode"] = lambda: crlf_batches(
+            a.folder, a.size, a.batch, a.workers, device, True)  # fmt: skip
+    variants["torchvision ImageFolder + DataLoader"] = lambda: tv_batches(
+        _torchvision_loader(a.folder, a.size, a.batch, a.workers), device)  # fmt: skip
+    # variants interleaved round by round, so that a slow spell of shared cores hits all of them alike
+    runs = [[run(name, make(), device, a.steps, a.warmup, step) for name, make in variants.items()]
+            for _ in range(a.rounds)]  # fmt: skip
+    rows = []
+    for k, name in enumerate(variants):
+        mine = [r[k] for r in runs]
+        ratios = [r[k]["images_per_s"] / r[-1]["images_per_s"] for r in runs]
+        cpu_ratios = [r[-1]["cpu_ms_per_image"] / max(r[k]["cpu_ms_per_image"], 1e-9) for r in runs]
+        rows.append({
+            "variant": name,
+            "images_per_s": statistics.median(r["images_per_s"] for r in mine),
+            "cpu_ms_per_image": statistics.median(r["cpu_ms_per_image"] for r in mine),
+            "vs_torchvision": round(statistics.median(ratios), 2),  # median of the rounds' ratios
+            "cpu_vs_torchvision": round(statistics.median(cpu_ratios), 2),  # torchvision's CPU ms / this one's
+            "rounds": mine,
+        })  # fmt: skip
         if step:
-            r["device_busy"] = round(min(1.0, r["images_per_s"] / rows[0]["images_per_s"]), 3)
+            rows[-1]["device_busy"] = round(min(1.0, rows[-1]["images_per_s"] / rows[0]["images_per_s"]), 3)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores" + (
         f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "")  # fmt: skip
-    print(f"{a.workers} workers, batch {a.batch}, {a.size} px, {device} ({machine})")
+    print(f"{a.workers} workers, batch {a.batch}, {a.size} px, {device} ({machine}); medians of {a.rounds} rounds")
     for r in rows:
         busy = f"  device busy {r['device_busy']:.0%}" if "device_busy" in r else ""
         print(f"{r['variant']:<40} {r['images_per_s']:>9,.1f} images/s  x{r['vs_torchvision']:.2f}  "
-              f"{r['cpu_ms_per_image']:>6.1f} CPU ms/image{busy}")
+              f"{r['cpu_ms_per_image']:>6.1f} CPU ms/image  x{r['cpu_vs_torchvision']:.2f}{busy}")
     if a.json:
         a.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "machine": machine,
                                       "rows": rows}, indent=2))  # fmt: skip

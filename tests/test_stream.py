@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import signal
 import tarfile
 from pathlib import Path
@@ -130,6 +131,40 @@ def test_two_ranks_read_disjoint_shares_that_cover_the_epoch_like_the_in_memory_
         rows = [int((memory.images == b).flatten(1).all(1).nonzero()[0]) for b in batches]
         assert rows == shares[-1]
     assert not set(shares[0]) & set(shares[1]) and sorted(shares[0] + shares[1]) == list(range(24))
+
+
+def _pretrain_rank(rank: int, port: int, shards: Path, out: Path) -> None:
+    """One of two processes of a streamed pretraining run over gloo: records the (epoch, image) pairs it decodes."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    seen: list[tuple[int, int]] = []
+    real = _Decoder.__getitems__
+    _Decoder.__getitems__ = lambda self, items: seen.extend(items) or real(self, items)
+    pretrain(_train(out / "run", shards, epochs=2, seed=7))
+    (out / f"seen.{rank}.json").write_text(json.dumps(seen))
+
+
+def test_two_processes_read_disjoint_shares_that_cover_every_epoch(shards, tmp_path, monkeypatch):
+    """A real two-process run (torch.multiprocessing, gloo), as torchrun starts it: per epoch, the ranks decode
+    disjoint halves of the data set, together all of it, and the next epoch in another order."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    for key in [k for k in os.environ if k.startswith("CRLF_")]:
+        monkeypatch.delenv(key)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_pretrain_rank, args=(port, shards, tmp_path), nprocs=2, join=True)
+    seen = [json.loads((tmp_path / f"seen.{rank}.json").read_text()) for rank in range(2)]
+    orders = []
+    for epoch in range(2):
+        halves = [[i for e, i in ranks if e == epoch] for ranks in seen]
+        assert len(halves[0]) == len(halves[1]) == 12 and not set(halves[0]) & set(halves[1])
+        assert sorted(halves[0] + halves[1]) == list(range(24))
+        orders.append(halves[0])
+    assert orders[0] != orders[1]
 
 
 def test_corrupt_members_are_skipped_counted_and_replaced_by_the_next(shards, tmp_path):

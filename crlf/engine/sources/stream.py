@@ -14,9 +14,11 @@ batched call (torchvision.io.decode_jpeg), cut and resized there. Other formats 
 
 from __future__ import annotations
 
+import atexit
 import io
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -93,6 +95,19 @@ class _Decoder(torch.utils.data.Dataset):
         }
 
 
+def _exit_quietly(_: int) -> None:
+    """A worker leaves with os._exit once Python's own exit handlers start, skipping the C++ static destructors after
+    them: one of those, some of the time, aborted a worker that was told to stop ("terminate called without an
+    active exception", then "DataLoader worker ... killed by signal: Aborted" in the training process)."""
+    atexit.register(_leave)
+
+
+def _leave() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
@@ -139,7 +154,8 @@ class StreamFeed(Feed):
             extra: dict[str, Any] = {}
             if self.workers > 0:  # spawn: a forked child of a process whose OpenMP threads ran can hang
                 ahead = 2 if self.decoder.recipe is not None else 4  # float views are 4x the bytes of uint8 crops
-                extra = {"multiprocessing_context": "spawn", "persistent_workers": True, "prefetch_factor": ahead}
+                extra = {"multiprocessing_context": "spawn", "persistent_workers": True, "prefetch_factor": ahead,
+                         "worker_init_fn": _exit_quietly}  # fmt: skip
             self.loader = torch.utils.data.DataLoader(
                 self.decoder, batch_sampler=self.sampler, num_workers=self.workers, collate_fn=_as_is,
                 pin_memory=self.device.type == "cuda", **extra,

@@ -698,6 +698,18 @@ def resolve(cls: type[BaseModelT], cli_values: dict[str, Any], config: Path | No
         _config_file.reset(token)
 
 
+def merge(model: type[BaseModelT], given: BaseModel, saved: dict[str, Any], what: str) -> BaseModelT:
+    """`model`'s settings as the user gave them (the fields set in `given`), else as `saved` has them (a run's
+    config.json, an embeddings file's provenance; None values left out), else the defaults; an InputError that starts
+    with `what` when they do not validate."""
+    values = {k: v for k, v in saved.items() if k in model.model_fields and v is not None}
+    values.update({k: getattr(given, k) for k in model.model_fields if k in given.model_fields_set})
+    try:
+        return model(**values)
+    except ValidationError as e:
+        raise InputError(f"{what}: {e.errors()[0]['msg']}") from None
+
+
 def _describe(err: dict[str, Any]) -> str:
     loc = ".".join(str(p) for p in err.get("loc", ()))
     msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")

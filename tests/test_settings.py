@@ -6,10 +6,12 @@ import pytest
 
 from crlf.errors import InputError
 from crlf.settings import (
+    DataSettings,
     ExtractSettings,
     LinearEvalSettings,
     PretrainSettings,
     VisualizeSettings,
+    merge,
     resolve,
     to_toml,
 )
@@ -307,3 +309,13 @@ def test_unknown_crlf_variables_warn_with_a_hint(monkeypatch):
     assert r.exit_code == 0, r.output  # a warning, not a failure
     assert "warning: ignoring the environment variable CRLF_BATCH_SIZ" in r.stderr
     assert "did you mean CRLF_BATCH_SIZE?" in r.stderr and "epochs = 2" in r.stdout
+
+
+def test_merge_takes_the_flags_given_then_the_saved_values_then_the_defaults():
+    """visualize and explore fill data settings from a run's config.json: what the user gave wins, None is unset."""
+    given = VisualizeSettings(run=[Path("r")], image_size=16)  # only image_size (and run) given
+    saved = {"data": "folder", "data_dir": "photos", "image_size": 32, "limit": None, "epochs": 3}
+    out = merge(DataSettings, given, saved, "settings of r are invalid")
+    assert (out.data, str(out.data_dir), out.image_size, out.limit) == ("folder", "photos", 16, DataSettings().limit)
+    with pytest.raises(InputError, match="^settings of r are invalid: "):
+        merge(DataSettings, VisualizeSettings(run=[Path("r")]), {"image_size": 1}, "settings of r are invalid")

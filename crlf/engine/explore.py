@@ -25,7 +25,6 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import ValidationError
 
 from crlf.engine import data
 from crlf.engine.checkpoint import read_tensors
@@ -34,7 +33,7 @@ from crlf.engine.embeddings import PROBE_FORMAT, read_embeddings
 from crlf.engine.files import atomic_write
 from crlf.engine.rundir import RunDir
 from crlf.errors import InputError
-from crlf.settings import DataSettings, ExploreSettings
+from crlf.settings import DataSettings, ExploreSettings, merge
 
 log = logging.getLogger(__name__)
 
@@ -290,13 +289,8 @@ def _checkpoint(settings: ExploreSettings, run: RunDir | None) -> Path | None:
 
 def _data_settings(settings: ExploreSettings, saved: dict[str, Any], image_size: int | None) -> DataSettings:
     """The data options given, else the run's (or the embeddings file's) own, at the encoder's image size."""
-    values = {k: v for k, v in saved.items() if k in DataSettings.model_fields and v is not None}
-    values.update({k: getattr(settings, k) for k in DataSettings.model_fields if k in settings.model_fields_set})
-    values.setdefault("image_size", image_size)
-    try:
-        return DataSettings(**values)
-    except ValidationError as e:
-        raise InputError(f"invalid data settings for explore: {e.errors()[0]['msg']}") from None
+    saved = {"image_size": image_size, **{k: v for k, v in saved.items() if v is not None}}
+    return merge(DataSettings, settings, saved, "invalid data settings for explore")
 
 
 def _load_images(settings: ExploreSettings, run: RunDir | None, image_size: int) -> data.ImageSet:

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import ValidationError
 
 from crlf import __version__
 from crlf.engine import augment, data, evaluate, plots
@@ -30,7 +29,7 @@ from crlf.engine.files import atomic_write, check_writable, os_failure
 from crlf.engine.rundir import RunDir
 from crlf.engine.sources.squares import open_images
 from crlf.errors import InputError
-from crlf.settings import AugmentSettings, DataSettings, VisualizeSettings
+from crlf.settings import AugmentSettings, DataSettings, VisualizeSettings, merge
 
 log = logging.getLogger(__name__)
 
@@ -145,18 +144,10 @@ class _Inputs:
     # --- loaded inputs ---
     def merged(self, model: type[DataSettings] | type[AugmentSettings]) -> Any:
         """Data / augmentation settings: those the user gave, else the run's config.json, else the defaults."""
-        s = self.settings
         saved = self.run.saved_config() if self.run is not None else {}
-        values = {
-            k: saved[k] for k in model.model_fields if k in saved and k != "limit"
-        }  # --limit shrank training, not the figures
-        values.update({k: getattr(s, k) for k in model.model_fields if k in s.model_fields_set})
-        try:
-            return model(**values)
-        except ValidationError as e:
-            raise InputError(
-                f"settings of {self.run.path if self.run else 'visualize'} are invalid: {e.errors()[0]['msg']}"
-            ) from None
+        saved = {k: v for k, v in saved.items() if k != "limit"}  # --limit shrank training, not the figures
+        where = self.run.path if self.run is not None else "visualize"
+        return merge(model, self.settings, saved, f"settings of {where} are invalid")
 
     def points(self) -> _Points:
         if self._points is None:

@@ -357,9 +357,9 @@ settings_command(
 )
 
 
-def _command(cls: type, run: Callable[[Any, bool, bool], Any]) -> Callable[..., None]:
-    """A subcommand with the common options: resolve the settings (or print them), `run(settings, json, quiet)`
-    (which imports torch only when there is work), and print its result as JSON with --json."""
+def _common(cls: type, body: Callable[[Any, bool, bool], None]) -> Callable[..., None]:
+    """A subcommand with the common options: resolve the settings (or print them), then `body(settings, json, quiet)`,
+    with crlf's error handling."""
 
     def command(
         settings_values: dict[str, Any],
@@ -371,16 +371,25 @@ def _command(cls: type, run: Callable[[Any, bool, bool], Any]) -> Callable[..., 
     ) -> None:
         def work() -> None:
             settings = _resolved(cls, settings_values, config, print_config, json)
-            if settings is None:
-                return
-            with output.engine_progress(quiet=quiet, bar=not json):  # embedding, probes, t-SNE: bars or lines
-                result = run(settings, json, quiet)
-            if json:
-                output.emit_json(result)
+            if settings is not None:
+                body(settings, json, quiet)
 
         _guarded(quiet, verbose, work)
 
     return command
+
+
+def _command(cls: type, run: Callable[[Any, bool, bool], Any]) -> Callable[..., None]:
+    """A subcommand that runs `run(settings, json, quiet)` (which imports torch only when there is work) with the
+    engine's progress shown, and prints its result as JSON with --json."""
+
+    def body(settings: Any, json: bool, quiet: bool) -> None:
+        with output.engine_progress(quiet=quiet, bar=not json):  # embedding, probes, t-SNE: bars or lines
+            result = run(settings, json, quiet)
+        if json:
+            output.emit_json(result)
+
+    return _common(cls, body)
 
 
 def _extract(settings: ExtractSettings, json: bool, quiet: bool) -> dict[str, Any]:
@@ -436,42 +445,31 @@ settings_command(
 )
 
 
-def _explore(
-    settings_values: dict[str, Any],
-    config: ConfigOpt = None,
-    print_config: PrintConfigOpt = False,
-    json: JsonOpt = False,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
-) -> None:
-    def work() -> None:
-        settings = _resolved(ExploreSettings, settings_values, config, print_config, json)
-        if settings is None:
-            return
-        try:
-            from crlf import explore_app
-        except ModuleNotFoundError as e:
-            if e.name not in ("flask", "werkzeug"):
-                raise
-            raise InputError("crlf explore needs Flask: pip install 'crlf[explore]'") from None
-        from crlf.engine.explore import open_space
+def _explore(settings: ExploreSettings, json: bool, quiet: bool) -> None:
+    """Embed and map the space (with progress), print the URL (and the JSON with --json), then serve until stopped:
+    serving is outside the progress block, which the other subcommands keep for their whole run."""
+    try:
+        from crlf import explore_app
+    except ModuleNotFoundError as e:
+        if e.name not in ("flask", "werkzeug"):
+            raise
+        raise InputError("crlf explore needs Flask: pip install 'crlf[explore]'") from None
+    from crlf.engine.explore import open_space
 
-        sock = explore_app.bind(settings.host, settings.port)  # a port in use fails now, not after the embedding
-        with output.engine_progress(quiet=quiet, bar=not json):
-            space = open_space(settings)
-        app = explore_app.create_app(space, settings.neighbors, round(settings.max_upload_mb * 1e6))
-        server = explore_app.start(app, sock, settings.host)
-        if json:
-            output.emit_json(explore_app.summary(server, space))
-        explore_app.serve(server, settings.open)
-
-    _guarded(quiet, verbose, work)
+    sock = explore_app.bind(settings.host, settings.port)  # a port in use fails now, not after the embedding
+    with output.engine_progress(quiet=quiet, bar=not json):
+        space = open_space(settings)
+    app = explore_app.create_app(space, settings.neighbors, round(settings.max_upload_mb * 1e6))
+    server = explore_app.start(app, sock, settings.host)
+    if json:
+        output.emit_json(explore_app.summary(server, space))
+    explore_app.serve(server, settings.open)
 
 
 settings_command(
     "explore",
     ExploreSettings,
-    _explore,
+    _common(ExploreSettings, _explore),
     "Browse an embedding space in the web browser: a 2-D map with thumbnails, nearest neighbours, search, and "
     "queries with your own images (needs Flask: the explore extra).",
 )

@@ -76,18 +76,17 @@ class _Decoder(torch.utils.data.Dataset):
             else:
                 return {"failed": self.catalog.ids[index]}
             used.append(j)
-        cut = views
         if self.recipe is not None:  # the batch's draws: a pure function of (seed, epoch, its images)
             state = np.random.SeedSequence([self.seed, *(x for item in items for x in item)]).generate_state(2)
             gen = torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
             threads = torch.get_num_threads()  # one, as in a worker (--workers 0 too): the same values either way
             torch.set_num_threads(1)
             try:
-                cut = [v.contiguous() for v in self.recipe(Crops(cut), gen)]
+                views = [v.contiguous() for v in self.recipe(Crops(views), gen)]
             finally:
                 torch.set_num_threads(threads)
         return {
-            "views": cut,
+            "views": views,
             "augmented": self.recipe is not None,
             "rows": torch.tensor(used),
             "bad": bad,

@@ -517,10 +517,10 @@ def test_folder_scan_survives_an_entry_whose_stat_fails(tmp_path, monkeypatch, c
         def __init__(self, entry):
             self._entry, self.name, self.path = entry, entry.name, entry.path
 
-        def stat(self):
+        def stat(self, *, follow_symlinks=True):  # os.DirEntry.stat's signature: shutil.rmtree passes the keyword
             if self.name == "locked.png":
                 raise PermissionError(13, "Permission denied", self.path)
-            return self._entry.stat()
+            return self._entry.stat(follow_symlinks=follow_symlinks)
 
         def __getattr__(self, name):
             return getattr(self._entry, name)

@@ -47,7 +47,10 @@ def seed_recipe() -> dict[str, Any]:
 
 
 def sweep(name: str, epochs: int, epoch_seconds: float) -> list[tuple[str, dict[str, Any]]]:
-    """The named list of (row name, settings changed from the baseline)."""
+    """The named list of (row name, settings changed from the baseline); "seed,ablation": both, each row once."""
+    if "," in name:
+        rows = [row for part in name.split(",") for row in sweep(part, epochs, epoch_seconds)]
+        return [row for k, row in enumerate(rows) if row[0] not in [r[0] for r in rows[:k]]]
     if name == "ablation":  # one change at a time from the baseline
         return [
             ("baseline", {}),
@@ -189,7 +192,7 @@ def main() -> None:
     parser.add_argument("--epoch-seconds", type=float, default=2.2, help="seconds per epoch, for --seconds")
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="settings changed (TOML values)")
-    parser.add_argument("--sweep", help="ablation, seed, methods or targets")
+    parser.add_argument("--sweep", help="ablation, seed, methods or targets; several: seed,ablation")
     parser.add_argument("--start", type=int, default=0, help="skip the sweep's first N configurations (a 2nd call)")
     parser.add_argument("--max-configs", type=int, help="only the first N configurations of the sweep")
     parser.add_argument("--parallel", type=int, default=1, help="configurations at once (sweeps)")

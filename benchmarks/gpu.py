@@ -234,7 +234,8 @@ class Driver:
         """crlf pretrain end to end, eager or compiled."""
 
         def run(cap: float) -> dict[str, Any]:
-            result, path = self.pretrain("compile" if compile_ else "eager", compile=compile_)
+            extra = {"epochs": self.args.compile_epochs} if compile_ and self.args.compile_epochs else {}
+            result, path = self.pretrain("compile" if compile_ else "eager", compile=compile_, **extra)
             if not compile_:
                 self.eager_run = path
             target = 29_500 if compile_ else 23_500
@@ -551,6 +552,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the end-to-end runs")
+    parser.add_argument("--compile-epochs", type=int, help="epochs of the compiled run (default: --epochs)")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--limit", type=int, help="train on this many images (default: all)")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)

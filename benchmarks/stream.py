@@ -35,15 +35,28 @@ AUG = AugmentSettings(crop_min_scale=0.08, jitter_strength=0.5, jitter_p=0.8, gr
 
 
 def make(folder: Path, count: int, size: tuple[int, int] = (500, 375)) -> None:
-    """`count` photo-like JPEGs (smooth colour fields plus noise) of 500x375, in 10 class folders."""
-    rng = np.random.default_rng(0)
+    """`count` photo-like JPEGs (smooth colour fields plus noise) of 500x375, in 10 class folders; one process per
+    core (about 20 ms an image on one core)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    cores = os.cpu_count() or 1
+    if count < 64 or cores == 1:
+        _make_some(folder, range(count), size)
+        return
+    with ProcessPoolExecutor(cores) as pool:
+        list(pool.map(_make_some, [folder] * cores, [range(k, count, cores) for k in range(cores)], [size] * cores))
+
+
+def _make_some(folder: Path, indices: range, size: tuple[int, int]) -> None:
+    """The images of `make` with these indices (each seeded by its index: the same files whatever the cores)."""
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    for i in range(count):
+    for i in indices:
         path = folder / f"c{i % 10}" / f"{i:06d}.jpg"
         if path.exists():
             continue
         path.parent.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(i)
         a, b, c = rng.uniform(0.005, 0.03, 3)
         base = np.stack([np.sin(xx * a + i), np.cos(yy * b), np.sin((xx + yy) * c)], -1) * 100 + 128
         pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)

@@ -102,3 +102,12 @@ def test_augmentation_fidelity_smoke_compares_every_measure(tmp_path):
     rows = {row["measure"]: row for row in json.loads(out.read_text())["rows"]}
     assert {"crop area (16 px)", "crop area (224 px)", "jitter hue_shift", "grayscale rate (p 0.2)"} <= set(rows)
     assert 0 <= rows["jitter luma_mean_ratio"]["ks"] <= 1 and "torchvision_fixed_order" in rows["jitter hue_shift"]
+
+
+def test_accuracy_sweeps_join_with_commas_each_row_once():
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import accuracy
+
+    names = [name for name, _ in accuracy.sweep("seed,ablation", 10, 2.0)]
+    assert names[:3] == ["baseline", "seed recipe (examples/seed.toml)", "lr x0.5"]
+    assert len(names) == len(set(names)) == len(accuracy.sweep("ablation", 10, 2.0)) + 1

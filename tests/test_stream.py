@@ -246,6 +246,19 @@ def test_auto_rule_streams_when_the_decoded_set_would_not_fit_and_says_why(shard
         DataSettings(data="digits", stream=True)
 
 
+@pytest.mark.parametrize("limited_first", [False, True])
+def test_a_limit_neither_reads_nor_replaces_the_whole_splits_cache(shards, tmp_path, limited_first):
+    """--limit on a listed source is a subset with a cache of its own: before the fix a limited run read the whole
+    split's cached decode (training on every image), or left its subset where the whole split's decode belongs."""
+    cpu = torch.device("cpu")
+    whole, limited = ({"data": "tar", "data_dir": shards, "image_size": 8, "workers": 0, "cache_dir": tmp_path / "c",
+                       "stream": None, "limit": n} for n in (None, 5))  # fmt: skip
+    order = [limited, whole] if limited_first else [whole, limited]
+    sizes = {id(o): len(feed.open_feed(DataSettings(**o), cpu, PLAN, 0)) for o in order}
+    assert sizes[id(whole)] == 24 and sizes[id(limited)] == 5
+    assert len(list((tmp_path / "c").glob("*.npy"))) == 2
+
+
 def test_streaming_dino_with_spawned_workers_counts_a_corrupt_file(tmp_path, tiny_folder, caplog):
     (tiny_folder / "cat" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     with caplog.at_level(logging.WARNING, logger="crlf.engine"):

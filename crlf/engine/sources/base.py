@@ -6,6 +6,7 @@ ones that can stream (folder, tar) can also ``list`` it as a Catalog, whose imag
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -87,11 +88,13 @@ class Catalog:
         return os.pread(handles[k].fileno(), size, offset)  # type: ignore[attr-defined]
 
     def subset(self, rows: list[int]) -> Catalog:
-        """The images at `rows`, in that order."""
+        """The images at `rows`, in that order; its identity names the rows, so its decode is cached apart from the
+        whole split's (a --limit run neither reads the whole split's cache nor leaves its subset in its place)."""
         idx = np.asarray(rows, dtype=np.int64)
+        identity = f"{self.identity} rows {hashlib.sha256(idx.tobytes()).hexdigest()[:16]}"
         return Catalog(self.files, self.file[idx], self.offset[idx], self.size[idx], [self.suffix[i] for i in rows],
                        [self.ids[i] for i in rows], None if self.labels is None else self.labels[idx],
-                       self.class_names, self.source, self.identity, self.fingerprint, self.skipped,
+                       self.class_names, self.source, identity, self.fingerprint, self.skipped,
                        self.listed)  # fmt: skip
 
 

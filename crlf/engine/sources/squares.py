@@ -19,7 +19,7 @@ import torch
 
 from crlf.engine.sources import REGISTRY, catalog, load
 from crlf.engine.sources.base import Catalog, ImageSet, pick, short_reason
-from crlf.engine.sources.cache import report_skipped
+from crlf.engine.sources.cache import load_catalog, report_skipped
 from crlf.engine.sources.feed import streams
 from crlf.engine.sources.images import decode, printable
 from crlf.errors import InputError
@@ -126,10 +126,10 @@ def open_images(
             log.info("data: in memory (--no-stream): decoded once into a memory-mapped cache")
         else:
             listed = catalog(settings, split)
-            if not streams(settings, listed, size, "each image is decoded in a worker process as it is embedded"):
-                listed = None
-    if listed is None:
-        images = load(settings, split)
+    how = "each image is decoded in a worker process as it is embedded"
+    if listed is None or not streams(settings, listed, size, how):
+        # in memory: from the catalogue just listed (listing 50,000 files twice cost seconds), as training reads it
+        images = load(settings, split) if listed is None else load_catalog(listed, size, settings.cache_dir)
         rows = None if sample is None else pick(len(images), *sample)
         return images if rows is None else images.subset(rows)
     rows = None if sample is None else pick(len(listed), *sample)

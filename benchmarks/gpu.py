@@ -56,13 +56,12 @@ log = logging.getLogger("gpu")
 
 
 def commit() -> str | None:
-    """crlf's commit: from .git when the checkout has one, else from .gpu/COMMIT (written before the GPU run)."""
+    """crlf's commit: from .gpu/COMMIT when there (written just before the GPU run: the GPU machine's copy of .git
+    was seen to name an older commit), else from .git."""
     from crlf.engine.runplan import git_commit
 
-    found = git_commit()
-    if found is None and (ROOT / ".gpu" / "COMMIT").is_file():
-        found = (ROOT / ".gpu" / "COMMIT").read_text().strip() or None
-    return found
+    marker = ROOT / ".gpu" / "COMMIT"
+    return (marker.read_text().strip() if marker.is_file() else None) or git_commit()
 
 
 def run_command(cmd: list[str], timeout: float) -> tuple[int, str, float]:
@@ -423,12 +422,13 @@ class Driver:
             str(self.out / "throughput.json"),
         ]
         rc, out, seconds = run_command(cmd, cap)
-        rows = json.loads((self.out / "throughput.json").read_text())["rows"] if rc == 0 else []
+        table = self.out / "throughput.json"  # rewritten after every row: a killed run keeps what it measured
+        rows = json.loads(table.read_text())["rows"] if table.is_file() else []
         return {
             "command": "python benchmarks/throughput.py " + " ".join(cmd[2:]).replace(str(self.out), "$OUT"),
             "exit": rc,
             "rows": rows,
-            "table": out.strip().splitlines()[-(len(rows) + 2) :] if rows else out.strip().splitlines()[-5:],
+            "table": out.strip().splitlines()[-(len(rows) + 2) :] if rc == 0 else out.strip().splitlines()[-5:],
         }
 
     def evaluation(self, cap: float) -> dict[str, Any]:
@@ -581,7 +581,7 @@ def main() -> None:
             "e2e_eager": 60,
             "e2e_compile": 130,
             "profile": 40,
-            "throughput": 75,
+            "throughput": 150,
             "evaluation": 60,
             "torchrun": 50,
             "methods": 100,

@@ -219,9 +219,18 @@ def main() -> None:
             a.folder, a.size, a.batch, a.workers, device, True)  # fmt: skip
     variants["torchvision ImageFolder + DataLoader"] = lambda: tv_batches(
         _torchvision_loader(a.folder, a.size, a.batch, a.workers), device)  # fmt: skip
-    # variants interleaved round by round, so that a slow spell of shared cores hits all of them alike
-    runs = [[run(name, make(), device, a.steps, a.warmup, step) for name, make in variants.items()]
-            for _ in range(a.rounds)]  # fmt: skip
+    # variants interleaved round by round, so that a slow spell of shared cores hits all of them alike; each
+    # measurement is printed and saved as it ends, so a run stopped at a time limit keeps what it measured
+    runs: list[list[dict]] = []
+    for k in range(a.rounds):
+        runs.append([])
+        for name, feed in variants.items():
+            t0 = time.perf_counter()
+            runs[-1].append(run(name, feed(), device, a.steps, a.warmup, step))
+            print(f"round {k + 1}: {name}: {runs[-1][-1]['images_per_s']:,.1f} images/s "
+                  f"({time.perf_counter() - t0:.1f} s with start-up)", flush=True)  # fmt: skip
+            if a.json:
+                a.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "runs": runs}))
     rows = []
     for k, name in enumerate(variants):
         mine = [r[k] for r in runs]

@@ -235,6 +235,21 @@ def measure_one(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def derive(rows: list[dict], flops: float, peak_tflops: float) -> None:
+    """Seconds per epoch, TFLOP/s, MFU and the share of the floor of every measured row (in place)."""
+    for row in rows:
+        floor = next(
+            (r for r in rows if r["variant"] == "floor" and r["mode"] == row["mode"] and r["batch"] == row["batch"]),
+            None,
+        )
+        if "images_per_s" in row and row["variant"] != "augment":
+            row["seconds_per_epoch"] = round(EPOCH / row["images_per_s"], 3)
+            row["tflops"] = round(row["images_per_s"] * flops / 1e12, 2)
+            row["mfu"] = round(row["tflops"] / peak_tflops, 4)
+            if floor and "images_per_s" in floor and row["variant"] in ("crlf", "torchvision"):
+                row["of_floor"] = round(row["images_per_s"] / floor["images_per_s"], 3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
@@ -304,17 +319,11 @@ def main() -> None:
                     f"measured {variant} {mode} batch {batch}: {row.get('images_per_s', row.get('error'))}",
                     file=sys.stderr,
                 )
-    for row in rows:
-        floor = next(
-            (r for r in rows if r["variant"] == "floor" and r["mode"] == row["mode"] and r["batch"] == row["batch"]),
-            None,
-        )
-        if "images_per_s" in row and row["variant"] != "augment":
-            row["seconds_per_epoch"] = round(EPOCH / row["images_per_s"], 3)
-            row["tflops"] = round(row["images_per_s"] * flops / 1e12, 2)
-            row["mfu"] = round(row["tflops"] / args.peak_tflops, 4)
-            if floor and "images_per_s" in floor and row["variant"] in ("crlf", "torchvision"):
-                row["of_floor"] = round(row["images_per_s"] / floor["images_per_s"], 3)
+                derive(rows, flops, args.peak_tflops)
+                if args.json:  # after every row: a run stopped at a time limit keeps what it measured
+                    Path(args.json).write_text(
+                        json.dumps({"device": str(device), "gflop_per_image": flops / 1e9, "rows": rows}, indent=1)
+                    )
     header = (
         f"{'variant':<12}{'mode':<9}{'batch':>6}{'images/s':>11}{'s/epoch':>9}"
         f"{'of floor':>9}{'TFLOP/s':>9}{'peak GiB':>9}  note"
@@ -329,10 +338,6 @@ def main() -> None:
             f"{r['variant']:<12}{r['mode']:<9}{r['batch']:>6}{r.get('images_per_s', float('nan')):>11,.0f}"
             f"{r.get('seconds_per_epoch', float('nan')):>9.2f}{r.get('of_floor', float('nan')):>9.2f}"
             f"{r.get('tflops', float('nan')):>9.1f}{r.get('peak_memory_gib', float('nan')):>9.2f}  {note}"
-        )
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps({"device": str(device), "gflop_per_image": flops / 1e9, "rows": rows}, indent=1)
         )
 
 

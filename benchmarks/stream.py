@@ -9,7 +9,7 @@ model's own step time over the step time with data; >= 90% means the input keeps
 decoded by torchvision.io on the device. --smoke: a tiny generated folder, every path, seconds on a CPU.
 
     python benchmarks/stream.py --make 2000 --folder /tmp/jpegs --workers 2            # CPU here
-    python benchmarks/stream.py --make 20000 --folder /tmp/jpegs --device cuda --train --gpu-decode --workers 16
+    python benchmarks/stream.py --make 6000 --folder /tmp/jpegs --device cuda --train --gpu-decode --workers 16
 """
 
 from __future__ import annotations

@@ -6,20 +6,22 @@
 Stages, in order, each with its own time cap; a stage that no longer fits the budget left is skipped (and said so),
 and results.json is rewritten after every stage, so a run cut short still leaves what it measured:
 
-1. env:        GPU, driver, torch / CUDA / cuDNN versions, crlf's commit (.git, else .gpu/COMMIT), date.
+1. env:        GPU, driver, torch / CUDA / cuDNN versions, crlf's commit (.gpu/COMMIT, else .git), date.
 2. e2e_eager:  ``crlf pretrain`` end to end (Python API = the CLI's engine: per-epoch checkpoint and metrics,
                kNN monitor off) on CIFAR-10 from $CRLF_C10 (folder), ResNet-18 CIFAR stem, batch 512, bf16:
                images/s of every epoch from metrics.jsonl (the first carries cuDNN's autotuning).
 3. e2e_compile: the same with --compile (the first epoch carries the compilation).
 4. profile:    a few steps of crlf's real step (train._build's model, optimizer, feed; a benchmark-side copy of
                train._step with record_function ranges and CUDA events around the pieces): shares of augmentation,
-               forward, loss, backward, optimizer, and of the per-epoch checkpoint; the top-15 kernels (profile.txt).
-5. throughput: benchmarks/throughput.py's table (eager: floor, crlf, torchvision DataLoader, augmentation alone).
-6. evaluation: extract of train + test (60,000 images), linear-eval, knn-eval on the e2e_eager encoder, and the
+               forward, loss, backward, optimizer, and of the per-epoch checkpoint; the top-15 kernels (profile.txt);
+               the real step unsynchronised against its kernels' own time (how busy the GPU is).
+5. e2e_big_batch: e2e_eager at --big-batch (1024): what per-step overheads cost at batch 512.
+6. throughput: benchmarks/throughput.py's table (eager: floor, crlf, torchvision DataLoader, augmentation alone).
+7. evaluation: extract of train + test (60,000 images), linear-eval, knn-eval on the e2e_eager encoder, and the
                --knn-every cost: one monitor evaluation's seconds over 10 epochs of pretraining.
-7. torchrun:   ``torchrun --nproc-per-node 1 -m crlf pretrain`` with e2e_eager's settings: images/s and losses
+8. torchrun:   ``torchrun --nproc-per-node 1 -m crlf pretrain`` with e2e_eager's settings: images/s and losses
                against the plain run.
-8. methods:    two epochs of each method (simclr moco byol simsiam barlow vicreg dino swav), images/s of the last.
+9. methods:    two epochs of each method (simclr moco byol simsiam barlow vicreg dino swav), images/s of the last.
 
 Files in --out: results.json, gpu.log, throughput.json, profile.txt (the run directories live in a temporary
 folder). ``--smoke`` runs every stage on a CPU with a generated JPEG folder, 8 px images and tiny batches
@@ -244,6 +246,12 @@ class Driver:
 
         return run
 
+    def big_batch(self, cap: float) -> dict[str, Any]:
+        """crlf pretrain eager at --big-batch (lr by the rule): per-step costs that do not grow with the batch (Python,
+        kernel launches) are spread over twice the images; the gain says how much of a step they are."""
+        result, _ = self.pretrain("big-batch", batch_size=self.args.big_batch, epochs=min(3, self.args.epochs))
+        return result
+
     def profile(self, cap: float) -> dict[str, Any]:
         """Shares of one training step (CUDA events, synchronised per step) and the profiler's top kernels."""
         from torch.autograd import DeviceType
@@ -316,9 +324,19 @@ class Driver:
             for i in range(warm):
                 step(i, next(batches))
             pieces = [step(warm + i, next(batches)) for i in range(timed)]
+            # the real step as the loop runs it, not synchronised: with the kernels' own time per step (below), how
+            # busy the GPU is; well under 100% means it waits for the CPU (Python / launches) or a host sync
+            sync = torch.cuda.synchronize if cuda else (lambda: None)
+            sync()
+            t0 = time.perf_counter()
+            for i in range(timed):
+                train._step(settings, s, next(batches), gen, warm + i + 1, steps)
+            sync()
+            unsynced_s = (time.perf_counter() - t0) / timed
+            profiled = 3 if not self.args.smoke else 1
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
             with profile(activities=activities) as prof:
-                for i in range(3 if not self.args.smoke else 1):
+                for i in range(profiled):
                     step(warm + timed + i, next(batches))
                 if cuda:
                     torch.cuda.synchronize()
@@ -365,6 +383,9 @@ class Driver:
             "checkpoint_write_s": round(ckpt_total_s, 3),
             "epoch_shares": shares,
             "images_per_s_from_steps": round(settings.batch_size / step_s, 1),
+            "unsynced_step_ms": round(unsynced_s * 1e3, 3),
+            "kernel_ms_per_step": round(total / 1e3 / profiled, 3),
+            "gpu_busy_share": round(total / 1e6 / profiled / unsynced_s, 4) if cuda else None,
             "top_kernels": top,
         }
 
@@ -551,6 +572,7 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--big-batch", type=int, default=1024, help="batch of the e2e_big_batch stage")
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the end-to-end runs")
     parser.add_argument("--compile-epochs", type=int, help="epochs of the compiled run (default: --epochs)")
     parser.add_argument("--image-size", type=int, default=32)
@@ -567,6 +589,7 @@ def main() -> None:
         os.environ.setdefault("CRLF_CACHE_DIR", str(work / "cache"))  # decoded folders: cached once, for every stage
         if args.smoke:
             args.data, args.batch, args.epochs, args.image_size = tiny_folder(work / "data"), 8, 1, 8
+            args.big_batch = 16
             args.methods, args.method_epochs = args.methods if args.methods != METHODS else ["dino"], 1
             os.environ["OMP_NUM_THREADS"] = "1"  # tiny ops on shared cores: one thread is many times faster
             torch.set_num_threads(1)
@@ -581,6 +604,7 @@ def main() -> None:
             "e2e_eager": 60,
             "e2e_compile": 130,
             "profile": 40,
+            "e2e_big_batch": 45,
             "throughput": 150,
             "evaluation": 60,
             "torchrun": 50,
@@ -592,6 +616,7 @@ def main() -> None:
             "e2e_eager": driver.e2e(False),
             "e2e_compile": driver.e2e(True),
             "profile": driver.profile,
+            "e2e_big_batch": driver.big_batch,
             "throughput": driver.throughput,
             "evaluation": driver.evaluation,
             "torchrun": driver.torchrun,

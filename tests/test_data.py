@@ -652,3 +652,31 @@ def test_read_embeddings_labels_within_bounds(tmp_path):
 
     x, y, names, _ = read_embeddings(_embeddings(tmp_path, np.ones((3, 2)), labels=[0, 2, 1], class_names=list("abc")))
     assert y.tolist() == [0, 2, 1] and names == ["a", "b", "c"] and x.dtype == torch.float32
+
+
+def _die(rows: range) -> list[str | None]:
+    os._exit(3)  # a decoding process that crashes (a decoder bug, the OOM killer)
+
+
+@pytest.mark.parametrize("crash", [False, True])
+def test_folder_decoded_by_processes_equals_threads_with_the_same_skips(tiny_folder, tmp_path, monkeypatch, caplog,
+                                                                        crash):
+    """Large folders are decoded by forked processes into the cache file (threads barely scale: Pillow's parsing
+    holds the GIL); the cache is the threads' one, byte for byte, with the same skipped file; a crashed process
+    falls back to threads."""
+    (tiny_folder / "dog" / "broken.png").write_bytes(b"not a png")
+    monkeypatch.setattr(folder_cache, "_CHUNK", 7)  # several chunks and a short last one
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    got = {}
+    for how, minimum in (("threads", 10**9), ("processes", 1)):
+        monkeypatch.setattr(folder_cache, "PROCESS_MIN", minimum)
+        if crash and how == "processes":
+            monkeypatch.setattr(folder_cache, "_decode_chunk", _die)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="crlf.engine"):
+            got[how] = load(settings(data="folder", data_dir=tiny_folder, image_size=16, cache_dir=tmp_path / how))
+        assert f"decoding 61 images from {tiny_folder} (2 {how})" in caplog.text
+        assert "skipped 1 of 61 files" in caplog.text and "dog/broken.png" in caplog.text
+    assert ("decoding process ended abruptly" in caplog.text) == crash
+    assert got["processes"].ids == got["threads"].ids and len(got["threads"]) == 60
+    assert torch.equal(got["processes"].images, got["threads"].images) and got["threads"].images.float().std() > 10

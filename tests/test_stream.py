@@ -360,6 +360,26 @@ def test_worker_buffers_are_in_shared_memory(monkeypatch):
     assert x.is_shared() and x.shape == (2, 3) and x.dtype == torch.uint8 and x.is_contiguous()
 
 
+def test_gpu_decode_leaves_turned_and_cmyk_jpegs_to_the_workers(tmp_path):
+    """torchvision.io ignores the EXIF orientation on CUDA (its boxes, drawn on the upright size, would cut the
+    stored pixels): with --gpu-decode, only RGB and gray JPEGs stored upright go to the device; a turned or a CMYK
+    JPEG is decoded in the worker, to the crops the CPU path gives."""
+    turned = Image.Exif()
+    turned[0x0112] = 6
+    pixels = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    (tmp_path / "a").mkdir()
+    for name, mode, extra in (("rgb", "RGB", {}), ("gray", "L", {}), ("turned", "RGB", {"exif": turned}),
+                              ("cmyk", "CMYK", {})):  # fmt: skip
+        Image.fromarray(pixels).convert(mode).save(tmp_path / "a" / f"{name}.jpg", quality=90, **extra)
+    listed = catalog(DataSettings(data="folder", data_dir=tmp_path))
+    items = [(0, i) for i in range(len(listed))]
+    device, cpu = (_Decoder(listed, PLAN, 0, gpu).__getitems__(items) for gpu in (True, False))
+    assert sorted(listed.ids[row] for row, _, _ in device["jpegs"]) == ["a/gray.jpg", "a/rgb.jpg"]
+    for row in (listed.ids.index("a/turned.jpg"), listed.ids.index("a/cmyk.jpg")):
+        assert all(torch.equal(d[row], c[row]) for d, c in zip(device["views"], cpu["views"]))
+        assert cpu["views"][0][row].float().std() > 10
+
+
 def test_torchvision_and_pillow_decode_jpegs_to_the_same_crops(tmp_path, monkeypatch):
     """Full-scale RGB and gray JPEGs (an EXIF-turned one too) go to torchvision.io, CMYK and reduced-scale ones to
     Pillow: the crops equal Pillow's upright pixels cut with the same boxes."""

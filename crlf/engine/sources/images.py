@@ -100,11 +100,15 @@ def _upright(im: Image.Image) -> Image.Image:
     return to_rgb(im)
 
 
+def orientation(im: Image.Image) -> int:
+    """The EXIF orientation of an opened image, read from the header only: 1 as stored, 2-8 flipped or turned."""
+    return im.getexif().get(0x0112, 1) if "exif" in im.info or im.format == "TIFF" else 1
+
+
 def upright_size(im: Image.Image) -> tuple[int, int]:
     """(width, height) of an opened image as shown, after its EXIF orientation (read from the header only)."""
     w, h = im.size
-    turned = ("exif" in im.info or im.format == "TIFF") and im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-    return (h, w) if turned else (w, h)
+    return (h, w) if orientation(im) in (5, 6, 7, 8) else (w, h)
 
 
 def crop_boxes(width: int, height: int, plan: list[tuple[int, float, float]], u: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ from PIL import Image
 from crlf.engine.augment import Crops, Views, empty
 from crlf.engine.sources.base import Catalog, short_reason
 from crlf.engine.sources.feed import Feed
-from crlf.engine.sources.images import crop_boxes, cut_box, decode, decode_crops, printable, upright_size
+from crlf.engine.sources.images import crop_boxes, cut_box, decode, decode_crops, orientation, printable
 from crlf.errors import RunError
 
 log = logging.getLogger(__name__)
@@ -62,10 +62,14 @@ class _Decoder(torch.utils.data.Dataset):
             for k in range(TRIES):
                 j = (index + k) % len(self.catalog)
                 try:
-                    data = self.catalog.read(j, self.handles)
+                    data, boxes = self.catalog.read(j, self.handles), None
                     if self.gpu and self.catalog.suffix[j] in _JPEG:
                         with Image.open(io.BytesIO(data), formats=("JPEG",)) as im:
-                            boxes = crop_boxes(*upright_size(im), self.plan, u)
+                            # torchvision.io decodes RGB and gray JPEGs on CUDA but ignores their EXIF orientation:
+                            # flipped or turned ones (photos from phones), and CMYK ones, are decoded here
+                            if orientation(im) == 1 and im.mode in ("RGB", "L"):
+                                boxes = crop_boxes(*im.size, self.plan, u)
+                    if boxes is not None:
                         jpegs.append((row, torch.frombuffer(bytearray(data), dtype=torch.uint8), boxes))
                     else:
                         for v, crop in enumerate(decode_crops(data, self.catalog.suffix[j], self.plan, u)):

@@ -16,12 +16,13 @@ and results.json is rewritten after every stage, so a run cut short still leaves
                forward, loss, backward, optimizer, and of the per-epoch checkpoint; the top-15 kernels (profile.txt);
                the real step unsynchronised against its kernels' own time (how busy the GPU is).
 5. e2e_big_batch: e2e_eager at --big-batch (1024): what per-step overheads cost at batch 512.
-6. throughput: benchmarks/throughput.py's table (eager: floor, crlf, torchvision DataLoader, augmentation alone).
-7. evaluation: extract of train + test (60,000 images), linear-eval, knn-eval on the e2e_eager encoder, and the
+6. e2e_compile_graphs: e2e_compile with torch.compile's CUDA graphs (mode reduce-overhead, patched in here).
+7. throughput: benchmarks/throughput.py's table (eager: floor, crlf, torchvision DataLoader, augmentation alone).
+8. methods:    two epochs of each method (simclr moco byol simsiam barlow vicreg dino swav), images/s of the last.
+9. evaluation: extract of train + test (60,000 images), linear-eval, knn-eval on the e2e_eager encoder, and the
                --knn-every cost: one monitor evaluation's seconds over 10 epochs of pretraining.
-8. torchrun:   ``torchrun --nproc-per-node 1 -m crlf pretrain`` with e2e_eager's settings: images/s and losses
+10. torchrun:  ``torchrun --nproc-per-node 1 -m crlf pretrain`` with e2e_eager's settings: images/s and losses
                against the plain run.
-9. methods:    two epochs of each method (simclr moco byol simsiam barlow vicreg dino swav), images/s of the last.
 
 Files in --out: results.json, gpu.log, throughput.json, profile.txt (the run directories live in a temporary
 folder). ``--smoke`` runs every stage on a CPU with a generated JPEG folder, 8 px images and tiny batches
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -250,6 +252,17 @@ class Driver:
         """crlf pretrain eager at --big-batch (lr by the rule): per-step costs that do not grow with the batch (Python,
         kernel launches) are spread over twice the images; the gain says how much of a step they are."""
         result, _ = self.pretrain("big-batch", batch_size=self.args.big_batch, epochs=min(3, self.args.epochs))
+        return result
+
+    def graphs(self, cap: float) -> dict[str, Any]:
+        """e2e_compile with torch.compile's CUDA graphs (mode reduce-overhead), patched in here: whether replaying the
+        model's step as graphs removes its launch costs, before crlf offers the mode as an option."""
+        compile_ = torch.compile
+        torch.compile = functools.partial(compile_, mode="reduce-overhead")  # what train._build calls
+        try:
+            result, _ = self.pretrain("graphs", compile=True, epochs=min(3, self.args.epochs))
+        finally:
+            torch.compile = compile_
         return result
 
     def profile(self, cap: float) -> dict[str, Any]:
@@ -605,10 +618,11 @@ def main() -> None:
             "e2e_compile": 130,
             "profile": 40,
             "e2e_big_batch": 45,
+            "e2e_compile_graphs": 90,
             "throughput": 150,
+            "methods": 100,
             "evaluation": 60,
             "torchrun": 50,
-            "methods": 100,
         }
         if args.smoke:
             caps = {k: 60 for k in caps}
@@ -617,10 +631,11 @@ def main() -> None:
             "e2e_compile": driver.e2e(True),
             "profile": driver.profile,
             "e2e_big_batch": driver.big_batch,
+            "e2e_compile_graphs": driver.graphs,
             "throughput": driver.throughput,
+            "methods": driver.methods,
             "evaluation": driver.evaluation,
             "torchrun": driver.torchrun,
-            "methods": driver.methods,
         }
         driver.stage("env", 10, driver.env)
         for name, fn in stages.items():

@@ -68,8 +68,8 @@ def test_gpu_driver_smoke_runs_every_stage_on_cpu(tmp_path):
                        timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     stages = json.loads((tmp_path / "results.json").read_text())["stages"]
-    expected = ["env", "e2e_eager", "e2e_compile", "profile", "e2e_big_batch", "throughput", "evaluation", "torchrun",
-                "methods"]
+    expected = ["env", "e2e_eager", "e2e_compile", "profile", "e2e_big_batch", "e2e_compile_graphs", "throughput",
+                "methods", "evaluation", "torchrun"]
     assert list(stages) == expected
     assert not [name for name, s in stages.items() if "error" in s or "skipped" in s], stages
     assert stages["e2e_eager"]["images_per_s"][0] > 0 and stages["torchrun"]["max_rel_loss_diff"] < 1e-4
@@ -77,6 +77,7 @@ def test_gpu_driver_smoke_runs_every_stage_on_cpu(tmp_path):
                                                       "checkpoint"} and stages["profile"]["top_kernels"]  # fmt: skip
     assert stages["profile"]["unsynced_step_ms"] > 0 and stages["profile"]["kernel_ms_per_step"] > 0
     assert "--batch-size 16" in stages["e2e_big_batch"]["command"] and stages["e2e_big_batch"]["images_per_s"][0] > 0
+    assert "--compile" in stages["e2e_compile_graphs"]["command"] and stages["e2e_compile_graphs"]["losses"]
     assert 0 <= stages["evaluation"]["linear_top1"] <= 100 and stages["evaluation"]["knn_every_10_share"] > 0
     assert "images_per_s" in stages["methods"]["dino"], stages["methods"]
     files = list(tmp_path.iterdir())

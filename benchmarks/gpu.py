@@ -16,7 +16,8 @@ and results.json is rewritten after every stage, so a run cut short still leaves
                forward, loss, backward, optimizer, and of the per-epoch checkpoint; the top-15 kernels (profile.txt);
                the real step unsynchronised against its kernels' own time (how busy the GPU is).
 5. e2e_big_batch: e2e_eager at --big-batch (1024): what per-step overheads cost at batch 512.
-6. e2e_compile_graphs: e2e_compile with torch.compile's CUDA graphs (mode reduce-overhead, patched in here).
+6. e2e_compile_graphs: e2e_compile with torch.compile's CUDA graphs (mode reduce-overhead, patched in here);
+   e2e_compile_graphs_augment: the same with the augmentation (augment.apply) compiled too.
 7. throughput: benchmarks/throughput.py's table (eager: floor, crlf, torchvision DataLoader, augmentation alone).
 8. methods:    two epochs of each method (simclr moco byol simsiam barlow vicreg dino swav), images/s of the last.
 9. evaluation: extract of train + test (60,000 images), linear-eval, knn-eval on the e2e_eager encoder, and the
@@ -254,16 +255,25 @@ class Driver:
         result, _ = self.pretrain("big-batch", batch_size=self.args.big_batch, epochs=min(3, self.args.epochs))
         return result
 
-    def graphs(self, cap: float) -> dict[str, Any]:
-        """e2e_compile with torch.compile's CUDA graphs (mode reduce-overhead), patched in here: whether replaying the
-        model's step as graphs removes its launch costs, before crlf offers the mode as an option."""
-        compile_ = torch.compile
-        torch.compile = functools.partial(compile_, mode="reduce-overhead")  # what train._build calls
-        try:
-            result, _ = self.pretrain("graphs", compile=True, epochs=min(3, self.args.epochs))
-        finally:
-            torch.compile = compile_
-        return result
+    def compiled(self, augmentation: bool) -> Callable[[float], dict[str, Any]]:
+        """e2e_compile with torch.compile's CUDA graphs (mode reduce-overhead) for the model, and with the
+        augmentation (augment.apply, eager in crlf today) compiled too when asked: patched in here, to see what
+        each removes of the launch costs before crlf offers them as options."""
+        from crlf.engine import augment
+
+        def run(cap: float) -> dict[str, Any]:
+            compile_, apply = torch.compile, augment.apply
+            torch.compile = functools.partial(compile_, mode="reduce-overhead")  # what train._build calls
+            if augmentation:
+                augment.apply = compile_(apply, dynamic=False)  # what augment.views and multi_crop call
+            try:
+                name = "graphs-augment" if augmentation else "graphs"
+                result, _ = self.pretrain(name, compile=True, epochs=min(3, self.args.epochs))
+            finally:
+                torch.compile, augment.apply = compile_, apply
+            return result
+
+        return run
 
     def profile(self, cap: float) -> dict[str, Any]:
         """Shares of one training step (CUDA events, synchronised per step) and the profiler's top kernels."""
@@ -619,6 +629,7 @@ def main() -> None:
             "profile": 40,
             "e2e_big_batch": 45,
             "e2e_compile_graphs": 90,
+            "e2e_compile_graphs_augment": 90,
             "throughput": 150,
             "methods": 100,
             "evaluation": 60,
@@ -631,7 +642,8 @@ def main() -> None:
             "e2e_compile": driver.e2e(True),
             "profile": driver.profile,
             "e2e_big_batch": driver.big_batch,
-            "e2e_compile_graphs": driver.graphs,
+            "e2e_compile_graphs": driver.compiled(augmentation=False),
+            "e2e_compile_graphs_augment": driver.compiled(augmentation=True),
             "throughput": driver.throughput,
             "methods": driver.methods,
             "evaluation": driver.evaluation,

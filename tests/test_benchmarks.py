@@ -68,8 +68,8 @@ def test_gpu_driver_smoke_runs_every_stage_on_cpu(tmp_path):
                        timeout=600)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     stages = json.loads((tmp_path / "results.json").read_text())["stages"]
-    expected = ["env", "e2e_eager", "e2e_compile", "profile", "e2e_big_batch", "e2e_compile_graphs", "throughput",
-                "methods", "evaluation", "torchrun"]
+    expected = ["env", "e2e_eager", "e2e_compile", "profile", "e2e_big_batch", "e2e_compile_graphs",
+                "e2e_compile_graphs_augment", "throughput", "methods", "evaluation", "torchrun"]
     assert list(stages) == expected
     assert not [name for name, s in stages.items() if "error" in s or "skipped" in s], stages
     assert stages["e2e_eager"]["images_per_s"][0] > 0 and stages["torchrun"]["max_rel_loss_diff"] < 1e-4

@@ -15,6 +15,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -161,7 +162,8 @@ def _decode_all(catalog: Catalog, size: int, out: np.ndarray, target: Path | Non
     workers = os.cpu_count() or 1
     shown = catalog.source.split(":", 1)[1]
     n = len(catalog)
-    forked = target is not None and workers > 1 and n >= PROCESS_MIN and "fork" in mp.get_all_start_methods()
+    # fork on Linux only: macOS's system libraries are not fork-safe (Python spawns there by default)
+    forked = target is not None and workers > 1 and n >= PROCESS_MIN and sys.platform.startswith("linux")
     log.info("decoding %s images from %s (%d %s)", f"{n:,}", shown, workers, "processes" if forked else "threads")
     start = last = time.monotonic()
     errors: list[str | None] = []

@@ -8,8 +8,9 @@ run the method's whole recipe on their batch instead (augment.Views; one torch t
 rather than the training process alone, its draws seeded by (seed, epoch, the batch's images). An unreadable image
 is replaced by the next readable one in catalogue order, the same in every run, and counted.
 
-With --gpu-decode on CUDA the workers only read the bytes and draw the boxes; JPEGs are decoded on the GPU in one
-batched call (torchvision.io.decode_jpeg), cut and resized there. Other formats are still decoded in the workers.
+With --gpu-decode on CUDA the workers only read the bytes and draw the boxes; RGB and gray JPEGs stored upright are
+decoded on the GPU in one batched call (torchvision.io.decode_jpeg), cut and resized there. Other images (other
+formats, CMYK or EXIF-turned JPEGs) are still decoded in the workers.
 """
 
 from __future__ import annotations
@@ -188,11 +189,12 @@ class StreamFeed(Feed):
             yield Crops([v.contiguous() for v in views])
 
     def _decode_on_device(self, jpegs: list[tuple[int, torch.Tensor, np.ndarray]], views: list[torch.Tensor]) -> None:
-        """Decode the batch's JPEGs in one call on the device, then cut and resize each view's box there."""
+        """Decode the batch's JPEGs in one call on the device, then cut and resize each view's box there. They are
+        stored upright (the workers keep the others): torchvision ignores apply_exif_orientation on CUDA."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
         data = [j[1] for j in jpegs]
-        decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True)
+        decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
         for (row, _, boxes), image in zip(jpegs, decoded):
             for v, ((side, _, _), box) in enumerate(zip(self.plan, boxes)):
                 views[v][row] = cut_box(image, box, side)

@@ -222,6 +222,7 @@ def main() -> None:
     # variants interleaved round by round, so that a slow spell of shared cores hits all of them alike; each
     # measurement is printed and saved as it ends, so a run stopped at a time limit keeps what it measured
     runs: list[list[dict]] = []
+    given = {k: str(v) for k, v in vars(a).items()}
     for k in range(a.rounds):
         runs.append([])
         for name, feed in variants.items():
@@ -230,7 +231,7 @@ def main() -> None:
             print(f"round {k + 1}: {name}: {runs[-1][-1]['images_per_s']:,.1f} images/s "
                   f"({time.perf_counter() - t0:.1f} s with start-up)", flush=True)  # fmt: skip
             if a.json:
-                a.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "runs": runs}))
+                a.json.write_text(json.dumps({"args": given, "runs": runs}))
     rows = []
     for k, name in enumerate(variants):
         mine = [r[k] for r in runs]
@@ -254,8 +255,7 @@ def main() -> None:
         print(f"{r['variant']:<40} {r['images_per_s']:>9,.1f} images/s  x{r['vs_torchvision']:.2f}  "
               f"{r['cpu_ms_per_image']:>6.1f} CPU ms/image  x{r['cpu_vs_torchvision']:.2f}{busy}")
     if a.json:
-        a.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "machine": machine,
-                                      "rows": rows}, indent=2))  # fmt: skip
+        a.json.write_text(json.dumps({"args": given, "machine": machine, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

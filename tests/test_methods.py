@@ -3,11 +3,14 @@
 import json
 import os
 import shutil
+import traceback
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from crlf import PretrainSettings, pretrain
 from crlf.engine import methods
@@ -209,3 +212,50 @@ def test_every_method_lowers_its_loss(name):
 
     trained, untrained = loss_with({}), loss_with(initial)
     assert trained < untrained, (trained, untrained)
+
+
+class _HostSyncs(TorchDispatchMode):
+    """Records the ops that make the host wait for a GPU: reading a device value back (item, bool, nonzero, masked
+    selection) or making a tensor of host data (torch.tensor / as_tensor, copied with a stream sync). On a CPU the
+    same ops run, so a CPU test finds what would stall a CUDA step."""
+
+    NAMES = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::lift_fresh",
+             "aten::unique_consecutive", "aten::_unique2", "aten::repeat_interleave"}  # fmt: skip
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        indices = [i for a in args if isinstance(a, (list, tuple)) for i in a if isinstance(i, torch.Tensor)]
+        masked = func.name().startswith("aten::index") and any(i.dtype == torch.bool for i in indices)
+        if func.name() in self.NAMES or masked:
+            stack = [f for f in traceback.extract_stack() if "/crlf/" in f.filename or "/torch/optim/" in f.filename]
+            if "/torch/optim/" not in stack[-1].filename:  # torch's optimizers read their host-side step counts
+                self.seen.append(f"{func.name()} at {Path(stack[-1].filename).name}:{stack[-1].lineno}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "lars", "adamw"])
+def test_a_training_step_never_makes_the_host_wait_for_the_device(optimizer):
+    """train._step of every method (augmentation, forward, loss, backward, optimizer, after_step, gradient clipping)
+    dispatches no op that synchronises a CUDA stream, so the host queues the next step while the GPU works. One such
+    op (a float made into a device tensor in the crop sampling) made every step wait for the previous backward."""
+    from types import SimpleNamespace
+
+    from crlf.engine import train
+    from crlf.engine.optim import build_optimizer
+
+    batch = torch.randint(0, 256, (8, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for name in sorted(methods.REGISTRY):
+        method, settings = _tiny(name)
+        settings = settings.model_copy(update={"image_size": 8, "local_size": 4, "grad_clip": 1.0})
+        s = SimpleNamespace(
+            model=method, step_model=method, optimizer=build_optimizer(method, optimizer, 0.1, 1e-4), amp=None,
+            mean=torch.full((1, 3, 1, 1), 0.5), std=torch.full((1, 3, 1, 1), 0.25), device=torch.device("cpu"),
+        )
+        gen = torch.Generator().manual_seed(1)
+        train._step(settings, s, batch, gen, 1, 4)  # the first step may build state (momentum buffers, queues)
+        with _HostSyncs() as syncs:
+            loss = train._step(settings, s, batch, gen, 2, 4)
+        assert torch.isfinite(loss) and not syncs.seen, (name, syncs.seen)

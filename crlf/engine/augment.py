@@ -2,8 +2,9 @@
 
 Modelled on airbench: the data set stays on the device as uint8 and each batch is augmented by a
 handful of batched tensor ops (no per-image Python, no DataLoader). Every op is a standard op that
-runs on cpu, cuda and mps, and nothing reads device data back to the host (no ``.item()``, no
-boolean indexing): per-sample choices are masks applied with ``torch.where`` or neutral factors.
+runs on cpu, cuda and mps, and nothing makes the host wait for the device: no ``.item()``, no
+boolean indexing, no host value copied in (per-sample choices are masks applied with ``torch.where``
+or neutral factors; constants are made on the device with ``torch.full``).
 The colour ops match ``torchvision.transforms.v2.functional`` on float images in [0, 1].
 """
 
@@ -119,7 +120,11 @@ def crop_box(
     branch. Clamping boxes to the image instead (before) gave 16% of boxes the full width or height, against 1%.
     """
     n, dtype, device = u_area.shape[0], u_area.dtype, u_area.device
-    lo, hi = (torch.as_tensor(v, dtype=dtype, device=device).expand(n) for v in (min_scale, max_scale))
+    # torch.full, not torch.as_tensor: a float made into a CUDA tensor is a blocking copy that syncs the stream
+    lo, hi = (
+        v.to(device, dtype).expand(n) if isinstance(v, Tensor) else torch.full((n,), v, dtype=dtype, device=device)
+        for v in (min_scale, max_scale)
+    )
     rho = math.log(width / height)
 
     def fitting(a: Tensor) -> tuple[Tensor, Tensor]:  # log ratios whose box of area fraction a fits: [low, low + len]

@@ -296,7 +296,7 @@ def main() -> None:
     if args.smoke:
         args.folder, args.images, args.draws, args.size = None, 64, 2000, 16
         torch.set_num_threads(1)  # tiny ops on shared cores: one thread is many times faster
-    from crlf.settings import AugmentSettings
+    from crlf.options import AugmentSettings
 
     cfg = AugmentSettings(jitter_strength=args.jitter_strength)
     t0 = time.perf_counter()

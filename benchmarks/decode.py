@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from crlf.engine.sources import cache, catalog
-from crlf.settings import DataSettings
+from crlf.options import DataSettings
 
 
 def main() -> None:

@@ -29,7 +29,8 @@ from PIL import Image
 from crlf.engine import augment, methods
 from crlf.engine.sources import catalog
 from crlf.engine.sources.stream import StreamFeed
-from crlf.settings import AugmentSettings, DataSettings, PretrainSettings
+from crlf.options import AugmentSettings, DataSettings
+from crlf.settings import PretrainSettings
 
 AUG = AugmentSettings(crop_min_scale=0.08, jitter_strength=0.5, jitter_p=0.8, grayscale_p=0.2)
 

@@ -191,7 +191,7 @@ def run_torchvision(args: argparse.Namespace, device: torch.device, batch: int, 
 def run_augment(args: argparse.Namespace, device: torch.device, batch: int, compile_: bool) -> dict[str, Any]:
     """Source images per second turned into two views: crlf's batched ops vs the torchvision DataLoader."""
     from crlf.engine import augment
-    from crlf.settings import AugmentSettings
+    from crlf.options import AugmentSettings
 
     cfg = AugmentSettings(jitter_strength=0.5)
     images = torch.randint(0, 256, (batch, 3, args.image_size, args.image_size), dtype=torch.uint8, device=device)

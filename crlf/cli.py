@@ -21,22 +21,24 @@ from rich.markup import escape
 
 from crlf import __version__, output
 from crlf.errors import CrlfError, InputError
-from crlf.settings import (
+from crlf.options import (
     AugmentSettings,
     DataSettings,
     DeviceSettings,
+    KnnSettings,
+    MethodSettings,
+    ModelSettings,
+    OptimSettings,
+    RunSettings,
+)
+from crlf.settings import (
     EmbeddingsInput,
     EncoderInput,
     ExploreSettings,
     ExtractSettings,
     KnnEvalSettings,
-    KnnSettings,
     LinearEvalSettings,
-    MethodSettings,
-    ModelSettings,
-    OptimSettings,
     PretrainSettings,
-    RunSettings,
     VisualizeSettings,
     resolve,
     settings_values,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+from typing import Any
+
 
 class CrlfError(Exception):
     """A failure with a one-line message meant for the user (no traceback is shown)."""
@@ -33,3 +36,10 @@ class Interrupted(CrlfError):
     def __init__(self, signum: int, message: str):
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+def did_you_mean(name: str, choices: Any, shown: str = "'{}'") -> str:
+    """' (did you mean X?)' for the choice closest to `name` ('-' and '_' alike), or '' when none is close."""
+    norm = {c.replace("-", "_").lower(): c for c in choices}
+    close = difflib.get_close_matches(name.replace("-", "_").lower(), list(norm), n=1, cutoff=0.7)
+    return f" (did you mean {shown.format(norm[close[0]])}?)" if close else ""

@@ -1,4 +1,4 @@
-"""Validated settings, one model per subcommand, built from small shared groups.
+"""Validated settings, one model per subcommand, built from the option groups in crlf.options.
 
 Precedence: CLI flags > ``CRLF_*`` environment variables > ``--config`` TOML file > defaults.
 The groups are flat (one field = one flag = one env var = one TOML key), so ``--epochs``,
@@ -7,7 +7,6 @@ The groups are flat (one field = one flag = one env var = one TOML key), so ``--
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import os
@@ -16,7 +15,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -25,323 +24,30 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from crlf.errors import InputError
+from crlf.errors import InputError, did_you_mean
+from crlf.options import (
+    MAX_BATCH,
+    MAX_EPOCHS,
+    MAX_SCALAR,
+    MAX_SEED,
+    STRICT,
+    AugmentSettings,
+    DataSettings,
+    DeviceSettings,
+    KnnSettings,
+    MethodSettings,
+    ModelSettings,
+    OptimSettings,
+    RunSettings,
+)
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-# every float must be finite: inf / nan pass the range checks (inf > 0) and fail late, and --print-config would
-# write them as Infinity / NaN, which TOML cannot read back
-_STRICT = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 log = logging.getLogger(__name__)
-
-# upper bounds: values past them are typos or overflows (they used to crash late, after config.json was written)
-MIN_IMAGE_SIZE = 8  # the encoder's smallest side (crlf.engine.evaluate.MIN_SIDE)
-MAX_IMAGE_SIZE = 4096
-MAX_SEED = 2**32 - 1  # what NumPy and scikit-learn accept; torch's per-epoch seeds are derived from it
-MAX_WIDTH = 16384  # projection head widths (wide heads in the literature: 8192)
-MAX_EPOCHS = 1_000_000
-MAX_BATCH = 2**20  # batch sizes, and k neighbours
-# --arch names crlf builds itself (crlf.engine.backbones registers a family for each); timm:NAME adds timm's
-BUILTIN_ARCHS = ("resnet18", "resnet34", "resnet50", "vit_tiny", "vit_small", "vit_base")
-MAX_SCALAR = 1e30  # learning rates: larger values overflow float32 in the optimizer's step
 BaseModelT = TypeVar("BaseModelT", bound=BaseModel)
-
-DataSource = Literal["digits", "cifar10", "cifar100", "stl10", "folder", "npy", "npz", "tar"]
-
-
-class DataSettings(BaseModel):
-    """Where the images come from and how they are prepared (shared by every subcommand)."""
-
-    model_config = _STRICT
-
-    data: DataSource = Field(
-        "digits",
-        description="digits (offline), cifar10, cifar100, stl10, folder (a tree of images), npy, npz "
-        "(uint8 NHWC arrays), tar (WebDataset-style .tar shards).",
-    )
-    data_dir: Path | None = Field(
-        None,
-        description="Data root of cifar10 / cifar100 / stl10 (default ./data), the image folder, "
-        "the npy / npz file, or the tar shards (a .tar, a folder of them, or a pattern like 'shards-{000..009}.tar').",
-    )
-    split: Literal["train", "test", "unlabeled", "train+unlabeled"] | None = Field(
-        None, description="train (default), test, unlabeled or train+unlabeled (stl10 pretraining's default)."
-    )
-    image_size: int | None = Field(
-        None,
-        ge=MIN_IMAGE_SIZE,
-        le=MAX_IMAGE_SIZE,
-        description="Square side in px (default: the source's: digits 16, CIFAR 32, STL-10 96, folder 64).",
-    )
-    limit: int | None = Field(
-        None, gt=0, description="Random subset of N images (fixed seed), for quick runs."
-    )
-    download: bool = Field(
-        True,
-        description="Download cifar10 / cifar100 / stl10 when absent.",
-    )
-    cache_dir: Path | None = Field(
-        None, description="Cache of decoded image folders (default: $XDG_CACHE_HOME/crlf or ~/.cache/crlf)."
-    )
-    test_data_dir: Path | None = Field(
-        None,
-        description="Test split (file or folder) of folder / npy / npz / tar data that has none.",
-    )
-    stream: bool | None = Field(
-        None,
-        description="folder / tar: decode on the fly at full resolution (default: when the decoded set does not fit "
-        "in memory; --no-stream: a memory-mapped cache).",
-    )
-    workers: int | None = Field(
-        None, ge=0, le=256, description="Decoding processes when streaming (default: the CPU count; 0: in-process)."
-    )
-    gpu_decode: bool = Field(
-        False, description="Streaming on CUDA: decode JPEGs on the GPU in batches (torchvision.io).",
-    )
-
-    @model_validator(mode="after")
-    def _needs_path(self) -> DataSettings:
-        if self.data in ("folder", "npy", "npz", "tar") and self.data_dir is None:
-            what = {"folder": "folder", "tar": "shards"}.get(self.data, "file")
-            raise ValueError(f"--data {self.data} needs --data-dir (the {what} to read)")
-        if self.test_data_dir is not None and self.data not in ("folder", "npy", "npz", "tar"):
-            raise ValueError(
-                f"--test-data-dir is for folder / npy / npz / tar data; {self.data} has its own test split"
-            )
-        if self.stream and self.data not in ("folder", "tar"):
-            raise ValueError(f"--stream is for folder and tar data; {self.data} is read into memory")
-        return self
-
-
-class DeviceSettings(BaseModel):
-    """Which accelerator and numeric precision to use."""
-
-    model_config = _STRICT
-
-    device: str = Field("auto", description="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto (bf16 autocast on CUDA, fp32 elsewhere), bf16 or fp32."
-    )
-
-    @field_validator("device")
-    @classmethod
-    def _device_name(cls, v: str) -> str:
-        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
-            raise ValueError(f"unknown device '{v}': use auto, cpu, cuda, cuda:N or mps")
-        return v
-
-
-class ModelSettings(BaseModel):
-    """The encoder (backbone) and the projection head."""
-
-    model_config = _STRICT
-
-    arch: str = Field(
-        "resnet18",
-        description="resnet18, resnet34, resnet50, vit_tiny, vit_small, vit_base or timm:NAME.",
-    )
-    stem: Literal["auto", "cifar", "imagenet"] = Field(
-        "auto",
-        description="cifar (3x3 conv, no max-pool), imagenet (7x7, stride 2, max-pool); auto: cifar up to 64 px.",
-    )
-    patch_size: int | None = Field(
-        None, ge=1, le=MAX_IMAGE_SIZE, description="ViTs: patch side in px (default: 4 up to 48 px, 8 below 96, 16)."
-    )
-    head_hidden: int | None = Field(
-        None, gt=0, le=MAX_WIDTH, description="Width of the head's hidden layers (default: the method's; simclr 2048)."
-    )
-    head_out: int | None = Field(
-        None, gt=0, le=MAX_WIDTH, description="Output size of the projection head (default: the method's; simclr 128)."
-    )
-    head_layers: int | None = Field(
-        None, ge=1, le=4, description="Linear layers in the head (default: the method's; simclr 2)."
-    )
-    head_dropout: float = Field(
-        0.0,
-        ge=0.0,
-        lt=1.0,
-        description="Dropout before each linear layer of the head but the first.",
-    )
-
-    @field_validator("arch")
-    @classmethod
-    def _arch_name(cls, v: str) -> str:
-        if v in BUILTIN_ARCHS or re.fullmatch(r"timm:[A-Za-z0-9_.\-]+", v):
-            return v
-        raise ValueError(f"unknown arch '{v}'{did_you_mean(v, BUILTIN_ARCHS)}: choose one of "
-                         f"{', '.join(BUILTIN_ARCHS)}, or timm:NAME for any timm model")
-
-
-class MethodSettings(BaseModel):
-    """The self-supervised method and its own options; None: the method's default (see --print-config)."""
-
-    model_config = _STRICT
-
-    method: Literal["simclr", "moco", "byol", "simsiam", "barlow", "vicreg", "dino", "swav"] = Field(
-        "simclr", description="simclr, moco, byol, simsiam, barlow, vicreg, dino or swav (the README compares them)."
-    )
-    temperature: float | None = Field(
-        None, gt=0.0, le=100.0, description="Temperature of the loss (simclr 0.2; below 0.07 is often unstable)."
-    )
-    queue_size: int | None = Field(
-        None, ge=0, le=262144, description="moco: queue of negative keys (4096); 0: MoCo v3-style, no queue."
-    )
-    pred_hidden: int | None = Field(
-        None, gt=0, le=MAX_WIDTH, description="byol, simsiam, moco v3-style: predictor hidden width (4096, 512, 4096)."
-    )
-    momentum: float | None = Field(
-        None, ge=0.0, le=1.0, description="Teacher EMA base, raised to 1 by a cosine (dino 0.996, moco, byol 0.99)."
-    )
-    teacher_temperature: float | None = Field(
-        None, gt=0.0, le=100.0, description="dino: teacher temperature after a warm-up from 0.04 (default 0.07)."
-    )
-    prototypes: int | None = Field(
-        None, ge=1, le=262144, description="dino, swav: number of prototypes K (default: dino 4096, swav 3000)."
-    )
-    local_crops: int | None = Field(
-        None, ge=0, le=32, description="dino, swav: local crops per image besides the 2 global ones (default 4)."
-    )
-    local_size: int | None = Field(
-        None, ge=2, le=MAX_IMAGE_SIZE, description="dino, swav: local crop side in pixels, at most the image's (16)."
-    )
-    barlow_lambda: float | None = Field(
-        None, ge=0.0, le=1e3, description="barlow: weight of the off-diagonal (redundancy) term (default 0.0051)."
-    )
-    barlow_scale: float | None = Field(
-        None, gt=0.0, le=1e3, description="barlow: factor on the whole loss (default 0.1 as solo-learn; 1: official)."
-    )
-    vicreg_sim: float | None = Field(
-        None, ge=0.0, le=1e4, description="vicreg: weight of the invariance (MSE) term (default 25)."
-    )
-    vicreg_std: float | None = Field(
-        None, ge=0.0, le=1e4, description="vicreg: weight of the variance (std hinge) term (default 25)."
-    )
-    vicreg_cov: float | None = Field(
-        None, ge=0.0, le=1e4, description="vicreg: weight of the covariance (off-diagonal) term (default 1)."
-    )
-
-
-class AugmentSettings(BaseModel):
-    """Strengths of the SimCLR augmentations, applied batched with per-image random parameters."""
-
-    model_config = _STRICT
-
-    crop_min_scale: float = Field(0.2, gt=0.0, le=1.0, description="Random resized crop: smallest area fraction.")
-    crop_max_scale: float = Field(1.0, gt=0.0, le=1.0, description="Random resized crop: largest area fraction.")
-    flip_p: float = Field(0.5, ge=0.0, le=1.0, description="Horizontal flip probability.")
-    jitter_strength: float = Field(
-        0.5, ge=0.0, le=10.0, description="Colour jitter strength s: brightness, contrast, saturation 0.8 s, hue 0.2 s."
-    )
-    jitter_p: float = Field(0.8, ge=0.0, le=1.0, description="Colour jitter probability.")
-    grayscale_p: float = Field(0.2, ge=0.0, le=1.0, description="Grayscale probability.")
-    blur_p: float = Field(
-        0.0, ge=0.0, le=1.0, description="Gaussian blur probability (kernel 10% of the image, sigma 0.1-2)."
-    )
-    rotation: float = Field(0.0, ge=0.0, le=180.0, description="Largest random rotation in degrees (0: off).")
-    noise_std: float = Field(
-        0.0, ge=0.0, le=1.0, description="Std of additive Gaussian noise on [0, 1] pixels (0: off)."
-    )
-    solarize_p: float = Field(
-        0.0, ge=0.0, le=1.0, description="Solarization probability (pixels above 0.5 inverted)."
-    )
-
-    @model_validator(mode="after")
-    def _crop_range(self) -> AugmentSettings:
-        if self.crop_min_scale > self.crop_max_scale:
-            raise ValueError(
-                f"crop_min_scale ({self.crop_min_scale}) must not exceed crop_max_scale ({self.crop_max_scale})"
-            )
-        return self
-
-
-class OptimSettings(BaseModel):
-    """Optimizer, learning-rate schedule and loss."""
-
-    model_config = _STRICT
-
-    epochs: int = Field(100, ge=1, le=MAX_EPOCHS, description="Passes over the data set.")
-    batch_size: int = Field(512, ge=2, le=MAX_BATCH, description="Source images per step (each gives two views).")
-    optimizer: Literal["sgd", "lars", "adam", "adamw"] | None = Field(
-        None,
-        description="sgd (momentum 0.9), lars, adam or adamw; default: adamw for ViTs, else the method's (sgd).",
-    )
-    lr: float | None = Field(
-        None,
-        gt=0.0,
-        le=MAX_SCALAR,
-        description="Peak lr (default: 0.06 x batch/64 sgd, 0.3 x batch/256 lars, 3e-4 adam, 5e-4 x batch/256 adamw).",
-    )
-    weight_decay: float | None = Field(
-        None, ge=0.0, le=1.0, description="Weight decay (default: 5e-4 sgd, 1e-6 lars, 1e-4 adam, 0.05 adamw)."
-    )
-    schedule: Literal["cosine", "none", "plateau"] = Field(
-        "cosine",
-        description="cosine (warm-up, then decay to 0), none (constant) or plateau (halve after 5 stalled epochs).",
-    )
-    warmup_epochs: float = Field(1.0, ge=0.0, le=MAX_EPOCHS, description="Linear warm-up in epochs.")
-    grad_clip: float = Field(0.0, ge=0.0, description="Clip the gradient norm to this value (0: off).")
-    seed: int = Field(
-        0, ge=0, le=MAX_SEED, description="Seed of weights, shuffling and augmentation (same seed, same run on CPU)."
-    )
-
-    @property
-    def resolved_lr(self) -> float:
-        """The learning rate actually used: explicit, or the optimizer's default scaled with the batch."""
-        if self.lr is not None:
-            return self.lr
-        rule = {
-            "sgd": 0.06 * self.batch_size / 64,
-            "lars": 0.3 * self.batch_size / 256,
-            "adam": 3e-4,
-            "adamw": 5e-4 * self.batch_size / 256,
-        }
-        return rule[self.optimizer or "sgd"]
-
-    @property
-    def resolved_weight_decay(self) -> float:
-        if self.weight_decay is not None:
-            return self.weight_decay
-        return {"sgd": 5e-4, "lars": 1e-6, "adam": 1e-4, "adamw": 0.05}[self.optimizer or "sgd"]
-
-
-class RunSettings(BaseModel):
-    """The run directory and how often it is written."""
-
-    model_config = _STRICT
-
-    out: Path = Field(
-        Path("runs/pretrain"), description="Run directory (config, metrics, checkpoints, encoder)."
-    )
-    checkpoint_every: int = Field(
-        1, ge=1, description="Snapshot into checkpoints/ every N epochs."
-    )
-    keep_checkpoints: int = Field(3, ge=1, description="Snapshots kept in checkpoints/.")
-    compile: bool = Field(False, description="torch.compile the model (slower start, faster steps).")
-    log_every: float = Field(
-        30.0, gt=0.0, description="Seconds between progress lines when stderr is not a terminal."
-    )
-    sync_bn: bool = Field(
-        False,
-        description="Under torchrun: BatchNorm statistics over the global batch.",
-    )
-    knn_every: int = Field(
-        0,
-        ge=0,
-        description="kNN top-1 on the test split every N epochs and at the end, in metrics.jsonl (0: off).",
-    )
-
-
-class KnnSettings(BaseModel):
-    """The weighted kNN classifier (knn-eval, and pretrain's --knn-every monitor)."""
-
-    model_config = _STRICT
-
-    k: int = Field(200, ge=1, le=MAX_BATCH, description="Neighbours that vote (clipped to the train size).")
-    knn_temperature: float = Field(0.1, gt=0.0, description="Vote weight exp(similarity / temperature).")
-
 
 _config_file: ContextVar[Path | None] = ContextVar("crlf_config_file", default=None)
 
@@ -403,13 +109,6 @@ def read_toml(path: Path, section: str) -> dict[str, Any]:
     if mine is not None:
         flat = {k: v for k, v in flat.items() if k in mine.model_fields}
     return {**flat, **table}
-
-
-def did_you_mean(name: str, choices: Any, shown: str = "'{}'") -> str:
-    """' (did you mean X?)' for the choice closest to `name` ('-' and '_' alike), or '' when none is close."""
-    norm = {c.replace("-", "_").lower(): c for c in choices}
-    close = difflib.get_close_matches(name.replace("-", "_").lower(), list(norm), n=1, cutoff=0.7)
-    return f" (did you mean {shown.format(norm[close[0]])}?)" if close else ""
 
 
 class _EnvSource(EnvSettingsSource):
@@ -486,7 +185,7 @@ class PretrainSettings(
 class EncoderInput(BaseModel):
     """A saved encoder to embed with, and how to batch it (extract, linear-eval, knn-eval)."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     ckpt: Path | None = Field(
         None, description="Encoder checkpoint: encoder.safetensors (or last.safetensors) written by crlf pretrain."
@@ -497,7 +196,7 @@ class EncoderInput(BaseModel):
 class EmbeddingsInput(BaseModel):
     """Precomputed embeddings instead of a checkpoint (linear-eval, knn-eval)."""
 
-    model_config = _STRICT
+    model_config = STRICT
 
     train_emb: Path | None = Field(
         None, description="Train-split embeddings written by crlf extract (.npy with its .json sidecar, or .npz)."

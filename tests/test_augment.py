@@ -11,7 +11,7 @@ from torchvision.transforms import InterpolationMode
 
 from crlf.engine import augment as A
 from crlf.errors import InputError
-from crlf.settings import AugmentSettings
+from crlf.options import AugmentSettings
 
 BILINEAR = InterpolationMode.BILINEAR
 COLOUR_TOL = 1e-5  # colour ops: same formulas as torchvision, so only float rounding differs

@@ -19,7 +19,7 @@ from crlf.engine.heads import build_head
 from crlf.engine.loss import nt_xent
 from crlf.engine.optim import LARS, build_optimizer
 from crlf.errors import InputError
-from crlf.settings import BUILTIN_ARCHS
+from crlf.options import BUILTIN_ARCHS
 
 timm = pytest.importorskip("timm")  # in the dev extra: skipped only where crlf[timm] is not installed
 

@@ -20,7 +20,7 @@ from crlf.engine import data, folder
 from crlf.engine.data import ImageSet, load
 from crlf.engine.sources import cache as folder_cache
 from crlf.errors import InputError
-from crlf.settings import DataSettings
+from crlf.options import DataSettings
 
 settings = DataSettings
 

@@ -18,7 +18,7 @@ from crlf.engine.encoder import Encoder
 from crlf.engine.evaluate import knn_classify
 from crlf.engine.files import sha256
 from crlf.errors import InputError
-from crlf.settings import DataSettings
+from crlf.options import DataSettings
 
 
 @pytest.fixture(autouse=True)

@@ -26,7 +26,8 @@ from crlf.engine.checkpoint import read_tensors
 from crlf.engine.embeddings import linear_eval
 from crlf.engine.explore import fit_unit_square, open_space
 from crlf.engine.visualize import project, visualize
-from crlf.settings import DataSettings, ExploreSettings, LinearEvalSettings, VisualizeSettings
+from crlf.options import DataSettings
+from crlf.settings import ExploreSettings, LinearEvalSettings, VisualizeSettings
 
 K = 5
 LIMIT = 100  # digits per split: 200 points

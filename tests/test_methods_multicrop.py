@@ -17,7 +17,7 @@ from crlf.engine.methods.teacher import momentum_at
 from crlf.engine.optim import build_optimizer
 from crlf.engine.rundir import RunDir
 from crlf.errors import InputError, Interrupted
-from crlf.settings import AugmentSettings
+from crlf.options import AugmentSettings
 
 
 @pytest.fixture(autouse=True)

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from crlf.errors import InputError
+from crlf.options import DataSettings
 from crlf.settings import (
-    DataSettings,
     ExtractSettings,
     LinearEvalSettings,
     PretrainSettings,

@@ -24,7 +24,7 @@ from crlf.engine.sources.images import crop_boxes, decode_crops
 from crlf.engine.sources.stream import StreamFeed, _Decoder
 from crlf.engine.sources.tar import expand_braces
 from crlf.errors import InputError, Interrupted
-from crlf.settings import AugmentSettings, DataSettings
+from crlf.options import AugmentSettings, DataSettings
 
 PLAN = [(8, 0.2, 1.0), (8, 0.2, 1.0)]
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from crlf.errors import InputError
-from crlf.settings import AugmentSettings
+from crlf.options import AugmentSettings
 
 Tensor = torch.Tensor
 

@@ -19,7 +19,7 @@ from torch import nn
 from torchvision import models
 
 from crlf.errors import InputError
-from crlf.settings import BUILTIN_ARCHS, MAX_IMAGE_SIZE, MAX_WIDTH
+from crlf.options import BUILTIN_ARCHS, MAX_IMAGE_SIZE, MAX_WIDTH
 
 
 @dataclass(frozen=True)

@@ -29,15 +29,8 @@ from crlf.engine.encoder import Encoder, load_encoder
 from crlf.engine.files import atomic_write, check_writable, os_failure
 from crlf.engine.sources.squares import SquareStream, open_images
 from crlf.errors import InputError
-from crlf.settings import (
-    DataSettings,
-    EmbedSettings,
-    EncoderInput,
-    ExtractSettings,
-    KnnEvalSettings,
-    LinearEvalSettings,
-    resolve,
-)
+from crlf.options import DataSettings
+from crlf.settings import EmbedSettings, EncoderInput, ExtractSettings, KnnEvalSettings, LinearEvalSettings, resolve
 
 log = logging.getLogger(__name__)
 PROBE_FORMAT = "crlf-linear-probe"  # linear-eval's classifier on raw features: weight (C, D), bias (C,)

@@ -28,7 +28,7 @@ from crlf.engine.backbones import BackboneSpec
 from crlf.engine.checkpoint import ENCODER_FORMAT, STATE_FORMAT, read_tensors_hashed, save_tensors
 from crlf.engine.device import autocast, autocast_dtype
 from crlf.errors import InputError
-from crlf.settings import MIN_IMAGE_SIZE  # smaller images vanish in a ResNet's strided stages
+from crlf.options import MIN_IMAGE_SIZE  # smaller images vanish in a ResNet's strided stages
 
 log = logging.getLogger(__name__)
 

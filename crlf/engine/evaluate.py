@@ -22,7 +22,7 @@ from crlf.engine import augment
 from crlf.engine.device import autocast, autocast_dtype, make_generator
 from crlf.engine.encoder import Encoder, check_images, prepare
 from crlf.errors import InputError
-from crlf.settings import AugmentSettings
+from crlf.options import AugmentSettings
 
 log = logging.getLogger(__name__)
 

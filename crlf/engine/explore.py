@@ -33,7 +33,8 @@ from crlf.engine.embeddings import PROBE_FORMAT, read_embeddings
 from crlf.engine.files import atomic_write
 from crlf.engine.rundir import RunDir
 from crlf.errors import InputError
-from crlf.settings import DataSettings, ExploreSettings, merge
+from crlf.options import DataSettings
+from crlf.settings import ExploreSettings, merge
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,8 @@ from crlf.engine.files import atomic_write, check_writable, os_failure
 from crlf.engine.rundir import RunDir
 from crlf.engine.sources.squares import open_images
 from crlf.errors import InputError
-from crlf.settings import AugmentSettings, DataSettings, VisualizeSettings, merge
+from crlf.options import AugmentSettings, DataSettings
+from crlf.settings import VisualizeSettings, merge
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from crlf.engine.sources.base import REGISTRY, Catalog, ImageSet, Request, Source, pick, resize, short_reason
 from crlf.errors import InputError
-from crlf.settings import DataSettings
+from crlf.options import DataSettings
 
 __all__ = ["REGISTRY", "Catalog", "ImageSet", "Request", "Source", "catalog", "load", "pick", "request",
            "short_reason"]  # fmt: skip

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from crlf.settings import DataSettings
+from crlf.options import DataSettings
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from crlf.engine.augment import Crops, Views
 from crlf.engine.sources import catalog, load
 from crlf.engine.sources.base import Catalog, ImageSet
 from crlf.engine.sources.cache import load_catalog
-from crlf.settings import DataSettings
+from crlf.options import DataSettings
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from crlf.engine.sources.cache import load_catalog, report_skipped
 from crlf.engine.sources.feed import streams
 from crlf.engine.sources.images import decode, printable
 from crlf.errors import InputError
-from crlf.settings import DataSettings
+from crlf.options import DataSettings
 
 log = logging.getLogger(__name__)
 

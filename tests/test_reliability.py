@@ -162,6 +162,49 @@ def test_second_sigint_aborts_at_once(tmp_path):
     assert not (out / "last.safetensors").exists() and not list(out.glob(".*.tmp"))
 
 
+def test_abort_message_waits_for_a_log_line_being_written(monkeypatch):
+    """The first SIGINT's warning can be mid-write when the second arrives: the abort line must still come last."""
+    import logging
+    import threading
+
+    from crlf.engine.signals import StopFlag
+
+    lines: list[str] = []
+
+    class SlowHandler(logging.Handler):
+        def emit(self, record):
+            time.sleep(0.3)
+            lines.append("warning")
+
+    class Stderr:
+        def write(self, text):
+            lines.append("error")
+
+        def flush(self):
+            pass
+
+    def fake_exit(code):
+        lines.append(f"exit {code}")
+
+    monkeypatch.setattr(logging.getLogger("crlf"), "handlers", [SlowHandler()])
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    monkeypatch.setattr(sys, "stderr", Stderr())
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    monkeypatch.setattr(os, "isatty", lambda fd: False)
+    writer = threading.Thread(target=logging.getLogger("crlf.engine.train").warning, args=("SIGINT received",))
+    writer.start()
+    time.sleep(0.05)  # the warning is being written
+    read_end, write_end = os.pipe()
+    os.write(write_end, bytes([signal.SIGINT, signal.SIGINT]))
+    os.close(write_end)  # the watcher ends once it has read both
+    watcher = threading.Thread(target=StopFlag._watch, args=(read_end,))
+    watcher.start()
+    watcher.join(timeout=10)
+    writer.join(timeout=10)
+    os.close(read_end)
+    assert lines == ["warning", "error", "exit 130"]
+
+
 # --- corrupted files -----------------------------------------------------------------------------------------
 def test_checkpoints_corrupted_byte_by_byte_never_load(tmp_path, reference_run):
     for name in ("last.safetensors", "encoder.safetensors"):

@@ -42,6 +42,7 @@ class StopFlag:
         while data := os.read(fd, 64):  # b"" once the write end is closed
             interrupts += data.count(signal.SIGINT)
             if interrupts >= 2:
+                _hold_log_handlers()
                 sys.stderr.write(
                     "error: interrupted: a second Ctrl-C aborted the run; --resume continues from the last checkpoint\n"
                 )
@@ -74,3 +75,14 @@ class StopFlag:
                 os.close(write_end)
                 watcher.join()
                 os.close(read_end)
+
+
+def _hold_log_handlers() -> None:
+    """Take every log handler's lock and keep it (the process ends next), so the abort message is the last line.
+
+    The main thread may be logging the first SIGINT's warning right now (its handler runs once a native op ends);
+    that line finishes first, and nothing after it is written."""
+    for logger in (logging.getLogger("crlf"), logging.getLogger()):
+        for handler in logger.handlers:
+            if handler.lock is not None:
+                handler.lock.acquire(timeout=2.0)  # bounded: a wedged handler must not keep the process alive

@@ -404,3 +404,29 @@ def test_torchvision_and_pillow_decode_jpegs_to_the_same_crops(tmp_path, monkeyp
         assert all(torch.equal(c, images.cut_box(upright, b, p[0])) for c, b, p in zip(crops, boxes, plan)), name
     calls.clear()
     assert decode_crops(data, ".jpg", [(8, 0.9, 1.0)] * 2, u)[0].shape == (3, 8, 8) and not calls  # DCT-reduced
+
+
+# --- skipped images and members are named, never a Python repr ---------------------------------------------------
+@pytest.mark.parametrize("path", ["cache", "stream", "squares"])
+def test_an_unreadable_image_is_named_by_its_id_without_a_python_repr(path, tmp_path, caplog):
+    """Pillow's 'cannot identify image file <_io.BytesIO object at 0x7f...>' reached the skip warnings as it was."""
+    from crlf.engine.sources.squares import SquareStream
+
+    root = tmp_path / "f"
+    root.mkdir()
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(root / "good.png")
+    (root / "broken.png").write_bytes(b"not a png")
+    settings = DataSettings(data="folder", data_dir=root, image_size=8, cache_dir=tmp_path / "c", workers=0)
+    with caplog.at_level(logging.WARNING, logger="crlf.engine"):
+        if path == "cache":
+            load(settings)
+        elif path == "squares":
+            list(SquareStream(catalog(settings), 8, 4, workers=0))
+        else:
+            stream = StreamFeed(catalog(settings), 8, PLAN, seed=0, device=torch.device("cpu"), workers=0)
+            list(stream.batches(0, torch.arange(2), 0, 1, 2, 0, 2))
+            caplog.records.clear()
+            logging.getLogger("crlf.engine").warning("%s", ", ".join(stream.skipped()))
+    text = caplog.records[-1].getMessage()
+    assert "broken.png (cannot identify image file)" in text and "0x" not in text and "<" not in text, text
+

@@ -28,7 +28,7 @@ import torch
 
 from crlf.engine.files import atomic_write
 from crlf.engine.sources.base import Catalog, ImageSet, short_reason
-from crlf.engine.sources.images import decode, printable
+from crlf.engine.sources.images import decode, unreadable
 from crlf.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ def _decode_one(catalog: Catalog, i: int, size: int, out: np.ndarray) -> str | N
         out[i] = decode(io.BytesIO(catalog.read(i)), size, catalog.suffix[i]).transpose(2, 0, 1)
         return None
     except Exception as e:  # any reader or decoder error
-        return printable(short_reason(e), backslashes=False)
+        return unreadable(e)
 
 
 _worker: tuple[Catalog, int, np.ndarray] | None = None  # a decoding process's catalogue, size and cache mapping

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import BinaryIO
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from crlf.engine.augment import crop_box
+from crlf.engine.sources.base import short_reason
 from crlf.errors import InputError
 
 _ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -34,6 +36,15 @@ def printable(name: str, backslashes: bool = True) -> str:
     if name.isprintable() and "\\" not in name:
         return name
     return "".join(_escape(c) if not c.isprintable() or (c == "\\" and backslashes) else c for c in name)
+
+
+_REPR = re.compile(r" ?<[^<>]* at 0x[0-9a-fA-F]+>")  # a Python object's repr: "<_io.BytesIO object at 0x7f...>"
+
+
+def unreadable(e: BaseException) -> str:
+    """Why an image cannot be read, as one printable line for 'id (reason)' without the object reprs Pillow puts in
+    ("cannot identify image file <_io.BytesIO object at 0x7f...>" -> "cannot identify image file"): the id names it."""
+    return printable(_REPR.sub("", short_reason(e)).strip() or type(e).__name__, backslashes=False)
 
 
 def _escape(c: str) -> str:

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from crlf.engine.sources import REGISTRY, catalog, load
-from crlf.engine.sources.base import Catalog, ImageSet, pick, short_reason
+from crlf.engine.sources.base import Catalog, ImageSet, pick
 from crlf.engine.sources.cache import load_catalog, report_skipped
 from crlf.engine.sources.feed import streams
-from crlf.engine.sources.images import decode, printable
+from crlf.engine.sources.images import decode, unreadable
 from crlf.errors import InputError
 from crlf.options import DataSettings
 
@@ -49,7 +49,7 @@ class _Squares(torch.utils.data.Dataset):
                                         self.catalog.suffix[i]).transpose(2, 0, 1)  # fmt: skip
                 kept.append(i)
             except Exception as e:  # as the cache's decode: one bad file is skipped and reported, not fatal
-                bad.append(f"{self.catalog.ids[i]} ({printable(short_reason(e), backslashes=False)})")
+                bad.append(f"{self.catalog.ids[i]} ({unreadable(e)})")
         return {"images": torch.from_numpy(out[: len(kept)]), "rows": kept, "bad": bad}
 
 

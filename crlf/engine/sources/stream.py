@@ -28,9 +28,9 @@ import torch
 from PIL import Image
 
 from crlf.engine.augment import Crops, Views, empty
-from crlf.engine.sources.base import Catalog, short_reason
+from crlf.engine.sources.base import Catalog
 from crlf.engine.sources.feed import Feed
-from crlf.engine.sources.images import crop_boxes, cut_box, decode, decode_crops, orientation, printable
+from crlf.engine.sources.images import crop_boxes, cut_box, decode, decode_crops, orientation, printable, unreadable
 from crlf.errors import RunError
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class _Decoder(torch.utils.data.Dataset):
                             views[v][row] = crop
                     break
                 except Exception as e:  # any reader or decoder error: skipped, counted, replaced by the next image
-                    bad.append(f"{self.catalog.ids[j]} ({printable(short_reason(e), backslashes=False)})")
+                    bad.append(f"{self.catalog.ids[j]} ({unreadable(e)})")
             else:
                 return {"failed": self.catalog.ids[index]}
             used.append(j)

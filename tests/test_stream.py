@@ -430,3 +430,38 @@ def test_an_unreadable_image_is_named_by_its_id_without_a_python_repr(path, tmp_
     text = caplog.records[-1].getMessage()
     assert "broken.png (cannot identify image file)" in text and "0x" not in text and "<" not in text, text
 
+
+def _odd_members_shard(path: Path) -> None:
+    """One good sample (0000), then a member of every kind that is not a regular file (each named like an image), a
+    folder and a file without an extension."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        data = _jpeg(np.random.default_rng(0), 16, 16)
+        info = tarfile.TarInfo("0000.jpg")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+        kinds = {"sub": tarfile.DIRTYPE, "1000.jpg": tarfile.SYMTYPE, "1001.jpg": tarfile.LNKTYPE,
+                 "1002.jpg": tarfile.CHRTYPE, "1003.jpg": tarfile.BLKTYPE, "1004.jpg": tarfile.FIFOTYPE,
+                 "1006.jpg": tarfile.GNUTYPE_SPARSE}  # fmt: skip
+        for name, kind in kinds.items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, "0000.jpg" if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else ""
+            tar.addfile(info)
+        info = tarfile.TarInfo("1005")  # a regular file without an extension: no key, no sample
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+
+
+def test_tar_members_that_are_not_regular_files_are_skipped_named_and_never_followed(tmp_path, caplog):
+    """Links, devices and FIFOs in a shard vanished uncounted; a link member is never followed (1000 and 1001 point
+    at 0000.jpg but are no samples). Directories are the shard's structure, not samples: not counted."""
+    shard = tmp_path / "odd.tar"
+    _odd_members_shard(shard)
+    with caplog.at_level(logging.WARNING, logger="crlf.engine"):
+        got = load(DataSettings(data="tar", data_dir=shard, image_size=8, cache_dir=tmp_path / "c"))
+    assert got.ids == ["odd/0000"]
+    text = caplog.records[-1].getMessage()
+    assert "skipped 7 of 8 files" in text and "odd/1000.jpg (a symbolic link)" in text, text
+    listed = catalog(DataSettings(data="tar", data_dir=shard))
+    assert listed.skipped == ["odd/1000.jpg (a symbolic link)", "odd/1001.jpg (a hard link)",
+                              "odd/1002.jpg (a device)", "odd/1003.jpg (a device)", "odd/1004.jpg (a FIFO)",
+                              "odd/1006.jpg (a sparse file)", "odd/1005 (no extension)"]  # fmt: skip

@@ -93,7 +93,9 @@ def list_tar(req: Request) -> Catalog:
     file, offset, size, suffix, ids, labels = [], [], [], [], [], []
     skipped: list[str] = []
     for k, shard in enumerate(shards):
-        for key, members in _samples(shard).items():
+        samples, odd = _samples(shard)
+        skipped += [f"{printable(f'{shard.stem}/{member}')} ({why})" for member, why in odd]
+        for key, members in samples.items():
             name = f"{shard.stem}/{key}"
             ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
             if ext is None:
@@ -147,14 +149,21 @@ def list_tar(req: Request) -> Catalog:
     )
 
 
-def _samples(shard: Path) -> dict[str, dict[str, tuple[int, int]]]:
-    """key -> {extension: (data offset, size)} of the regular members of an uncompressed tar."""
+def _samples(shard: Path) -> tuple[dict[str, dict[str, tuple[int, int]]], list[tuple[str, str]]]:
+    """key -> {extension: (data offset, size)} of the regular members of an uncompressed tar; and (name, why) of the
+    members that cannot be part of a sample: links (never followed), devices, FIFOs, sparse files, names without an
+    extension. Directories are the shard's own structure (tar cf lists each folder), not left-out data: not named."""
     out: dict[str, dict[str, tuple[int, int]]] = {}
+    odd: list[tuple[str, str]] = []
     try:
         with tarfile.open(shard, mode="r:") as tar:
             for m in tar:
                 base = posixpath.basename(m.name)
-                if not m.isfile() or base.startswith(".") or "." not in base:
+                if m.isdir() or base.startswith("."):
+                    continue
+                why = _not_a_file(m) or (None if "." in base else "no extension")
+                if why:
+                    odd.append((m.name, why))
                     continue
                 stem, ext = base.split(".", 1)
                 key = posixpath.join(posixpath.dirname(m.name), stem)
@@ -164,7 +173,22 @@ def _samples(shard: Path) -> dict[str, dict[str, tuple[int, int]]]:
             f"cannot read the shard {printable(str(shard))} ({short_reason(e)}): shards are "
             "uncompressed .tar files (tar cf, or webdataset's ShardWriter)"
         ) from None
-    return out
+    return out, odd
+
+
+def _not_a_file(m: tarfile.TarInfo) -> str | None:
+    """Why a member holds no bytes of its own at its data offset (None: a regular file)."""
+    if m.issym():
+        return "a symbolic link"
+    if m.islnk():
+        return "a hard link"
+    if m.ischr() or m.isblk():
+        return "a device"
+    if m.isfifo():
+        return "a FIFO"
+    if m.issparse():
+        return "a sparse file"
+    return None if m.isfile() else "not a regular file"
 
 
 def _label(shard: Path, member: tuple[int, int] | None) -> int | None:

@@ -7,6 +7,7 @@ import logging
 import os
 import pickle
 import shutil
+import stat
 import tarfile
 from pathlib import Path
 from urllib.error import URLError
@@ -372,6 +373,18 @@ def test_folder_cache_reused_then_invalidated(tiny_folder, tmp_path, monkeypatch
     changed = load(settings(**kw))
     assert len(changed) == 61 and len(calls) == 61
     assert len(list(cache.glob("*.npy"))) == 1  # the stale cache is replaced, not kept
+
+
+def test_folder_cache_files_get_0666_less_the_umask(tiny_folder, tmp_path):
+    """The .npy was created by mkstemp, so 0600 whatever the umask."""
+    (tiny_folder / "dog" / "broken.png").write_bytes(b"not a png")  # the rows are compacted into a second temp file
+    old = os.umask(0o027)
+    try:
+        load(settings(data="folder", data_dir=tiny_folder, image_size=8, cache_dir=tmp_path / "c"))
+    finally:
+        os.umask(old)
+    modes = {p.suffix: stat.S_IMODE(os.stat(p).st_mode) for p in (tmp_path / "c").iterdir()}
+    assert modes == {".npy": 0o640, ".json": 0o640}
 
 
 def test_folder_unwritable_cache_warns_and_continues(tiny_folder, tmp_path, caplog):

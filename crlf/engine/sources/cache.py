@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from crlf.engine.files import atomic_write
+from crlf.engine.files import _mode_for, atomic_write
 from crlf.engine.sources.base import Catalog, ImageSet, short_reason
 from crlf.engine.sources.images import decode, unreadable
 from crlf.errors import InputError
@@ -136,8 +136,12 @@ def _decode_into_cache(catalog: Catalog, size: int, cache: Path) -> tuple[ImageS
 
 
 def _temp_beside(path: Path) -> Path:
+    """An empty temp file beside `path`, with the permissions `path` will have (mkstemp alone gives 0600)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, _mode_for(path))
+    finally:
+        os.close(fd)
     return Path(tmp)
 
 

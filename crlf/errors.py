@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any
+
+# what would break a message over lines or reach the terminal as a control code: C0 / C1 controls, DEL and the
+# Unicode line / paragraph separators
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class CrlfError(Exception):
@@ -43,3 +48,14 @@ def did_you_mean(name: str, choices: Any, shown: str = "'{}'") -> str:
     norm = {c.replace("-", "_").lower(): c for c in choices}
     close = difflib.get_close_matches(name.replace("-", "_").lower(), list(norm), n=1, cutoff=0.7)
     return f" (did you mean {shown.format(norm[close[0]])}?)" if close else ""
+
+
+def one_line(text: str) -> str:
+    """`text` with its control characters written as Python escapes (a newline as \\n), so that a message echoing a
+    user's value stays one line and sends no control code to the terminal."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def quoted(path: Any) -> str:
+    """A path (or any value) for a message: in quotes, one line ('./data', 'a\\nb'), so it reads as a name."""
+    return repr(str(path))

@@ -7,10 +7,11 @@ The bounds below reject typos and overflows at parse time, before a run director
 from __future__ import annotations
 
 import re
+import typing
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from crlf.errors import did_you_mean
 
@@ -29,13 +30,37 @@ MAX_BATCH = 2**20  # batch sizes, and k neighbours
 BUILTIN_ARCHS = ("resnet18", "resnet34", "resnet50", "vit_tiny", "vit_small", "vit_base")
 MAX_SCALAR = 1e30  # learning rates: larger values overflow float32 in the optimizer's step
 
+
+def _leaves(annotation: Any) -> set[Any]:
+    """The plain types an annotation is made of: int | None -> {int, NoneType}; list[float] -> {float}."""
+    args = typing.get_args(annotation)
+    if not args or typing.get_origin(annotation) is Literal:
+        return {annotation}
+    return set().union(*(_leaves(a) for a in args))
+
+
+class Group(BaseModel):
+    """Base of every settings model: unknown keys and non-finite numbers refused, and no boolean for a number."""
+
+    model_config = STRICT
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """Pydantic takes true as 1 for a number (TOML's ``epochs = true`` would train one epoch): refuse it."""
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, bool) for v in values) and info.field_name is not None:
+            kinds = _leaves(cls.model_fields[info.field_name].annotation)
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError("must be a number, not true / false")
+        return value
+
+
 DataSource = Literal["digits", "cifar10", "cifar100", "stl10", "folder", "npy", "npz", "tar"]
 
 
-class DataSettings(BaseModel):
+class DataSettings(Group):
     """Where the images come from and how they are prepared (shared by every subcommand)."""
-
-    model_config = STRICT
 
     data: DataSource = Field(
         "digits",
@@ -96,10 +121,8 @@ class DataSettings(BaseModel):
         return self
 
 
-class DeviceSettings(BaseModel):
+class DeviceSettings(Group):
     """Which accelerator and numeric precision to use."""
-
-    model_config = STRICT
 
     device: str = Field("auto", description="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
     precision: Literal["auto", "bf16", "fp32"] = Field(
@@ -110,14 +133,12 @@ class DeviceSettings(BaseModel):
     @classmethod
     def _device_name(cls, v: str) -> str:
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
-            raise ValueError(f"unknown device '{v}': use auto, cpu, cuda, cuda:N or mps")
+            raise ValueError(f"unknown device {v!r}: use auto, cpu, cuda, cuda:N or mps")
         return v
 
 
-class ModelSettings(BaseModel):
+class ModelSettings(Group):
     """The encoder (backbone) and the projection head."""
-
-    model_config = STRICT
 
     arch: str = Field(
         "resnet18",
@@ -151,14 +172,12 @@ class ModelSettings(BaseModel):
     def _arch_name(cls, v: str) -> str:
         if v in BUILTIN_ARCHS or re.fullmatch(r"timm:[A-Za-z0-9_.\-]+", v):
             return v
-        raise ValueError(f"unknown arch '{v}'{did_you_mean(v, BUILTIN_ARCHS)}: choose one of "
+        raise ValueError(f"unknown arch {v!r}{did_you_mean(v, BUILTIN_ARCHS)}: choose one of "
                          f"{', '.join(BUILTIN_ARCHS)}, or timm:NAME for any timm model")
 
 
-class MethodSettings(BaseModel):
+class MethodSettings(Group):
     """The self-supervised method and its own options; None: the method's default (see --print-config)."""
-
-    model_config = STRICT
 
     method: Literal["simclr", "moco", "byol", "simsiam", "barlow", "vicreg", "dino", "swav"] = Field(
         "simclr", description="simclr, moco, byol, simsiam, barlow, vicreg, dino or swav (the README compares them)."
@@ -204,10 +223,8 @@ class MethodSettings(BaseModel):
     )
 
 
-class AugmentSettings(BaseModel):
+class AugmentSettings(Group):
     """Strengths of the SimCLR augmentations, applied batched with per-image random parameters."""
-
-    model_config = STRICT
 
     crop_min_scale: float = Field(0.2, gt=0.0, le=1.0, description="Random resized crop: smallest area fraction.")
     crop_max_scale: float = Field(1.0, gt=0.0, le=1.0, description="Random resized crop: largest area fraction.")
@@ -237,10 +254,8 @@ class AugmentSettings(BaseModel):
         return self
 
 
-class OptimSettings(BaseModel):
+class OptimSettings(Group):
     """Optimizer, learning-rate schedule and loss."""
-
-    model_config = STRICT
 
     epochs: int = Field(100, ge=1, le=MAX_EPOCHS, description="Passes over the data set.")
     batch_size: int = Field(512, ge=2, le=MAX_BATCH, description="Source images per step (each gives two views).")
@@ -287,10 +302,8 @@ class OptimSettings(BaseModel):
         return {"sgd": 5e-4, "lars": 1e-6, "adam": 1e-4, "adamw": 0.05}[self.optimizer or "sgd"]
 
 
-class RunSettings(BaseModel):
+class RunSettings(Group):
     """The run directory and how often it is written."""
-
-    model_config = STRICT
 
     out: Path = Field(
         Path("runs/pretrain"), description="Run directory (config, metrics, checkpoints, encoder)."
@@ -314,10 +327,8 @@ class RunSettings(BaseModel):
     )
 
 
-class KnnSettings(BaseModel):
+class KnnSettings(Group):
     """The weighted kNN classifier (knn-eval, and pretrain's --knn-every monitor)."""
-
-    model_config = STRICT
 
     k: int = Field(200, ge=1, le=MAX_BATCH, description="Neighbours that vote (clipped to the train size).")
     knn_temperature: float = Field(0.1, gt=0.0, description="Vote weight exp(similarity / temperature).")

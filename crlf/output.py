@@ -30,6 +30,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from crlf.errors import one_line
+
 console = Console(stderr=True, highlight=False)
 log = logging.getLogger("crlf.cli")
 
@@ -38,7 +40,7 @@ class _ConsoleHandler(logging.Handler):
     """Log records to the shared stderr console (so they print above a live progress bar)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        msg = record.getMessage()
+        msg = one_line(record.getMessage())  # a value with a newline in it must not start a line of its own
         prefix = {logging.WARNING: "warning: ", logging.ERROR: "error: "}.get(record.levelno, "")
         if console.is_terminal:
             style = {logging.WARNING: "yellow", logging.ERROR: "red"}.get(record.levelno)
@@ -60,8 +62,8 @@ def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
 
 
 def error(message: str) -> None:
-    """One line on stderr; the caller chooses the exit code."""
-    console.file.write(f"error: {message}\n")
+    """One line on stderr (control characters in echoed values escaped); the caller chooses the exit code."""
+    console.file.write(f"error: {one_line(message)}\n")
     console.file.flush()
 
 

@@ -24,16 +24,16 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from crlf.errors import InputError, did_you_mean
+from crlf.errors import InputError, did_you_mean, quoted
 from crlf.options import (
     MAX_BATCH,
     MAX_EPOCHS,
     MAX_SCALAR,
     MAX_SEED,
-    STRICT,
     AugmentSettings,
     DataSettings,
     DeviceSettings,
+    Group,
     KnnSettings,
     MethodSettings,
     ModelSettings,
@@ -68,47 +68,50 @@ class _TomlSource(PydanticBaseSettingsSource):
 
 def read_toml(path: Path, section: str) -> dict[str, Any]:
     """Read a config file; a table named after the subcommand (e.g. ``[pretrain]``) is merged over the top level."""
+    shown = quoted(path)
     try:
         data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise InputError(f"config file {path} does not exist") from None
+        raise InputError(f"config file {shown} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read config file {path}: {e}") from None
+        raise InputError(f"cannot read config file {shown}: {e}") from None
     except tomllib.TOMLDecodeError as e:
-        raise InputError(f"config file {path} is not valid TOML: {e}") from None
-    sections = [c.section for c in _COMMANDS]
-    for name, value in data.items():
-        if isinstance(value, dict) and name not in sections:
-            raise InputError(
-                f"config file {path}: unknown table [{name}]{did_you_mean(name, sections, '[{}]')}; the tables are "
-                f"{', '.join(f'[{s}]' for s in sections)} (one per subcommand) and keys above them are shared"
-            )
-    for other in _COMMANDS:
-        keys = data.get(other.section)
-        bad = sorted(set(keys) - set(other.model_fields)) if isinstance(keys, dict) else []
-        if bad:
-            raise InputError(
-                f"config file {path}: [{other.section}] has unknown setting '{bad[0]}'"
-                f"{did_you_mean(bad[0], other.model_fields)}; crlf {other.section} --help lists them"
-            )
+        raise InputError(f"config file {shown} is not valid TOML: {e}") from None
+    _check_keys(data, section, shown)
     table = data.pop(section, {})
     if not isinstance(table, dict):
-        raise InputError(f"config file {path}: '{section}' must be a table")
+        raise InputError(f"config file {shown}: '{section}' must be a table")
     flat = {k: v for k, v in data.items() if not isinstance(v, dict)}
     # flat keys are shared by every subcommand: each takes its own and passes over the others' (a key that no
     # subcommand knows is still an error); keys in the subcommand's own table are all checked by its model
-    known = set().union(*(c.model_fields for c in _COMMANDS))
-    unknown = sorted(set(flat) - known)
-    if unknown:
-        raise InputError(
-            f"config file {path}: unknown setting{'s' if len(unknown) > 1 else ''} "
-            f"{', '.join(repr(k) for k in unknown)}"
-            f"{did_you_mean(unknown[0], known)}"
-        )
     mine = next((c for c in _COMMANDS if c.section == section), None)
     if mine is not None:
         flat = {k: v for k, v in flat.items() if k in mine.model_fields}
     return {**flat, **table}
+
+
+def _check_keys(data: dict[str, Any], section: str, shown: str) -> None:
+    """One InputError naming every unknown key and table of a config file, each with its closest name."""
+    sections = [c.section for c in _COMMANDS]
+    known = set().union(*(c.model_fields for c in _COMMANDS))
+    flat = sorted(k for k, v in data.items() if not isinstance(v, dict) and k not in known)
+    problems = [f"unknown setting {k!r}{did_you_mean(k, known)}" for k in flat]
+    helps = [section] if flat else []  # the subcommands whose --help lists the settings meant
+    tables = sorted(k for k, v in data.items() if isinstance(v, dict) and k not in sections)
+    problems += [f"unknown table [{t}]{did_you_mean(t, sections, '[{}]')}" for t in tables]
+    for other in _COMMANDS:
+        keys = data.get(other.section)
+        bad = sorted(set(keys) - set(other.model_fields)) if isinstance(keys, dict) else []
+        problems += [f"[{other.section}] has unknown setting {k!r}{did_you_mean(k, other.model_fields)}" for k in bad]
+        helps += [other.section] if bad and other.section not in helps else []
+    if helps:
+        verb = "lists" if len(helps) == 1 else "list"
+        problems.append(" and ".join(f"crlf {h} --help" for h in helps) + f" {verb} the settings")
+    if tables:
+        problems.append(f"the tables are {', '.join(f'[{s}]' for s in sections)} (one per subcommand) and keys "
+                        "above them are shared")  # fmt: skip
+    if problems:
+        raise InputError(f"config file {shown}: {'; '.join(problems)}")
 
 
 class _EnvSource(EnvSettingsSource):
@@ -182,10 +185,8 @@ class PretrainSettings(
     section: ClassVar[str] = "pretrain"
 
 
-class EncoderInput(BaseModel):
+class EncoderInput(Group):
     """A saved encoder to embed with, and how to batch it (extract, linear-eval, knn-eval)."""
-
-    model_config = STRICT
 
     ckpt: Path | None = Field(
         None, description="Encoder checkpoint: encoder.safetensors (or last.safetensors) written by crlf pretrain."
@@ -193,10 +194,8 @@ class EncoderInput(BaseModel):
     embed_batch_size: int = Field(512, ge=1, le=MAX_BATCH, description="Images per batch when embedding.")
 
 
-class EmbeddingsInput(BaseModel):
+class EmbeddingsInput(Group):
     """Precomputed embeddings instead of a checkpoint (linear-eval, knn-eval)."""
-
-    model_config = STRICT
 
     train_emb: Path | None = Field(
         None, description="Train-split embeddings written by crlf extract (.npy with its .json sidecar, or .npz)."
@@ -275,7 +274,7 @@ class LinearEvalSettings(EmbeddingsInput, EncoderInput, DeviceSettings, DataSett
     def _fractions(cls, v: list[float]) -> list[float]:
         bad = [f for f in v if not 0.0 < f <= 1.0]
         if bad or not v:
-            raise ValueError(f"label fractions must lie in (0, 1], got {bad or v}")
+            raise ValueError("label fractions must lie in (0, 1]")
         return v
 
     @model_validator(mode="after")
@@ -339,7 +338,7 @@ class VisualizeSettings(AugmentSettings, EncoderInput, DeviceSettings, DataSetti
         if self.out is not None and self.out.suffix.lower() not in ("", ".png", ".svg", ".pdf"):
             raise ValueError(f"--out must be a folder or end in .png, .svg or .pdf (got {str(self.out)!r})")
         if self.out is not None and self.out.suffix and len(self.kind) != 1:
-            raise ValueError(f"--out {self.out} names one file: choose one figure with --kind, or give a folder")
+            raise ValueError(f"--out {quoted(self.out)} names one file: choose one figure with --kind, or a folder")
         return self
 
 
@@ -410,16 +409,21 @@ def merge(model: type[BaseModelT], given: BaseModel, saved: dict[str, Any], what
 
 
 def _describe(err: dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in err.get("loc", ()))
+    """One pydantic error as 'name: what is wrong (got value)'; a list item is named by its setting alone."""
+    loc = ".".join(str(p) for p in err.get("loc", ()) if not isinstance(p, int))  # kind, not kind.0
     msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
     msg = re.sub(r"\b\d{17,}\b", lambda m: f"{float(m.group()):g}", msg)  # a bound of 1e30, not 31 digits
     if err.get("type") == "extra_forbidden":
-        return f"unknown setting '{loc}'"
+        return f"unknown setting {loc!r}"
     if not loc:
         return msg
-    value = err.get("input")
-    shown = "" if isinstance(value, dict) or value is None else f" (got {value!r})"
-    return f"{loc.replace('_', '-')}: {msg}{shown}"
+    name, value = loc.replace("_", "-"), err.get("input")
+    if err.get("type") == "literal_error":
+        choices = re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", "")))
+        return f"{name}: {value!r} is not one of {', '.join(choices)}{did_you_mean(str(value), choices)}"
+    echoed = isinstance(value, (str, list)) and repr(value) in msg  # the message names the value already
+    shown = "" if isinstance(value, dict) or value is None or echoed else f" (got {value!r})"
+    return f"{name}: {msg}{shown}"
 
 
 def settings_values(settings: BaseModel) -> dict[str, Any]:

@@ -319,3 +319,120 @@ def test_merge_takes_the_flags_given_then_the_saved_values_then_the_defaults():
     assert (out.data, str(out.data_dir), out.image_size, out.limit) == ("folder", "photos", 16, DataSettings().limit)
     with pytest.raises(InputError, match="^settings of r are invalid: "):
         merge(DataSettings, VisualizeSettings(run=[Path("r")]), {"image_size": 1}, "settings of r are invalid")
+
+
+# --- hardening, second pass: one-line messages, booleans, every unknown key, choices ------------------------------
+def test_a_newline_in_a_value_stays_on_the_error_line():
+    """CRLF_DEVICE=$'cpu\\n' printed the value raw, over two lines."""
+    with pytest.raises(InputError) as info:
+        resolve(PretrainSettings, {"device": "cpu\n", "arch": "res\x1bnet"})
+    assert "\n" not in str(info.value) and "\x1b" not in str(info.value)
+    assert "unknown device 'cpu\\n'" in str(info.value) and "unknown arch 'res\\x1bnet'" in str(info.value)
+    r = _cli(["pretrain", "--print-config"], {"CRLF_DEVICE": "cpu\n"})
+    assert r.exit_code == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and "unknown device 'cpu\\n'" in r.stderr, r.stderr
+
+
+def test_every_message_the_cli_prints_is_one_line(capsys):
+    from crlf import output
+    from crlf.errors import one_line
+
+    assert one_line("a\nb\r\tc\x1b[31m\u2028d ü") == "a\\nb\\r\\tc\\x1b[31m\\u2028d ü"
+    output.error("bad value 'x\ny'")
+    assert capsys.readouterr().err == "error: bad value 'x\\ny'\n"
+
+
+@pytest.mark.parametrize(
+    "text,name",
+    [
+        ("epochs = true\n", "epochs"),
+        ("lr = false\n", "lr"),
+        ("[linear-eval]\nlabel_fraction = [true]\n", "label-fraction"),
+    ],
+)
+def test_a_boolean_is_not_a_number_in_a_config_file(tmp_path, text, name):
+    """`epochs = true` was taken as 1 epoch."""
+    cls = LinearEvalSettings if "linear-eval" in text else PretrainSettings
+    with pytest.raises(InputError, match=f"{name}: must be a number, not true / false"):
+        resolve(cls, {"ckpt": "e.safetensors"} if cls is LinearEvalSettings else {}, write(tmp_path, text))
+
+
+def test_a_boolean_is_not_a_number_anywhere_else(monkeypatch):
+    with pytest.raises(InputError, match="epochs: must be a number"):
+        resolve(PretrainSettings, {"epochs": True})  # the Python API
+    monkeypatch.setenv("CRLF_EPOCHS", "true")
+    with pytest.raises(InputError, match="epochs"):
+        resolve(PretrainSettings, {})
+    monkeypatch.delenv("CRLF_EPOCHS")
+    s = resolve(
+        PretrainSettings, {"download": False, "compile": True, "stream": True, "data": "folder", "data_dir": "x"}
+    )
+    assert (s.download, s.compile, s.stream) == (False, True, True)  # booleans still go where booleans go
+
+
+def test_every_unknown_key_and_table_is_reported_with_its_hint(tmp_path):
+    """Two unknown keys and an unknown table reported the table only, and a hint for the first key only."""
+    cfg = write(
+        tmp_path, "epocs = 3\nbatch_sise = 8\n[trainin]\nx = 1\n[pretrain]\nlrr = 1\n[extract]\nnormalise = 1\n"
+    )
+    with pytest.raises(InputError) as info:
+        resolve(PretrainSettings, {}, cfg)
+    message = str(info.value)
+    for fragment in (
+        f"config file {str(cfg)!r}: ",
+        "unknown setting 'epocs' (did you mean 'epochs'?)",
+        "unknown setting 'batch_sise' (did you mean 'batch_size'?)",
+        "unknown table [trainin]",
+        "[pretrain] has unknown setting 'lrr' (did you mean 'lr'?)",
+        "[extract] has unknown setting 'normalise' (did you mean 'normalize'?)",
+        "crlf pretrain --help and crlf extract --help list the settings",
+        "the tables are [pretrain], [extract]",
+    ):
+        assert fragment in message, (fragment, message)
+    assert "\n" not in message
+
+
+def test_config_file_paths_are_quoted(tmp_path):
+    with pytest.raises(InputError, match=r"^config file '.*missing\.toml' does not exist$"):
+        resolve(PretrainSettings, {}, tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize(
+    "cls,values,expected",
+    [
+        (
+            VisualizeSettings,
+            {"kind": ["bogus"]},
+            "kind: 'bogus' is not one of loss, pca, tsne, umap, confusion, neighbors",
+        ),
+        (
+            VisualizeSettings,
+            {"kind": ["loss", "tnse"]},
+            "kind: 'tnse' is not one of loss, pca, tsne, umap, confusion, "
+            "neighbors, augmentations (did you mean 'tsne'?)",
+        ),
+        (
+            PretrainSettings,
+            {"method": "simclar"},
+            "method: 'simclar' is not one of simclr, moco, byol, simsiam, barlow, "
+            "vicreg, dino, swav (did you mean 'simclr'?)",
+        ),
+        (PretrainSettings, {"precision": "fp16"}, "precision: 'fp16' is not one of auto, bf16, fp32"),
+    ],
+)
+def test_a_wrong_choice_names_the_setting_and_lists_the_choices(cls, values, expected):
+    """`--kind bogus` showed pydantic's location `kind.0`."""
+    with pytest.raises(InputError) as info:
+        resolve(cls, values)
+    assert expected in str(info.value) and "kind.0" not in str(info.value) and "kind.1" not in str(info.value)
+
+
+def test_a_rejected_value_is_shown_once():
+    """`--label-fraction 1.5` printed [1.5] twice; so did --device and --arch their value."""
+    for values, shown in [
+        ({"ckpt": "e.safetensors", "label_fraction": [1.5, 0.5]}, "[1.5, 0.5]"),
+        ({"ckpt": "e.safetensors", "device": "tpu"}, "'tpu'"),
+    ]:
+        with pytest.raises(InputError) as info:
+            resolve(LinearEvalSettings, values)
+        assert str(info.value).count(shown) == 1, str(info.value)

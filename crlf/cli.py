@@ -5,12 +5,15 @@ key and its --help text cannot drift apart. Only flags the user typed are passed
 which is what gives the precedence CLI > CRLF_* env > --config file > defaults.
 """
 
+import contextlib
 import inspect
 import os
+import signal
 import sys
+import threading
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -253,12 +256,55 @@ def settings_command(name: str, model: type[BaseModel], extra: Callable[..., Any
     app.command(name, help=help)(command)
 
 
+class _Terminated(BaseException):
+    """SIGTERM arrived: unwinds the work like Ctrl-C's KeyboardInterrupt (past `except Exception`, through the
+    clean-ups of atomic writes and run directories)."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While the block runs, SIGTERM raises _Terminated in the main thread instead of killing the process outright
+    (pretrain's loop installs its own handler, which saves a checkpoint first). Any exception that ends the block
+    after the signal becomes _Terminated: C code can turn the handler's exception into its own (numpy's writer into
+    'seeking file failed'). A second SIGTERM, or one that reaches a forked worker that inherited the handler, ends
+    the process as before."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pid, received = os.getpid(), []
+
+    def handle(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, previous)
+        if os.getpid() != pid:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        received.append(signum)
+        raise _Terminated
+
+    previous = signal.getsignal(signal.SIGTERM)
+    previous = signal.SIG_DFL if previous is None else previous  # None: a handler not set from Python
+    signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    except Exception:
+        if received:
+            raise _Terminated from None
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _guarded(quiet: bool, verbose: bool, work: Callable[[], int | None]) -> None:
-    """Run `work`, turning known failures into one line and their exit code (CRLF_DEBUG=1 shows tracebacks)."""
+    """Run `work`, turning known failures into one line and their exit code (CRLF_DEBUG=1 shows tracebacks); SIGINT
+    exits 130 and SIGTERM 143."""
     output.setup_logging(quiet=quiet, verbose=verbose)
     debug = os.environ.get("CRLF_DEBUG", "") not in ("", "0")
     try:
-        code = work()
+        with _sigterm_raises():
+            code = work()
+    except _Terminated:
+        output.error("stopped by SIGTERM")
+        raise typer.Exit(128 + signal.SIGTERM) from None
     except CrlfError as e:
         if debug:
             raise
@@ -342,8 +388,9 @@ def _pretrain(
             output.emit_json(summary)
         elif summary["status"] == "trained":
             output.log.info(
-                "done: %d epochs, final loss %s, encoder in %s",
+                "done: %d epoch%s, final loss %s, encoder in %s",
                 summary["epochs"],
+                "" if summary["epochs"] == 1 else "s",
                 summary["final_loss"],
                 summary["encoder"],
             )
@@ -397,6 +444,9 @@ def _command(cls: type, run: Callable[[Any, bool, bool], Any]) -> Callable[..., 
 def _extract(settings: ExtractSettings, json: bool, quiet: bool) -> dict[str, Any]:
     if json and settings.out == "-":
         raise InputError("--json and --out - both want stdout: write the embeddings to a file, or drop --json")
+    if settings.out == "-" and sys.stdout.isatty():  # as gzip: binary data would garble the terminal
+        raise InputError("--out - writes binary .npy data to stdout, which is a terminal: redirect it "
+                         "(crlf extract ... --out - > emb.npy), pipe it, or give --out FILE")  # fmt: skip
     from crlf.engine.embeddings import extract
 
     return extract(settings, sys.stdout.buffer)

@@ -89,7 +89,7 @@ def test_nothing_on_stdout_without_json(tmp_path, tiny_npy):
     r = crlf("pretrain", "--data", "npy", "--data-dir", tiny_npy, "--epochs", "1", "--out", tmp_path / "run", *TINY)
     assert r.returncode == 0, r.stderr
     assert r.stdout == ""
-    assert "done: 1 epochs" in r.stderr
+    assert "done: 1 epoch," in r.stderr  # not "1 epochs"
     q = crlf(
         "pretrain", "--data", "npy", "--data-dir", tiny_npy, "--epochs", "1", "--out", tmp_path / "q", "--quiet", *TINY
     )
@@ -461,3 +461,151 @@ def test_second_ctrl_c_shows_the_cursor_again_on_a_terminal():
     assert proc.returncode == 130 and b"\x1b[?25h" in seen and b"second Ctrl-C" in seen
     piped = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
     assert piped.returncode == 130 and b"\x1b" not in piped.stderr  # not a terminal: no escape codes
+
+
+# --- SIGTERM outside the training loop, binary on a terminal, kNN's k ------------------------------------------
+def test_sigterm_stops_extract_with_143_and_one_line(reference_run):
+    """extract died by the signal (-15) where pretrain exits 143 with a line. The child blocks writing the .npy to a
+    pipe nobody reads: its first bytes say that it is at work, with no timing guess."""
+    import signal
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRLF_")}
+    args = ["extract", "--ckpt", reference_run.path / "encoder.safetensors", "--limit", "200", "--out", "-"]
+    pipe = subprocess.PIPE
+    proc = subprocess.Popen([*CRLF, *map(str, args), "--device", "cpu"], stdout=pipe, stderr=pipe, env=env)
+    try:
+        assert proc.stdout.read(6) == b"\x93NUMPY"  # 200 x 512 float32 rows: far more than a pipe holds
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr
+    one_error_line(subprocess.CompletedProcess(args, 143, "", stderr.decode()), "stopped by SIGTERM")
+
+
+class _UnhandledSigterm(BaseException):
+    """SIGTERM reached the test's own handler: the CLI had none installed."""
+
+
+@pytest.fixture
+def sigterm_fallback():
+    """A SIGTERM handler of the test's while it runs, so that a CLI without its own fails the test instead of
+    killing pytest; yields it (the CLI must restore it)."""
+    import signal
+
+    def unhandled(signum, frame):
+        raise _UnhandledSigterm
+
+    before = signal.signal(signal.SIGTERM, unhandled)
+    yield unhandled
+    signal.signal(signal.SIGTERM, before)
+
+
+def _stopped_by_sigterm(*args, **kwargs):
+    """An engine call that gets SIGTERM (as from `kill`) while it works."""
+    import signal
+
+    os.kill(os.getpid(), signal.SIGTERM)
+    raise AssertionError("SIGTERM did not stop the work")
+
+
+@pytest.mark.parametrize(
+    "target,args",
+    [
+        ("crlf.engine.train.pretrain", ["pretrain"]),
+        ("crlf.engine.embeddings.extract", ["extract", "--ckpt", "e.safetensors", "--out", "e.npy"]),
+        ("crlf.engine.embeddings.linear_eval", ["linear-eval", "--ckpt", "e.safetensors"]),
+        ("crlf.engine.embeddings.knn_eval", ["knn-eval", "--ckpt", "e.safetensors"]),
+        ("crlf.engine.visualize.visualize", ["visualize", "--run", "r"]),
+        ("crlf.engine.explore.open_space", ["explore", "--emb", "e.npy", "--port", "0"]),
+    ],
+)
+def test_every_subcommand_exits_143_on_sigterm(monkeypatch, sigterm_fallback, target, args):
+    import signal
+
+    from inprocess import run_crlf
+
+    monkeypatch.setattr(target, _stopped_by_sigterm)
+    r = run_crlf(*args, "--device", "cpu")
+    assert r.returncode == 143 and r.stdout == "" and r.stderr.endswith("error: stopped by SIGTERM\n"), r.stderr
+    assert signal.getsignal(signal.SIGTERM) is sigterm_fallback  # the handler is the CLI's only while it runs
+
+
+def test_sigterm_is_reported_when_c_code_swallows_its_exception(monkeypatch, sigterm_fallback):
+    """numpy's file writer turns the handler's exception into its own OSError('seeking file failed'): still 143."""
+    from inprocess import run_crlf
+
+    def swallowed(*args, **kwargs):
+        try:
+            _stopped_by_sigterm()
+        except BaseException:
+            raise OSError("seeking file failed") from None
+
+    monkeypatch.setattr("crlf.engine.embeddings.extract", swallowed)
+    r = run_crlf("extract", "--ckpt", "e.safetensors", "--out", "-", "--device", "cpu")
+    assert r.returncode == 143 and r.stderr.endswith("error: stopped by SIGTERM\n"), r.stderr
+
+
+def test_sigterm_during_extract_leaves_no_file(reference_run, tmp_path, monkeypatch, sigterm_fallback):
+    """The signal lands half way through writing the .npy: neither it nor its temp file remains."""
+    from inprocess import run_crlf
+
+    from crlf.engine import embeddings, files
+
+    def write_half(path, write):
+        def half(f):
+            f.write(b"\x93NUMPY half")
+            _stopped_by_sigterm()
+
+        files.atomic_write(path, half)
+
+    monkeypatch.setattr(embeddings, "atomic_write", write_half)
+    out = tmp_path / "e.npy"
+    r = run_crlf("extract", "--ckpt", reference_run.path / "encoder.safetensors", "--limit", "16", "--out", out,
+                 "--device", "cpu")  # fmt: skip
+    assert r.returncode == 143 and "error: stopped by SIGTERM" in r.stderr, r.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_extract_refuses_to_write_binary_to_a_terminal(monkeypatch, capsys):
+    """`--out -` on a terminal garbled it with .npy bytes; gzip refuses the same."""
+    import io
+    import pty
+
+    from crlf.cli import main
+
+    parent, child = pty.openpty()
+    terminal = io.TextIOWrapper(open(child, "wb", buffering=0))
+    try:
+        monkeypatch.setattr(sys, "stdout", terminal)
+        with pytest.raises(SystemExit) as stop:
+            main(["extract", "--ckpt", "e.safetensors", "--out", "-", "--device", "cpu"])
+    finally:
+        monkeypatch.undo()
+        terminal.close()
+        os.close(parent)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "stdout, which is a terminal: redirect it" in err, err
+
+
+def test_knn_eval_says_when_k_is_lowered_to_the_train_size(tmp_path):
+    import numpy as np
+    from inprocess import run_crlf
+
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 12), ("test", 6)):
+        np.savez(
+            tmp_path / f"{name}.npz",
+            embeddings=rng.normal(size=(n, 4)).astype(np.float32),
+            labels=np.arange(n) % 2,
+            ids=np.array([str(i) for i in range(n)]),
+            class_names=np.array(["a", "b"]),
+            provenance=np.array("{}"),
+        )
+    r = run_crlf("knn-eval", "--train-emb", tmp_path / "train.npz", "--test-emb", tmp_path / "test.npz",
+                 "-k", "100000", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["runs"][0]["k"] == 12
+    assert "warning: -k 100000 is more than the 12 training images: using k = 12" in r.stderr
+    missing = run_crlf("knn-eval", "--train-emb", tmp_path / "one", "--test-emb", tmp_path / "test.npz")
+    assert missing.returncode == 2 and f"error: {str(tmp_path / 'one')!r} does not exist" in missing.stderr  # a name

@@ -28,7 +28,7 @@ from crlf.engine.device import select_device
 from crlf.engine.encoder import Encoder, load_encoder
 from crlf.engine.files import atomic_write, check_writable, os_failure
 from crlf.engine.sources.squares import SquareStream, open_images
-from crlf.errors import InputError
+from crlf.errors import InputError, quoted
 from crlf.options import DataSettings
 from crlf.settings import EmbedSettings, EncoderInput, ExtractSettings, KnnEvalSettings, LinearEvalSettings, resolve
 
@@ -54,9 +54,10 @@ def embed_images(settings: EncoderInput, encoder: Encoder, images: data.ImageSet
     pixels = images if isinstance(images, SquareStream) else images.images
     x = encoder.features(pixels, batch_size=settings.embed_batch_size, precision=precision, total=len(images))
     log.info(
-        "embedded %s %s images in %.1f s (%d dims)",
+        "embedded %s %s image%s in %.1f s (%d dims)",
         f"{len(x):,}",
         images.source,
+        "" if len(x) == 1 else "s",
         time.perf_counter() - t0,
         x.shape[1],
     )
@@ -91,8 +92,9 @@ def _embed(settings: EmbedSettings) -> Embeddings:
     x = embed_images(settings, encoder, images)
     bad = int((~torch.isfinite(x).all(dim=1)).sum())
     if bad:
-        raise InputError(f"{settings.ckpt} gives NaN or infinite embeddings for {bad:,} of {len(x):,} images: the "
-                         "encoder diverged in training; use an earlier checkpoint (checkpoints/epoch-*.safetensors)")
+        raise InputError(f"{quoted(settings.ckpt)} gives NaN or infinite embeddings for {bad:,} of {len(x):,} "
+                         "images: the encoder diverged in training; use an earlier checkpoint "
+                         "(checkpoints/epoch-*.safetensors)")
     if settings.normalize:
         x = torch.nn.functional.normalize(x, dim=1)
     provenance = {
@@ -178,7 +180,7 @@ def read_embeddings(path: Path) -> tuple[torch.Tensor, torch.Tensor | None, list
     """Embeddings written by extract -> (float32 N x D, labels or None, class names, provenance)."""
     path = path.expanduser()
     if not path.is_file():
-        raise InputError(f"{path} does not exist: write it with crlf extract --out {path.name}")
+        raise InputError(f"{quoted(path)} does not exist: write it with crlf extract --out {path.name}")
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:
@@ -195,23 +197,23 @@ def read_embeddings(path: Path) -> tuple[torch.Tensor, torch.Tensor | None, list
             names, prov = meta.get("class_names", []), meta
     except (OSError, ValueError, KeyError) as e:
         raise InputError(
-            f"{path} is not an embeddings file written by crlf extract ({str(e).splitlines()[0]})"
+            f"{quoted(path)} is not an embeddings file written by crlf extract ({str(e).splitlines()[0]})"
         ) from None
     if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating) or 0 in x.shape:
-        raise InputError(f"{path}: expected a float N x D array with N, D > 0, found {x.dtype} {x.shape}")
+        raise InputError(f"{quoted(path)}: expected a float N x D array with N, D > 0, found {x.dtype} {x.shape}")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not isinstance(prov, dict):
-        raise InputError(f"{path}: its class names or provenance are damaged; re-create it with crlf extract")
+        raise InputError(f"{quoted(path)}: its class names or provenance are damaged; re-create it with crlf extract")
     if labels is not None:
         labels = np.asarray(labels)
         if labels.dtype.kind not in "iu" or labels.shape != (len(x),):
             raise InputError(
-                f"{path}: expected {len(x):,} integer labels (one per embedding), found {labels.dtype} of shape "
-                f"{labels.shape}; re-create it with crlf extract"
+                f"{quoted(path)}: expected {len(x):,} integer labels (one per embedding), found {labels.dtype} of "
+                f"shape {labels.shape}; re-create it with crlf extract"
             )
         problem = "labels must be >= 0" if labels.min() < 0 else None
         problem = problem or data.label_bound_problem(int(labels.max()), len(x), names or None)
         if problem:
-            raise InputError(f"{path}: {problem}")
+            raise InputError(f"{quoted(path)}: {problem}")
     y = None if labels is None else torch.from_numpy(labels.astype(np.int64))
     return (
         torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
@@ -227,7 +229,7 @@ def _check_pair(raw: bytes, npy: Path, side: Path, meta: dict[str, Any]) -> None
     if "npy_sha256" not in meta:
         return  # no sidecar, or one from crlf < 0.2 that did not record its .npy
     if len(raw) != meta.get("npy_bytes") or hashlib.sha256(raw).hexdigest() != meta["npy_sha256"]:
-        raise InputError(f"{side} does not describe {npy} (written by another extract, or one that was "
+        raise InputError(f"{quoted(side)} does not describe {quoted(npy)} (written by another extract, or one that was "
                          f"interrupted): run crlf extract --out {npy} again")
 
 
@@ -350,12 +352,13 @@ def linear_eval(settings: LinearEvalSettings) -> dict[str, Any]:
                 )
                 head = result.pop("head", head)
             log.info(
-                "label fraction %g, seed %d: top-1 %.2f%%  top-5 %.2f%%  (%s train images, %.1f s)",
+                "label fraction %g, seed %d: top-1 %.2f%%  top-5 %.2f%%  (%s train image%s, %.1f s)",
                 fraction,
                 seed,
                 result["top1"],
                 result["top5"],
                 f"{len(idx):,}",
+                "" if len(idx) == 1 else "s",
                 result["seconds"],
             )
             runs.append({"fraction": fraction, "seed": seed, **result})
@@ -367,6 +370,9 @@ def knn_eval(settings: KnnEvalSettings) -> dict[str, Any]:
     _check_results(settings, "knn")
     device = select_device(settings.device)
     parts = _labelled(settings, device)
+    if settings.k > parts["train_size"]:  # knn_classify clips k: say so, the result would read as k's
+        log.warning("-k %d is more than the %s training images: using k = %s", settings.k,
+                    f"{parts['train_size']:,}", f"{parts['train_size']:,}")  # fmt: skip
     result = evaluate.knn_classify(
         parts["train_x"],
         parts["train_y"],

@@ -93,12 +93,67 @@ def test_force_on_a_real_run_starts_over_and_keeps_a_working_log(tmp_path, train
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
 
 
-def test_a_failed_fresh_start_leaves_a_folder_crlf_can_reuse(tmp_path):
-    out = tmp_path / "run"
+def test_a_failed_start_leaves_nothing_behind(tmp_path):
+    out = tmp_path / "runs" / "new"
     with pytest.raises(InputError):
         pretrain(tiny(out, batch_size=64))  # larger than the 32 images
-    assert (out / ".crlf-run").is_file() and not RunDir(out).has_run()
+    assert not (tmp_path / "runs").exists()  # nor the parent folder it made
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="does not exist"):
+        pretrain(tiny(empty, data="npy", data_dir=tmp_path / "missing.npy"))
+    assert list(empty.iterdir()) == []  # the user's folder stays, without .crlf-run, .lock or train.log
     assert pretrain(tiny(out))["status"] == "trained"
+
+
+def test_hard_links_and_odd_files_in_a_run_directory_are_never_written_into(tmp_path, trained):
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me")
+    for name in (".lock", "metrics.jsonl", "train.log"):
+        run = tmp_path / f"run-{name.strip('.')}"
+        shutil.copytree(trained, run)
+        (run / name).unlink(missing_ok=True)
+        os.link(victim, run / name)
+        with pytest.raises(InputError, match="hard links"):
+            pretrain(tiny(run, epochs=2), resume=True)
+        assert victim.read_text() == "keep me"
+        with pytest.raises(InputError, match="hard links"):  # the primitive itself refuses, whoever calls it
+            files.append_line(run / name, "x\n")
+        assert victim.read_text() == "keep me"
+    fifo = tmp_path / "run-fifo"
+    shutil.copytree(trained, fifo)
+    os.unlink(fifo / "train.log")
+    os.mkfifo(fifo / "train.log")
+    with pytest.raises(InputError, match="not a regular file"):  # refused at once, not blocked on the FIFO
+        pretrain(tiny(fifo, epochs=2), resume=True)
+
+
+def test_only_crlfs_own_temporary_files_are_removed(tmp_path, trained):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    mine = [run / ".notes.tmp", run / ".x.tmp", run / ".photo.jpg.abcd1234.tmp", run / "checkpoints" / ".mine.tmp"]
+    crlfs = [run / ".config.json.k2j_9xq0.tmp", run / ".last.safetensors.abcdefgh.tmp",
+             run / "checkpoints" / ".epoch-0003.safetensors.tmp"]
+    for path in mine + crlfs:
+        path.write_text("data")
+    RunDir(run).remove_temp_files()
+    assert all(p.exists() for p in mine) and not any(p.exists() for p in crlfs)
+
+
+def test_out_inside_another_run_or_the_root_or_home_is_refused(tmp_path, trained, monkeypatch):
+    run = tmp_path / "A"
+    shutil.copytree(trained, run)
+    for inner in (run / "checkpoints", run / "sub" / "B"):
+        with pytest.raises(InputError, match="inside the crlf run"):
+            pretrain(tiny(inner))
+    assert not (run / "sub").exists()
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for where, word in ((Path("/"), "root"), (home, "home"), (Path("~"), "home")):
+        with pytest.raises(InputError, match=f"the {word} folder itself"):
+            pretrain(tiny(where))
+    assert list(home.iterdir()) == []
 
 
 def test_divergence_with_a_finite_loss_fails_and_keeps_no_bad_checkpoint(tmp_path):

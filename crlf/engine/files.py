@@ -7,6 +7,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import stat
 import tempfile
 import threading
@@ -15,6 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from crlf.errors import InputError, RunError
+
+# atomic_write's temporary files: '.' + the target's name + '.' + mkstemp's 8 random characters + '.tmp'
+_TEMP = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
+
+
+def temp_target(name: str) -> str | None:
+    """The file an atomic_write temporary name was for ('.config.json.ab12cd_9.tmp' -> 'config.json'), else None."""
+    m = _TEMP.fullmatch(name)
+    return m["name"] if m else None
+
 
 # errors that say "the disk is full or failing", as opposed to "this path is wrong"
 _DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG}
@@ -93,14 +104,36 @@ class Background:
 
 
 def open_no_follow(path: Path, flags: int = os.O_WRONLY | os.O_APPEND | os.O_CREAT) -> int:
-    """os.open that refuses a symbolic link at `path` (InputError) instead of writing to whatever it points at."""
+    """os.open for writing in place (an append, the lock's PID) that refuses, with an InputError, what would write
+    into another file: a symbolic link, a file with other hard links (``ln precious.txt RUN/.lock``) or anything
+    that is not a regular file (a FIFO, a device). The check is on the opened descriptor, so no race gets past it."""
     try:
-        return os.open(path, flags | os.O_NOFOLLOW, 0o666)
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)  # a FIFO must not block
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise InputError(f"{path} is a symbolic link: crlf never writes through links in a run directory; "
                              "remove it or choose another --out") from None
         raise
+    st = os.fstat(fd)
+    problem = (None if stat.S_ISREG(st.st_mode) and st.st_nlink <= 1 else
+               f"has {st.st_nlink} hard links (it is also another file)" if stat.S_ISREG(st.st_mode) else
+               "is not a regular file")
+    if problem:
+        os.close(fd)
+        raise InputError(f"{path} {problem}: crlf never writes into a file that is linked elsewhere; remove it or "
+                         "choose another --out")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def make_folder(path: Path, option: str = "--out") -> None:
+    """mkdir -p for a folder crlf writes into inside a run directory (figures/, explore/, checkpoints/): a symbolic
+    link there is refused (InputError), since every file written into it would land in the folder it points at."""
+    path = Path(path)
+    if path.is_symlink():
+        raise InputError(f"{path} is a symbolic link: crlf never writes through links in a run directory; remove it "
+                         f"or choose another {option}")
+    path.mkdir(parents=True, exist_ok=True)
 
 
 def append_line(path: Path, line: str) -> None:

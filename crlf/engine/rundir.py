@@ -26,7 +26,7 @@ from typing import Any, TextIO
 from safetensors import SafetensorError, safe_open
 
 from crlf import __version__
-from crlf.engine.files import append_line, atomic_write, open_no_follow, os_failure
+from crlf.engine.files import append_line, atomic_write, make_folder, open_no_follow, os_failure, temp_target
 from crlf.errors import InputError, LockedError
 
 log = logging.getLogger(__name__)
@@ -56,14 +56,26 @@ class RunDir:
         return [self.config, self.metrics, self.last, self.encoder, self.log_file, self.checkpoints, *results]
 
     def check_owner(self) -> None:
-        """Refuse a folder crlf did not make (its files would be overwritten or cleared) and links in a run directory
-        (a write would land in whatever they point at)."""
+        """Refuse a folder crlf did not make (its files would be overwritten or cleared), a folder inside another run
+        or the root / home folder itself, and links in a run directory (a write would land in whatever they point
+        at)."""
         links = [p for p in [*self._own_files(), self.lock_file, self.marker] if p.is_symlink()]
         if links:
             raise InputError(f"{links[0]} is a symbolic link: crlf never writes through links in a run directory; "
                              "remove it or choose another --out")
+        for path in (self.lock_file, self.metrics, self.log_file):  # written in place: opening checks them again
+            with contextlib.suppress(FileNotFoundError):
+                os.close(open_no_follow(path, os.O_RDONLY))
         if self.path.exists() and not self.path.is_dir():
             raise InputError(f"--out {self.path} is a file, not a folder: choose another --out")
+        where = self.path.expanduser().resolve()
+        if where == Path(where.anchor) or where == Path.home().resolve():
+            raise InputError(f"--out {self.path} is the {'root' if where == Path(where.anchor) else 'home'} folder "
+                             "itself: give a folder of its own, e.g. --out runs/NAME")
+        outer = next((p for p in where.parents if (p / self.marker.name).is_file()), None)
+        if outer is not None:
+            raise InputError(f"--out {self.path} is inside the crlf run {outer}, which would overwrite or clear it: "
+                             "choose a folder outside it")
         if self.is_ours():
             return
         present = [p.name for p in self._own_files() if p.exists()]
@@ -115,6 +127,24 @@ class RunDir:
             yield
         finally:
             os.close(fd)  # closing releases the lock
+
+    @contextlib.contextmanager
+    def removed_on_failed_start(self) -> Iterator[None]:
+        """A start that fails before config.json is written (missing data, a batch larger than the data, a model too
+        big for the images) removes what it made: the marker, the lock, train.log and the folders it created, so a
+        failed start leaves nothing behind."""
+        made = [p for p in (self.marker, self.lock_file, self.log_file) if not os.path.lexists(p)]
+        folders = [p for p in (self.path, *self.path.parents) if not os.path.lexists(p)]  # the innermost first
+        try:
+            yield
+        except BaseException:
+            if not self.config.exists():
+                for path in made:
+                    path.unlink(missing_ok=True)
+                for folder in folders:
+                    with contextlib.suppress(OSError):  # only when empty: whatever else is in it stays
+                        folder.rmdir()
+            raise
 
     @contextlib.contextmanager
     def logging_to_file(self) -> Iterator[None]:
@@ -175,10 +205,16 @@ class RunDir:
             return None
 
     def remove_temp_files(self) -> None:
-        """Delete the temporary files of writes that a killed process never finished (only crlf's own names)."""
-        for folder in (self.path, self.checkpoints):
-            if folder.is_dir():
-                for tmp in folder.glob(".*.tmp"):
+        """Delete the temporary files of writes that a killed process never finished: only the names crlf's atomic
+        writer and snapshot make for its own files, never a user's '.notes.tmp'."""
+        own = {p.name for p in [*self._own_files(), self.marker]}
+        if self.path.is_dir():
+            for tmp in self.path.glob(".*.tmp"):
+                if temp_target(tmp.name) in own:
+                    tmp.unlink(missing_ok=True)
+        if self.checkpoints.is_dir() and not self.checkpoints.is_symlink():
+            for tmp in self.checkpoints.glob(".*.tmp"):
+                if _SNAPSHOT.fullmatch(tmp.name[1:].removesuffix(".tmp")):  # snapshot()'s own temporary name
                     tmp.unlink(missing_ok=True)
 
     def progress(self) -> dict[str, Any]:
@@ -216,7 +252,7 @@ class RunDir:
 
     def snapshot(self, epoch: int, keep: int) -> None:
         """Copy last.safetensors to checkpoints/epoch-NNNN; only afterwards delete the oldest beyond `keep`."""
-        self.checkpoints.mkdir(exist_ok=True)
+        make_folder(self.checkpoints)
         target = self.checkpoints / f"epoch-{epoch:04d}.safetensors"
         tmp = target.with_name(f".{target.name}.tmp")
         tmp.unlink(missing_ok=True)

@@ -141,12 +141,14 @@ def _pretrain(
             if runplan.plan(run, settings, resume=True, force=False) == runplan.COMPLETE:
                 return runplan.complete(run)
             raise InputError(f"cannot write to {run.path} (read-only): it holds an unfinished run; copy it elsewhere")
-    with run.locked() if main else contextlib.nullcontext():
+    with contextlib.ExitStack() as held:
         if main:
+            held.enter_context(run.removed_on_failed_start())  # bad data or settings leave nothing behind
+            held.enter_context(run.locked())
             with _writing(run):
-                run.mark()  # before train.log: a failed start leaves a folder that is still crlf's
-        with run.logging_to_file() if main else contextlib.nullcontext():
-            return _start(settings, reporter, world, run, resume, force, hard_abort)
+                run.mark()  # before train.log: a folder with crlf's log in it is always crlf's
+            held.enter_context(run.logging_to_file())
+        return _start(settings, reporter, world, run, resume, force, hard_abort)
 
 
 def _start(
@@ -369,7 +371,6 @@ def _loop(
             _set_rng(gen, rng, s.device)
         batches = s.feed.batches(epoch, perm, first, steps, bsz, world.rank, share)
         t0 = time.perf_counter()
-        lr = peak
         for step in range(first, steps):
             lr = lr_at(epoch * steps + step, total_steps, warmup, peak, settings.schedule) * plateau.scale
             for group in s.optimizer.param_groups:
@@ -417,6 +418,8 @@ def _loop(
                     f"the state is saved: run the same command with --resume to continue",
                 )
         loss = (loss_sum / steps).item()  # the one host sync of the epoch
+        # the epoch's last step's lr (also when a run stopped after that step resumes here and runs no step)
+        lr = lr_at((epoch + 1) * steps - 1, total_steps, warmup, peak, settings.schedule) * plateau.scale
         seconds = before + time.perf_counter() - t0
         if not math.isfinite(loss):
             raise _diverged(f"loss became {loss} in epoch {epoch + 1}", epoch, run)

@@ -235,3 +235,15 @@ def test_run_facts_use_the_resolved_block_and_fall_back_without_it():
     assert "figures drawn with" in old and run_facts({}, [])["figures drawn with"].startswith("crlf ")
     assert short_source("npy:/home/me/data/images.npy") == "npy:images.npy"
     assert short_source("digits:test") == "digits:test"
+
+
+def test_a_linked_figures_folder_of_a_run_is_refused_and_never_written_into(tmp_path, run_dir):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("figures"))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "index.html").write_text("mine")
+    (run / "figures").symlink_to(foreign)
+    with pytest.raises(InputError, match="symbolic link"):
+        visualize(VisualizeSettings(run=[run], kind=["loss"]))
+    assert [p.name for p in foreign.iterdir()] == ["index.html"] and (foreign / "index.html").read_text() == "mine"

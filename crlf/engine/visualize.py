@@ -25,7 +25,7 @@ from crlf.engine import augment, data, evaluate, plots
 from crlf.engine.device import select_device
 from crlf.engine.embeddings import embed_images, encoder_data, read_embeddings
 from crlf.engine.encoder import load_encoder
-from crlf.engine.files import atomic_write, check_writable, os_failure
+from crlf.engine.files import atomic_write, check_writable, make_folder, os_failure
 from crlf.engine.rundir import RunDir
 from crlf.engine.sources.squares import open_images
 from crlf.errors import InputError
@@ -388,7 +388,10 @@ def visualize(settings: VisualizeSettings) -> dict[str, Any]:
     single = out.suffix != ""
     folder = out.parent if single else out
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        if settings.out is None and inp.run is not None:  # RUN/figures/ as a link would fill the folder it names
+            make_folder(folder)
+        else:  # a folder the user named, link or not
+            folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise os_failure(e, str(folder), "choose another --out") from None
     check_writable(out if single else folder / "index.html", "--out")  # before hours of t-SNE, not after

@@ -105,8 +105,10 @@ def test_nothing_on_stdout_without_json(tmp_path, tiny_npy):
         (["--device", "tpu"], "unknown device 'tpu'"),
         (["--image-size", "0"], "image-size"),
         (["--data", "folder"], "needs --data-dir"),
-        (["--data", "folder", "--data-dir", "/nonexistent/photos"], "/nonexistent/photos"),
-        (["--data", "cifar10", "--data-dir", "{tmp}", "--no-download"], "CIFAR-10"),
+        (["--data", "folder", "--data-dir", "/nonexistent/photos"], "'/nonexistent/photos' does not exist"),
+        (["--data", "folder", "--data-dir", "{tmp}", "--split", "test"], "'{tmp}' has no test/ sub-folder"),
+        (["--data", "cifar10", "--data-dir", "{tmp}", "--no-download"], "CIFAR-10 not found in '{tmp}'"),
+        (["--data", "cifar10", "--no-download"], "CIFAR-10 not found in './data'"),  # the default, in the cwd
         (["--batch-size", "5000", "--limit", "100"], "larger than the data set"),
         (["--config", "{tmp}/missing.toml"], "missing.toml"),
     ],
@@ -123,6 +125,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, args, fragment)
     for key in [k for k in os.environ if k.startswith("CRLF_")]:
         monkeypatch.delenv(key)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    fragment = fragment.replace("{tmp}", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
     logger = logging.getLogger("crlf")
     handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
     try:

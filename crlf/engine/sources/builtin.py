@@ -136,8 +136,8 @@ def _locate(spec: _Archive, data_dir: Path | None, download: bool) -> Path:
                 reason = f"the download failed ({short_reason(e)})"
         if not tarball.is_file():
             raise InputError(
-                f"{spec.name} not found in {shown} and {reason}: put {spec.tarball} or its extracted "
-                f"{spec.folder}/ folder in {shown} (or point --data-dir at it)"
+                f"{spec.name} not found in '{shown}' and {reason}: put {spec.tarball} or its extracted "
+                f"{spec.folder}/ folder in '{shown}' (or point --data-dir at it)"
             )
     log.info("extracting %s", tarball)
     try:

@@ -26,12 +26,12 @@ def list_folder(req: Request) -> Catalog:
     base = data_dir.resolve()
     if not base.is_dir():
         raise InputError(
-            f"{printable(str(data_dir))} does not exist or is not a folder: point --data-dir at a folder of images"
+            f"'{printable(str(data_dir))}' does not exist or is not a folder: point --data-dir at a folder of images"
         )
     root = base / split if (base / split).is_dir() else base
     if root == base and split != "train":
         raise InputError(
-            f"{printable(str(data_dir))} has no {split}/ sub-folder: use a folder that has {split}/ in it"
+            f"'{printable(str(data_dir))}' has no {split}/ sub-folder: use a folder that has {split}/ in it"
             + (", or give the test images with --test-data-dir FOLDER" if split == "test" else ", or --split train")
         )
     shown = printable(str(root))
@@ -39,7 +39,7 @@ def list_folder(req: Request) -> Catalog:
     if not files:
         if unusable:
             raise InputError(f"no readable images in {shown} ({', '.join(unusable[:3])}): put image files in it")
-        raise InputError(f"{shown} is empty: put images in it (one sub-folder per class gives labels)")
+        raise InputError(f"'{shown}' is empty: put images in it (one sub-folder per class gives labels)")
     rels = [f[0] for f in files]
     is_image = [bool(formats_for(Path(r).suffix.lower())) for r in rels]
     skipped = [f"{printable(r)} (not an image)" for r, ok in zip(rels, is_image) if not ok]

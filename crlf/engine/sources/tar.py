@@ -70,15 +70,15 @@ def shard_paths(data_dir: Path, split: str) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise InputError(
-            f"{printable(text)} does not exist: point --data-dir at a .tar shard, a folder of them or a "
+            f"'{printable(text)}' does not exist: point --data-dir at a .tar shard, a folder of them or a "
             "pattern like 'shards-{000..009}.tar'"
         )
     folder = path / split if (path / split).is_dir() else path
     if folder == path and split != "train":
         raise InputError(
-            f"{printable(text)} has no {split}/ sub-folder of shards: give the {split} shards with --test-data-dir"
+            f"'{printable(text)}' has no {split}/ sub-folder of shards: give the {split} shards with --test-data-dir"
             if split == "test"
-            else f"{printable(text)} has no {split}/ sub-folder"
+            else f"'{printable(text)}' has no {split}/ sub-folder"
         )
     shards = sorted(p for p in folder.iterdir() if p.suffix == ".tar" and p.is_file() and not p.name.startswith("."))
     if not shards:

@@ -405,7 +405,7 @@ def merge(model: type[BaseModelT], given: BaseModel, saved: dict[str, Any], what
     try:
         return model(**values)
     except ValidationError as e:
-        raise InputError(f"{what}: {e.errors()[0]['msg']}") from None
+        raise InputError(f"{what}: " + "; ".join(_describe(err) for err in e.errors())) from None
 
 
 def _describe(err: dict[str, Any]) -> str:

@@ -436,3 +436,10 @@ def test_a_rejected_value_is_shown_once():
         with pytest.raises(InputError) as info:
             resolve(LinearEvalSettings, values)
         assert str(info.value).count(shown) == 1, str(info.value)
+
+
+def test_merge_names_each_problem_like_resolve():
+    """A run's config.json with a bad value gave pydantic's bare message, of the first problem only."""
+    with pytest.raises(InputError) as info:
+        merge(DataSettings, VisualizeSettings(run=[Path("r")]), {"image_size": 1, "data": "imagenet"}, "settings of r")
+    assert "data: 'imagenet' is not one of digits" in str(info.value) and "image-size: " in str(info.value)

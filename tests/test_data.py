@@ -375,6 +375,44 @@ def test_folder_cache_reused_then_invalidated(tiny_folder, tmp_path, monkeypatch
     assert len(list(cache.glob("*.npy"))) == 1  # the stale cache is replaced, not kept
 
 
+def _flip_last_byte(npy: Path) -> None:
+    data = bytearray(npy.read_bytes())
+    data[-1] ^= 1
+    npy.write_bytes(bytes(data))
+
+
+def _edit_sidecar(npy: Path, edit) -> None:
+    side = npy.with_suffix(".json")
+    side.write_text(json.dumps(edit(json.loads(side.read_text()))))
+
+
+@pytest.mark.parametrize("damage,why", [
+    (_flip_last_byte, "does not match its checksum"),
+    (lambda npy: _edit_sidecar(npy, lambda m: {**m, "ids": m["ids"][::-1]}), "does not match its checksum"),
+    (lambda npy: _edit_sidecar(npy, lambda m: {**m, "labels": m["labels"][::-1]}), "does not match its checksum"),
+    (lambda npy: _edit_sidecar(npy, lambda m: {k: v for k, v in m.items() if k not in ("check", "chunks")}),
+     "has no checksum (an older crlf wrote it)"),
+])  # fmt: skip
+def test_folder_cache_that_does_not_match_its_checksum_is_rebuilt_with_one_warning(tiny_folder, tmp_path, caplog,
+                                                                                   damage, why):
+    """The cache was trusted as it was: one flipped byte changed the rows, reversed ids named the wrong images."""
+    kw = dict(data="folder", data_dir=tiny_folder, image_size=8, cache_dir=tmp_path / "c")
+    first = load(settings(**kw))
+    pixels = first.images.clone()  # the damage is written into the file `first` maps
+    (npy,) = (tmp_path / "c").glob("*.npy")
+    damage(npy)
+    with caplog.at_level(logging.WARNING, logger="crlf.engine"):
+        again = load(settings(**kw))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and f"{npy}" in warnings[0] and why in warnings[0] and "decoding again" in warnings[0]
+    assert torch.equal(again.images, pixels) and again.ids == first.ids and torch.equal(again.labels, first.labels)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="crlf.engine"):
+        load(settings(**kw))  # rebuilt: intact again
+    assert "using the cached decode" in caplog.text and "checked the cache's checksums" in caplog.text
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
 def test_folder_cache_files_get_0666_less_the_umask(tiny_folder, tmp_path):
     """The .npy was created by mkstemp, so 0600 whatever the umask."""
     (tiny_folder / "dog" / "broken.png").write_bytes(b"not a png")  # the rows are compacted into a second temp file

@@ -4,6 +4,10 @@ The cache is a plain ``.npy`` of uint8 (N, 3, S, S), opened read-only with ``num
 JSON sidecar (ids, labels, class names, skipped files). A data set larger than memory but small in pixels trains
 from it without decoding again: the page cache holds what fits, the disk the rest. It is keyed by what the catalogue
 is, the size and the files' names, sizes and modification times, and is replaced when any of them change.
+
+The sidecar holds a SHA-256 of each 16 MiB chunk of the images and one of itself (covering those): each open checks
+both, hashing the chunks on every core, and a cache that does not match (a flipped byte, ids edited or from another
+decode) or has no checksum (an older crlf's) is decoded again, with one warning.
 """
 
 from __future__ import annotations
@@ -118,6 +122,8 @@ def _decode_into_cache(catalog: Catalog, size: int, cache: Path) -> tuple[ImageS
             del out
             tmp.unlink()
             out, tmp = compact, compact_tmp
+        meta = {**meta, "shape": list(out.shape), "chunks": _chunk_digests(out)}
+        meta["check"] = _sidecar_digest(meta)
         out.flush()
         del out
         with open(tmp, "rb+") as f:
@@ -233,8 +239,25 @@ def _image_set(pixels: np.ndarray, meta: dict, source: str) -> ImageSet:
     return ImageSet(images, labels, list(meta["class_names"]), list(meta["ids"]), source)
 
 
+_CHUNK_BYTES = 1 << 24  # the images are checked in chunks of 16 MiB, hashed on every core
+
+
+def _chunk_digests(pixels: np.ndarray) -> list[str]:
+    """SHA-256 of each chunk of ~16 MiB of rows, hashed by one thread per core (hashlib releases the GIL)."""
+    rows = max(1, _CHUNK_BYTES // max(1, pixels[0].nbytes))
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(lambda j: hashlib.sha256(pixels[j : j + rows]).hexdigest(), range(0, len(pixels), rows)))
+
+
+def _sidecar_digest(meta: dict) -> str:
+    """SHA-256 of the sidecar but its own 'check' (so of the ids, labels, shape and chunk digests)."""
+    text = json.dumps({k: v for k, v in meta.items() if k != "check"}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _read_cache(path: Path, source: str) -> tuple[ImageSet, list[str]] | None:
-    """The cached decode (images memory-mapped read-only) and its skipped files, or None when absent or unreadable."""
+    """The cached decode (images memory-mapped read-only) and its skipped files, or None when absent, unreadable,
+    without a checksum or not matching it (each of those with a warning)."""
     sidecar = path.with_suffix(".json")
     if not (path.is_file() and sidecar.is_file()):
         return None
@@ -252,6 +275,15 @@ def _read_cache(path: Path, source: str) -> tuple[ImageSet, list[str]] | None:
             isinstance(y, int) and 0 <= y < len(meta["class_names"]) for y in labels
         ):
             raise ValueError("its labels are not indices of its class names")
+        if "check" not in meta:
+            log.warning("ignoring the cache %s: it has no checksum (an older crlf wrote it): decoding again", path)
+            return None
+        start = time.monotonic()
+        intact = meta["check"] == _sidecar_digest(meta) and meta.get("shape") == list(pixels.shape)
+        if not (intact and meta.get("chunks") == _chunk_digests(pixels)):
+            log.warning("ignoring the damaged cache %s (it does not match its checksum): decoding again", path)
+            return None
+        log.info("checked the cache's checksums (%.0f MB) in %.1f s", pixels.nbytes / 1e6, time.monotonic() - start)
         return _image_set(pixels, meta, source), list(meta["skipped"])
     except Exception as e:  # a damaged cache is only a miss
         log.warning("ignoring the unreadable cache %s (%s): decoding again", path, short_reason(e))

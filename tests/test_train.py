@@ -270,3 +270,22 @@ def test_knn_monitor_needs_a_labelled_test_split(tmp_path, tiny_npy):
     with pytest.raises(InputError, match="has no 'test' split"):
         pretrain(tiny(tmp_path, data="npy", data_dir=tiny_npy, limit=None, knn_every=1))
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_a_cpu_run_records_what_its_numbers_depend_on_and_a_changed_thread_count_warns(tmp_path, caplog):
+    s = tiny(tmp_path, epochs=1, limit=16)  # 16 images, batch 16: one step an epoch
+    with caplog.at_level("INFO", logger="crlf"):
+        pretrain(s)
+    assert "1 step/epoch" in caplog.text and f"({torch.get_num_threads()} threads)" in caplog.text
+    resolved = json.loads(RunDir(s.out).config.read_text())["resolved"]
+    assert resolved["threads"] == torch.get_num_threads()
+    assert resolved["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    threads = torch.get_num_threads()
+    caplog.clear()
+    try:
+        torch.set_num_threads(threads + 1)
+        with caplog.at_level("WARNING", logger="crlf"):
+            pretrain(s.model_copy(update={"epochs": 2}), resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert f"threads {threads} -> {threads + 1}" in caplog.text and "not exactly" in caplog.text

@@ -71,7 +71,27 @@ def plan(run: RunDir, settings: PretrainSettings, *, resume: bool, force: bool) 
             "use --force to start over"
         )
     done = run.finished_epoch()
+    if done is None or done < settings.epochs:
+        _warn_if_not_exact(saved.get("resolved") or {})
     return COMPLETE if done is not None and done >= settings.epochs and run.encoder.is_file() else RESUME
+
+
+def cpu_numerics() -> dict[str, Any]:
+    """What a CPU run's numbers depend on besides its settings: the intra-op thread count (reductions and matrix
+    products split their sums by it) and the instruction set torch's kernels use (AVX-512 and AVX2 round apart)."""
+    return {"threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def _warn_if_not_exact(resolved: dict[str, Any]) -> None:
+    """A CPU run resumed with another thread count, instruction set or torch goes on, but not bit for bit."""
+    if resolved.get("device") != "cpu":
+        return
+    now = {**cpu_numerics(), "torch": torch.__version__}
+    changed = [f"{k} {resolved[k]} -> {v}" for k, v in now.items() if k in resolved and resolved[k] != v]
+    if changed:
+        log.warning("resuming a CPU run with %s: it continues, but not exactly as the uninterrupted run would%s",
+                    ", ".join(changed), f" (OMP_NUM_THREADS={resolved['threads']} restores the thread count)"
+                    if "threads" in changed[0] else "")  # fmt: skip
 
 
 def complete(run: RunDir) -> dict[str, Any]:
@@ -95,6 +115,7 @@ def run_record(
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "precision": "bf16" if amp == torch.bfloat16 else "fp32",
         "world_size": world.world_size,
+        **(cpu_numerics() if device.type == "cpu" else {}),
         "crlf": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),

@@ -266,15 +266,17 @@ def _build(settings: PretrainSettings, world: distributed.World) -> _Setup:
     monitor = _monitor_data(settings, feed) if settings.knn_every and world.main else None
     step_model = distributed.wrap(model, world)
     log.info(
-        "%s images %dx%d from %s; %s on %s%s; %d steps/epoch%s",
+        "%s image%s %dx%d from %s; %s on %s%s; %s%s",
         f"{len(feed):,}",
+        "" if len(feed) == 1 else "s",
         size,
         size,
         feed.source,
         backbones.describe(spec),
         device,
-        f" ({str(amp).removeprefix('torch.')})" if amp else "",
-        len(feed) // settings.batch_size,
+        f" ({str(amp).removeprefix('torch.')})" if amp else f" ({torch.get_num_threads()} threads)"
+        if device.type == "cpu" else "",
+        "1 step/epoch" if len(feed) // settings.batch_size == 1 else f"{len(feed) // settings.batch_size} steps/epoch",
         f"; {world.world_size} processes x {settings.batch_size // world.world_size} images" if world.active else "",
     )
     return _Setup(
@@ -441,8 +443,9 @@ def _loop(
         }
         if skipped:  # streaming: unreadable images, each replaced by the next readable one
             metrics["skipped_images"] = len(skipped)
-            log.warning("skipped %s unreadable images in epoch %d (each replaced by the next readable one): %s",
-                        f"{len(skipped):,}", epoch + 1, ", ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else ""))
+            log.warning("skipped %s unreadable image%s in epoch %d (each replaced by the next readable one): %s",
+                        f"{len(skipped):,}", "" if len(skipped) == 1 else "s", epoch + 1,
+                        ", ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else ""))  # fmt: skip
         if spread < 1e-4:
             log.warning("the embeddings have collapsed (std %.2g across a probe batch): every image maps to the "
                         "same point; try a lower --lr or another method's defaults", spread)

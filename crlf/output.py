@@ -9,9 +9,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from rich.console import Console
@@ -30,6 +31,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from crlf.engine import signals
 from crlf.errors import one_line
 
 console = Console(stderr=True, highlight=False)
@@ -144,6 +146,7 @@ class TrainingReporter:
             f"epoch {start_epoch + 1}/{self.epochs}", total=self.steps, completed=start_step, unit="steps", stats=""
         )
         self.progress.start()
+        self._unhold = signals.hold_on_abort(_holder(self.progress))
 
     def on_step(self, epoch: int, step: int, steps: int, loss_sum: Any = None, lr: float | None = None) -> None:
         """`step` of `steps` in `epoch` (0-based) is done; loss_sum: the epoch's summed loss so far (a tensor, read
@@ -207,8 +210,20 @@ class TrainingReporter:
 
     def close(self) -> None:
         if self.progress is not None:
+            self._unhold()
             self.progress.stop()
             self.progress = None
+
+
+def _holder(progress: Progress) -> Callable[[], None]:
+    """What a hard abort does to a live progress display: take its lock for good (its refresh thread draws no more;
+    the process ends next) and end the line the bars stand on, so that the abort line is the screen's last."""
+
+    def hold() -> None:
+        if progress.live._lock.acquire(timeout=2.0):  # bounded: a wedged display must not keep the process alive
+            os.write(2, b"\n")
+
+    return hold
 
 
 class TaskProgress:

@@ -122,44 +122,49 @@ def _fresh_model_and_optimizer():
     return model, build_optimizer(model, "sgd", 0.1, 5e-4)
 
 
-def test_second_sigint_aborts_at_once(tmp_path):
+def test_second_sigint_aborts_at_once_and_its_line_stays_last_on_a_terminal(tmp_path):
+    """On a terminal (a pty: Rich draws its live bars), the second Ctrl-C's line is the last thing drawn: the bars
+    were drawn again below it, and the shell's prompt landed on them."""
+    import pty
+    import select
+
     out = tmp_path / "run"
-    log = open(tmp_path / "stderr.txt", "w")
+    master, slave = pty.openpty()
     # big steps (batch 256 of 32 px images): the first Ctrl-C would wait for the step to end; the second must not
-    proc = start(
-        "pretrain",
-        "--data",
-        "digits",
-        "--image-size",
-        "32",
-        "--batch-size",
-        "256",
-        "--epochs",
-        "3",
-        "--device",
-        "cpu",
-        "--out",
-        out,
-        log=log,
-    )
-    deadline = time.monotonic() + 120
-    while "steps/epoch" not in (tmp_path / "stderr.txt").read_text() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(1.0)  # inside the first step
+    args = ["pretrain", "--data", "digits", "--image-size", "32", "--batch-size", "256", "--epochs", "3",
+            "--device", "cpu", "--out", out]  # fmt: skip
+    proc = subprocess.Popen([*CRLF, *map(str, args)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=slave, env=env(TERM="xterm", COLUMNS="120"), start_new_session=True)  # fmt: skip
+    os.close(slave)
+    screen = bytearray()
+
+    def read(until, limit):
+        deadline = time.monotonic() + limit
+        while not until() and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.1)[0]:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: the process is gone
+                    return
+                if not chunk:
+                    return
+                screen.extend(chunk)
+
+    read(lambda: b"steps/epoch" in screen, 120)
+    read(lambda: False, 1.0)  # inside the first step, the bars drawn
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.2)
-    t0 = time.monotonic()
+    read(lambda: False, 0.2)
     proc.send_signal(signal.SIGINT)
     code = proc.wait(timeout=60)
-    waited = time.monotonic() - t0
-    log.close()
-    err = (tmp_path / "stderr.txt").read_text()
-    assert code == 130 and "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith("error: interrupted"), (
-        err
-    )  # aborted, not "stopped ... state is saved"
-    assert waited < 5, waited
-    assert not (out / "last.safetensors").exists() and not list(out.glob(".*.tmp"))
+    read(lambda: False, 1.0)
+    os.close(master)
+    text = screen.decode(errors="replace")
+    assert code == 130 and "Traceback" not in text and "\r" in text  # a live display (it rewrites its lines)
+    line = text.rfind("error: interrupted: a second Ctrl-C aborted the run")
+    assert line > 0, text
+    after = text[line:].split("\n", 1)[1]  # aborted, not "stopped ... state is saved"; nothing drawn after it
+    assert after.replace("\x1b[?25h", "").strip() == "", repr(text[line - 200 :])
+    assert not (out / "last.safetensors").exists() and not list(out.glob(".*.tmp"))  # the step never finished
 
 
 def test_abort_message_waits_for_a_log_line_being_written(monkeypatch):
@@ -167,6 +172,7 @@ def test_abort_message_waits_for_a_log_line_being_written(monkeypatch):
     import logging
     import threading
 
+    from crlf.engine import signals
     from crlf.engine.signals import StopFlag
 
     lines: list[str] = []
@@ -176,19 +182,12 @@ def test_abort_message_waits_for_a_log_line_being_written(monkeypatch):
             time.sleep(0.3)
             lines.append("warning")
 
-    class Stderr:
-        def write(self, text):
-            lines.append("error")
-
-        def flush(self):
-            pass
-
     def fake_exit(code):
         lines.append(f"exit {code}")
 
     monkeypatch.setattr(logging.getLogger("crlf"), "handlers", [SlowHandler()])
     monkeypatch.setattr(logging.getLogger(), "handlers", [])
-    monkeypatch.setattr(sys, "stderr", Stderr())
+    monkeypatch.setattr(signals, "_say", lambda data: lines.append("error"))
     monkeypatch.setattr(os, "_exit", fake_exit)
     monkeypatch.setattr(os, "isatty", lambda fd: False)
     writer = threading.Thread(target=logging.getLogger("crlf.engine.train").warning, args=("SIGINT received",))

@@ -6,9 +6,8 @@ import contextlib
 import logging
 import os
 import signal
-import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 log = logging.getLogger("crlf.engine.train")
@@ -43,12 +42,14 @@ class StopFlag:
             interrupts += data.count(signal.SIGINT)
             if interrupts >= 2:
                 _hold_log_handlers()
-                sys.stderr.write(
-                    "error: interrupted: a second Ctrl-C aborted the run; --resume continues from the last checkpoint\n"
-                )
-                sys.stderr.flush()
-                if os.isatty(2):  # a live progress bar hid the cursor; os._exit skips its cleanup. fd 2 itself: a
-                    os.write(2, b"\x1b[?25h")  # live display's stderr proxy would print the code as text
+                for hold in list(_DISPLAYS):
+                    hold()
+                # fd 2 itself: a live display's stderr proxy would print the line above its bars and draw them again
+                # below it (the bars ended the screen, not the error)
+                _say(b"error: interrupted: a second Ctrl-C aborted the run; --resume continues from the last "
+                     b"checkpoint\n")
+                if os.isatty(2):  # a live progress bar hid the cursor; os._exit skips its cleanup
+                    _say(b"\x1b[?25h")
                 os._exit(130)
 
     @contextlib.contextmanager
@@ -75,6 +76,24 @@ class StopFlag:
                 os.close(write_end)
                 watcher.join()
                 os.close(read_end)
+
+
+# what draws on the terminal besides logging (the CLI's live progress bars): each function, called by the watcher
+# before a hard abort, stops its display from drawing again and leaves the cursor on a line of its own
+_DISPLAYS: set[Callable[[], None]] = set()
+
+
+def hold_on_abort(hold: Callable[[], None]) -> Callable[[], None]:
+    """Register `hold` (see _DISPLAYS) for as long as a display is on screen; returns the function that unregisters
+    it."""
+    _DISPLAYS.add(hold)
+    return lambda: _DISPLAYS.discard(hold)
+
+
+def _say(data: bytes) -> None:
+    """Write to fd 2 past any Python-level stderr wrapper."""
+    while data:
+        data = data[os.write(2, data):]
 
 
 def _hold_log_handlers() -> None:

@@ -181,11 +181,11 @@ def test_cifar_download_failure_gives_the_fix(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tv_utils, "download_url", offline)
     with pytest.raises(InputError) as e:
-        load(settings(data="cifar10", data_dir=tmp_path))
+        load(settings(data="cifar10", data_dir=tmp_path / "data" / "c10"))
     msg = str(e.value)
     assert "CIFAR-10 not found" in msg and "download failed (" in msg and "name resolution" in msg
     assert "put cifar-10-python.tar.gz or its extracted cifar-10-batches-py/ folder" in msg and "\n" not in msg
-    assert not (tmp_path / "cifar-10-python.tar.gz").exists()  # the partial download is removed
+    assert list(tmp_path.iterdir()) == []  # the partial download is removed, and the folders made for it
 
 
 class _Evil:

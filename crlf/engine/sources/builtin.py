@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
 import logging
 import pickle
 import tarfile
@@ -128,11 +129,15 @@ def _locate(spec: _Archive, data_dir: Path | None, download: bool) -> Path:
             try:
                 from torchvision.datasets.utils import download_url  # checksummed; the extraction below is ours
 
+                made = [p for p in (root, *root.parents) if not p.exists()]  # the innermost first
                 root.mkdir(parents=True, exist_ok=True)
                 log.info("downloading %s from %s", spec.name, spec.url)
                 download_url(spec.url, str(root), spec.tarball, spec.md5)
             except Exception as e:  # any failure (network, disk, checksum) becomes one message
                 tarball.unlink(missing_ok=True)
+                for folder in made:  # the folders made for it, when empty: a failed start leaves nothing
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
                 reason = f"the download failed ({short_reason(e)})"
         if not tarball.is_file():
             raise InputError(

@@ -1,6 +1,7 @@
 """Backbones (ResNets, ViTs, timm), the projection head, the optimizer's weight-decay groups, and the Encoder object:
 save / load / embed equal to ``crlf extract``."""
 
+import os
 import sys
 
 import numpy as np
@@ -151,8 +152,43 @@ def test_timm_spec_discovers_the_width_and_the_image_size_argument():
     assert {"cls_token", "pos_embed"} <= names
     with pytest.raises(InputError, match="has no model 'no_such_net'"):
         backbones.spec_for("timm:no_such_net", 32)
-    with pytest.raises(InputError, match="cannot take 16 px images"):
+    with pytest.raises(InputError, match="cannot take 16 px images") as info:
         backbones.spec_for("timm:test_convnext", 16)
+    assert "Kernel size can't be greater than actual input size)" in str(info.value)  # timm's line, not cut
+
+
+@pytest.mark.parametrize("arch", ["timm:hf-hub:timm/resnet18.a1_in1k", "timm:local-dir:/tmp/x", "timm:../../etc",
+                                  "timm:..", "timm:a/b", "timm:x\\y"])
+def test_timm_takes_plain_model_names_only(arch):
+    for make in (lambda: backbones.spec_for(arch, 32), lambda: backbones.build(backbones.BackboneSpec(arch, 32, 8))):
+        with pytest.raises(InputError, match="not a plain timm model name") as info:
+            make()
+        assert "\n" not in str(info.value)
+
+
+def test_timm_builds_with_the_hub_offline_and_no_pretrained_weights(monkeypatch):
+    import huggingface_hub.constants as hub
+
+    seen = []
+    real = timm.create_model
+
+    def create_model(name, **kwargs):
+        seen.append((name, kwargs["pretrained"], os.environ.get("HF_HUB_OFFLINE"), hub.HF_HUB_OFFLINE))
+        return real(name, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", create_model)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    backbones.build(backbones.spec_for("timm:test_vit", 16))
+    assert seen and all(s == ("test_vit", False, "1", True) for s in seen)
+    assert "HF_HUB_OFFLINE" not in os.environ and hub.HF_HUB_OFFLINE is False  # restored
+
+
+def test_timm_errors_are_cut_between_words():
+    assert backbones.first_line(ValueError("short\nsecond line")) == "short"
+    cut = backbones.first_line(ValueError("Kernel size can't be greater than actual input size"), limit=30)
+    assert cut == "Kernel size can't be..." and len(cut) <= 30
+    assert backbones.first_line(RuntimeError("")) == "RuntimeError"
 
 
 def test_without_timm_the_cli_says_how_to_get_it(tmp_path, monkeypatch):

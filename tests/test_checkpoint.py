@@ -246,6 +246,67 @@ def test_crafted_metadata_exits_2_from_the_cli(tmp_path):
     assert r.exit_code == 2 and "image_size '0'" in r.stderr and "unexpected" not in r.stderr
 
 
+def _crafted_timm(path, arch, kwargs=None):
+    """An encoder file whose (validly checksummed) spec names a timm backbone of the crafter's choosing."""
+    spec = {"arch": arch, "image_size": 32, "feature_dim": 512, "kwargs": kwargs or {}}
+    meta = {"format": "crlf-encoder", "arch": arch, "backbone": json.dumps(spec), "image_size": "32",
+            "feature_dim": "512", "mean": "[0.5, 0.5, 0.5]", "std": "[0.2, 0.2, 0.2]", "epoch": "1", "config": "{}"}
+    save_tensors(path, {"conv1.weight": torch.zeros(1)}, meta)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every name lookup or connection attempt is recorded and fails: the list must stay empty."""
+    import socket
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("the network is off in this test")
+
+    for name in ("getaddrinfo", "create_connection"):
+        monkeypatch.setattr(socket, name, refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    return attempts
+
+
+@pytest.mark.parametrize(
+    "arch,kwargs,fragment",
+    [
+        ("timm:hf-hub:timm/resnet18.a1_in1k", {}, "not a plain timm model name"),
+        ("timm:local-dir:/tmp/x", {}, "not a plain timm model name"),
+        ("timm:../../etc", {}, "not a plain timm model name"),
+        ("timm:.hidden", {}, "not a plain timm model name"),
+        ("timm:no_such_model_xyz", {}, "has no model 'no_such_model_xyz'"),
+        ("timm:resnet18", {"pretrained": True}, "unexpected timm arguments"),
+        ("timm:resnet18", {"checkpoint_path": "/tmp/x.pth"}, "unexpected timm arguments"),
+        ("timm:resnet18", {"pretrained_cfg_overlay": {"file": "/tmp/x"}}, "unexpected timm arguments"),
+        ("timm:test_vit", {"img_size": True}, "unexpected timm arguments"),
+        ("timm:test_vit", {"img_size": 99999}, "img_size 99999 is not the image_size 32"),
+        ("resnet18", {"img_size": 32}, "unexpected resnet arguments"),
+    ],
+)
+def test_a_crafted_timm_spec_reaches_no_hub_path_or_argument(tmp_path, no_network, arch, kwargs, fragment):
+    pytest.importorskip("timm")
+    path = tmp_path / "enc.safetensors"
+    _crafted_timm(path, arch, kwargs)
+    with pytest.raises(InputError) as info:
+        load_encoder(path)
+    assert fragment in str(info.value) and "\n" not in str(info.value) and not no_network
+
+
+def test_a_crafted_timm_spec_exits_2_from_the_cli_without_the_network(tmp_path, no_network):
+    from inprocess import run_crlf
+
+    pytest.importorskip("timm")
+    path = tmp_path / "enc.safetensors"
+    _crafted_timm(path, "timm:hf-hub:timm/resnet18.a1_in1k")
+    r = run_crlf("extract", "--ckpt", path, "--data", "digits", "--out", tmp_path / "e.npy")
+    assert r.returncode == 2 and "not a plain timm model name" in r.stderr and not no_network
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "e.npy").exists()
+
+
 def test_background_writes_in_order_and_raises_the_error_in_the_callers_thread(tmp_path):
     from crlf.engine.files import Background
 

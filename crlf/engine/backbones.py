@@ -8,8 +8,13 @@ own parameter names, so the weights load into the plain library model.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import os
+import re
+import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -18,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
-from crlf.errors import InputError
+from crlf.errors import InputError, one_line
 from crlf.options import BUILTIN_ARCHS, MAX_IMAGE_SIZE, MAX_WIDTH
 
 
@@ -52,6 +57,9 @@ class BackboneSpec:
             raise ValueError("backbone spec: arch must be a name and kwargs an object")
         if not any(f.owns(spec.arch) for f in FAMILIES):
             raise ValueError(f"unknown arch {spec.arch[:40]!r}, expected one of {', '.join(BUILTIN_ARCHS)}, timm:NAME")
+        extra = set(spec.kwargs) - spec.family.arguments
+        if extra or not all(type(v) is int for v in spec.kwargs.values()):
+            raise ValueError(f"unexpected {spec.family.name} arguments {str(spec.kwargs)[:60]}")
         for name, top in (("image_size", MAX_IMAGE_SIZE), ("feature_dim", MAX_WIDTH * 4)):
             value = getattr(spec, name)
             if type(value) is not int or not 1 <= value <= top:
@@ -68,6 +76,8 @@ class Family:
     name: ClassVar[str]
     # settings this family fills when the user and the method leave them unset (None), e.g. ViTs train with AdamW
     defaults: ClassVar[dict[str, Any]] = {}
+    # the constructor arguments a spec read from a file may carry (int values): what crlf itself writes, no more
+    arguments: ClassVar[frozenset[str]] = frozenset()
 
     def owns(self, arch: str) -> bool:
         raise NotImplementedError
@@ -268,17 +278,70 @@ def _timm() -> Any:
         raise InputError('timm backbones need the timm package: pip install "crlf[timm]"') from None
 
 
+# a timm model name as timm.list_models() gives them ('convnext_atto', 'vit_small_patch16_224.augreg_in21k'): no
+# 'hf-hub:' / 'local-dir:' prefix, no path, so a name (one read from an encoder file too) reaches neither the network
+# nor a folder
+_TIMM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*(\.[A-Za-z0-9_\-]+)*")
+
+
+def _timm_name_problem(arch: str) -> str | None:
+    """What makes `arch` ('timm:NAME') other than a plain timm model name, or None."""
+    name = arch.removeprefix("timm:")
+    if _TIMM_NAME.fullmatch(name):
+        return None
+    return f"{arch[:60]!r} is not a plain timm model name (no hf-hub: or local-dir: source, no path)"
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Hugging Face Hub offline mode while timm builds a model: a plain name without pretrained weights needs no
+    download, and should a timm version reach for the Hub anyway it fails at once instead of contacting it."""
+    hub = sys.modules.get("huggingface_hub.constants")  # read HF_HUB_OFFLINE when it was imported (with timm)
+    saved_env, saved_hub = os.environ.get("HF_HUB_OFFLINE"), getattr(hub, "HF_HUB_OFFLINE", None)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    if hub is not None:
+        hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        if saved_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved_env
+        if hub is not None:
+            hub.HF_HUB_OFFLINE = saved_hub
+
+
+def _create(arch: str, **kwargs: int) -> nn.Module:
+    """timm.create_model for a plain `arch` name, feature output (num_classes=0), random weights, Hub offline."""
+    problem = _timm_name_problem(arch)
+    if problem:
+        raise InputError(f"--arch: {problem}")
+    timm = _timm()
+    with _hub_offline():
+        return timm.create_model(arch.removeprefix("timm:"), pretrained=False, num_classes=0, **kwargs)
+
+
+# what timm raises for a model it cannot build with these arguments (an image size too small, a bad combination)
+_BUILD_ERRORS = (RuntimeError, ValueError, TypeError, AssertionError)
+
+
 @register
 class Timm(Family):
-    """Any timm model as ``timm:<name>``, built with ``num_classes=0`` (features, no classifier); the feature width
-    is the model's own. Models that take an image size (ViTs) get the run's."""
+    """Any timm model as ``timm:<name>`` (a plain model name), built with ``num_classes=0`` (features, no
+    classifier) and never with pretrained weights; the feature width is the model's own. Models that take an image
+    size (ViTs) get the run's."""
 
     name = "timm"
+    arguments = frozenset({"img_size"})
 
     def owns(self, arch: str) -> bool:
         return arch.startswith("timm:")
 
     def check(self, arch: str) -> None:
+        problem = _timm_name_problem(arch)
+        if problem:
+            raise InputError(f"--arch: {problem}; see timm.list_models()")
         timm, name = _timm(), arch.removeprefix("timm:")
         if not timm.is_model(name):
             close = timm.list_models(f"*{name[:6]}*")[:5]
@@ -288,21 +351,33 @@ class Timm(Family):
 
     def spec(self, arch: str, image_size: int, stem: str = "auto", patch_size: int | None = None) -> BackboneSpec:
         self.check(arch)
-        timm, name = _timm(), arch.removeprefix("timm:")
         kwargs = {"img_size": image_size}
         try:
-            net = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-        except TypeError:  # a model without an image size (CNNs)
-            kwargs = {}
-            net = timm.create_model(name, pretrained=False, num_classes=0)
+            try:
+                net = _create(arch, **kwargs)
+            except TypeError:  # a model without an image size (CNNs)
+                kwargs = {}
+                net = _create(arch)
+        except _BUILD_ERRORS as e:
+            raise InputError(f"--arch {arch}: timm cannot build it for {image_size} px images ({first_line(e)}): "
+                             "choose another --image-size or model") from None
         return BackboneSpec(arch, image_size, _width(net, arch, image_size), kwargs=kwargs)
 
     def build(self, spec: BackboneSpec) -> nn.Module:
-        return _timm().create_model(spec.arch.removeprefix("timm:"), pretrained=False, num_classes=0, **spec.kwargs)
+        try:
+            return _create(spec.arch, **spec.kwargs)
+        except _BUILD_ERRORS as e:
+            raise InputError(f"timm cannot build {spec.arch} with {spec.kwargs} ({first_line(e)})") from None
 
     def problem(self, spec: BackboneSpec) -> str | None:
-        if set(spec.kwargs) - {"img_size"} or not all(type(v) is int for v in spec.kwargs.values()):
-            return f"unexpected timm arguments {str(spec.kwargs)[:60]}"
+        problem = _timm_name_problem(spec.arch)
+        if problem:
+            return problem
+        timm, name = _timm(), spec.arch.removeprefix("timm:")
+        if not timm.is_model(name):
+            return f"timm {timm.__version__} has no model {name!r} (pip install -U timm if the file is newer)"
+        if spec.kwargs.get("img_size", spec.image_size) != spec.image_size:
+            return f"timm img_size {spec.kwargs['img_size']} is not the image_size {spec.image_size}"
         return None
 
     def no_weight_decay(self, net: nn.Module) -> set[str]:
@@ -315,14 +390,23 @@ class Timm(Family):
         return f'net = timm.create_model("{spec.arch.removeprefix("timm:")}", num_classes=0{args})'
 
 
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's text, at most `limit` characters, cut between words ('...' marks the cut)."""
+    text = one_line((str(e).strip().splitlines() or [type(e).__name__])[0])
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 3].rsplit(" ", 1)[0] if " " in text[: limit - 3] else text[: limit - 3]
+    return cut.rstrip(" ,;:") + "..."
+
+
 def _width(net: nn.Module, arch: str, image_size: int) -> int:
     """A timm model's feature width, read off one forward pass of a blank image at the run's size (which also finds
     models too deep for small images before any data is loaded)."""
     try:
         with torch.no_grad():
             out = net.eval()(torch.zeros(1, 3, image_size, image_size))
-    except RuntimeError as e:
-        raise InputError(f"--arch {arch} cannot take {image_size} px images ({str(e).splitlines()[0][:100]}): "
+    except (RuntimeError, ValueError, AssertionError) as e:
+        raise InputError(f"--arch {arch} cannot take {image_size} px images ({first_line(e)}): "
                          "choose a larger --image-size or another model") from None
     if out.ndim != 2:
         raise InputError(f"--arch {arch} gives features of shape {tuple(out.shape[1:])}, not a vector: choose a "

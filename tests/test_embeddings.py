@@ -90,6 +90,55 @@ def test_embed_api_rows_follow_the_data_order(encoder_run, tiny_folder):
         crlf_api.embed(None, data="digits")
 
 
+def _one_line_error(fragment, call, *args, **kwargs):
+    with pytest.raises(InputError) as info:
+        call(*args, **kwargs)
+    assert fragment in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_embed_api_refuses_what_the_cli_refuses_in_one_line(encoder_run, tmp_path):
+    from PIL import Image
+
+    ckpt = encoder_run / "encoder.safetensors"
+    encoder = crlf_api.load_encoder(ckpt)
+    x = torch.rand(2, 3, 8, 8)
+    _one_line_error("0x0 px has no pixels", encoder.embed, Image.new("RGB", (0, 0)))
+    _one_line_error("5x0 px has no pixels", encoder.embed, [Image.new("RGB", (5, 0))])
+    for bad in (float("nan"), float("inf")):
+        _one_line_error("NaN or infinite", encoder.embed, torch.where(x > 0.5, bad, x))
+        _one_line_error("NaN or infinite", encoder.features, torch.where(x > 0.5, bad, x))
+    _one_line_error("precision must be one of auto, bf16, fp32", encoder.embed, x, precision="fp8")
+    _one_line_error("precision must be one of", encoder.features, x, precision="fp16")
+    # the shape in the message is the caller's, not the one after a batch axis was added
+    _one_line_error("got float32 (8, 8, 3)", encoder.embed, np.zeros((8, 8, 3), np.float32))
+    _one_line_error("got shape (3, 8, 8, 2)", encoder.embed, np.zeros((3, 8, 8, 2), np.uint8))
+    _one_line_error("is a folder, not a file", crlf_api.load_encoder, encoder_run)
+    for device in ("tpu", "cudax", "cuda:-1"):
+        _one_line_error("unknown device", crlf_api.load_encoder, ckpt, device=device)
+        _one_line_error("unknown device", encoder.embed, x, device=device)
+    _one_line_error("available", encoder.to, "cuda:7")
+    _one_line_error("available", crlf_api.select_device, "cuda:7")
+
+
+def test_embed_api_takes_empty_lists_and_grayscale_arrays_as_the_npy_source(encoder_run, tmp_path):
+    ckpt = encoder_run / "encoder.safetensors"
+    encoder = crlf_api.load_encoder(ckpt)
+    for empty in ([], (), np.zeros((0, 8, 8, 3), np.uint8), np.zeros((0, 8, 8), np.uint8), torch.zeros(0, 3, 8, 8)):
+        rows = encoder.embed(empty)
+        assert rows.shape == (0, 512) and rows.dtype == torch.float32
+    gray = np.random.default_rng(5).integers(0, 256, (4, 12, 10), dtype=np.uint8)
+    np.save(tmp_path / "gray.npy", gray)
+    r = run_crlf("extract", "--ckpt", ckpt, "--data", "npy", "--data-dir", tmp_path / "gray.npy", "--device", "cpu",
+                 "--out", tmp_path / "e.npy")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    extracted = torch.from_numpy(np.load(tmp_path / "e.npy"))
+    assert torch.equal(encoder.embed(gray), extracted)
+    assert torch.equal(encoder.embed(gray[..., None]), extracted)  # (N, H, W, 1)
+    assert torch.equal(encoder.embed(np.repeat(gray[..., None], 3, -1)), extracted)
+    assert torch.allclose(encoder.embed(gray[1]), extracted[1:2], atol=1e-4)  # one (H, W) image
+    assert torch.equal(encoder.embed([gray[:2], gray[2:]]), extracted)  # a list item with several images: all
+
+
 def test_extract_stdout_npz_and_batch_size_invariance(tmp_path, encoder_run, tiny_cifar_root):
     common = [
         "--ckpt",

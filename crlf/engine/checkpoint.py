@@ -77,6 +77,9 @@ def read_tensors_hashed(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
     """read_tensors plus the SHA-256 of the very bytes the tensors came from (the file is read once, so a file
     replaced meanwhile cannot be named for weights it did not hold)."""
     path = Path(path)
+    if path.is_dir():
+        inside = " (encoder.safetensors is in it)" if (path / "encoder.safetensors").is_file() else ""
+        raise InputError(f"checkpoint {path} is a folder, not a file: pass the .safetensors file{inside}")
     if not path.is_file():
         raise InputError(f"checkpoint {path} does not exist")
     try:

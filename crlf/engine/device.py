@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
 
 import numpy as np
 import torch
@@ -21,21 +22,32 @@ def select_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     if name == "cpu":
         return torch.device("cpu")
-    if name.startswith("cuda"):
+    if re.fullmatch(r"cuda(:\d{1,4})?", name):
         if not torch.cuda.is_available():
-            raise InputError(f"--device {name}: no CUDA GPU is available here; use --device cpu (or auto)")
+            raise InputError(f"--device {name}: no CUDA GPU is available here (available: {available()}); use "
+                             "--device cpu (or auto)")
         device = torch.device(name)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(
-                f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here "
-                f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
-            )
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise InputError(f"--device {name}: no such CUDA device here (available: {available()})")
         return device
     if name == "mps":
         if not _mps_available():
-            raise InputError("--device mps: Apple's MPS backend is not available here; use --device cpu (or auto)")
+            raise InputError(f"--device mps: Apple's MPS backend is not available here (available: {available()}); "
+                             "use one of those or auto")
         return torch.device("mps")
-    raise InputError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps")
+    raise InputError(f"unknown device {str(name)[:40]!r}: use auto, cpu, cuda, cuda:N or mps (available here: "
+                     f"{available()})")
+
+
+def available() -> str:
+    """The devices this machine has, for messages: 'cpu', 'cpu, cuda:0 .. cuda:3', 'cpu, mps'."""
+    names = ["cpu"]
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count:
+        names.append("cuda:0" if count == 1 else f"cuda:0 .. cuda:{count - 1}")
+    if _mps_available():
+        names.append("mps")
+    return ", ".join(names)
 
 
 def describe(name: str, precision: str) -> dict[str, str]:

@@ -26,12 +26,13 @@ from crlf import __version__
 from crlf.engine import backbones
 from crlf.engine.backbones import BackboneSpec
 from crlf.engine.checkpoint import ENCODER_FORMAT, STATE_FORMAT, read_tensors_hashed, save_tensors
-from crlf.engine.device import autocast, autocast_dtype
+from crlf.engine.device import autocast, autocast_dtype, select_device
 from crlf.errors import InputError
 from crlf.options import MIN_IMAGE_SIZE  # smaller images vanish in a ResNet's strided stages
 
 log = logging.getLogger(__name__)
 
+PRECISIONS = ("auto", "bf16", "fp32")  # as --precision
 
 
 @dataclass
@@ -71,8 +72,9 @@ class Encoder:
         return mean, std
 
     def to(self, device: str | torch.device) -> Encoder:
-        """Move the backbone to `device` (in place); returns self."""
-        self.backbone.to(device)
+        """Move the backbone to `device` (auto, cpu, cuda, cuda:N, mps; InputError when it is not here), in place;
+        returns self."""
+        self.backbone.to(select_device(str(device)))
         return self
 
     # --- files ---------------------------------------------------------------------------------------------------
@@ -100,15 +102,20 @@ class Encoder:
     def embed(
         self, images: Any, *, batch_size: int = 256, precision: str = "auto", device: str | torch.device | None = None
     ) -> torch.Tensor:
-        """Feature rows (float32 (N, D) on the CPU) of `images`: a uint8 array (N, H, W, 3) or (H, W, 3), a uint8 or
-        float tensor (N, 3, H, W) (floats in [0, 1]), a PIL image, a file path, or a list of any of them.
+        """Feature rows (float32 (N, D) on the CPU) of `images`: a uint8 array (N, H, W, 3), (N, H, W, 1) or
+        (N, H, W) (grayscale), or one image (H, W, 3) or (H, W); a uint8 or float tensor (N, 3, H, W) (floats in
+        [0, 1]); a PIL image, a file path, or a list of any of them. An empty list gives (0, D).
 
         Files and PIL images are decoded and resized like the folder source, arrays like the npy source, so the rows
         equal ``crlf extract``'s for the same images. `device` moves the backbone there first.
         """
+        _check_precision(precision)
         if device is not None:
             self.to(device)
-        return self.features(to_batch(images, self.image_size), batch_size=batch_size, precision=precision)
+        batch = to_batch(images, self.image_size)
+        if not len(batch):
+            return torch.zeros(0, self.feature_dim)
+        return self.features(batch, batch_size=batch_size, precision=precision)
 
     def features(
         self,
@@ -123,6 +130,7 @@ class Encoder:
         not depend on its batch; float32 (N, D) on the CPU, in input order. bf16 autocast on CUDA under 'auto'."""
         from crlf.engine.evaluate import progress  # the CLI's hook lives there
 
+        _check_precision(precision)
         if isinstance(images, torch.Tensor):
             check_images(images, "embed")
             if batch_size <= 0:
@@ -171,6 +179,12 @@ class Encoder:
 
 
 # --- inputs ----------------------------------------------------------------------------------------------------------
+def _check_precision(precision: str) -> None:
+    """InputError unless `precision` is one --precision takes."""
+    if precision not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {str(precision)[:20]!r}")
+
+
 def prepare(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """Float images in [0, 1] -> normalised network input, channels_last on CUDA: the one way pretraining,
     embedding and fine-tuning feed a backbone."""
@@ -179,7 +193,8 @@ def prepare(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Ten
 
 
 def check_images(images: torch.Tensor, what: str) -> None:
-    """uint8 or float (N, 3, H, W), non-empty, sides >= MIN_IMAGE_SIZE; else an InputError saying what to change."""
+    """uint8 or finite float (N, 3, H, W), non-empty, sides >= MIN_IMAGE_SIZE; else an InputError saying what to
+    change."""
     if images.ndim != 4 or images.shape[1] != 3 or not (images.dtype == torch.uint8 or images.is_floating_point()):
         raise InputError(
             f"{what}: expected images (N, 3, H, W), uint8 or float in [0, 1], got {images.dtype} "
@@ -192,28 +207,46 @@ def check_images(images: torch.Tensor, what: str) -> None:
             f"{what}: images of {images.shape[-2]}x{images.shape[-1]} px are too small for the encoder; "
             f"use --image-size {MIN_IMAGE_SIZE} or more"
         )
+    if images.is_floating_point() and not bool(torch.isfinite(images).all()):
+        raise InputError(f"{what}: the images hold NaN or infinite values; pass pixels in [0, 1] (or uint8)")
+
+
+def _from_array(x: np.ndarray) -> torch.Tensor:
+    """A uint8 array as the npy source reads it -> uint8 (N, 3, H, W): (N, H, W, C) with C 1 or 3, (N, H, W)
+    grayscale, or one image (H, W, 3), (H, W, 1) or (H, W)."""
+    shape = x.shape
+    expected = "uint8 (N, H, W, 3), (N, H, W, 1) or (N, H, W) (one image: (H, W, 3) or (H, W))"
+    if x.dtype != np.uint8:
+        raise InputError(f"embed: expected a {expected} array, got {x.dtype} {shape}: convert floats in [0, 1] with "
+                         "(x * 255).round().astype('uint8'), or pass a float tensor (N, 3, H, W)")
+    if x.ndim == 2 or (x.ndim == 3 and shape[-1] in (1, 3)):
+        x = x[None]  # one image
+    x = x[..., None] if x.ndim == 3 else x  # (N, H, W): grayscale, as the npy source
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise InputError(f"embed: expected a {expected} array, got shape {shape}")
+    images = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
 def to_batch(images: Any, size: int) -> torch.Tensor:
-    """Anything embed() accepts -> (N, 3, size, size): uint8, or float for float input."""
+    """Anything embed() accepts -> (N, 3, size, size): uint8, or float for float input (N = 0 for an empty
+    list or array)."""
     from crlf.engine import data, folder
 
     if isinstance(images, (str, Path, Image.Image)):
         images = [images]
-    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 3:
-        images = images[None]
     if isinstance(images, np.ndarray):
-        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise InputError(f"embed: expected a uint8 array (N, H, W, 3), got {images.dtype} {images.shape}")
-        images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        images = _from_array(images)
     if isinstance(images, torch.Tensor):
+        images = images[None] if images.ndim == 3 else images
+        empty = images.ndim == 4 and images.shape[:2] == (0, 3)
+        if empty and (images.dtype == torch.uint8 or images.is_floating_point()):
+            return images.new_zeros(0, 3, size, size)
         check_images(images, "embed")
         if images.shape[-2:] == (size, size):
             return images
-        if images.dtype == torch.uint8:
-            return data.resize(images, size)
         return data.resize(images, size)
-    if not isinstance(images, Sequence) or isinstance(images, (bytes, str)) or not images:
+    if not isinstance(images, Sequence) or isinstance(images, (bytes, str)):
         raise InputError(f"embed: cannot embed a {type(images).__name__}: pass arrays, tensors, PIL images or paths")
     rows = []
     for item in images:
@@ -224,11 +257,15 @@ def to_batch(images: Any, size: int) -> torch.Tensor:
             except Exception as e:  # one line per unreadable file, whatever the decoder raised
                 raise InputError(f"embed: cannot read the image {path}: {data.short_reason(e)}") from None
         elif isinstance(item, Image.Image):
+            if 0 in item.size:
+                raise InputError(f"embed: a PIL image of {item.width}x{item.height} px has no pixels")
             # as the folder source: a JPEG not yet loaded is decoded at a reduced scale (Image.draft; this sets the
             # caller's image to that scale too), so the rows equal extract's
             rows.append(torch.tensor(folder.square(item, size)).permute(2, 0, 1))
         else:
-            rows.append(to_batch(item, size)[0])
+            rows.extend(to_batch(item, size).unbind(0))  # an array or tensor item: all of its images
+    if not rows:
+        return torch.zeros(0, 3, size, size, dtype=torch.uint8)
     if len({r.dtype for r in rows}) > 1:
         raise InputError("embed: a list mixes uint8 and float images; pass one kind")
     return torch.stack(rows)
@@ -241,6 +278,7 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encode
     Raises InputError for a file that is not a crlf checkpoint, is truncated, or does not match its architecture.
     The Encoder's ``sha256`` is the hash of the bytes the weights were loaded from.
     """
+    device = select_device(str(device))  # before the file is read: an unknown device is a typo
     tensors, meta, file_hash = read_tensors_hashed(Path(path))
     fmt = meta.get("format")
     if fmt == STATE_FORMAT:

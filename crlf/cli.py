@@ -511,7 +511,8 @@ def _explore(settings: ExploreSettings, json: bool, quiet: bool) -> None:
     sock = explore_app.bind(settings.host, settings.port)  # a port in use fails now, not after the embedding
     with output.engine_progress(quiet=quiet, bar=not json):
         space = open_space(settings)
-    app = explore_app.create_app(space, settings.neighbors, round(settings.max_upload_mb * 1e6))
+    hosts = explore_app.allowed_hosts(settings.host, settings.allow_host)
+    app = explore_app.create_app(space, settings.neighbors, round(settings.max_upload_mb * 1e6), hosts)
     server = explore_app.start(app, sock, settings.host)
     if json:
         output.emit_json(explore_app.summary(server, space))

@@ -367,9 +367,24 @@ class ExploreSettings(EncoderInput, DeviceSettings, DataSettings, _CommandSettin
         "127.0.0.1", min_length=1, description="Address to serve on (any other exposes the images to the network)."
     )
     port: int = Field(8765, ge=0, le=65535, description="Port to serve on (0: any free port; the URL goes to stderr).")
+    allow_host: list[str] = Field(
+        [],
+        description="Another host name the page may be reached by (repeat; *: any): the server answers only to "
+        "127.0.0.1, localhost, ::1 and --host, so that no other site's page can read it (DNS rebinding).",
+    )
     open: bool = Field(False, description="Open the page in the default web browser.")
     max_upload_mb: float = Field(10.0, gt=0.0, le=1024.0, description="Largest image upload in MB.")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the t-SNE / UMAP layout.")
+
+    @field_validator("allow_host")
+    @classmethod
+    def _host_names(cls, v: list[str]) -> list[str]:
+        names = [name.strip().lower().strip("[]") for name in v]
+        bad = [n for n in names if not re.fullmatch(r"\*|[a-z0-9.-]+|[0-9a-f:.]+", n) or not n.strip(".:")]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a host name or address: give the name alone, without scheme, port or "
+                             "path (photos.lan, 192.168.1.5, ::1, or * for any)")  # fmt: skip
+        return names
 
     @model_validator(mode="after")
     def _inputs(self) -> ExploreSettings:

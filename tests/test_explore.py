@@ -66,6 +66,35 @@ def client(app):
     return app.test_client()
 
 
+@pytest.fixture(scope="module")
+def server(app):
+    """The real werkzeug server of `crlf explore` on a free loopback port, serving `app`."""
+    from crlf.explore_app import bind, start
+
+    server = start(app, bind("127.0.0.1", 0), "127.0.0.1")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def raw_request(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes to 127.0.0.1:port; the status, headers (lower-case names) and body of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        try:
+            sock.sendall(request)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:  # the server answered before reading it all: its answer is still there to read
+            pass
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    return int(status.split()[1]), headers, body
+
+
 def png(path: Path | None = None, size=(20, 30), seed=0) -> bytes:
     """A random RGB PNG (written to `path` too when given)."""
     rgb = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
@@ -133,7 +162,7 @@ def test_neighbours_equal_a_brute_force_cosine_search(space, client):
         check_neighbours(body["neighbors"], brute_force(x, x[i], exclude=i), K)
         assert all(n["label"] == int(space.labels[n["index"]]) for n in body["neighbors"])
     assert len(client.get("/api/neighbors/3?k=12").get_json()["neighbors"]) == 12
-    assert len(client.get("/api/neighbors/3?k=100000").get_json()["neighbors"]) == 100  # at most 100
+    assert len(client.get("/api/neighbors/3?k=100").get_json()["neighbors"]) == 100  # the most a request may ask
 
 
 def test_an_upload_is_embedded_like_extract_and_classified_by_the_probe(run, space, client, tmp_path):
@@ -173,6 +202,11 @@ def test_bad_requests_are_refused_with_a_message(client, monkeypatch):
     refused(client.post("/api/embed", data={"image": (io.BytesIO(b"hello"), "fake.png")}), 400, "not an image")
     refused(client.post("/api/embed", data={}), 400, "form field 'image'")
     refused(client.post("/api/embed?k=many", data={"image": (io.BytesIO(png()), "a.png")}), 400, "whole number")
+    for k in (0, -3, 101, 100000):  # refused with the range, not quietly clamped
+        refused(client.get(f"/api/neighbors/3?k={k}"), 400, f"k must be between 1 and 100, not {k}")
+    refused(client.post("/api/embed?k=101", data={"image": (io.BytesIO(png()), "a.png")}), 400, "between 1 and 100")
+    refused(client.get("/api/search?q=" + "3" * 201), 400, "at most 200 characters")  # not cut to 200
+    refused(client.delete("/api/info"), 405, "not allowed")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)  # 600 pixels: over the limit (Pillow refuses over twice it)
     refused(client.post("/api/embed", data={"image": (io.BytesIO(png()), "a.png")}), 400, "20x30 pixels")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
@@ -187,6 +221,62 @@ def test_bad_requests_are_refused_with_a_message(client, monkeypatch):
         r = client.get(path)
         assert r.status_code == 404 and "error" in r.get_json() and b"root:" not in r.data, path
     assert not [f for f in opened if "passwd" in f or f.endswith(".html")], opened
+
+
+def test_errors_of_the_http_server_itself_are_json(server):
+    """Requests werkzeug's server refuses before Flask sees them answer {"error": ...}, not an HTML page."""
+    host = b"Host: 127.0.0.1\r\n"
+    for request, code, fragment in [
+        (b"GET /api/search?q=" + b"a" * 100_000 + b" HTTP/1.1\r\n" + host + b"\r\n", 414, "request line"),
+        (b"GET /api/info HTTP/1.1\r\n" + host + b"X-Big: " + b"a" * 200_000 + b"\r\n\r\n", 431, "header"),
+        (b"GET /api/info HTTP/1.1\r\n" + host + b"".join(b"X-%d: 1\r\n" % i for i in range(150)) + b"\r\n",
+         431, "headers"),
+        (b"\x16\x03\x01 garbage that is no request line\r\n\r\n", 400, "not an http request"),
+        (b"GET /api/info HTTP/1.x\r\n" + host + b"\r\n", 400, "not an http request"),
+        (b"GET /api/info HTTP/7.0\r\n" + host + b"\r\n", 505, "http version"),
+        (b"GET /api/nothing HTTP/1.1\r\n" + host + b"\r\n", 404, "not found"),
+    ]:  # fmt: skip
+        status, headers, body = raw_request(server.port, request)
+        assert status == code and headers["content-type"] == "application/json", (request[:40], status, headers)
+        error = json.loads(body)["error"]
+        assert fragment in error.lower() and "<" not in error and "\n" not in error, (request[:40], error)
+        assert int(headers["content-length"]) == len(body)
+    status, _, body = raw_request(server.port, b"GET /api/info HTTP/1.1\r\n" + host + b"\r\n")
+    assert status == 200 and json.loads(body)["count"] == 2 * LIMIT  # the server still serves
+
+
+def test_only_the_servers_own_host_names_are_answered(server, space):
+    """A page of another site that rebinds its name to 127.0.0.1 (DNS rebinding) cannot read the map or the images."""
+    from crlf.explore_app import allowed_hosts, create_app
+
+    def get(path, host):
+        header = b"" if host is None else b"Host: " + host.encode() + b"\r\n"
+        return raw_request(server.port, f"GET {path} HTTP/1.1\r\n".encode() + header + b"\r\n")
+
+    for path in ("/", "/api/points", "/api/thumb/0", "/api/neighbors/0", "/nothing"):
+        for host in ("evil.example", f"evil.example:{server.port}", "localhost.evil.example", "127.0.0.1.nip.io",
+                     "[::2]", "local host", ""):  # fmt: skip
+            status, headers, body = get(path, host)
+            assert status == 403 and headers["content-type"] == "application/json", (path, host, status)
+            assert "--allow-host" in json.loads(body)["error"], (path, host)
+            assert b"PNG" not in body and b'"ids"' not in body
+    for host in ("127.0.0.1", f"127.0.0.1:{server.port}", "localhost", f"LocalHost:{server.port}", "[::1]",
+                 f"[::1]:{server.port}", None):  # fmt: skip
+        assert get("/api/info", host)[0] == 200, host
+    # --host and --allow-host widen it; * answers any name
+    hosts = allowed_hosts("0.0.0.0", ["Photos.LAN", "[fe80::1]"])
+    assert hosts == {"127.0.0.1", "localhost", "::1", "0.0.0.0", "photos.lan", "fe80::1"}
+    wide = create_app(space, neighbors=K, hosts=hosts).test_client()
+    assert wide.get("/api/info", base_url="http://photos.lan:8765/").status_code == 200
+    assert wide.get("/api/info", base_url="http://[fe80::1]:8765/").status_code == 200
+    refused = wide.get("/api/info", base_url="http://other.lan/")
+    assert refused.status_code == 403 and "'other.lan'" in refused.get_json()["error"]
+    anything = create_app(space, neighbors=K, hosts=allowed_hosts("127.0.0.1", ["*"])).test_client()
+    assert anything.get("/api/info", base_url="http://other.lan/").status_code == 200
+    with pytest.raises(Exception, match="allow_host"):
+        ExploreSettings(emb="x.npy", allow_host=["http://photos.lan/"])
+    given = ExploreSettings(emb="x.npy", allow_host=["Photos.lan", "[::1]", "*"]).allow_host
+    assert given == ["photos.lan", "::1", "*"]
 
 
 def test_search_by_class_name_or_file_name(space, client):
@@ -230,6 +320,7 @@ def test_cli_errors_are_one_line(run, monkeypatch):
     one_error(run_crlf("explore"), "needs --run DIR")
     one_error(run_crlf("explore", "--run", run / "nope"), "does not exist")
     one_error(run_crlf("explore", "--run", run, "--ckpt", run / "encoder.safetensors"), "--run DIR alone")
+    one_error(run_crlf("explore", "--run", run, "--allow-host", "http://photos.lan:80/"), "not a host name")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
@@ -272,49 +363,47 @@ def _chromium() -> str | None:
 
 
 @pytest.mark.skipif(_chromium() is None, reason="no chromium (.ci/run installs Debian's)")
-def test_the_page_in_headless_chromium(run, app, tmp_path):
+def test_the_page_in_headless_chromium(run, server, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    from crlf.explore_app import bind, start
-
-    server = start(app, bind("127.0.0.1", 0), "127.0.0.1")
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     index = visualize(VisualizeSettings(run=[copy], kind=["pca"], max_points=60, device="cpu"))["index"]
     query = tmp_path / "query.png"
     png(query, seed=3)
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1200, "height": 800})
-            page.goto(f"http://127.0.0.1:{server.port}/")
-            page.wait_for_function(f"window.crlfExplore.ready && window.crlfExplore.map.drawn === {2 * LIMIT}")
-            coloured = page.evaluate("""() => {
-                const c = document.getElementById('map'), d = c.getContext('2d').getImageData(0, 0, c.width,
-                    c.height).data;
-                let n = 0; for (let i = 0; i < d.length; i += 4) if (d[i] < 250 || d[i + 1] < 250) n++;
-                return n; }""")  # fmt: skip
-            assert coloured > 2 * LIMIT  # the points are on the canvas
-            x, y = page.evaluate("window.crlfExplore.map.screenPosition(7)")
-            page.mouse.move(x, y)
-            page.wait_for_selector("#tip img", state="visible")
-            page.mouse.click(x, y)
-            page.wait_for_function(f"document.querySelectorAll('#neighbors li').length === {K}")
-            assert "similarity" in page.inner_text("#neighbors")
-            page.set_input_files("#file", str(query))
-            page.wait_for_function("document.getElementById('prediction').textContent.includes('linear probe')")
-            assert page.locator("#upload-neighbors li").count() == K
-            predicted = page.inner_text("#prediction").split(": ")[1].split(" (")[0]
-            assert predicted in [str(c) for c in range(10)]
-            page.goto(Path(index).as_uri())  # visualize's page: the same map, no server
-            page.wait_for_function("window.crlfStaticMap && window.crlfStaticMap.drawn === 60")
-            page.locator("#crlf-map").scroll_into_view_if_needed()  # below the figures
-            x, y = page.evaluate("window.crlfStaticMap.screenPosition(5)")
-            page.mouse.move(x, y)
-            page.wait_for_selector("#crlf-tip", state="visible")
-            assert "px" in page.evaluate("document.getElementById('crlf-tile').style.backgroundPosition")
-            browser.close()
-    finally:
-        server.shutdown()
-        server.server_close()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 800})
+        page.goto(f"http://127.0.0.1:{server.port}/")
+        page.wait_for_function(f"window.crlfExplore.ready && window.crlfExplore.map.drawn === {2 * LIMIT}")
+        coloured = page.evaluate("""() => {
+            const c = document.getElementById('map'), d = c.getContext('2d').getImageData(0, 0, c.width,
+                c.height).data;
+            let n = 0; for (let i = 0; i < d.length; i += 4) if (d[i] < 250 || d[i + 1] < 250) n++;
+            return n; }""")  # fmt: skip
+        assert coloured > 2 * LIMIT  # the points are on the canvas
+        x, y = page.evaluate("window.crlfExplore.map.screenPosition(7)")
+        page.mouse.move(x, y)
+        page.wait_for_selector("#tip img", state="visible")
+        page.mouse.click(x, y)
+        page.wait_for_function(f"document.querySelectorAll('#neighbors li').length === {K}")
+        assert "similarity" in page.inner_text("#neighbors")
+        page.set_input_files("#file", str(query))
+        page.wait_for_function("document.getElementById('prediction').textContent.includes('linear probe')")
+        assert page.locator("#upload-neighbors li").count() == K
+        predicted = page.inner_text("#prediction").split(": ")[1].split(" (")[0]
+        assert predicted in [str(c) for c in range(10)]
+        # the upload's result replaces the clicked point's: no point 7 above it, nor its ring on the map
+        assert page.inner_text("#selected") == "click a point of the map" and page.locator("#neighbors li").count() == 0
+        assert page.evaluate("window.crlfExplore.map.selected") == -1
+        page.locator("#upload-neighbors li").first.click()  # a neighbour of the upload: now the query
+        page.wait_for_function(f"document.querySelectorAll('#neighbors li').length === {K}")
+        assert page.locator("#upload-neighbors li").count() == 0 and page.inner_text("#prediction") == ""
+        page.goto(Path(index).as_uri())  # visualize's page: the same map, no server
+        page.wait_for_function("window.crlfStaticMap && window.crlfStaticMap.drawn === 60")
+        page.locator("#crlf-map").scroll_into_view_if_needed()  # below the figures
+        x, y = page.evaluate("window.crlfStaticMap.screenPosition(5)")
+        page.mouse.move(x, y)
+        page.wait_for_selector("#crlf-tip", state="visible")
+        assert "px" in page.evaluate("document.getElementById('crlf-tile').style.backgroundPosition")
+        browser.close()

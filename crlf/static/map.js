@@ -158,6 +158,7 @@ function crlfMap(canvas, pts, opts) {
     draw: draw,
     highlight(indices) { highlighted = indices && indices.length ? indices : null; draw(); },
     select(i) { selected = i; draw(); },
+    get selected() { return selected; },  // the ringed point, -1 for none
     screenPosition(i) {  // viewport coordinates of point i (tests click there)
       const r = canvas.getBoundingClientRect();
       return [r.left + sx[i], r.top + sy[i]];

@@ -192,6 +192,33 @@ def test_state_round_trip_continues_identically(tmp_path, optimizer):
 
 
 @pytest.mark.parametrize(
+    "change,fragment",
+    [
+        (lambda g, p: g[0].update(fused=True), "optimizer setting fused"),
+        (lambda g, p: g[0].update(foreach=True), "optimizer setting foreach"),
+        (lambda g, p: g[0].update(lr="0.1"), "optimizer setting lr"),
+        (lambda g, p: g[0].update(betas=[0.9]), "optimizer setting betas"),
+        (lambda g, p: g[0].update(extra=1), "optimizer settings ['extra'] differ"),
+        (lambda g, p: g.append(dict(g[0])), "param groups expected"),
+        (lambda g, p: p.update(epoch="1"), "has no epoch count"),
+    ],
+)
+def test_a_crafted_state_cannot_set_the_optimizers_flags_or_types(tmp_path, change, fragment):
+    torch.manual_seed(0)
+    model = methods.build(PretrainSettings(head_hidden=16, head_out=8), build_backbone("resnet18", "cifar"), 512)
+    opt = build_optimizer(model, "adamw", 0.01, 1e-4)
+    tensors, metadata = state_tensors(model, opt, meta(), {"epoch": 1, "plateau": {}})
+    groups, progress = json.loads(metadata["param_groups"]), json.loads(metadata["progress"])
+    change(groups, progress)
+    metadata.update(param_groups=json.dumps(groups), progress=json.dumps(progress))
+    save_tensors(tmp_path / "last.safetensors", tensors, metadata)  # a valid checksum over the crafted values
+    with pytest.raises(InputError) as info:
+        load_state(tmp_path / "last.safetensors", model, opt)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+    assert opt.param_groups[0]["fused"] is None and opt.param_groups[0]["lr"] == 0.01  # untouched
+
+
+@pytest.mark.parametrize(
     "key,value,fragment",
     [
         ("arch", "vgg16", "unknown arch 'vgg16'"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import struct
@@ -151,10 +152,40 @@ def load_state(
             if key.startswith("optim."):
                 _, idx, name = key.split(".", 2)
                 state.setdefault(int(idx), {})[name] = value
-        optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+        groups, progress = json.loads(meta["param_groups"]), json.loads(meta["progress"])
+        problem = _groups_problem(groups, optimizer.state_dict()["param_groups"])
+        if not isinstance(progress, dict) or type(progress.get("epoch")) is not int or progress["epoch"] < 0:
+            problem = problem or f"progress {str(progress)[:40]} has no epoch count"
+        if problem:
+            raise ValueError(problem)
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
         rng = {k[len("rng.") :]: v for k, v in tensors.items() if k.startswith("rng.")}
-        return json.loads(meta["progress"]), rng
+        return progress, rng
     except (RuntimeError, ValueError, KeyError) as e:
         raise InputError(
             f"{path} does not match this run's model or optimizer ({str(e).splitlines()[0]}); use --force to start over"
         ) from None
+
+
+def _groups_problem(saved: Any, current: list[dict[str, Any]]) -> str | None:
+    """What makes a state file's optimizer param groups other than this optimizer's with other numbers, or None: a
+    crafted file (its checksum recomputed) must not switch an implementation flag (fused, foreach, capturable) or
+    hand the optimizer a value of another type."""
+    if not isinstance(saved, list) or len(saved) != len(current) or not all(isinstance(g, dict) for g in saved):
+        return f"{len(current)} optimizer param groups expected, found {str(saved)[:40]}"
+    for group, mine in zip(saved, current):
+        if set(group) != set(mine):
+            return f"optimizer settings {sorted(set(group) ^ set(mine))[:4]} differ"
+        for key, value in mine.items():
+            if not _same_kind(group[key], value):
+                return f"optimizer setting {key} = {str(group[key])[:30]}, expected one like {str(value)[:30]}"
+    return None
+
+
+def _same_kind(saved: Any, mine: Any) -> bool:
+    """A finite number for a number (int or float), a list of as many numbers for a list or tuple, else equal."""
+    if isinstance(mine, (list, tuple)):
+        return isinstance(saved, list) and len(saved) == len(mine) and all(map(_same_kind, saved, mine))
+    if isinstance(mine, (int, float)) and not isinstance(mine, bool):
+        return type(saved) in (int, float) and math.isfinite(saved)
+    return saved == mine and type(saved) is type(mine)

@@ -17,6 +17,7 @@ import logging
 import re
 import threading
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,7 +221,7 @@ def open_space(settings: ExploreSettings) -> Space:
         assert embedder is not None
         images = _load_images(settings, run, embedder.image_size)
         key = _digest(embedder.sha256, images.images.numpy())
-        x = torch.from_numpy(cache.get(f"embeddings-{key}.npy", lambda: embedder.images(images.images).numpy()))
+        x = torch.from_numpy(cache.get(f"embeddings-{key}.npz", lambda: embedder.images(images.images).numpy()))
         labels, names, ids, source = images.labels, images.class_names, images.ids, images.source
         title = run.path.name if run is not None else Path(settings.ckpt or "").name
     bad = int((~torch.isfinite(x).all(dim=1)).sum())
@@ -234,7 +235,7 @@ def open_space(settings: ExploreSettings) -> Space:
         method = "tsne" if len(x) <= TSNE_MAX_POINTS else "pca"
         log.info("map: %s of %s points (--projection auto: t-SNE up to %s points)", method, f"{len(x):,}",
                  f"{TSNE_MAX_POINTS:,}")  # fmt: skip
-    coords = cache.get(f"map-{method}-{_digest(method, settings.seed, x.numpy())}.npy",
+    coords = cache.get(f"map-{method}-{_digest(method, settings.seed, x.numpy())}.npz",
                        lambda: _project(x.numpy(), method, settings.seed))  # fmt: skip
     return Space(
         x,
@@ -361,8 +362,13 @@ def _digest(*parts: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def _sha256(value: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(value).data).hexdigest()
+
+
 class _Cache:
-    """.npy files in RUN/explore/, named by their content's key; older files of the same kind are removed.
+    """.npz files in RUN/explore/, named by their inputs' key and holding the array with its SHA-256 (a damaged file
+    is computed again, not shown); older files of the same kind are removed.
 
     Unwritable (read-only run, full disk) or no run directory: compute without caching, after one warning."""
 
@@ -377,11 +383,13 @@ class _Cache:
         path = self.folder / name if self.folder is not None else None
         if path is not None and path.is_file():
             try:
-                found = np.load(path, allow_pickle=False)
-                if found.ndim == 2 and found.dtype == np.float32:
+                with np.load(path, allow_pickle=False) as found:
+                    value, digest = found["value"], str(found["sha256"])
+                if value.ndim == 2 and value.dtype == np.float32 and _sha256(value) == digest:
                     log.info("using the cached %s", path)
-                    return found
-            except (OSError, ValueError) as e:
+                    return value
+                log.warning("ignoring the cache %s (it does not match its checksum): computing again", path)
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
                 log.warning("ignoring the unreadable cache %s (%s): computing again", path, data.short_reason(e))
         t0 = time.perf_counter()
         value = np.ascontiguousarray(compute(), dtype=np.float32)
@@ -392,9 +400,9 @@ class _Cache:
     def _write(self, path: Path, value: np.ndarray, seconds: float) -> None:
         try:
             path.parent.mkdir(exist_ok=True)
-            atomic_write(path, lambda f: np.save(f, value))
+            atomic_write(path, lambda f: np.savez(f, value=value, sha256=np.array(_sha256(value))))
             kind = path.name.rsplit("-", 1)[0]
-            for old in path.parent.glob(f"{kind}-*.npy"):
+            for old in [*path.parent.glob(f"{kind}-*.npz"), *path.parent.glob(f"{kind}-*.npy")]:  # .npy: older crlf
                 if old != path and old.name.count("-") == path.name.count("-"):
                     old.unlink(missing_ok=True)
             log.info("cached in %s (%.1f s of work)", path, seconds)

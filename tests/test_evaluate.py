@@ -44,10 +44,19 @@ class MeanPool(nn.Module):
         return x.mean((2, 3))
 
 
+def small_bn_net():
+    """A conv + BatchNorm net with 512 features (ResNet-18's width): what eval mode, batch-size invariance and
+    fine-tuning need of a backbone, at a hundredth of ResNet-18's cost (the suite's time, issue 38)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 512),
+    )
+
+
 # --- embed ------------------------------------------------------------------------------------------
 def test_embed_is_eval_mode_batch_size_invariant_and_in_input_order():
     torch.manual_seed(0)
-    net = encoder_of().backbone.train()  # embed must switch to eval itself, and switch back
+    net = small_bn_net().train()  # embed must switch to eval itself, and switch back
     encoder, buffers = encoder_of(net), {k: v.clone() for k, v in net.state_dict().items()}
     images = random_images(64)
     out = embed(encoder, images, batch_size=64)
@@ -202,7 +211,7 @@ def test_finetune_learns_an_easy_task_and_leaves_the_encoder_alone():
         return (noise + 175 * y.view(-1, 1, 1, 1)).to(torch.uint8), y  # class 0: 0..79, class 1: 175..254
 
     torch.manual_seed(0)
-    encoder = encoder_of()
+    encoder = encoder_of(small_bn_net())
     before = {k: v.clone() for k, v in encoder.backbone.state_dict().items()}
     train_images, train_y = bright_or_dark(64, 0)
     test_images, test_y = bright_or_dark(32, 1)
@@ -224,7 +233,7 @@ def test_progress_hook_sees_embedding_probe_knn_and_finetuning_to_the_end(monkey
     x, y = blobs(40, classes=4, dim=8)
     linear_probe(x, y, x, y, 4, device=CPU, epochs=3, batch_size=16)
     knn_classify(x, y, x, y, 4, k=5, device=CPU, chunk=16)
-    finetune(encoder_of(), random_images(8), torch.arange(8) % 2, random_images(4),
+    finetune(encoder_of(small_bn_net()), random_images(8), torch.arange(8) % 2, random_images(4),
              torch.arange(4) % 2, 2, device=CPU, epochs=2, batch_size=4)  # fmt: skip
     by_task = {}
     for what, done, total in calls:

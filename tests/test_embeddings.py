@@ -117,7 +117,14 @@ def test_embed_api_refuses_what_the_cli_refuses_in_one_line(encoder_run, tmp_pat
         _one_line_error("unknown device", crlf_api.load_encoder, ckpt, device=device)
         _one_line_error("unknown device", encoder.embed, x, device=device)
     _one_line_error("available", encoder.to, "cuda:7")
-    _one_line_error("available", crlf_api.select_device, "cuda:7")
+    assert encoder.to(torch.device("cpu", 0)).device == torch.device("cpu")
+
+
+def test_a_cuda_device_that_is_not_here_is_named_with_those_that_are(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    _one_line_error("no such CUDA device here (available: cpu, cuda:0 .. cuda:1", crlf_api.select_device, "cuda:7")
+    assert crlf_api.select_device("cuda:1") == torch.device("cuda", 1)
 
 
 def test_embed_api_takes_empty_lists_and_grayscale_arrays_as_the_npy_source(encoder_run, tmp_path):

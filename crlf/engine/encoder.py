@@ -74,7 +74,7 @@ class Encoder:
     def to(self, device: str | torch.device) -> Encoder:
         """Move the backbone to `device` (auto, cpu, cuda, cuda:N, mps; InputError when it is not here), in place;
         returns self."""
-        self.backbone.to(select_device(str(device)))
+        self.backbone.to(_device(device))
         return self
 
     # --- files ---------------------------------------------------------------------------------------------------
@@ -179,6 +179,13 @@ class Encoder:
 
 
 # --- inputs ----------------------------------------------------------------------------------------------------------
+def _device(device: str | torch.device) -> torch.device:
+    """A device name or torch.device -> a torch.device this machine has (select_device: InputError otherwise)."""
+    if isinstance(device, torch.device) and device.type in ("cpu", "mps"):
+        return select_device(device.type)  # torch.device("cpu", 0) is the CPU too
+    return select_device(str(device))
+
+
 def _check_precision(precision: str) -> None:
     """InputError unless `precision` is one --precision takes."""
     if precision not in PRECISIONS:
@@ -215,15 +222,15 @@ def _from_array(x: np.ndarray) -> torch.Tensor:
     """A uint8 array as the npy source reads it -> uint8 (N, 3, H, W): (N, H, W, C) with C 1 or 3, (N, H, W)
     grayscale, or one image (H, W, 3), (H, W, 1) or (H, W)."""
     shape = x.shape
-    expected = "uint8 (N, H, W, 3), (N, H, W, 1) or (N, H, W) (one image: (H, W, 3) or (H, W))"
+    expected = "uint8 array (N, H, W, 3), (N, H, W, 1), (N, H, W) or one image (H, W, 3), (H, W)"
     if x.dtype != np.uint8:
-        raise InputError(f"embed: expected a {expected} array, got {x.dtype} {shape}: convert floats in [0, 1] with "
-                         "(x * 255).round().astype('uint8'), or pass a float tensor (N, 3, H, W)")
+        raise InputError(f"embed: expected a {expected}, got {x.dtype} {shape}: convert floats in [0, 1] with "
+                         "(x * 255).round().astype('uint8')")
     if x.ndim == 2 or (x.ndim == 3 and shape[-1] in (1, 3)):
         x = x[None]  # one image
     x = x[..., None] if x.ndim == 3 else x  # (N, H, W): grayscale, as the npy source
     if x.ndim != 4 or x.shape[-1] not in (1, 3):
-        raise InputError(f"embed: expected a {expected} array, got shape {shape}")
+        raise InputError(f"embed: expected a {expected}, got shape {shape}")
     images = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
@@ -278,7 +285,7 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encode
     Raises InputError for a file that is not a crlf checkpoint, is truncated, or does not match its architecture.
     The Encoder's ``sha256`` is the hash of the bytes the weights were loaded from.
     """
-    device = select_device(str(device))  # before the file is read: an unknown device is a typo
+    device = _device(device)  # before the file is read: an unknown device is a typo
     tensors, meta, file_hash = read_tensors_hashed(Path(path))
     fmt = meta.get("format")
     if fmt == STATE_FORMAT:

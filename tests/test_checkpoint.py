@@ -1,6 +1,7 @@
 """Safetensors checkpoints: round trips, metadata, atomic writes, and clear errors for bad files."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -372,3 +373,27 @@ def test_state_tensors_are_copies_that_training_cannot_change(tmp_path):
     opt2 = build_optimizer(model2, "sgd", 0.01, 1e-4)
     assert load_state(tmp_path / "s.safetensors", model2, opt2)[0] == {"epoch": 1}
     assert torch.equal(model2.backbone.conv1.weight, before["model.backbone.conv1.weight"])
+
+
+@pytest.mark.parametrize("crafted", ["float rng", "short rng", "plateau"])
+def test_crafted_generator_or_schedule_states_are_an_input_error(tmp_path, reference_run, crafted):
+    """A state file (checksum recomputed) whose random generator states are not byte vectors of the right size, or
+    whose plateau schedule has other fields, is refused with one line instead of torch's raw error or a TypeError in
+    the middle of the resume."""
+    from crlf import pretrain
+
+    run = tmp_path / "run"
+    shutil.copytree(reference_run.path, run, ignore=shutil.ignore_patterns("checkpoints"))  # no snapshot to fall to
+    tensors, metadata = read_tensors(run / "last.safetensors")
+    bad = {"float rng": torch.zeros(5056), "short rng": torch.zeros(10, dtype=torch.uint8)}.get(crafted)
+    rng = torch.get_rng_state()
+    tensors = {**tensors, "rng.torch": rng if bad is None else bad, "rng.augment": rng.clone()}
+    progress = {**json.loads(metadata["progress"]), "epoch": 2, "step": 1, "loss_sum": 1.0, "seconds": 1.0}
+    if crafted == "plateau":
+        progress["plateau"] = {**progress["plateau"], "verbose": True}
+    metadata = {k: v for k, v in metadata.items() if k != "sha256"}
+    save_tensors(run / "last.safetensors", tensors, {**metadata, "progress": json.dumps(progress)})
+    with pytest.raises(InputError) as info:
+        pretrain(reference_run.settings(run), resume=True)
+    assert ("plateau" if crafted == "plateau" else "random generator") in str(info.value)
+    assert "\n" not in str(info.value)

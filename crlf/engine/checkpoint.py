@@ -160,6 +160,8 @@ def load_state(
             raise ValueError(problem)
         optimizer.load_state_dict({"state": state, "param_groups": groups})
         rng = {k[len("rng.") :]: v for k, v in tensors.items() if k.startswith("rng.")}
+        if any(v.dtype != torch.uint8 or v.ndim != 1 for v in rng.values()):
+            raise ValueError("a random generator state is not a byte vector")
         return progress, rng
     except (RuntimeError, ValueError, KeyError) as e:
         raise InputError(

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import torch
 from torch import nn
@@ -98,3 +99,12 @@ class Plateau:
 
     def state(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: Any) -> Plateau:
+        """The schedule saved by state(); ValueError for anything else (a state file can be crafted)."""
+        names = {f.name for f in fields(cls)}
+        numbers = isinstance(state, dict) and all(type(v) in (int, float) for v in state.values())
+        if not numbers or set(state) != names:
+            raise ValueError(f"the plateau schedule's state {str(state)[:40]} is not crlf's")
+        return cls(**state)

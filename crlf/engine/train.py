@@ -202,7 +202,8 @@ def _restore(run: RunDir, s: _Setup, world: distributed.World) -> tuple[dict[str
     for path in run.checkpoints_newest_first():
         try:
             progress, rng = load_state(path, s.model, s.optimizer)
-        except InputError as e:
+            Plateau.from_state(progress.get("plateau"))
+        except (InputError, ValueError) as e:
             problems.append(str(e))
             log.warning("cannot resume from %s: %s", path, e)
             continue
@@ -331,7 +332,7 @@ def _loop(
     rng: dict[str, torch.Tensor],
     stop: StopFlag,
 ) -> dict[str, Any]:
-    start, plateau = progress["epoch"], Plateau(**progress["plateau"])
+    start, plateau = progress["epoch"], Plateau.from_state(progress["plateau"])
     n, world = len(s.feed), s.world
     bsz = settings.batch_size  # global: this process takes its share of each batch
     share = bsz // world.world_size
@@ -542,10 +543,14 @@ def _get_rng(gen: torch.Generator, device: torch.device) -> dict[str, torch.Tens
 
 
 def _set_rng(gen: torch.Generator, states: dict[str, torch.Tensor], device: torch.device) -> None:
-    gen.set_state(states["augment"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and device.type == "cuda":
-        torch.cuda.set_rng_state(states["cuda"], device)
+    try:
+        gen.set_state(states["augment"])
+        torch.set_rng_state(states["torch"])
+        if "cuda" in states and device.type == "cuda":
+            torch.cuda.set_rng_state(states["cuda"], device)
+    except (KeyError, RuntimeError) as e:  # a state file whose checksum was recomputed can hold anything
+        raise InputError(f"the checkpoint's random generator states do not fit this run ({str(e)[:60]}); "
+                         "use --force to start over") from None
 
 
 def _step(

@@ -328,10 +328,11 @@ def test_cli_errors_are_one_line(run, monkeypatch):
         assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
         assert lines[-1].startswith("error: ") and fragment in lines[-1], r.stderr
 
-    one_error(run_crlf("explore"), "needs --run DIR")
-    one_error(run_crlf("explore", "--run", run / "nope"), "does not exist")
-    one_error(run_crlf("explore", "--run", run, "--ckpt", run / "encoder.safetensors"), "--run DIR alone")
-    one_error(run_crlf("explore", "--run", run, "--allow-host", "http://photos.lan:80/"), "not a host name")
+    free = ("--port", "0")  # any free port: a crlf explore of the user's on the default 8765 must not matter
+    one_error(run_crlf("explore", *free), "needs --run DIR")
+    one_error(run_crlf("explore", "--run", run / "nope", *free), "does not exist")
+    one_error(run_crlf("explore", "--run", run, "--ckpt", run / "encoder.safetensors", *free), "--run DIR alone")
+    one_error(run_crlf("explore", "--run", run, "--allow-host", "http://photos.lan:80/", *free), "not a host name")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
@@ -339,7 +340,7 @@ def test_cli_errors_are_one_line(run, monkeypatch):
     monkeypatch.setitem(sys.modules, "flask", None)
     monkeypatch.delitem(sys.modules, "crlf.explore_app", raising=False)
     monkeypatch.delattr(sys.modules["crlf"], "explore_app", raising=False)  # as if never imported
-    one_error(run_crlf("explore", "--run", run), "crlf explore needs Flask: pip install 'crlf[explore]'")
+    one_error(run_crlf("explore", "--run", run, *free), "crlf explore needs Flask: pip install 'crlf[explore]'")
 
 
 def test_visualize_writes_a_static_map_with_thumbnails(run, tmp_path):

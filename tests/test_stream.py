@@ -266,7 +266,7 @@ def test_streaming_dino_with_spawned_workers_counts_a_corrupt_file(tmp_path, tin
                               epochs=1, batch_size=30, head_hidden=16, head_out=8, prototypes=16))  # fmt: skip
     assert run["status"] == "trained" and (Path(run["run_dir"]) / "encoder.safetensors").is_file()
     metrics = json.loads((Path(run["run_dir"]) / "metrics.jsonl").read_text().splitlines()[0])
-    assert metrics["skipped_images"] == 1 and "skipped 1 unreadable images in epoch 1" in caplog.text
+    assert metrics["skipped_images"] == 1 and "skipped 1 unreadable image in epoch 1" in caplog.text
     assert "cat/broken.jpg (" in caplog.text
 
 

@@ -247,3 +247,13 @@ def test_a_linked_figures_folder_of_a_run_is_refused_and_never_written_into(tmp_
     with pytest.raises(InputError, match="symbolic link"):
         visualize(VisualizeSettings(run=[run], kind=["loss"]))
     assert [p.name for p in foreign.iterdir()] == ["index.html"] and (foreign / "index.html").read_text() == "mine"
+
+
+def test_the_index_rounds_the_settings_it_shows(tmp_path, run_dir):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("figures"))
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "lr": 0.076 / 7}))  # 0.010857142857142857
+    visualize(VisualizeSettings(run=[run], kind=["loss"]))
+    page = (run / "figures" / "index.html").read_text()
+    assert "<td>0.0108571</td>" in page and "0.01085714285" not in page

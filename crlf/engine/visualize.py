@@ -488,11 +488,9 @@ def _write_index(inp: _Inputs, folder: Path, figures: dict[str, dict[str, Any]])
                 pass
 
     def table(rows: dict[str, Any]) -> str:
-        return (
-            "<table>"
-            + "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>" for k, v in rows.items())
-            + "</table>"
-        )
+        shown = {k: f"{v:.6g}" if isinstance(v, float) else str(v) for k, v in rows.items()}  # lr 0.0108571428...
+        cells = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in shown.items())
+        return f"<table>{cells}</table>"
 
     results = {
         f"{name.replace('_', ' ')} top-1 / top-5": (

@@ -247,12 +247,15 @@ def test_grad_clip_is_applied_when_set(tmp_path, monkeypatch):
     assert len(norms) == 4  # 0 = off
 
 
-def test_knn_monitor_scores_epochs_without_changing_the_run(tmp_path, reference_run):
+def test_knn_monitor_scores_epochs_without_changing_the_run(tmp_path, reference_run, caplog):
     from crlf.engine.embeddings import knn_eval
     from crlf.settings import KnnEvalSettings
 
     watched = reference_run.settings(tmp_path / "watched", knn_every=2, k=10)
     pretrain(watched)
+    with caplog.at_level("WARNING", logger="crlf"):  # k larger than the 64 images: said, not silent
+        pretrain(reference_run.settings(tmp_path / "wide", knn_every=3, k=100, epochs=1))
+    assert "-k 100 is more than the 64 training images: the kNN monitor uses k = 64" in caplog.text
     metrics = RunDir(watched.out).read_metrics()
     scored = {m["epoch"]: m["knn_top1"] for m in metrics if "knn_top1" in m}
     assert list(scored) == [2, 3]  # every 2nd epoch and after the last

@@ -312,6 +312,9 @@ def _monitor_data(settings: PretrainSettings, feed: Feed) -> _Monitor:
     if test.labels is None:
         raise InputError(f"--knn-every needs a labelled test split, and {test.source} has none: use --knn-every 0")
     classes = int(max(feed.labels.max(), test.labels.max())) + 1
+    if settings.k > len(feed):
+        log.warning("-k %d is more than the %s training images: the kNN monitor uses k = %s", settings.k,
+                    f"{len(feed):,}", f"{len(feed):,}")  # fmt: skip
     return _Monitor(feed.labels, test.images, test.labels, classes)
 
 

@@ -156,7 +156,7 @@ def test_unlabelled_map_and_many_classes_still_draw(tmp_path):
         (dict(), "nothing to draw"),
         (dict(emb="e.npy", kind=["neighbors"]), "neighbors needs the images"),
         (dict(emb="missing.npy", kind=["pca"]), "pca needs missing.npy: write it with crlf extract"),
-        (dict(run=["nope"]), "run directory nope does not exist"),
+        (dict(run=["nope"]), "run directory 'nope' does not exist"),
         (dict(run=["empty"], kind=["confusion"]), "confusion needs empty/linear_eval.json"),
         (dict(run=["empty"], kind=["pca"]), "pca needs empty/encoder.safetensors"),
     ],

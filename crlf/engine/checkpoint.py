@@ -82,7 +82,7 @@ def read_tensors_hashed(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
         inside = " (encoder.safetensors is in it)" if (path / "encoder.safetensors").is_file() else ""
         raise InputError(f"checkpoint {path} is a folder, not a file: pass the .safetensors file{inside}")
     if not path.is_file():
-        raise InputError(f"checkpoint {path} does not exist")
+        raise InputError(f"checkpoint '{path}' does not exist")
     try:
         data = path.read_bytes()
         (size,) = struct.unpack("<Q", data[:8])

@@ -272,7 +272,7 @@ def _run_dir(settings: ExploreSettings) -> RunDir | None:
     if settings.run is not None:
         run = RunDir(settings.run.expanduser())
         if not run.path.is_dir():
-            raise InputError(f"run directory {run.path} does not exist: pass the --out folder of a crlf pretrain run")
+            raise InputError(f"run directory '{run.path}' does not exist: pass the --out folder of a crlf pretrain run")
         return run
     ckpt = settings.ckpt.expanduser() if settings.ckpt is not None else None
     return RunDir(ckpt.parent) if ckpt is not None and (ckpt.parent / "config.json").is_file() else None

@@ -178,10 +178,10 @@ def check_writable(path: Path, option: str) -> None:
     full): creates and removes a temp file beside it."""
     path = Path(path)
     if not path.parent.is_dir():
-        raise InputError(f"cannot write {path}: the folder {path.parent} does not exist; create it or choose another "
-                         f"{option}")
+        raise InputError(f"cannot write '{path}': the folder '{path.parent}' does not exist; create it or choose "
+                         f"another {option}")
     if path.is_dir():
-        raise InputError(f"cannot write {path}: it is a folder; give a file name to {option}")
+        raise InputError(f"cannot write '{path}': it is a folder; give a file name to {option}")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)

@@ -97,7 +97,7 @@ def _warn_if_not_exact(resolved: dict[str, Any]) -> None:
 def complete(run: RunDir) -> dict[str, Any]:
     """The summary of a run that has nothing left to do (--resume of a finished run)."""
     done = run.finished_epoch()
-    log.info("run %s is complete (%d epochs): nothing to do", run.path, done)
+    log.info("run %s is complete (%d epoch%s): nothing to do", run.path, done, "" if done == 1 else "s")
     return {"status": "complete", "run_dir": str(run.path), "encoder": str(run.encoder), "epochs": done}
 
 

@@ -59,7 +59,7 @@ class _Inputs:
         for run in self.runs:
             if not run.path.is_dir():
                 raise InputError(
-                    f"run directory {run.path} does not exist: pass the --out folder of a crlf pretrain run"
+                    f"run directory '{run.path}' does not exist: pass the --out folder of a crlf pretrain run"
                 )
         self.run = self.runs[0] if self.runs else None
         self._points: _Points | None = None

@@ -64,6 +64,18 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory) -> ReferenceRun:
     return ref
 
 
+def copy_run(src: Path, dst: Path, ignore=None) -> Path:
+    """shutil.copytree of a run directory whose .safetensors files are hard links: crlf replaces those by rename,
+    never writes into them, so the copy can be changed freely without 100s of MB written per copy; the files crlf
+    appends to (metrics.jsonl, train.log, .lock) are real copies, as crlf refuses linked ones."""
+    import shutil
+
+    def copy(a: str, b: str) -> None:
+        os.link(a, b) if a.endswith(".safetensors") else shutil.copy2(a, b)
+
+    return Path(shutil.copytree(src, dst, ignore=ignore, copy_function=copy))
+
+
 class SignalAt:
     """A reporter that sends this process `sig` after step `step` of epoch `epoch` (1-based), as `kill` would; step 0:
     once the epoch's metrics are recorded (between two epochs)."""

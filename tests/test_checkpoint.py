@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import copy_run
 from safetensors.torch import save_file
 from torchvision import models
 
@@ -383,7 +384,7 @@ def test_crafted_generator_or_schedule_states_are_an_input_error(tmp_path, refer
     from crlf import pretrain
 
     run = tmp_path / "run"
-    shutil.copytree(reference_run.path, run, ignore=shutil.ignore_patterns("checkpoints"))  # no snapshot to fall to
+    copy_run(reference_run.path, run, ignore=shutil.ignore_patterns("checkpoints"))  # no snapshot to fall to
     tensors, metadata = read_tensors(run / "last.safetensors")
     bad = {"float rng": torch.zeros(5056), "short rng": torch.zeros(10, dtype=torch.uint8)}.get(crafted)
     rng = torch.get_rng_state()

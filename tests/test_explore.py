@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import copy_run
 from inprocess import run_crlf
 from PIL import Image
 
@@ -43,7 +44,7 @@ def _no_crlf_env(monkeypatch):
 def run(reference_run, tmp_path_factory):
     """A copy of the session's reference run (8 px digits) with a linear-eval result and probe in it."""
     path = tmp_path_factory.mktemp("explore") / "run"
-    shutil.copytree(reference_run.path, path)
+    copy_run(reference_run.path, path)
     linear_eval(LinearEvalSettings(ckpt=path / "encoder.safetensors", data="digits", limit=150, device="cpu",
                                    probe_epochs=5))  # fmt: skip
     return path
@@ -309,7 +310,7 @@ def test_embeddings_file_with_its_images_and_an_unwritable_run(run, space, tmp_p
         open_space(ExploreSettings(emb=out, projection="pca"))  # all 359 test digits: not the file's 100
     # a run directory that cannot be written: computed without caching, after a warning
     copy = tmp_path / "ro"
-    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("explore"))
+    copy_run(run, copy, ignore=shutil.ignore_patterns("explore"))
     import crlf.engine.explore as explore
 
     def refuse(path, write):
@@ -347,7 +348,7 @@ def test_visualize_writes_a_static_map_with_thumbnails(run, tmp_path):
     from crlf.engine.mapview import SPRITE, static_map
 
     copy = tmp_path / "run"
-    shutil.copytree(run, copy)
+    copy_run(run, copy)
     result = visualize(VisualizeSettings(run=[copy], kind=["pca"], max_points=60, device="cpu"))
     page = Path(result["index"]).read_text()
     assert 'id="crlf-map"' in page and "function crlfMap" in page and f'"sprite": "{SPRITE}"' in page
@@ -379,7 +380,7 @@ def test_the_page_in_headless_chromium(run, server, tmp_path):
     from playwright.sync_api import sync_playwright
 
     copy = tmp_path / "run"
-    shutil.copytree(run, copy)
+    copy_run(run, copy)
     index = visualize(VisualizeSettings(run=[copy], kind=["pca"], max_points=60, device="cpu"))["index"]
     query = tmp_path / "query.png"
     png(query, seed=3)

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import traceback
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import copy_run
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -79,7 +79,7 @@ def test_print_config_shows_the_methods_resolved_defaults(capsys):
 
 def test_resume_refuses_another_method(tmp_path, reference_run):
     run = tmp_path / "run"
-    shutil.copytree(reference_run.path, run)
+    copy_run(reference_run.path, run)
     for other in sorted(set(methods.REGISTRY) - {"simclr"})[:1]:
         with pytest.raises(InputError, match=f"method: 'simclr' -> '{other}'"):
             pretrain(reference_run.settings(run, method=other), resume=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import copy_run
 
 import crlf
 from crlf import PretrainSettings, pretrain
@@ -62,7 +63,7 @@ def test_links_in_a_run_directory_are_refused_and_never_written_through(tmp_path
 
 def test_force_checks_data_first_and_foreign_folders_are_never_cleared(tmp_path, trained):
     run = tmp_path / "run"
-    shutil.copytree(trained, run)
+    copy_run(trained, run)
     before = files_of(run)
     with pytest.raises(InputError, match="does not exist"):
         pretrain(tiny(run, data="npy", data_dir=tmp_path / "missing.npy"), force=True)
@@ -81,7 +82,7 @@ def test_force_checks_data_first_and_foreign_folders_are_never_cleared(tmp_path,
 
 def test_force_on_a_real_run_starts_over_and_keeps_a_working_log(tmp_path, trained):
     run = tmp_path / "run"
-    shutil.copytree(trained, run)
+    copy_run(trained, run)
     (run / "linear_eval.json").write_text("{}")  # results of the encoder being discarded
     old_encoder = (run / "encoder.safetensors").read_bytes()
     summary = pretrain(tiny(run, seed=1), force=True)
@@ -111,7 +112,7 @@ def test_hard_links_and_odd_files_in_a_run_directory_are_never_written_into(tmp_
     victim.write_text("keep me")
     for name in (".lock", "metrics.jsonl", "train.log"):
         run = tmp_path / f"run-{name.strip('.')}"
-        shutil.copytree(trained, run)
+        copy_run(trained, run)
         (run / name).unlink(missing_ok=True)
         os.link(victim, run / name)
         with pytest.raises(InputError, match="hard links"):
@@ -121,7 +122,7 @@ def test_hard_links_and_odd_files_in_a_run_directory_are_never_written_into(tmp_
             files.append_line(run / name, "x\n")
         assert victim.read_text() == "keep me"
     fifo = tmp_path / "run-fifo"
-    shutil.copytree(trained, fifo)
+    copy_run(trained, fifo)
     os.unlink(fifo / "train.log")
     os.mkfifo(fifo / "train.log")
     with pytest.raises(InputError, match="not a regular file"):  # refused at once, not blocked on the FIFO
@@ -130,7 +131,7 @@ def test_hard_links_and_odd_files_in_a_run_directory_are_never_written_into(tmp_
 
 def test_only_crlfs_own_temporary_files_are_removed(tmp_path, trained):
     run = tmp_path / "run"
-    shutil.copytree(trained, run)
+    copy_run(trained, run)
     mine = [run / ".notes.tmp", run / ".x.tmp", run / ".photo.jpg.abcd1234.tmp", run / "checkpoints" / ".mine.tmp"]
     crlfs = [run / ".config.json.k2j_9xq0.tmp", run / ".last.safetensors.abcdefgh.tmp",
              run / "checkpoints" / ".epoch-0003.safetensors.tmp"]
@@ -142,7 +143,7 @@ def test_only_crlfs_own_temporary_files_are_removed(tmp_path, trained):
 
 def test_out_inside_another_run_or_the_root_or_home_is_refused(tmp_path, trained, monkeypatch):
     run = tmp_path / "A"
-    shutil.copytree(trained, run)
+    copy_run(trained, run)
     for inner in (run / "checkpoints", run / "sub" / "B"):
         with pytest.raises(InputError, match="inside the crlf run"):
             pretrain(tiny(inner))
@@ -231,7 +232,7 @@ def test_a_full_disk_is_one_line_and_exit_1_wherever_it_strikes(tmp_path, traine
         with pytest.raises(RunError, match="No space left"):
             pretrain(tiny(tmp_path / "new"))
     run = tmp_path / "run"
-    shutil.copytree(trained, run)
+    copy_run(trained, run)
     handler = rundir._LogFile(run / "train.log")
     handler.file = type("Full", (), {"write": full, "flush": full, "close": full})()
     import logging
@@ -246,7 +247,7 @@ def test_a_full_disk_is_one_line_and_exit_1_wherever_it_strikes(tmp_path, traine
 
 def test_snapshots_sort_by_number_past_epoch_9999(tmp_path, trained):
     run = RunDir(tmp_path / "run")
-    shutil.copytree(trained, run.path)
+    copy_run(trained, run.path)
     for epoch in (9998, 9999, 10000):
         run.snapshot(epoch, keep=2)
     names = [p.name for p in run.snapshots()]
@@ -256,7 +257,7 @@ def test_snapshots_sort_by_number_past_epoch_9999(tmp_path, trained):
 
 def test_resume_of_a_complete_run_in_a_read_only_folder_is_a_no_op(tmp_path, trained, monkeypatch):
     run = tmp_path / "run"
-    shutil.copytree(trained, run)
+    copy_run(trained, run)
     before = files_of(run)
     monkeypatch.setattr(RunDir, "writable", lambda self: False)
     monkeypatch.setattr(RunDir, "locked", lambda self: pytest.fail("a read-only folder cannot be locked"))

@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import copy_run
 from inprocess import run_crlf
 from PIL import Image
 
@@ -102,7 +103,7 @@ def test_cli_embeddings_map_and_loss_overlay(tmp_path, run_dir):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["figures"]["pca"]["points"] == 359
     assert png_size(tmp_path / "pca.png") == ("PNG", SIZES["pca"])
-    shutil.copytree(run_dir, tmp_path / "other")
+    copy_run(run_dir, tmp_path / "other")
     result = visualize(VisualizeSettings(run=[run_dir, tmp_path / "other"], kind=["loss"], out=tmp_path / "figs"))
     assert result["figures"]["loss"]["runs"] == [str(run_dir), str(tmp_path / "other")]
     assert png_size(tmp_path / "figs" / "loss.png") == ("PNG", SIZES["loss"]) and "index" in result
@@ -239,7 +240,7 @@ def test_run_facts_use_the_resolved_block_and_fall_back_without_it():
 
 def test_a_linked_figures_folder_of_a_run_is_refused_and_never_written_into(tmp_path, run_dir):
     run = tmp_path / "run"
-    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("figures"))
+    copy_run(run_dir, run, ignore=shutil.ignore_patterns("figures"))
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "index.html").write_text("mine")
@@ -251,7 +252,7 @@ def test_a_linked_figures_folder_of_a_run_is_refused_and_never_written_into(tmp_
 
 def test_the_index_rounds_the_settings_it_shows(tmp_path, run_dir):
     run = tmp_path / "run"
-    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("figures"))
+    copy_run(run_dir, run, ignore=shutil.ignore_patterns("figures"))
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**config, "lr": 0.076 / 7}))  # 0.010857142857142857
     visualize(VisualizeSettings(run=[run], kind=["loss"]))

@@ -27,7 +27,7 @@ from torch import nn
 
 from crlf import __version__
 from crlf.engine.files import atomic_write
-from crlf.errors import InputError
+from crlf.errors import InputError, quoted
 
 ENCODER_FORMAT = "crlf-encoder"
 STATE_FORMAT = "crlf-state"
@@ -82,7 +82,7 @@ def read_tensors_hashed(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
         inside = " (encoder.safetensors is in it)" if (path / "encoder.safetensors").is_file() else ""
         raise InputError(f"checkpoint {path} is a folder, not a file: pass the .safetensors file{inside}")
     if not path.is_file():
-        raise InputError(f"checkpoint '{path}' does not exist")
+        raise InputError(f"checkpoint {quoted(path)} does not exist")
     try:
         data = path.read_bytes()
         (size,) = struct.unpack("<Q", data[:8])

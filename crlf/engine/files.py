@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from crlf.errors import InputError, RunError
+from crlf.errors import InputError, RunError, quoted
 
 # atomic_write's temporary files: '.' + the target's name + '.' + mkstemp's 8 random characters + '.tmp'
 _TEMP = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
@@ -31,7 +31,7 @@ def temp_target(name: str) -> str | None:
 _DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG}
 
 
-def _mode_for(path: Path) -> int:
+def new_file_mode(path: Path) -> int:
     """The permission bits a plain ``open(path, "w")`` would give: the file's own when it exists, else 0o666 less
     the umask (mkstemp alone makes every file 0o600)."""
     with contextlib.suppress(OSError):
@@ -50,7 +50,7 @@ def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
     is replaced, never written through.
     """
     path = Path(path)
-    mode = _mode_for(path)
+    mode = new_file_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, mode)
@@ -178,10 +178,10 @@ def check_writable(path: Path, option: str) -> None:
     full): creates and removes a temp file beside it."""
     path = Path(path)
     if not path.parent.is_dir():
-        raise InputError(f"cannot write '{path}': the folder '{path.parent}' does not exist; create it or choose "
-                         f"another {option}")
+        raise InputError(f"cannot write {quoted(path)}: the folder {quoted(path.parent)} does not exist; create it or "
+                         f"choose another {option}")
     if path.is_dir():
-        raise InputError(f"cannot write '{path}': it is a folder; give a file name to {option}")
+        raise InputError(f"cannot write {quoted(path)}: it is a folder; give a file name to {option}")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)

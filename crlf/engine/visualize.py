@@ -28,7 +28,7 @@ from crlf.engine.encoder import load_encoder
 from crlf.engine.files import atomic_write, check_writable, make_folder, os_failure
 from crlf.engine.rundir import RunDir
 from crlf.engine.sources.squares import open_images
-from crlf.errors import InputError
+from crlf.errors import InputError, quoted
 from crlf.options import AugmentSettings, DataSettings
 from crlf.settings import VisualizeSettings, merge
 
@@ -59,7 +59,7 @@ class _Inputs:
         for run in self.runs:
             if not run.path.is_dir():
                 raise InputError(
-                    f"run directory '{run.path}' does not exist: pass the --out folder of a crlf pretrain run"
+                    f"run directory {quoted(run.path)} does not exist: pass the --out folder of a crlf pretrain run"
                 )
         self.run = self.runs[0] if self.runs else None
         self._points: _Points | None = None

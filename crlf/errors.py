@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import re
 from typing import Any
+from urllib.error import URLError
 
 # what would break a message over lines or reach the terminal as a control code: C0 / C1 controls, DEL and the
 # Unicode line / paragraph separators
@@ -59,3 +60,14 @@ def one_line(text: str) -> str:
 def quoted(path: Any) -> str:
     """A path (or any value) for a message: in quotes, one line ('./data', 'a\\nb'), so it reads as a name."""
     return repr(str(path))
+
+
+def short_reason(e: BaseException, limit: int = 120) -> str:
+    """The first line of an exception's text (a URLError: its reason) as one line of at most `limit` characters, cut
+    between words ('...' marks the cut), for 'cannot read X (reason)'."""
+    text = (str(e.reason) if isinstance(e, URLError) else str(e)).strip()
+    text = one_line(text.splitlines()[0] if text else type(e).__name__)
+    if len(text) <= limit:
+        return text
+    head = text[: limit - 3]
+    return (head.rsplit(" ", 1)[0] if " " in head else head).rstrip(" ,;:") + "..."

@@ -19,7 +19,7 @@ from crlf.engine.backbones import resolve_stem
 from crlf.engine.heads import build_head
 from crlf.engine.loss import nt_xent
 from crlf.engine.optim import LARS, build_optimizer
-from crlf.errors import InputError
+from crlf.errors import InputError, short_reason
 from crlf.options import BUILTIN_ARCHS
 
 timm = pytest.importorskip("timm")  # in the dev extra: skipped only where crlf[timm] is not installed
@@ -185,10 +185,10 @@ def test_timm_builds_with_the_hub_offline_and_no_pretrained_weights(monkeypatch)
 
 
 def test_timm_errors_are_cut_between_words():
-    assert backbones.first_line(ValueError("short\nsecond line")) == "short"
-    cut = backbones.first_line(ValueError("Kernel size can't be greater than actual input size"), limit=30)
+    assert short_reason(ValueError("short\nsecond line")) == "short"
+    cut = short_reason(ValueError("Kernel size can't be greater than actual input size"), limit=30)
     assert cut == "Kernel size can't be..." and len(cut) <= 30
-    assert backbones.first_line(RuntimeError("")) == "RuntimeError"
+    assert short_reason(RuntimeError("")) == "RuntimeError"
 
 
 def test_without_timm_the_cli_says_how_to_get_it(tmp_path, monkeypatch):

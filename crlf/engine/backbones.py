@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
-from crlf.errors import InputError, one_line
+from crlf.errors import InputError, short_reason
 from crlf.options import BUILTIN_ARCHS, MAX_IMAGE_SIZE, MAX_WIDTH
 
 
@@ -359,15 +359,15 @@ class Timm(Family):
                 kwargs = {}
                 net = _create(arch)
         except _BUILD_ERRORS as e:
-            raise InputError(f"--arch {arch}: timm cannot build it for {image_size} px images ({first_line(e)}): "
-                             "choose another --image-size or model") from None
+            raise InputError(f"--arch {arch}: timm cannot build it for {image_size} px images "
+                             f"({short_reason(e, 160)}): choose another --image-size or model") from None
         return BackboneSpec(arch, image_size, _width(net, arch, image_size), kwargs=kwargs)
 
     def build(self, spec: BackboneSpec) -> nn.Module:
         try:
             return _create(spec.arch, **spec.kwargs)
         except _BUILD_ERRORS as e:
-            raise InputError(f"timm cannot build {spec.arch} with {spec.kwargs} ({first_line(e)})") from None
+            raise InputError(f"timm cannot build {spec.arch} with {spec.kwargs} ({short_reason(e, 160)})") from None
 
     def problem(self, spec: BackboneSpec) -> str | None:
         problem = _timm_name_problem(spec.arch)
@@ -390,15 +390,6 @@ class Timm(Family):
         return f'net = timm.create_model("{spec.arch.removeprefix("timm:")}", num_classes=0{args})'
 
 
-def first_line(e: BaseException, limit: int = 160) -> str:
-    """The first line of an exception's text, at most `limit` characters, cut between words ('...' marks the cut)."""
-    text = one_line((str(e).strip().splitlines() or [type(e).__name__])[0])
-    if len(text) <= limit:
-        return text
-    cut = text[: limit - 3].rsplit(" ", 1)[0] if " " in text[: limit - 3] else text[: limit - 3]
-    return cut.rstrip(" ,;:") + "..."
-
-
 def _width(net: nn.Module, arch: str, image_size: int) -> int:
     """A timm model's feature width, read off one forward pass of a blank image at the run's size (which also finds
     models too deep for small images before any data is loaded)."""
@@ -406,7 +397,7 @@ def _width(net: nn.Module, arch: str, image_size: int) -> int:
         with torch.no_grad():
             out = net.eval()(torch.zeros(1, 3, image_size, image_size))
     except (RuntimeError, ValueError, AssertionError) as e:
-        raise InputError(f"--arch {arch} cannot take {image_size} px images ({first_line(e)}): "
+        raise InputError(f"--arch {arch} cannot take {image_size} px images ({short_reason(e, 160)}): "
                          "choose a larger --image-size or another model") from None
     if out.ndim != 2:
         raise InputError(f"--arch {arch} gives features of shape {tuple(out.shape[1:])}, not a vector: choose a "

@@ -14,7 +14,6 @@ import importlib.util
 import io
 import json
 import logging
-import re
 import threading
 import time
 import zipfile
@@ -33,7 +32,7 @@ from crlf.engine.device import select_device
 from crlf.engine.embeddings import PROBE_FORMAT, read_embeddings
 from crlf.engine.files import atomic_write
 from crlf.engine.rundir import RunDir
-from crlf.errors import InputError
+from crlf.errors import InputError, quoted
 from crlf.options import DataSettings
 from crlf.settings import ExploreSettings, merge
 
@@ -65,14 +64,15 @@ class _Embedder:
     def file(self, stream: BinaryIO, suffix: str) -> torch.Tensor:
         """One image file's bytes, decoded as the folder source decodes files -> float32 (D,)."""
         from crlf.engine.folder import decode
+        from crlf.engine.sources.images import unreadable
 
         try:
             pixels = decode(stream, self.image_size, suffix=suffix, max_pixels=Image.MAX_IMAGE_PIXELS)
         except InputError:
             raise
         except Exception as e:  # whatever the decoder raised: the upload is not an image it can read
-            reason = re.sub(r" <[^>]*>", "", data.short_reason(e))  # "cannot identify image file <SpooledTemp...>"
-            raise InputError(f"not an image crlf can read ({reason}): upload a PNG, JPEG, WebP, TIFF, ...") from None
+            raise InputError(f"not an image crlf can read ({unreadable(e)}): upload a PNG, JPEG, WebP, TIFF, "
+                             "...") from None
         return self.images(torch.tensor(pixels).permute(2, 0, 1)[None].contiguous())[0]  # a copy: writable
 
 
@@ -272,7 +272,8 @@ def _run_dir(settings: ExploreSettings) -> RunDir | None:
     if settings.run is not None:
         run = RunDir(settings.run.expanduser())
         if not run.path.is_dir():
-            raise InputError(f"run directory '{run.path}' does not exist: pass the --out folder of a crlf pretrain run")
+            raise InputError(f"run directory {quoted(run.path)} does not exist: pass the --out folder of a crlf "
+                             "pretrain run")
         return run
     ckpt = settings.ckpt.expanduser() if settings.ckpt is not None else None
     return RunDir(ckpt.parent) if ckpt is not None and (ckpt.parent / "config.json").is_file() else None

@@ -8,8 +8,8 @@ sources.feed decides, by size, which of the two a training run uses.
 
 from __future__ import annotations
 
-from crlf.engine.sources.base import REGISTRY, Catalog, ImageSet, Request, Source, pick, resize, short_reason
-from crlf.errors import InputError
+from crlf.engine.sources.base import REGISTRY, Catalog, ImageSet, Request, Source, pick, resize
+from crlf.errors import InputError, short_reason
 from crlf.options import DataSettings
 
 __all__ = ["REGISTRY", "Catalog", "ImageSet", "Request", "Source", "catalog", "load", "pick", "request",

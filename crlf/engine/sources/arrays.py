@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from crlf.engine.sources.base import ImageSet, Request, register, short_reason, split_ids
-from crlf.errors import InputError
+from crlf.engine.sources.base import ImageSet, Request, register, split_ids
+from crlf.errors import InputError, short_reason
 
 
 @register("npy")

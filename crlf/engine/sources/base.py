@@ -12,7 +12,6 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.error import URLError
 
 import numpy as np
 import torch
@@ -157,13 +156,6 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
         )
         out[i : i + chunk] = x.round_().clamp_(0, 255).to(torch.uint8) if uint8 else x
     return out
-
-
-def short_reason(e: BaseException) -> str:
-    """A one-line reason for an exception, at most 120 characters (a URLError: its reason)."""
-    text = (str(e.reason) if isinstance(e, URLError) else str(e)).strip()
-    text = text.splitlines()[0] if text else type(e).__name__
-    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def split_ids(split: str, n: int) -> list[str]:

@@ -13,8 +13,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from crlf.engine.sources.base import ImageSet, Request, pick, register, short_reason, split_ids
-from crlf.errors import InputError
+from crlf.engine.sources.base import ImageSet, Request, pick, register, split_ids
+from crlf.errors import InputError, short_reason
 
 try:
     from numpy._core.multiarray import _reconstruct

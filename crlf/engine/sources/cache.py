@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from crlf.engine.files import _mode_for, atomic_write
-from crlf.engine.sources.base import Catalog, ImageSet, short_reason
+from crlf.engine.files import atomic_write, new_file_mode
+from crlf.engine.sources.base import Catalog, ImageSet
 from crlf.engine.sources.images import decode, unreadable
-from crlf.errors import InputError
+from crlf.errors import InputError, short_reason
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def _temp_beside(path: Path) -> Path:
     """An empty temp file beside `path`, with the permissions `path` will have (mkstemp alone gives 0600)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, _mode_for(path))
+        os.fchmod(fd, new_file_mode(path))
     finally:
         os.close(fd)
     return Path(tmp)

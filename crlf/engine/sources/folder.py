@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from crlf.engine.sources.base import Catalog, ImageSet, Request, register, short_reason
+from crlf.engine.sources.base import Catalog, ImageSet, Request, register
 from crlf.engine.sources.cache import load_catalog
 from crlf.engine.sources.images import formats_for, printable
-from crlf.errors import InputError
+from crlf.errors import InputError, short_reason
 
 
 def list_folder(req: Request) -> Catalog:

@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from crlf.engine.augment import crop_box
-from crlf.engine.sources.base import short_reason
-from crlf.errors import InputError
+from crlf.errors import InputError, short_reason
 
 _ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from crlf.engine.sources.arrays import label_bound_problem
-from crlf.engine.sources.base import Catalog, ImageSet, Request, register, short_reason
+from crlf.engine.sources.base import Catalog, ImageSet, Request, register
 from crlf.engine.sources.cache import load_catalog
 from crlf.engine.sources.images import printable
-from crlf.errors import InputError
+from crlf.errors import InputError, short_reason
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,25 @@ import torch
 import torch.nn.functional as F
 
 from crlf.errors import InputError
-from crlf.options import AugmentSettings
 
 Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class Augment:
+    """The strengths of the SimCLR augmentations (crlf.options.AugmentSettings documents each; the same names): what
+    sample_params draws from. A plain value, so a method's recipe can change it per view (dataclasses.replace)."""
+
+    crop_min_scale: float = 0.2  # random resized crop: area fraction U(min, max)
+    crop_max_scale: float = 1.0
+    flip_p: float = 0.5
+    jitter_strength: float = 0.5  # s: brightness, contrast, saturation 0.8 s, hue 0.2 s
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 0.0  # kernel 10% of the side, sigma U(0.1, 2)
+    rotation: float = 0.0  # largest angle in degrees
+    noise_std: float = 0.0  # on [0, 1] pixels
+    solarize_p: float = 0.0
 
 
 @dataclass
@@ -60,7 +76,7 @@ class AugmentParams:
         )
 
 
-def sample_params(n: int, height: int, width: int, cfg: AugmentSettings, generator: torch.Generator) -> AugmentParams:
+def sample_params(n: int, height: int, width: int, cfg: Augment, generator: torch.Generator) -> AugmentParams:
     """Draw the parameters of `n` augmentations of `height` x `width` images, all from `generator` (a seed reproduces
     them).
 
@@ -289,7 +305,7 @@ def _finish(x: Tensor, p: AugmentParams, out_size: int) -> Tensor:
 
 
 def views(
-    images: Tensor | Crops, cfg: AugmentSettings, generator: torch.Generator, out_size: int | None = None
+    images: Tensor | Crops, cfg: Augment, generator: torch.Generator, out_size: int | None = None
 ) -> tuple[Tensor, Tensor]:
     """The SimCLR pair: two independent augmentations of a uint8 batch, in one batched pass; out_size defaults to the
     shorter side. Pre-cropped views (Crops) draw the same parameters and use all but their boxes."""
@@ -305,7 +321,7 @@ LOCAL_SCALE = (0.05, 0.4)
 
 
 def multi_crop(
-    images: Tensor | Crops, cfg: AugmentSettings, generator: torch.Generator, global_size: int | None = None,
+    images: Tensor | Crops, cfg: Augment, generator: torch.Generator, global_size: int | None = None,
     local_crops: int = 0, local_size: int | None = None, local_scale: tuple[float, float] = LOCAL_SCALE,
 ) -> list[Tensor]:  # fmt: skip
     """Multi-crop (SwAV, DINO): 2 global views, then `local_crops` local views of the uint8 batch, float in [0, 1].
@@ -322,7 +338,7 @@ def multi_crop(
         lo, hi = local_scale
         if not 0 < lo <= hi <= 1:
             raise InputError(f"local crop scale must satisfy 0 < min <= max <= 1, got {local_scale}")
-        local_cfg = cfg.model_copy(update={"crop_min_scale": lo, "crop_max_scale": hi})
+        local_cfg = replace(cfg, crop_min_scale=lo, crop_max_scale=hi)
         params = sample_params(local_crops * n, h, w, local_cfg, generator)
         if isinstance(images, Crops):  # the local views follow the global pair, already cut at the local size
             local = images.views[2:]

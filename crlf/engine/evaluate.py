@@ -22,7 +22,6 @@ from crlf.engine import augment
 from crlf.engine.device import autocast, autocast_dtype, make_generator
 from crlf.engine.encoder import Encoder, check_images, prepare
 from crlf.errors import InputError
-from crlf.options import AugmentSettings
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ def progress(what: str, done: int, total: int) -> bool:
 
 
 # fine-tuning's light augmentation: random resized crop of 50-100% of the area and a horizontal flip, no colour ops
-FINETUNE_AUGMENT = AugmentSettings(
+FINETUNE_AUGMENT = augment.Augment(
     crop_min_scale=0.5, crop_max_scale=1.0, flip_p=0.5, jitter_strength=0.0, jitter_p=0.0, grayscale_p=0.0
 )
 

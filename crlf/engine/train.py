@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import torch
 
-from crlf.engine import augment, backbones, data, distributed, evaluate, methods, runplan, sources
+from crlf.engine import augment, backbones, distributed, evaluate, methods, runplan, sources
 from crlf.engine.backbones import BackboneSpec
 from crlf.engine.checkpoint import load_state, save_state, save_tensors, state_tensors
 from crlf.engine.device import autocast, autocast_dtype, make_generator, seed_everything
@@ -308,7 +308,7 @@ def _monitor_data(settings: PretrainSettings, feed: Feed) -> _Monitor:
             f"--knn-every needs labelled training images, and {feed.source} has none: "
             "use a labelled split (e.g. --split train) or --knn-every 0"
         )
-    test = data.load(settings.model_copy(update={"image_size": feed.size}), "test")
+    test = sources.load(settings.model_copy(update={"image_size": feed.size}), "test")
     if test.labels is None:
         raise InputError(f"--knn-every needs a labelled test split, and {test.source} has none: use --knn-every 0")
     classes = int(max(feed.labels.max(), test.labels.max())) + 1

@@ -22,7 +22,7 @@ from conftest import copy_run
 from inprocess import run_crlf
 from PIL import Image
 
-from crlf.engine import data
+from crlf.engine import sources
 from crlf.engine.checkpoint import read_tensors
 from crlf.engine.embeddings import linear_eval
 from crlf.engine.explore import fit_unit_square, open_space
@@ -130,7 +130,7 @@ def test_map_data_labels_ids_and_the_cached_map(run, space, client, monkeypatch,
     assert info["labelled"] and info["uploads"] and info["probe"] and info["neighbors"] == K
     points = client.get("/api/points").get_json()
     options = DataSettings(data="digits", image_size=8, limit=LIMIT)
-    train, test = data.load(options, "train"), data.load(options, "test")
+    train, test = sources.load(options, "train"), sources.load(options, "test")
     assert points["labels"] == train.labels.tolist() + test.labels.tolist()
     assert points["ids"] == train.ids + test.ids and points["ids"][-1].startswith("test/")
     # the rows are extract's, the map is the PCA of them scaled into the unit square

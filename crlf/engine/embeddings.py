@@ -22,11 +22,12 @@ import numpy as np
 import torch
 
 from crlf import __version__
-from crlf.engine import data, evaluate
+from crlf.engine import evaluate, sources
 from crlf.engine.checkpoint import save_tensors
 from crlf.engine.device import select_device
 from crlf.engine.encoder import Encoder, load_encoder
 from crlf.engine.files import atomic_write, check_writable, os_failure
+from crlf.engine.sources.arrays import label_bound_problem
 from crlf.engine.sources.squares import SquareStream, open_images
 from crlf.errors import InputError, quoted
 from crlf.options import DataSettings
@@ -46,7 +47,7 @@ def encoder_data(settings: DataSettings, encoder: Encoder) -> DataSettings:
     return settings.model_copy(update={"image_size": settings.image_size or encoder.image_size})
 
 
-def embed_images(settings: EncoderInput, encoder: Encoder, images: data.ImageSet | SquareStream) -> torch.Tensor:
+def embed_images(settings: EncoderInput, encoder: Encoder, images: sources.ImageSet | SquareStream) -> torch.Tensor:
     """Features of a data set in memory or streamed (float32 N x D on the CPU; streamed: one row per readable image)
     at the settings' precision, with a log line of how long it took."""
     t0 = time.perf_counter()
@@ -211,7 +212,7 @@ def read_embeddings(path: Path) -> tuple[torch.Tensor, torch.Tensor | None, list
                 f"shape {labels.shape}; re-create it with crlf extract"
             )
         problem = "labels must be >= 0" if labels.min() < 0 else None
-        problem = problem or data.label_bound_problem(int(labels.max()), len(x), names or None)
+        problem = problem or label_bound_problem(int(labels.max()), len(x), names or None)
         if problem:
             raise InputError(f"{quoted(path)}: {problem}")
     y = None if labels is None else torch.from_numpy(labels.astype(np.int64))
@@ -250,7 +251,7 @@ def _labelled(
             train_x, train = _embed_split(settings, encoder, data_settings, settings.split)
             test_x, test = _embed_split(settings, encoder, data_settings, "test")
         else:
-            train, test = data.load(data_settings, settings.split), data.load(data_settings, "test")
+            train, test = sources.load(data_settings, settings.split), sources.load(data_settings, "test")
         parts = {
             "train_y": train.labels,
             "test_y": test.labels,
@@ -303,7 +304,7 @@ def _labelled(
 
 def _embed_split(
     settings: EncoderInput, encoder: Encoder, data_settings: DataSettings, split: str | None
-) -> tuple[torch.Tensor, data.ImageSet | SquareStream]:
+) -> tuple[torch.Tensor, sources.ImageSet | SquareStream]:
     """A split's features and its images (in memory) or stream (whose ids and labels are the rows embedded)."""
     images = open_images(data_settings, split, settings.embed_batch_size)
     return embed_images(settings, encoder, images), images

@@ -27,7 +27,7 @@ from crlf.engine import backbones
 from crlf.engine.backbones import BackboneSpec
 from crlf.engine.checkpoint import ENCODER_FORMAT, STATE_FORMAT, read_tensors_hashed, save_tensors
 from crlf.engine.device import autocast, autocast_dtype, select_device
-from crlf.errors import InputError
+from crlf.errors import InputError, short_reason
 from crlf.options import MIN_IMAGE_SIZE  # smaller images vanish in a ResNet's strided stages
 
 log = logging.getLogger(__name__)
@@ -238,7 +238,8 @@ def _from_array(x: np.ndarray) -> torch.Tensor:
 def to_batch(images: Any, size: int) -> torch.Tensor:
     """Anything embed() accepts -> (N, 3, size, size): uint8, or float for float input (N = 0 for an empty
     list or array)."""
-    from crlf.engine import data, folder
+    from crlf.engine.sources.base import resize
+    from crlf.engine.sources.images import decode, square
 
     if isinstance(images, (str, Path, Image.Image)):
         images = [images]
@@ -252,7 +253,7 @@ def to_batch(images: Any, size: int) -> torch.Tensor:
         check_images(images, "embed")
         if images.shape[-2:] == (size, size):
             return images
-        return data.resize(images, size)
+        return resize(images, size)
     if not isinstance(images, Sequence) or isinstance(images, (bytes, str)):
         raise InputError(f"embed: cannot embed a {type(images).__name__}: pass arrays, tensors, PIL images or paths")
     rows = []
@@ -260,15 +261,15 @@ def to_batch(images: Any, size: int) -> torch.Tensor:
         if isinstance(item, (str, Path)):
             path = Path(item).expanduser()
             try:
-                rows.append(torch.tensor(folder.decode(path, size)).permute(2, 0, 1))
+                rows.append(torch.tensor(decode(path, size)).permute(2, 0, 1))
             except Exception as e:  # one line per unreadable file, whatever the decoder raised
-                raise InputError(f"embed: cannot read the image {path}: {data.short_reason(e)}") from None
+                raise InputError(f"embed: cannot read the image {path}: {short_reason(e)}") from None
         elif isinstance(item, Image.Image):
             if 0 in item.size:
                 raise InputError(f"embed: a PIL image of {item.width}x{item.height} px has no pixels")
             # as the folder source: a JPEG not yet loaded is decoded at a reduced scale (Image.draft; this sets the
             # caller's image to that scale too), so the rows equal extract's
-            rows.append(torch.tensor(folder.square(item, size)).permute(2, 0, 1))
+            rows.append(torch.tensor(square(item, size)).permute(2, 0, 1))
         else:
             rows.extend(to_batch(item, size).unbind(0))  # an array or tensor item: all of its images
     if not rows:

@@ -26,13 +26,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from crlf.engine import data
+from crlf.engine import sources
 from crlf.engine.checkpoint import read_tensors
 from crlf.engine.device import select_device
 from crlf.engine.embeddings import PROBE_FORMAT, read_embeddings
 from crlf.engine.files import atomic_write
 from crlf.engine.rundir import RunDir
-from crlf.errors import InputError, quoted
+from crlf.errors import InputError, quoted, short_reason
 from crlf.options import DataSettings
 from crlf.settings import ExploreSettings, merge
 
@@ -63,8 +63,7 @@ class _Embedder:
 
     def file(self, stream: BinaryIO, suffix: str) -> torch.Tensor:
         """One image file's bytes, decoded as the folder source decodes files -> float32 (D,)."""
-        from crlf.engine.folder import decode
-        from crlf.engine.sources.images import unreadable
+        from crlf.engine.sources.images import decode, unreadable
 
         try:
             pixels = decode(stream, self.image_size, suffix=suffix, max_pixels=Image.MAX_IMAGE_PIXELS)
@@ -296,21 +295,21 @@ def _data_settings(settings: ExploreSettings, saved: dict[str, Any], image_size:
     return merge(DataSettings, settings, saved, "invalid data settings for explore")
 
 
-def _load_images(settings: ExploreSettings, run: RunDir | None, image_size: int) -> data.ImageSet:
+def _load_images(settings: ExploreSettings, run: RunDir | None, image_size: int) -> sources.ImageSet:
     """The images to explore: --split, or the train split and the test split when the source has one."""
     saved = {k: v for k, v in (run.saved_config() if run is not None else {}).items() if k not in ("limit", "split")}
     options = _data_settings(settings, saved, image_size)
     if "split" in settings.model_fields_set:
-        return data.load(options)
-    parts = [data.load(options, "train")]
+        return sources.load(options)
+    parts = [sources.load(options, "train")]
     try:
-        test = data.load(options, "test")
+        test = sources.load(options, "test")
         test.ids = [i if i.startswith("test") else f"test/{i}" for i in test.ids]
         parts.append(test)
     except InputError as e:
         log.info("exploring the train split alone: %s", e)
     labelled = all(p.labels is not None for p in parts)
-    return data.ImageSet(
+    return sources.ImageSet(
         torch.cat([p.images for p in parts]),
         torch.cat([p.labels for p in parts]) if labelled else None,  # type: ignore[misc]
         parts[0].class_names,
@@ -319,10 +318,10 @@ def _load_images(settings: ExploreSettings, run: RunDir | None, image_size: int)
     )
 
 
-def _images_of_file(settings: ExploreSettings, prov: dict[str, Any], count: int) -> data.ImageSet:
+def _images_of_file(settings: ExploreSettings, prov: dict[str, Any], count: int) -> sources.ImageSet:
     """The images an embeddings file was extracted from: the data options given, else its provenance's."""
     saved = {k: prov.get(k) for k in ("data", "data_dir", "split", "image_size")}
-    images = data.load(_data_settings(settings, saved, None))
+    images = sources.load(_data_settings(settings, saved, None))
     if len(images) != count:
         raise InputError(f"{settings.emb} holds {count:,} embeddings but the data options give {len(images):,} "
                          "images: give the data options (--data, --data-dir, --split, --limit) it was extracted from")
@@ -391,7 +390,7 @@ class _Cache:
                     return value
                 log.warning("ignoring the cache %s (it does not match its checksum): computing again", path)
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-                log.warning("ignoring the unreadable cache %s (%s): computing again", path, data.short_reason(e))
+                log.warning("ignoring the unreadable cache %s (%s): computing again", path, short_reason(e))
         t0 = time.perf_counter()
         value = np.ascontiguousarray(compute(), dtype=np.float32)
         if path is not None:
@@ -409,5 +408,5 @@ class _Cache:
             log.info("cached in %s (%.1f s of work)", path, seconds)
         except OSError as e:
             log.warning("cannot cache in %s (%s): computing it again on every start", path.parent,
-                        data.short_reason(e))  # fmt: skip
+                        short_reason(e))  # fmt: skip
             self.folder = None

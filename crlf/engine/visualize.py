@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from crlf import __version__
-from crlf.engine import augment, data, evaluate, plots
+from crlf.engine import augment, evaluate, plots, sources
 from crlf.engine.device import select_device
 from crlf.engine.embeddings import embed_images, encoder_data, read_embeddings
 from crlf.engine.encoder import load_encoder
@@ -158,7 +158,7 @@ class _Inputs:
     def _read_points(self) -> _Points:
         assert self.settings.emb is not None
         x, y, names, prov = read_embeddings(self.settings.emb)
-        keep = data.pick(len(x), self.settings.max_points, self.settings.seed)
+        keep = sources.pick(len(x), self.settings.max_points, self.settings.seed)
         if keep is not None:
             x, y = x[keep], None if y is None else y[keep]
         return _Points(
@@ -333,7 +333,7 @@ def _neighbors(inp: _Inputs) -> tuple[Any, dict[str, Any]]:
 def _augmentations(inp: _Inputs) -> tuple[Any, dict[str, Any]]:
     s = inp.settings
     data_settings, cfg = inp.merged(DataSettings), inp.merged(AugmentSettings)
-    images = data.load(data_settings)
+    images = sources.load(data_settings)
     rows = torch.from_numpy(
         np.sort(np.random.default_rng(s.seed).choice(len(images), min(s.queries, len(images)), replace=False))
     )

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "PretrainSettings": "crlf.settings",
-    "pretrain": "crlf.engine.train",
+    "pretrain": "crlf.commands.pretrain",
     "load_encoder": "crlf.engine.encoder",
     "Encoder": "crlf.engine.encoder",
     "BackboneSpec": "crlf.engine.backbones",

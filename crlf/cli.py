@@ -332,7 +332,7 @@ def _resolved(cls: type, values: dict[str, Any], config: Path | None, print_conf
     """Resolve the settings; with --print-config print them (TOML, or JSON with --json) and return None."""
     settings = resolve(cls, values, config)
     if isinstance(settings, PretrainSettings):  # the method's defaults for what was left unset
-        from crlf.engine.methods import resolve as method_defaults
+        from crlf.commands.pretrain import resolve as method_defaults
 
         settings = method_defaults(settings)
     if not print_config:
@@ -375,7 +375,7 @@ def _pretrain(
         settings = _resolved(PretrainSettings, settings_values, config, print_config, json)
         if settings is None:
             return
-        from crlf.engine.train import pretrain  # torch is imported only when there is work to do
+        from crlf.commands.pretrain import pretrain  # torch is imported only when there is work to do
 
         reporter = output.TrainingReporter(quiet=quiet, bar=not json, log_every=settings.log_every)
         try:

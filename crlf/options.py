@@ -11,24 +11,23 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, create_model, field_validator, model_validator
 
+from crlf import catalog
 from crlf.errors import did_you_mean
 
 # every float must be finite: inf / nan pass the range checks (inf > 0) and fail late, and --print-config would
 # write them as Infinity / NaN, which TOML cannot read back
 STRICT = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
-# upper bounds: values past them are typos or overflows (they used to crash late, after config.json was written)
-MIN_IMAGE_SIZE = 8  # the encoder's smallest side (crlf.engine.evaluate.MIN_SIDE)
-MAX_IMAGE_SIZE = 4096
-MAX_SEED = 2**32 - 1  # what NumPy and scikit-learn accept; torch's per-epoch seeds are derived from it
-MAX_WIDTH = 16384  # projection head widths (wide heads in the literature: 8192)
-MAX_EPOCHS = 1_000_000
-MAX_BATCH = 2**20  # batch sizes, and k neighbours
-# --arch names crlf builds itself (crlf.engine.backbones registers a family for each); timm:NAME adds timm's
-BUILTIN_ARCHS = ("resnet18", "resnet34", "resnet50", "vit_tiny", "vit_small", "vit_base")
-MAX_SCALAR = 1e30  # learning rates: larger values overflow float32 in the optimizer's step
+from crlf.limits import (  # noqa: E402 - the bounds, shared with the library
+    MAX_BATCH,
+    MAX_EPOCHS,
+    MAX_IMAGE_SIZE,
+    MAX_SCALAR,
+    MAX_SEED,
+    MIN_IMAGE_SIZE,
+)
 
 
 def _leaves(annotation: Any) -> set[Any]:
@@ -138,7 +137,7 @@ class DeviceSettings(Group):
 
 
 class ModelSettings(Group):
-    """The encoder (backbone) and the projection head."""
+    """The encoder (backbone); the projection heads are the methods' (MethodSettings)."""
 
     arch: str = Field(
         "resnet18",
@@ -151,76 +150,49 @@ class ModelSettings(Group):
     patch_size: int | None = Field(
         None, ge=1, le=MAX_IMAGE_SIZE, description="ViTs: patch side in px (default: 4 up to 48 px, 8 below 96, 16)."
     )
-    head_hidden: int | None = Field(
-        None, gt=0, le=MAX_WIDTH, description="Width of the head's hidden layers (default: the method's; simclr 2048)."
-    )
-    head_out: int | None = Field(
-        None, gt=0, le=MAX_WIDTH, description="Output size of the projection head (default: the method's; simclr 128)."
-    )
-    head_layers: int | None = Field(
-        None, ge=1, le=4, description="Linear layers in the head (default: the method's; simclr 2)."
-    )
-    head_dropout: float = Field(
-        0.0,
-        ge=0.0,
-        lt=1.0,
-        description="Dropout before each linear layer of the head but the first.",
-    )
-
     @field_validator("arch")
     @classmethod
     def _arch_name(cls, v: str) -> str:
-        if v in BUILTIN_ARCHS or re.fullmatch(r"timm:[A-Za-z0-9_.\-]+", v):
+        if v in catalog.ARCHS or re.fullmatch(r"timm:[A-Za-z0-9_.\-]+", v):
             return v
-        raise ValueError(f"unknown arch {v!r}{did_you_mean(v, BUILTIN_ARCHS)}: choose one of "
-                         f"{', '.join(BUILTIN_ARCHS)}, or timm:NAME for any timm model")
+        raise ValueError(f"unknown arch {v!r}{did_you_mean(v, catalog.ARCHS)}: choose one of "
+                         f"{', '.join(catalog.ARCHS)}, or timm:NAME for any timm model")
 
 
-class MethodSettings(Group):
-    """The self-supervised method and its own options; None: the method's default (see --print-config)."""
+def _method_fields() -> dict[str, Any]:
+    """One field per option of every registered method (crlf.catalog), each None by default: the chosen method's own
+    default then applies (the command layer builds the method's config from the fields that are set)."""
+    table = catalog.methods()
+    names = list(table["methods"])
+    fields: dict[str, Any] = {
+        "method": (str, Field("simclr", description=f"{', '.join(names)} (the README compares them).")),
+    }
+    kinds = {"int": int, "float": float, "bool": bool, "str": str}
+    for name, o in table["options"].items():
+        defaults = [f"{m} {d['defaults'][name]}" for m, d in table["methods"].items() if name in d["defaults"]]
+        fields[name] = (
+            kinds[o["type"]] | None,
+            Field(None, description=f"{o['help']} Default: {', '.join(defaults)}.", **o["bounds"]),
+        )
+    return fields
 
-    method: Literal["simclr", "moco", "byol", "simsiam", "barlow", "vicreg", "dino", "swav"] = Field(
-        "simclr", description="simclr, moco, byol, simsiam, barlow, vicreg, dino or swav (the README compares them)."
-    )
-    temperature: float | None = Field(
-        None, gt=0.0, le=100.0, description="Temperature of the loss (simclr 0.2; below 0.07 is often unstable)."
-    )
-    queue_size: int | None = Field(
-        None, ge=0, le=262144, description="moco: queue of negative keys (4096); 0: MoCo v3-style, no queue."
-    )
-    pred_hidden: int | None = Field(
-        None, gt=0, le=MAX_WIDTH, description="byol, simsiam, moco v3-style: predictor hidden width (4096, 512, 4096)."
-    )
-    momentum: float | None = Field(
-        None, ge=0.0, le=1.0, description="Teacher EMA base, raised to 1 by a cosine (dino 0.996, moco, byol 0.99)."
-    )
-    teacher_temperature: float | None = Field(
-        None, gt=0.0, le=100.0, description="dino: teacher temperature after a warm-up from 0.04 (default 0.07)."
-    )
-    prototypes: int | None = Field(
-        None, ge=1, le=262144, description="dino, swav: number of prototypes K (default: dino 4096, swav 3000)."
-    )
-    local_crops: int | None = Field(
-        None, ge=0, le=32, description="dino, swav: local crops per image besides the 2 global ones (default 4)."
-    )
-    local_size: int | None = Field(
-        None, ge=2, le=MAX_IMAGE_SIZE, description="dino, swav: local crop side in pixels, at most the image's (16)."
-    )
-    barlow_lambda: float | None = Field(
-        None, ge=0.0, le=1e3, description="barlow: weight of the off-diagonal (redundancy) term (default 0.0051)."
-    )
-    barlow_scale: float | None = Field(
-        None, gt=0.0, le=1e3, description="barlow: factor on the whole loss (default 0.1 as solo-learn; 1: official)."
-    )
-    vicreg_sim: float | None = Field(
-        None, ge=0.0, le=1e4, description="vicreg: weight of the invariance (MSE) term (default 25)."
-    )
-    vicreg_std: float | None = Field(
-        None, ge=0.0, le=1e4, description="vicreg: weight of the variance (std hinge) term (default 25)."
-    )
-    vicreg_cov: float | None = Field(
-        None, ge=0.0, le=1e4, description="vicreg: weight of the covariance (off-diagonal) term (default 1)."
-    )
+
+def _known_method(cls: type, v: str) -> str:
+    names = list(catalog.methods()["methods"])
+    if v not in names:
+        raise ValueError(f"{v!r} is not one of {', '.join(names)}{did_you_mean(v, names)}")
+    return v
+
+
+# The self-supervised method and its own options, generated from the registry (a new method adds its options here
+# without an edit); None: the method's default (see --print-config).
+MethodSettings: type[Group] = create_model(
+    "MethodSettings",
+    __base__=Group,
+    __doc__="The self-supervised method and its options; None: the method's default (see --print-config).",
+    __validators__={"_method_name": field_validator("method")(classmethod(_known_method))},
+    **_method_fields(),
+)
 
 
 class AugmentSettings(Group):

@@ -1,5 +1,6 @@
 """The method interface: SimCLR on it exactly as before, the registry, method defaults, what a run records."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,9 +18,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import crlf
 from crlf import PretrainSettings, pretrain
 from crlf.engine import methods
+from crlf.engine.augment import Augment
 from crlf.engine.checkpoint import read_tensors
 from crlf.errors import InputError
-from crlf.settings import resolve
+from crlf.typed import config_of
 
 
 @pytest.fixture(autouse=True)
@@ -55,15 +57,20 @@ def test_simclr_on_the_method_interface_reproduces_the_pinned_run(tmp_path):
     assert sums == pytest.approx([0.44217062, 0.02215248, 512.02612305], rel=1e-4)
 
 
-def test_every_listed_method_is_registered_with_defaults_for_what_it_reads():
-    listed = PretrainSettings.model_fields["method"].annotation.__args__
-    assert set(methods.REGISTRY) <= set(listed) and "simclr" in methods.REGISTRY
+def test_every_listed_method_is_registered_with_a_config_of_real_defaults():
+    """The registry is the one list: the CLI's names and the resolved settings come from each method's config."""
+    from crlf import catalog
+    from crlf.commands.pretrain import resolve as method_defaults
+
+    assert list(catalog.METHODS["methods"]) == list(methods.REGISTRY) and "simclr" in methods.REGISTRY
     for name, cls in methods.REGISTRY.items():
-        resolved = methods.resolve(PretrainSettings(method=name))
+        resolved = method_defaults(PretrainSettings(method=name))
+        config = cls.Config()
         assert resolved.method == name and resolved.head_hidden and resolved.head_out
-        assert all(getattr(resolved, k) == v for k, v in cls.defaults.items())
-    given = methods.resolve(PretrainSettings(temperature=0.5, head_out=64))
+        assert all(getattr(resolved, f.name) == getattr(config, f.name) for f in dataclasses.fields(config)), name
+    given = method_defaults(PretrainSettings(temperature=0.5, head_out=64))
     assert (given.temperature, given.head_out, given.head_hidden) == (0.5, 64, 2048)  # the user's values win
+    assert given.queue_size is None  # an option simclr does not have stays unset
 
 
 def test_print_config_shows_the_methods_resolved_defaults(capsys):
@@ -90,10 +97,9 @@ def test_resume_refuses_another_method(tmp_path, reference_run):
 def test_every_method_keeps_its_encoder_under_backbone(tmp_path):
     from crlf.engine import backbones
 
-    s = methods.resolve(resolve(PretrainSettings, {"head_hidden": 16, "head_out": 8, "device": "cpu"}))
-    for name in methods.REGISTRY:
+    for name, cls in methods.REGISTRY.items():
         backbone = backbones.build(backbones.spec_for("resnet18", 32, "cifar"))
-        m = methods.build(s.model_copy(update={"method": name}), backbone, 512)
+        m = cls(backbone, config_of(cls.Config, {"head_hidden": 16, "head_out": 8}), 512)
         assert isinstance(m, methods.Method) and m.backbone is backbone
         keys = set(m.state_dict())
         assert {f"backbone.{k}" for k in backbone.state_dict()} <= keys, name
@@ -102,21 +108,21 @@ def test_every_method_keeps_its_encoder_under_backbone(tmp_path):
 # ---- every method: two real processes (gloo) equal one process on the whole batch --------------------------------
 
 
-def _tiny(name: str) -> tuple[methods.Method, PretrainSettings]:
-    """The method around a one-conv backbone (any view size), small heads, weights seeded alike in every process."""
-    settings = methods.resolve(PretrainSettings(method=name, head_hidden=16, head_out=8, prototypes=10, queue_size=32,
-                                                pred_hidden=8))  # fmt: skip
-    if settings.local_crops:  # the multi-crop methods: two small crops are enough
-        settings = settings.model_copy(update={"local_crops": 2})
+def _tiny(name: str, **options) -> tuple[methods.Method, object]:
+    """The method around a one-conv backbone (any view size), small heads, weights seeded alike in every process;
+    the multi-crop methods with two small crops."""
+    cls = methods.get(name)
+    values = dict(head_hidden=16, head_out=8, prototypes=10, queue_size=32, pred_hidden=8, local_crops=2, **options)
+    config = config_of(cls.Config, values)
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    return methods.REGISTRY[name](backbone, 12, settings), settings
+    return cls(backbone, config, 12), config
 
 
-def _fixed_views(settings: PretrainSettings, rows: slice) -> list[torch.Tensor]:
+def _fixed_views(config: object, rows: slice) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(3)
     crops = [torch.randn(8, 3, 4, 4, generator=g) for _ in range(2)]
-    crops += [torch.randn(8, 3, 2, 2, generator=g) for _ in range(settings.local_crops or 0)]  # dino, swav
+    crops += [torch.randn(8, 3, 2, 2, generator=g) for _ in range(getattr(config, "local_crops", 0))]  # dino, swav
     return [c[rows] for c in crops]
 
 
@@ -130,9 +136,9 @@ def _two_process_steps(rank: int, world_size: int, port: int, out: str) -> None:
     try:
         result = {}
         for name in methods.REGISTRY:
-            method, settings = _tiny(name)
+            method, config = _tiny(name)
             method = distributed.sync_batchnorm(method, torch.device("cpu"))
-            loss = method(_fixed_views(settings, slice(rank * 4, rank * 4 + 4)))
+            loss = method(_fixed_views(config, slice(rank * 4, rank * 4 + 4)))
             loss.backward()
             for k, p in method.named_parameters():
                 if p.grad is not None:  # DDP's average over processes
@@ -158,8 +164,8 @@ def test_every_method_on_two_processes_equals_one_process_on_the_whole_batch(tmp
     mp.start_processes(_two_process_steps, args=(2, port, out), nprocs=2, join=True, start_method="spawn")
     r0, r1 = load_file(f"{out}.0"), load_file(f"{out}.1")
     for name in methods.REGISTRY:
-        method, settings = _tiny(name)
-        loss = method(_fixed_views(settings, slice(0, 8)))
+        method, config = _tiny(name)
+        loss = method(_fixed_views(config, slice(0, 8)))
         loss.backward()
         assert torch.allclose(r0[f"{name}.loss"], loss.reshape(1), rtol=1e-4, atol=1e-6), name
         assert torch.equal(r0[f"{name}.loss"], r1[f"{name}.loss"]), name
@@ -208,16 +214,16 @@ def test_every_method_lowers_its_loss(name):
     detach in the wrong place, a head left out of the optimizer) keeps them equal."""
     from crlf.engine.optim import build_optimizer
 
-    method, settings = _tiny(name)
+    method, config = _tiny(name)
     initial = {k: p.detach().clone() for k, p in method.named_parameters() if p.requires_grad}
     optimizer = build_optimizer(method, "sgd", 0.02, 0.0)
-    views = _fixed_views(settings, slice(0, 8))
+    views = _fixed_views(config, slice(0, 8))
     for step in range(1, 21):
         loss = method(views)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        method.after_step(step, 20)
+        method.after_step(step, 20, 10)
     end = {k: v.clone() for k, v in method.state_dict().items()}
 
     def loss_with(weights: dict[str, torch.Tensor]) -> float:
@@ -269,14 +275,15 @@ def test_a_training_step_never_makes_the_host_wait_for_the_device(optimizer):
 
     batch = torch.randint(0, 256, (8, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     for name in sorted(methods.REGISTRY):
-        method, settings = _tiny(name)
-        settings = settings.model_copy(update={"image_size": 8, "local_size": 4, "grad_clip": 1.0})
+        method, config = _tiny(name, local_size=4)
         s = SimpleNamespace(
             model=method, step_model=method, optimizer=build_optimizer(method, optimizer, 0.1, 1e-4), amp=None,
             mean=torch.full((1, 3, 1, 1), 0.5), std=torch.full((1, 3, 1, 1), 0.25), device=torch.device("cpu"),
+            recipe=type(method).recipe(config, Augment(), 12),
         )
+        cfg = SimpleNamespace(grad_clip=1.0, epochs=1)
         gen = torch.Generator().manual_seed(1)
-        train._step(settings, s, batch, gen, 1, 4)  # the first step may build state (momentum buffers, queues)
+        train._step(cfg, s, batch, gen, 1, 4)  # the first step may build state (momentum buffers, queues)
         with _HostSyncs() as syncs:
-            loss = train._step(settings, s, batch, gen, 2, 4)
+            loss = train._step(cfg, s, batch, gen, 2, 4)
         assert torch.isfinite(loss) and not syncs.seen, (name, syncs.seen)

@@ -196,23 +196,14 @@ class Crops:
         return self.views[0].shape
 
 
-def repeat(images: Tensor | Crops, k: int) -> Tensor | Crops:
-    """`k` views' worth of source rows: the batch k times (in memory), or the first k pre-cropped views (Crops)."""
-    if isinstance(images, Crops):
-        if len(images.views) < k:
-            raise InputError(f"the recipe needs {k} views and the data source cut {len(images.views)}")
-        return Crops(images.views[:k])  # concatenated by apply (or read in place, view by view, on one CPU thread)
-    return torch.cat([images] * k)
-
-
 def apply(
     images: Tensor | Crops, params: AugmentParams, out_size: int, generator: torch.Generator | None = None
 ) -> Tensor:
     """Augment uint8 (B, 3, H, W) images with `params`: float32 (B, 3, out_size, out_size) in [0, 1], not normalised.
 
     Order: crop + resize + flip + rotation (one resampling), colour jitter, grayscale, blur, solarize,
-    noise. `generator` draws the noise (the only randomness not in `params`). Crops (one view, or the views of
-    repeat, rows in their order) are already cut and resized: their crop box is ignored, flip and rotation still apply.
+    noise. `generator` draws the noise (the only randomness not in `params`). Crops (one view, or several, rows in
+    their order) are already cut and resized: their crop box is ignored, flip and rotation still apply.
     """
     cropped = isinstance(images, Crops)
     parts = images.views if isinstance(images, Crops) else [images]
@@ -304,15 +295,33 @@ def _finish(x: Tensor, p: AugmentParams, out_size: int) -> Tensor:
     return x
 
 
-def views(
-    images: Tensor | Crops, cfg: Augment, generator: torch.Generator, out_size: int | None = None
-) -> tuple[Tensor, Tensor]:
-    """The SimCLR pair: two independent augmentations of a uint8 batch, in one batched pass; out_size defaults to the
-    shorter side. Pre-cropped views (Crops) draw the same parameters and use all but their boxes."""
-    n, (h, w) = len(images), images.shape[-2:]
-    size = out_size or min(h, w)
-    x = apply(repeat(images, 2), sample_params(2 * n, h, w, cfg, generator), size, generator)
-    return x[:n], x[n:]
+@dataclass(frozen=True)
+class Pass:
+    """Views augmented in one batched pass: one Augment per view, all at `size` px (None: the images' shorter side).
+    `joint`: the views' parameters come from one draw for all of them (the views then share one Augment), else one
+    draw per view in order."""
+
+    views: tuple[Augment, ...]
+    size: int | None = None
+    joint: bool = True
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A method's views as a value: passes in order (e.g. the 2 global views, then the local crops). The loop draws
+    it on the device, a streaming source's workers on their CPU, and crop_plan reads what to cut from it."""
+
+    passes: tuple[Pass, ...]
+
+    def crop_plan(self, size: int) -> list[tuple[int, float, float]]:
+        """(side, min area, max area) of each view of `size`-pixel images: what a streaming source cuts while
+        decoding (then Crops)."""
+        return [(p.size or size, a.crop_min_scale, a.crop_max_scale) for p in self.passes for a in p.views]
+
+
+def pair_recipe(aug: Augment) -> Recipe:
+    """SimCLR's two independent views of the same strengths."""
+    return Recipe((Pass((aug, aug)),))
 
 
 # Area range of multi-crop's local crops. DINO (ImageNet, 224 px globals, 96 px locals): globals 0.4-1, locals
@@ -320,35 +329,76 @@ def views(
 LOCAL_SCALE = (0.05, 0.4)
 
 
+def multi_crop_recipe(
+    aug: Augment, local_crops: int, local_size: int, local_scale: tuple[float, float] = LOCAL_SCALE
+) -> Recipe:
+    """Multi-crop (SwAV, DINO): the pair at the images' size, then `local_crops` views of `local_scale` of the area at
+    `local_size` px, every other augmentation as `aug` says."""
+    if local_crops <= 0:
+        return pair_recipe(aug)
+    lo, hi = local_scale
+    if not 0 < lo <= hi <= 1:
+        raise InputError(f"local crop scale must satisfy 0 < min <= max <= 1, got {local_scale}")
+    local = replace(aug, crop_min_scale=lo, crop_max_scale=hi)
+    return Recipe((Pass((aug, aug)), Pass((local,) * local_crops, local_size)))
+
+
+def draw(recipe: Recipe, images: Tensor | Crops, generator: torch.Generator) -> list[Tensor]:
+    """The recipe's views of a uint8 batch (B, 3, H, W), float in [0, 1], not normalised; parameters come from the
+    one generator pass by pass, so a generator state reproduces the batch. Pre-cut views (Crops, in the recipe's
+    order) draw the same parameters and use all but their boxes."""
+    n, (h, w) = len(images), images.shape[-2:]
+    out: list[Tensor] = []
+    for p in recipe.passes:
+        k = len(p.views)
+        if p.joint:
+            params = sample_params(k * n, h, w, p.views[0], generator)
+        else:
+            params = _cat([sample_params(n, h, w, a, generator) for a in p.views])
+        if isinstance(images, Crops):  # this pass's views follow the previous passes', cut at this pass's size
+            done = len(out)
+            cut = images.views[done : done + k]
+            if len(cut) != k:
+                raise InputError(f"the recipe needs {done + k} views and the data source cut {len(images.views)}")
+            x = apply(Crops(cut), params, cut[0].shape[-1], generator)
+        else:
+            x = apply(torch.cat([images] * k) if k > 1 else images, params, p.size or min(h, w), generator)
+        out += list(x.split(n))
+    return out
+
+
+def _cat(params: list[AugmentParams]) -> AugmentParams:
+    """Several batches' parameters as one; an op off (None) in one batch and on in another becomes a False mask."""
+    fields_ = {}
+    for f in fields(AugmentParams):
+        values = [getattr(p, f.name) for p in params]
+        ref = next((v for v in values if v is not None), None)
+        # False for masks; not reached for noise_std (the same in every view)
+        off = None if ref is None else torch.zeros_like(ref)
+        fields_[f.name] = None if ref is None else torch.cat([off if v is None else v for v in values])
+    return AugmentParams(**fields_)
+
+
+def views(
+    images: Tensor | Crops, cfg: Augment, generator: torch.Generator, out_size: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """The SimCLR pair: two independent augmentations of a uint8 batch, in one batched pass; out_size defaults to the
+    shorter side."""
+    x1, x2 = draw(Recipe((Pass((cfg, cfg), out_size),)), images, generator)
+    return x1, x2
+
+
 def multi_crop(
     images: Tensor | Crops, cfg: Augment, generator: torch.Generator, global_size: int | None = None,
     local_crops: int = 0, local_size: int | None = None, local_scale: tuple[float, float] = LOCAL_SCALE,
 ) -> list[Tensor]:  # fmt: skip
-    """Multi-crop (SwAV, DINO): 2 global views, then `local_crops` local views of the uint8 batch, float in [0, 1].
-
-    The global pair is exactly ``views(images, cfg, generator, global_size)`` (crop area from the settings' crop
-    scale); the local views are one more batched pass at `local_size` (default: half the global size) whose crop
-    area fraction is U(local_scale), with every other augmentation as the settings say. Parameters come from the
-    one generator in a fixed order (global pair, then all local crops), so a generator state reproduces the batch.
-    """
-    n, (h, w) = len(images), images.shape[-2:]
-    size = global_size or min(h, w)
-    out = list(views(images, cfg, generator, size))
-    if local_crops > 0:
-        lo, hi = local_scale
-        if not 0 < lo <= hi <= 1:
-            raise InputError(f"local crop scale must satisfy 0 < min <= max <= 1, got {local_scale}")
-        local_cfg = replace(cfg, crop_min_scale=lo, crop_max_scale=hi)
-        params = sample_params(local_crops * n, h, w, local_cfg, generator)
-        if isinstance(images, Crops):  # the local views follow the global pair, already cut at the local size
-            local = images.views[2:]
-            if len(local) != local_crops:
-                raise InputError(f"the recipe needs {local_crops} local crops and the data source cut {len(local)}")
-            x = apply(Crops(local), params, local[0].shape[-1], generator)
-        else:
-            x = apply(images.repeat(local_crops, 1, 1, 1), params, local_size or max(1, size // 2), generator)
-        out += list(x.split(n))
-    return out
+    """Multi-crop (SwAV, DINO): 2 global views, then `local_crops` local views of the uint8 batch, float in [0, 1]
+    (multi_crop_recipe; local_size defaults to half the global size)."""
+    size = global_size or min(images.shape[-2:])
+    recipe = multi_crop_recipe(cfg, local_crops, local_size or max(1, size // 2), local_scale)
+    if global_size is not None:
+        recipe = Recipe((replace(recipe.passes[0], size=global_size), *recipe.passes[1:]))
+    return draw(recipe, images, generator)
 
 
 def resized_crop(

@@ -24,7 +24,7 @@ from torch import nn
 from torchvision import models
 
 from crlf.errors import InputError, short_reason
-from crlf.options import BUILTIN_ARCHS, MAX_IMAGE_SIZE, MAX_WIDTH
+from crlf.limits import MAX_IMAGE_SIZE, MAX_WIDTH
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class BackboneSpec:
         if not isinstance(spec.arch, str) or not isinstance(spec.kwargs, dict):
             raise ValueError("backbone spec: arch must be a name and kwargs an object")
         if not any(f.owns(spec.arch) for f in FAMILIES):
-            raise ValueError(f"unknown arch {spec.arch[:40]!r}, expected one of {', '.join(BUILTIN_ARCHS)}, timm:NAME")
+            raise ValueError(f"unknown arch {spec.arch[:40]!r}, expected one of {', '.join(names())}, timm:NAME")
         extra = set(spec.kwargs) - spec.family.arguments
         if extra or not all(type(v) is int for v in spec.kwargs.values()):
             raise ValueError(f"unexpected {spec.family.name} arguments {str(spec.kwargs)[:60]}")
@@ -112,11 +112,16 @@ def register(cls: type[Family]) -> type[Family]:
     return cls
 
 
+def names() -> tuple[str, ...]:
+    """The --arch names crlf builds itself, family by family (timm:NAME adds timm's): the one list of them."""
+    return tuple(name for fam in FAMILIES for name in getattr(fam, "ARCHS", {}))
+
+
 def family_of(arch: str) -> Family:
     for fam in FAMILIES:
         if fam.owns(arch):
             return fam
-    raise InputError(f"unknown --arch '{arch}': choose one of {', '.join(BUILTIN_ARCHS)} or timm:<model name>")
+    raise InputError(f"unknown --arch '{arch}': choose one of {', '.join(names())} or timm:<model name>")
 
 
 def spec_for(arch: str, image_size: int, stem: str = "auto", patch_size: int | None = None) -> BackboneSpec:

@@ -18,38 +18,15 @@ from crlf import __version__
 from crlf.engine import distributed
 from crlf.engine.rundir import RunDir
 from crlf.errors import InputError
-from crlf.settings import PretrainSettings
 
 log = logging.getLogger(__name__)
-
-# settings that define a run: --resume refuses to continue a run saved with other values
-IDENTITY_KEYS = (
-    "data",
-    "data_dir",
-    "split",
-    "image_size",
-    "limit",
-    "method",
-    "arch",
-    "stem",
-    "patch_size",
-    "head_hidden",
-    "head_out",
-    "head_layers",
-    "head_dropout",
-    "queue_size",
-    "pred_hidden",
-    "prototypes",
-    "batch_size",
-    "optimizer",
-    "seed",
-)
 
 FRESH, RESTART, RESUME, COMPLETE = 0, 1, 2, 3  # what a start does with the run directory (the largest wins)
 
 
-def plan(run: RunDir, settings: PretrainSettings, *, resume: bool, force: bool) -> int:
-    """Decide what to do with the run directory without changing it; refuse what would mix two experiments."""
+def plan(run: RunDir, identity: dict[str, Any], epochs: int, *, resume: bool, force: bool) -> int:
+    """Decide what to do with the run directory without changing it; refuse what would mix two experiments: a
+    resume whose `identity` values (the settings that define a run, as JSON values) differ from the saved ones."""
     if force or not run.has_run():
         return FRESH
     if not resume:
@@ -62,8 +39,8 @@ def plan(run: RunDir, settings: PretrainSettings, *, resume: bool, force: bool) 
         return RESTART
     conflicts = [
         f"{k}: {saved.get(k)!r} -> {v!r}"
-        for k, v in settings.model_dump(mode="json").items()
-        if k in IDENTITY_KEYS and k in saved and saved[k] != v
+        for k, v in identity.items()
+        if k in saved and saved[k] != v
     ]
     if conflicts:
         raise InputError(
@@ -71,9 +48,9 @@ def plan(run: RunDir, settings: PretrainSettings, *, resume: bool, force: bool) 
             "use --force to start over"
         )
     done = run.finished_epoch()
-    if done is None or done < settings.epochs:
+    if done is None or done < epochs:
         _warn_if_not_exact(saved.get("resolved") or {})
-    return COMPLETE if done is not None and done >= settings.epochs and run.encoder.is_file() else RESUME
+    return COMPLETE if done is not None and done >= epochs and run.encoder.is_file() else RESUME
 
 
 def cpu_numerics() -> dict[str, Any]:
@@ -102,15 +79,13 @@ def complete(run: RunDir) -> dict[str, Any]:
 
 
 def run_record(
-    settings: PretrainSettings, device: torch.device, amp: torch.dtype | None, world: distributed.World
+    values: dict[str, Any], device: torch.device, amp: torch.dtype | None, world: distributed.World
 ) -> dict[str, Any]:
-    """config.json: the settings with the lr and weight decay that were used, and a 'resolved' block of what the
-    defaults turned into and where the run ran (device, precision, versions, command line, crlf's git commit)."""
-    values = settings.model_dump(mode="json")
-    values.update(lr=settings.resolved_lr, weight_decay=settings.resolved_weight_decay)
+    """config.json: the settings' JSON values (with the lr and weight decay that were used), and a 'resolved' block
+    of what the defaults turned into and where the run ran (device, precision, versions, command line, git commit)."""
     resolved = {
-        "lr": settings.resolved_lr,
-        "weight_decay": settings.resolved_weight_decay,
+        "lr": values["lr"],
+        "weight_decay": values["weight_decay"],
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "precision": "bf16" if amp == torch.bfloat16 else "fp32",

@@ -10,6 +10,8 @@ device and read once at the end of the epoch, and the checkpoint is written on a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import math
@@ -18,6 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -33,12 +36,46 @@ from crlf.engine.rundir import RunDir
 from crlf.engine.signals import StopFlag
 from crlf.engine.sources.feed import Feed, MemoryFeed, open_feed
 from crlf.errors import InputError, Interrupted, RunError
-from crlf.settings import PretrainSettings
 
 log = logging.getLogger(__name__)
 
-# Settings that define what a run *is*: resuming with another value would silently mix two experiments.
 
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run needs, as the command layer resolved it (crlf.commands.pretrain builds it from the settings;
+    crlf.options documents each field): the method and its config, the backbone, the data, the augmentation and the
+    optimisation; `values` is the resolved settings as config.json records them, `identity` the subset of them that
+    --resume refuses to change."""
+
+    method: str
+    method_config: Any  # the method's Config dataclass
+    augment: augment.Augment
+    data: Any  # the data source's spec (sources.DataSpec)
+    out: Path
+    arch: str = "resnet18"
+    stem: str = "auto"
+    patch_size: int | None = None
+    epochs: int = 100
+    batch_size: int = 512
+    optimizer: str = "sgd"
+    lr: float = 0.48
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 1.0
+    grad_clip: float = 0.0
+    seed: int = 0
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 3
+    compile: bool = False
+    sync_bn: bool = False
+    knn_every: int = 0
+    k: int = 200
+    knn_temperature: float = 0.1
+    device: str = "auto"
+    precision: str = "auto"
+    values: dict[str, Any] = field(default_factory=dict)
+    identity: dict[str, Any] = field(default_factory=dict)
+    backbone: torch.nn.Module | None = None  # a user's own backbone instead of building `arch`
 
 
 class Reporter(Protocol):
@@ -76,6 +113,7 @@ class _Setup:
     """Everything built once before the first step."""
 
     model: methods.Method
+    recipe: augment.Recipe  # the method's views of these images
     step_model: torch.nn.Module  # the model, compiled when asked
     optimizer: torch.optim.Optimizer
     feed: Feed  # the training images: in memory (on the device when they fit) or streamed
@@ -92,27 +130,26 @@ class _Setup:
 
 
 def pretrain(
-    settings: PretrainSettings,
+    cfg: TrainConfig,
     reporter: Reporter | None = None,
     *,
     resume: bool = False,
     force: bool = False,
     hard_abort: bool = False,
 ) -> dict[str, Any]:
-    """Train an encoder with the method `settings` name, writing the run directory; returns a summary dict.
+    """Train an encoder as `cfg` says, writing the run directory; returns a summary dict.
 
     resume: continue from last.safetensors when there is one (a no-op when the run is complete);
     force: discard whatever run the directory holds and start over;
     hard_abort: a second SIGINT ends the process at once, even inside a long native op (the CLI's choice).
     """
-    settings = methods.resolve(settings)  # the method's defaults for what was left unset
-    world = distributed.join(settings.device)
+    world = distributed.join(cfg.device)
     logger, level = logging.getLogger("crlf"), logging.getLogger("crlf").level
     if not world.main:
         logger.setLevel(logging.WARNING)  # the main process tells the story; the others speak up only about problems
     try:
         return _pretrain(
-            settings, (reporter or _Silent()) if world.main else _Silent(), world, resume, force, hard_abort
+            cfg, (reporter or _Silent()) if world.main else _Silent(), world, resume, force, hard_abort
         )
     finally:
         logger.setLevel(level)
@@ -120,7 +157,7 @@ def pretrain(
 
 
 def _pretrain(
-    settings: PretrainSettings,
+    cfg: TrainConfig,
     reporter: Reporter,
     world: distributed.World,
     resume: bool,
@@ -128,17 +165,17 @@ def _pretrain(
     hard_abort: bool,
 ) -> dict[str, Any]:
     """The run, in every process; the main process (rank 0) alone locks, decides, writes and reports."""
-    if settings.batch_size % world.world_size:
+    if cfg.batch_size % world.world_size:
         raise InputError(
-            f"--batch-size {settings.batch_size} is the global batch: "
+            f"--batch-size {cfg.batch_size} is the global batch: "
             f"it must divide evenly among {world.world_size} processes"
         )
-    run = RunDir(settings.out)
+    run = RunDir(cfg.out)
     main = world.main
     if main:
         run.check_owner()  # a foreign folder or a link is refused before anything is opened in it
         if resume and run.path.is_dir() and not run.writable():  # e.g. a finished run on a read-only mount
-            if runplan.plan(run, settings, resume=True, force=False) == runplan.COMPLETE:
+            if runplan.plan(run, cfg.identity, cfg.epochs, resume=True, force=False) == runplan.COMPLETE:
                 return runplan.complete(run)
             raise InputError(f"cannot write to {run.path} (read-only): it holds an unfinished run; copy it elsewhere")
     with contextlib.ExitStack() as held:
@@ -148,11 +185,11 @@ def _pretrain(
             with _writing(run):
                 run.mark()  # before train.log: a folder with crlf's log in it is always crlf's
             held.enter_context(run.logging_to_file())
-        return _start(settings, reporter, world, run, resume, force, hard_abort)
+        return _start(cfg, reporter, world, run, resume, force, hard_abort)
 
 
 def _start(
-    settings: PretrainSettings,
+    cfg: TrainConfig,
     reporter: Reporter,
     world: distributed.World,
     run: RunDir,
@@ -163,11 +200,11 @@ def _start(
     """Plan, build, prepare the directory and train, with the directory locked and logged to."""
     main = world.main
     # the main process decides; the others follow
-    plan = runplan.plan(run, settings, resume=resume, force=force) if main else runplan.FRESH
+    plan = runplan.plan(run, cfg.identity, cfg.epochs, resume=resume, force=force) if main else runplan.FRESH
     plan = distributed.any_flag(plan, world)
     if plan == runplan.COMPLETE:
         return runplan.complete(run)
-    setup = _build(settings, world)  # bad data or settings fail here, before anything is changed or written
+    setup = _build(cfg, world)  # bad data or settings fail here, before anything is changed or written
     if main:
         with _writing(run):
             run.remove_temp_files()  # left by a process killed while writing
@@ -177,7 +214,7 @@ def _start(
             elif plan == runplan.RESTART:
                 log.info("%s has no checkpoint yet: starting fresh", run.path)
                 run.truncate_metrics(0)  # a line of an epoch whose checkpoint was never written
-            setup.record = runplan.run_record(settings, setup.device, setup.amp, world)
+            setup.record = runplan.run_record(cfg.values, setup.device, setup.amp, world)
             config = json.dumps(setup.record, indent=2)
             atomic_write(run.config, lambda f: f.write(config.encode()))
     distributed.barrier(world)  # the others read checkpoints only after the main process has set up
@@ -186,7 +223,7 @@ def _start(
     with stop.installed():
         try:
             return _loop(
-                settings, setup, run, reporter, progress or {"epoch": 0, "plateau": Plateau().state()}, rng, stop
+                cfg, setup, run, reporter, progress or {"epoch": 0, "plateau": Plateau().state()}, rng, stop
             )
         finally:  # a run that fails still finishes writing the checkpoint it started; its own error is the one shown
             with contextlib.suppress(Exception):
@@ -238,33 +275,41 @@ def _writing(run: RunDir) -> Iterator[None]:
         ) from None
 
 
-def _build(settings: PretrainSettings, world: distributed.World) -> _Setup:
+def _build(cfg: TrainConfig, world: distributed.World) -> _Setup:
     """Load the data, build model and optimizer (seeded, so weights are reproducible) on this process's device."""
     device = world.device
-    plan = methods.crop_plan(settings, settings.image_size or sources.REGISTRY[settings.data].default_size or 0)
-    feed = open_feed(settings, device, plan, settings.seed, methods.recipe(settings))
-    if len(feed) < settings.batch_size:
+    method = methods.get(cfg.method)
+    size = cfg.data.image_size or sources.REGISTRY[cfg.data.data].default_size or 0
+    recipe = method.recipe(cfg.method_config, cfg.augment, size)
+    feed = open_feed(cfg.data, device, recipe.crop_plan(size), cfg.seed, functools.partial(augment.draw, recipe))
+    if len(feed) < cfg.batch_size:
         raise InputError(
-            f"batch size {settings.batch_size} is larger than the data set ({len(feed)} images): "
+            f"batch size {cfg.batch_size} is larger than the data set ({len(feed)} images): "
             f"use --batch-size {len(feed)} or less"
         )
-    amp = autocast_dtype(device, settings.precision)
+    amp = autocast_dtype(device, cfg.precision)
+    if feed.size != size:  # the recipe is the method's for the images' own size
+        recipe = method.recipe(cfg.method_config, cfg.augment, feed.size)
     size = feed.size
-    spec = backbones.spec_for(settings.arch, size, settings.stem, settings.patch_size)
-    seed_everything(settings.seed)
-    backbone = backbones.build(spec)
+    seed_everything(cfg.seed)
+    if cfg.backbone is None:
+        spec = backbones.spec_for(cfg.arch, size, cfg.stem, cfg.patch_size)
+        backbone = backbones.build(spec)
+    else:  # a user's own module: its width read off one forward pass
+        backbone = cfg.backbone
+        spec = backbones.custom_spec(backbone, size)
     no_decay = {f"backbone.{n}" for n in backbones.no_weight_decay(spec, backbone)}
-    model = methods.build(settings, backbone, spec.feature_dim)
+    model = method(backbone, cfg.method_config, spec.feature_dim)
     mean, std = channel_stats(feed.spaced(10_000))
     model = model.to(device)
-    if settings.sync_bn and world.active:
+    if cfg.sync_bn and world.active:
         model = distributed.sync_batchnorm(model, device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(
-        model, settings.optimizer, settings.resolved_lr, settings.resolved_weight_decay, no_decay
+        model, cfg.optimizer, cfg.lr, cfg.weight_decay, no_decay
     )
-    monitor = _monitor_data(settings, feed) if settings.knn_every and world.main else None
+    monitor = _monitor_data(cfg, feed) if cfg.knn_every and world.main else None
     step_model = distributed.wrap(model, world)
     log.info(
         "%s image%s %dx%d from %s; %s on %s%s; %s%s",
@@ -277,12 +322,13 @@ def _build(settings: PretrainSettings, world: distributed.World) -> _Setup:
         device,
         f" ({str(amp).removeprefix('torch.')})" if amp else f" ({torch.get_num_threads()} threads)"
         if device.type == "cpu" else "",
-        "1 step/epoch" if len(feed) // settings.batch_size == 1 else f"{len(feed) // settings.batch_size} steps/epoch",
-        f"; {world.world_size} processes x {settings.batch_size // world.world_size} images" if world.active else "",
+        "1 step/epoch" if len(feed) // cfg.batch_size == 1 else f"{len(feed) // cfg.batch_size} steps/epoch",
+        f"; {world.world_size} processes x {cfg.batch_size // world.world_size} images" if world.active else "",
     )
     return _Setup(
         model=model,
-        step_model=torch.compile(step_model) if settings.compile else step_model,
+        recipe=recipe,
+        step_model=torch.compile(step_model) if cfg.compile else step_model,
         optimizer=optimizer,
         feed=feed,
         probe=feed.head(64),
@@ -296,7 +342,7 @@ def _build(settings: PretrainSettings, world: distributed.World) -> _Setup:
     )
 
 
-def _monitor_data(settings: PretrainSettings, feed: Feed) -> _Monitor:
+def _monitor_data(cfg: TrainConfig, feed: Feed) -> _Monitor:
     """The test split for the kNN monitor, at the training image size; labels are required on both sides."""
     if not isinstance(feed, MemoryFeed):
         raise InputError(
@@ -308,14 +354,20 @@ def _monitor_data(settings: PretrainSettings, feed: Feed) -> _Monitor:
             f"--knn-every needs labelled training images, and {feed.source} has none: "
             "use a labelled split (e.g. --split train) or --knn-every 0"
         )
-    test = sources.load(settings.model_copy(update={"image_size": feed.size}), "test")
+    test = sources.load(_sized(cfg.data, feed.size), "test")
     if test.labels is None:
         raise InputError(f"--knn-every needs a labelled test split, and {test.source} has none: use --knn-every 0")
     classes = int(max(feed.labels.max(), test.labels.max())) + 1
-    if settings.k > len(feed):
-        log.warning("-k %d is more than the %s training images: the kNN monitor uses k = %s", settings.k,
+    if cfg.k > len(feed):
+        log.warning("-k %d is more than the %s training images: the kNN monitor uses k = %s", cfg.k,
                     f"{len(feed):,}", f"{len(feed):,}")  # fmt: skip
     return _Monitor(feed.labels, test.images, test.labels, classes)
+
+
+def _sized(data: Any, size: int) -> Any:
+    """The data spec at another image size."""
+    return dataclasses.replace(data, image_size=size) if dataclasses.is_dataclass(data) else data.model_copy(
+        update={"image_size": size})
 
 
 def channel_stats(images: torch.Tensor, sample: int = 10_000) -> tuple[list[float], list[float]]:
@@ -327,7 +379,7 @@ def channel_stats(images: torch.Tensor, sample: int = 10_000) -> tuple[list[floa
 
 
 def _loop(
-    settings: PretrainSettings,
+    cfg: TrainConfig,
     s: _Setup,
     run: RunDir,
     reporter: Reporter,
@@ -337,18 +389,18 @@ def _loop(
 ) -> dict[str, Any]:
     start, plateau = progress["epoch"], Plateau.from_state(progress["plateau"])
     n, world = len(s.feed), s.world
-    bsz = settings.batch_size  # global: this process takes its share of each batch
+    bsz = cfg.batch_size  # global: this process takes its share of each batch
     share = bsz // world.world_size
     steps = n // bsz  # drop the last partial batch: every step sees the same number of negatives
-    total_steps = steps * settings.epochs
-    warmup = min(total_steps, round(settings.warmup_epochs * steps))
-    peak = settings.resolved_lr
-    gen = make_generator(s.device, settings.seed)
+    total_steps = steps * cfg.epochs
+    warmup = min(total_steps, round(cfg.warmup_epochs * steps))
+    peak = cfg.lr
+    gen = make_generator(s.device, cfg.seed)
     index_device = s.feed.rows_on  # batches are drawn where the data lives
-    index_gen = gen if index_device == s.device else make_generator(index_device, settings.seed)
+    index_gen = gen if index_device == s.device else make_generator(index_device, cfg.seed)
     reporter.on_start(
         {
-            "epochs": settings.epochs,
+            "epochs": cfg.epochs,
             "start_epoch": start,
             "start_step": progress.get("step") or 0,
             "steps": steps,
@@ -358,12 +410,12 @@ def _loop(
         }
     )
     history = []
-    for epoch in range(start, settings.epochs):
+    for epoch in range(start, cfg.epochs):
         # Every epoch's randomness depends on (seed, epoch) alone, so a run resumed at an epoch boundary
         # draws exactly the batches and augmentations the uninterrupted run would have.
         # Several processes: the same permutation everywhere, each its own augmentation stream (rank 0's is
         # the single-process one).
-        epoch_seed = settings.seed * 1_000_003 + epoch
+        epoch_seed = cfg.seed * 1_000_003 + epoch
         gen.manual_seed(epoch_seed + world.rank * 0x9E3779B1)
         index_gen.manual_seed(epoch_seed)
         torch.manual_seed(epoch_seed)  # dropout
@@ -378,12 +430,12 @@ def _loop(
         batches = s.feed.batches(epoch, perm, first, steps, bsz, world.rank, share)
         t0 = time.perf_counter()
         for step in range(first, steps):
-            lr = lr_at(epoch * steps + step, total_steps, warmup, peak, settings.schedule) * plateau.scale
+            lr = lr_at(epoch * steps + step, total_steps, warmup, peak, cfg.schedule) * plateau.scale
             for group in s.optimizer.param_groups:
                 group["lr"] = lr
             batch = next(batches)
             try:
-                loss_sum += _step(settings, s, batch, gen, epoch * steps + step + 1, total_steps)
+                loss_sum += _step(cfg, s, batch, gen, epoch * steps + step + 1, total_steps)
             except RuntimeError as e:
                 if (
                     not isinstance(e, torch.cuda.OutOfMemoryError)
@@ -416,7 +468,7 @@ def _loop(
                 if world.main:
                     with _writing(run):
                         s.writer.wait()  # the epoch's checkpoint first, then this one over it
-                        save_state(run.last, s.model, s.optimizer, _metadata(settings, s, epoch), mid, states)
+                        save_state(run.last, s.model, s.optimizer, _metadata(cfg, s, epoch), mid, states)
                 name = signal.Signals(signum).name
                 raise Interrupted(
                     signum,
@@ -425,7 +477,7 @@ def _loop(
                 )
         loss = (loss_sum / steps).item()  # the one host sync of the epoch
         # the epoch's last step's lr (also when a run stopped after that step resumes here and runs no step)
-        lr = lr_at((epoch + 1) * steps - 1, total_steps, warmup, peak, settings.schedule) * plateau.scale
+        lr = lr_at((epoch + 1) * steps - 1, total_steps, warmup, peak, cfg.schedule) * plateau.scale
         seconds = before + time.perf_counter() - t0
         if not math.isfinite(loss):
             raise _diverged(f"loss became {loss} in epoch {epoch + 1}", epoch, run)
@@ -433,7 +485,7 @@ def _loop(
         if spread is None:  # BatchNorm in train mode can keep the loss finite while the encoder itself is broken
             raise _diverged(f"the encoder diverged in epoch {epoch + 1}: its eval-mode embeddings of a fixed probe "
                             f"batch are NaN or infinite (training loss {loss:.4g})", epoch, run)
-        if settings.schedule == "plateau":
+        if cfg.schedule == "plateau":
             plateau.update(loss)
         skipped = s.feed.skipped()
         metrics = {
@@ -453,19 +505,19 @@ def _loop(
         if spread < 1e-4:
             log.warning("the embeddings have collapsed (std %.2g across a probe batch): every image maps to the "
                         "same point; try a lower --lr or another method's defaults", spread)
-        if s.monitor is not None and ((epoch + 1) % settings.knn_every == 0 or epoch + 1 == settings.epochs):
-            metrics.update(_knn(settings, s, s.monitor))
+        if s.monitor is not None and ((epoch + 1) % cfg.knn_every == 0 or epoch + 1 == cfg.epochs):
+            metrics.update(_knn(cfg, s, s.monitor))
         if world.main:
             with _writing(
                 run
             ):  # the metrics line first: a crash between the two re-runs this epoch, never skips its line
                 run.append_metrics(metrics)
-                _save(settings, s, run, epoch + 1, plateau)
+                _save(cfg, s, run, epoch + 1, plateau)
         history.append(metrics)
         log.info(
             "epoch %d/%d  loss %.4f  lr %.4g  %s img/s  %.1f s%s",
             epoch + 1,
-            settings.epochs,
+            cfg.epochs,
             loss,
             lr,
             f"{metrics['images_per_s']:,.0f}",
@@ -477,12 +529,12 @@ def _loop(
     if world.main:
         with _writing(run):
             s.writer.wait()
-            _save_encoder(settings, s, run, max(start, settings.epochs))
+            _save_encoder(cfg, s, run, max(start, cfg.epochs))
     summary = {
         "status": "trained",
         "run_dir": str(run.path),
         "encoder": str(run.encoder),
-        "epochs": settings.epochs,
+        "epochs": cfg.epochs,
         "epochs_run": len(history),
         "final_loss": history[-1]["loss"] if history else None,
         "images_per_s": round(sum(m["images_per_s"] for m in history) / max(1, len(history)), 1),
@@ -516,22 +568,22 @@ def _diverged(what: str, epoch: int, run: RunDir) -> RunError:
     return RunError(f"{what}; {kept}. Try a lower --lr, --grad-clip 1.0 or a higher --temperature")
 
 
-def _knn(settings: PretrainSettings, s: _Setup, m: _Monitor) -> dict[str, float]:
+def _knn(cfg: TrainConfig, s: _Setup, m: _Monitor) -> dict[str, float]:
     """kNN top-1 of the test split against the training images, embedded by the backbone in eval mode (no randomness
     is drawn, so the monitor does not change the run)."""
     t0 = time.perf_counter()
-    encoder = _encoder(settings, s, 0)
+    encoder = _encoder(cfg, s, 0)
     assert isinstance(s.feed, MemoryFeed)  # _monitor_data refuses a stream
-    bank = encoder.features(s.feed.images, batch_size=settings.batch_size, precision=settings.precision)
-    queries = encoder.features(m.test_images, batch_size=settings.batch_size, precision=settings.precision)
+    bank = encoder.features(s.feed.images, batch_size=cfg.batch_size, precision=cfg.precision)
+    queries = encoder.features(m.test_images, batch_size=cfg.batch_size, precision=cfg.precision)
     result = evaluate.knn_classify(
         bank,
         m.train_labels,
         queries,
         m.test_labels,
         m.num_classes,
-        k=settings.k,
-        temperature=settings.knn_temperature,
+        k=cfg.k,
+        temperature=cfg.knn_temperature,
         device=s.device,
     )
     return {"knn_top1": round(result["top1"], 2), "knn_seconds": round(time.perf_counter() - t0, 3)}
@@ -557,49 +609,49 @@ def _set_rng(gen: torch.Generator, states: dict[str, torch.Tensor], device: torc
 
 
 def _step(
-    settings: PretrainSettings, s: _Setup, batch: torch.Tensor, gen: torch.Generator, step: int, total_steps: int
+    cfg: TrainConfig, s: _Setup, batch: torch.Tensor, gen: torch.Generator, step: int, total_steps: int
 ) -> torch.Tensor:
     """One optimisation step on a uint8 batch (`step` counts from 1 over the run); returns the loss as a device
     tensor (no host sync)."""
     # the method's recipe, float in [0, 1] (a streaming source on a CPU ran it in its workers: augment.Views)
-    views = batch.views if isinstance(batch, augment.Views) else s.model.views(batch, settings, gen)
+    views = batch.views if isinstance(batch, augment.Views) else augment.draw(s.recipe, batch, gen)
     views = [prepare(v, s.mean, s.std) for v in views]
     with autocast(s.device, s.amp):
         loss = s.step_model(views)  # the loss of the global batch
     s.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if settings.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(s.model.parameters(), settings.grad_clip)
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(s.model.parameters(), cfg.grad_clip)
     s.optimizer.step()
-    s.model.after_step(step, total_steps)
+    s.model.after_step(step, total_steps, cfg.epochs)
     return loss.detach()
 
 
-def _encoder(settings: PretrainSettings, s: _Setup, epoch: int) -> Encoder:
+def _encoder(cfg: TrainConfig, s: _Setup, epoch: int) -> Encoder:
     """The run's backbone as an Encoder (shared weights, not a copy) with its normalisation and provenance."""
-    config = s.record or settings.model_dump(mode="json")
+    config = s.record or cfg.values
     return Encoder(s.model.backbone, s.spec, s.mean.flatten().tolist(), s.std.flatten().tolist(), epoch, config)
 
 
-def _metadata(settings: PretrainSettings, s: _Setup, epoch: int) -> dict[str, str]:
-    return _encoder(settings, s, epoch).metadata()
+def _metadata(cfg: TrainConfig, s: _Setup, epoch: int) -> dict[str, str]:
+    return _encoder(cfg, s, epoch).metadata()
 
 
-def _save(settings: PretrainSettings, s: _Setup, run: RunDir, epoch: int, plateau: Plateau) -> None:
+def _save(cfg: TrainConfig, s: _Setup, run: RunDir, epoch: int, plateau: Plateau) -> None:
     """last.safetensors every epoch; a snapshot in checkpoints/ every `checkpoint_every` epochs, keeping the
     newest K. The state is copied now and hashed and written on the writer thread while the next epoch trains;
     the previous write is waited for (and its error raised) first."""
     progress = {"epoch": epoch, "step": 0, "plateau": plateau.state()}
-    tensors, meta = state_tensors(s.model, s.optimizer, _metadata(settings, s, epoch), progress)
+    tensors, meta = state_tensors(s.model, s.optimizer, _metadata(cfg, s, epoch), progress)
 
     def write() -> None:
         save_tensors(run.last, tensors, meta)
-        if epoch % settings.checkpoint_every == 0 or epoch == settings.epochs:
-            run.snapshot(epoch, settings.keep_checkpoints)
+        if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
+            run.snapshot(epoch, cfg.keep_checkpoints)
 
     s.writer.submit(write)
 
 
-def _save_encoder(settings: PretrainSettings, s: _Setup, run: RunDir, epoch: int) -> None:
-    _encoder(settings, s, epoch).save(run.encoder)
+def _save_encoder(cfg: TrainConfig, s: _Setup, run: RunDir, epoch: int) -> None:
+    _encoder(cfg, s, epoch).save(run.encoder)
     log.info("encoder written to %s", run.encoder)

@@ -20,63 +20,44 @@ and applied in one batched pass, so a resumed run draws the same numbers.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from crlf.engine import augment, distributed
 from crlf.engine.heads import build_head
-from crlf.engine.methods import Method, full_precision, register
-from crlf.engine.methods.teacher import ema_, frozen_copy, momentum_at
-from crlf.settings import PretrainSettings
+from crlf.engine.loss import regression_loss
+from crlf.engine.methods.base import Method, full_precision, register
+from crlf.engine.methods.teacher import frozen_copy
 
 BLUR_MIN_SIZE = 33  # images at least this large get BYOL's blur (1.0 / 0.1)
 RECIPE = ({"blur_p": 1.0, "solarize_p": 0.0}, {"blur_p": 0.1, "solarize_p": 0.2})
 
 
-def regression_loss(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """BYOL's normalised MSE: mean over rows of 2 - 2 cos(p, t)."""
-    return (2 - 2 * F.cosine_similarity(p, t, dim=1)).mean()
+@dataclass(frozen=True)
+class BYOLConfig:
+    """BYOL's options (solo-learn's CIFAR values; see the module docstring)."""
+
+    head_hidden: int = 4096
+    head_out: int = 256
+    head_layers: int = 2
+    head_dropout: float = 0.0
+    pred_hidden: int = 4096
+    momentum: float = 0.99
 
 
-def view_settings(settings: PretrainSettings, size: int) -> list[PretrainSettings]:
-    """The augmentation settings of the two views of `size`-pixel images (see the module docstring)."""
+def view_augments(aug: augment.Augment, size: int) -> tuple[augment.Augment, augment.Augment]:
+    """The augmentation strengths of the two views of `size`-pixel images (see the module docstring)."""
     out = []
     for recipe in RECIPE:
         update = {}
-        if settings.blur_p == 0 and size >= BLUR_MIN_SIZE:
+        if aug.blur_p == 0 and size >= BLUR_MIN_SIZE:
             update["blur_p"] = recipe["blur_p"]
-        if settings.solarize_p == 0:
+        if aug.solarize_p == 0:
             update["solarize_p"] = recipe["solarize_p"]
-        out.append(settings.model_copy(update=update))
-    return out
-
-
-def _cat(a: augment.AugmentParams, b: augment.AugmentParams) -> augment.AugmentParams:
-    """Two batches' parameters as one; an op off (None) in one batch and on in the other becomes a False mask."""
-    fields = {}
-    for name in a.__dataclass_fields__:
-        x, y = getattr(a, name), getattr(b, name)
-        if x is None and y is None:
-            fields[name] = None
-            continue
-        if x is None or y is None:
-            ref = y if x is None else x
-            off = torch.zeros_like(ref)  # False for masks; not reached for noise_std (the same in both views)
-            x, y = (off, y) if x is None else (x, off)
-        fields[name] = torch.cat([x, y])
-    return augment.AugmentParams(**fields)
-
-
-def asymmetric_views(
-    batch: torch.Tensor | augment.Crops, settings: PretrainSettings, gen: torch.Generator
-) -> list[torch.Tensor]:
-    """BYOL's two views of a uint8 batch as float in [0, 1]: view 1's parameters, then view 2's, from `gen`."""
-    n, (h, w) = len(batch), batch.shape[-2:]
-    size = min(h, w)
-    params = [augment.sample_params(n, h, w, cfg, gen) for cfg in view_settings(settings, size)]
-    x = augment.apply(augment.repeat(batch, 2), _cat(*params), size, gen)
-    return [x[:n], x[n:]]
+        out.append(replace(aug, **update))
+    return out[0], out[1]
 
 
 @register
@@ -84,19 +65,21 @@ class BYOL(Method):
     """Online backbone + projector + predictor; EMA target backbone + projector; symmetric regression loss."""
 
     name = "byol"
-    defaults = {"head_hidden": 4096, "head_out": 256, "pred_hidden": 4096, "momentum": 0.99}
+    Config = BYOLConfig
+    config: BYOLConfig
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, settings: PretrainSettings):
-        super().__init__(backbone, feature_dim, settings)
-        self.base_momentum = settings.momentum
-        self.head = build_head(feature_dim, settings.head_hidden, settings.head_out, settings.head_layers,
-                               settings.head_dropout)  # fmt: skip
-        self.predictor = build_head(settings.head_out, settings.pred_hidden, settings.head_out, 2)
+    def __init__(self, backbone: nn.Module, config: BYOLConfig | None = None, feature_dim: int | None = None):
+        super().__init__(backbone, config, feature_dim)
+        c = self.config
+        self.head = build_head(self.feature_dim, c.head_hidden, c.head_out, c.head_layers, c.head_dropout)
+        self.predictor = build_head(c.head_out, c.pred_hidden, c.head_out, 2)
         self.target_backbone = frozen_copy(self.backbone)
         self.target_head = frozen_copy(self.head)
 
-    def views(self, batch: torch.Tensor, settings: PretrainSettings, gen: torch.Generator) -> list[torch.Tensor]:
-        return asymmetric_views(batch, settings, gen)
+    @classmethod
+    def recipe(cls, config: BYOLConfig, aug: augment.Augment, image_size: int) -> augment.Recipe:
+        """BYOL's asymmetric pair: view 1's parameters, then view 2's, drawn one after the other."""
+        return augment.Recipe((augment.Pass(view_augments(aug, image_size), joint=False),))
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
         x = torch.cat(views[:2])
@@ -109,7 +92,5 @@ class BYOL(Method):
         with full_precision(p):
             return regression_loss(p1.float(), t2.float()) + regression_loss(p2.float(), t1.float())
 
-    def after_step(self, step: int, total_steps: int) -> None:
-        m = momentum_at(step, total_steps, self.base_momentum)
-        ema_(self.target_backbone, self.backbone, m)
-        ema_(self.target_head, self.head, m)
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.backbone, self.target_backbone), (self.head, self.target_head)]

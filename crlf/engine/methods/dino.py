@@ -7,8 +7,8 @@ official ``DINOLoss``. Conventions (official code: facebookresearch/dino, main_d
 
 - head: 3-layer MLP (GELU, no BatchNorm: ``use_bn_in_head`` False) to a bottleneck of ``--head-out`` (256), L2
   normalisation, then a weight-normalised linear layer without bias to K = ``--prototypes`` outputs whose norms
-  are fixed at 1 (``norm_last_layer`` True). The MLP always has 3 layers (``--head-layers`` / ``--head-dropout``
-  are SimCLR's head options). The official "freeze the last layer during the first epoch" is not done.
+  are fixed at 1 (``norm_last_layer`` True). The MLP always has 3 layers (the config has no ``head_layers`` /
+  ``head_dropout``). The official "freeze the last layer during the first epoch" is not done.
 - teacher momentum: 1 - (1 - base) (cos(pi i / total) + 1) / 2 after iteration i (0-based), from ``--momentum``
   (0.996) to 1, as ``cosine_scheduler(momentum_teacher, 1, ...)``; EMA over the parameters only (the teacher's
   BatchNorm statistics are its own running statistics, as the official teacher's).
@@ -25,19 +25,35 @@ official ``DINOLoss``. Conventions (official code: facebookresearch/dino, main_d
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crlf.engine import distributed
-from crlf.engine.methods import Method, full_precision, multi_crop_views, per_crop_size, register
-from crlf.engine.methods.teacher import ema_, frozen_copy, momentum_at
-from crlf.settings import PretrainSettings
+from crlf.engine import augment, distributed
+from crlf.engine.heads import mlp_blocks, projection_head
+from crlf.engine.loss import dino_loss
+from crlf.engine.methods.base import Method, full_precision, opt, per_crop_size, register
+from crlf.engine.methods.teacher import frozen_copy
 
 CENTER_MOMENTUM = 0.9  # official DINOLoss(center_momentum=0.9)
 WARMUP_TEACHER_TEMPERATURE = 0.04  # official --warmup_teacher_temp
 WARMUP_EPOCHS = 30  # official --warmup_teacher_temp_epochs (of 100 by default)
+
+
+@dataclass(frozen=True)
+class DINOConfig:
+    """DINO's options (the official recipe's, with solo-learn's CIFAR prototype count)."""
+
+    head_hidden: int = 2048
+    head_out: int = 256  # the bottleneck
+    prototypes: int = 4096  # official ImageNet 65536
+    temperature: float = 0.1  # the student's
+    teacher_temperature: float = opt(0.07, "Teacher temperature after a warm-up from 0.04.", gt=0.0, le=100.0)
+    momentum: float = 0.996
+    local_crops: int = 4
+    local_size: int = 16
 
 
 class DINOHead(nn.Module):
@@ -45,9 +61,7 @@ class DINOHead(nn.Module):
 
     def __init__(self, in_dim: int, hidden: int, bottleneck: int, prototypes: int):
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, bottleneck)
-        )
+        self.mlp = projection_head(mlp_blocks(in_dim, hidden, bottleneck, 3, batch_norm=False, activation="gelu"))
         for m in self.mlp:
             if isinstance(m, nn.Linear):  # the official _init_weights
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -59,18 +73,6 @@ class DINOHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.normalize(self.mlp(x), dim=-1)
         return F.linear(x, F.normalize(self.last_layer, dim=1))
-
-
-def dino_loss(
-    student: list[torch.Tensor], teacher: list[torch.Tensor], center: torch.Tensor, student_temp: float,
-    teacher_temp: float | torch.Tensor,
-) -> torch.Tensor:  # fmt: skip
-    """Mean over the pairs (teacher crop i, student crop j != i) of the batch-mean cross-entropy
-    H(softmax((t_i - c) / teacher_temp), softmax(s_j / student_temp)); the teacher side carries no gradient."""
-    targets = [F.softmax((t.detach() - center) / teacher_temp, dim=-1) for t in teacher]
-    logs = [F.log_softmax(s / student_temp, dim=-1) for s in student]
-    terms = [-(q * logs[j]).sum(-1).mean() for i, q in enumerate(targets) for j in range(len(logs)) if j != i]
-    return torch.stack(terms).mean()
 
 
 def teacher_temperature(final: float, step: int, total_steps: int, epochs: int) -> float:
@@ -86,35 +88,23 @@ class DINO(Method):
     """Student backbone + DINO head; an EMA teacher of both on the global crops; centred, sharpened targets."""
 
     name = "dino"
-    defaults = {
-        "head_hidden": 2048,
-        "head_out": 256,  # the bottleneck
-        "head_layers": 3,  # always 3 (shown by --print-config; the option does not apply)
-        "prototypes": 4096,  # solo-learn's CIFAR value; official ImageNet 65536
-        "temperature": 0.1,  # the student's
-        "teacher_temperature": 0.07,
-        "momentum": 0.996,
-        "local_crops": 4,
-        "local_size": 16,
-    }
+    Config = DINOConfig
+    config: DINOConfig
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, settings: PretrainSettings):
-        super().__init__(backbone, feature_dim, settings)
-        self.head = DINOHead(feature_dim, settings.head_hidden, settings.head_out, settings.prototypes)
+    def __init__(self, backbone: nn.Module, config: DINOConfig | None = None, feature_dim: int | None = None):
+        super().__init__(backbone, config, feature_dim)
+        c = self.config
+        self.head = DINOHead(self.feature_dim, c.head_hidden, c.head_out, c.prototypes)
         self.teacher_backbone = frozen_copy(backbone)
         self.teacher_head = frozen_copy(self.head)
-        self.register_buffer("center", torch.zeros(1, settings.prototypes))
+        self.register_buffer("center", torch.zeros(1, c.prototypes))
         # the teacher temperature of the next step: set by after_step, kept for an exact resume
-        self.register_buffer(
-            "teacher_temp", torch.tensor(min(WARMUP_TEACHER_TEMPERATURE, settings.teacher_temperature))
-        )
-        self.student_temp = settings.temperature
-        self.final_teacher_temp = settings.teacher_temperature
-        self.base_momentum = settings.momentum
-        self.epochs = settings.epochs
+        self.register_buffer("teacher_temp", torch.tensor(min(WARMUP_TEACHER_TEMPERATURE, c.teacher_temperature)))
 
-    def views(self, batch: torch.Tensor, settings: PretrainSettings, gen: torch.Generator) -> list[torch.Tensor]:
-        return multi_crop_views(batch, settings, gen)
+    @classmethod
+    def recipe(cls, config: DINOConfig, aug: augment.Augment, image_size: int) -> augment.Recipe:
+        """Multi-crop: 2 global views at the images' size, then the local crops."""
+        return augment.multi_crop_recipe(aug, config.local_crops, min(config.local_size, image_size))
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
         n = len(views[0])
@@ -126,15 +116,16 @@ class DINO(Method):
         with full_precision(student[0]):
             student = [s.float() for s in student]
             teacher = [t.float() for t in teacher]
-            loss = dino_loss(student, teacher, self.center, self.student_temp, self.teacher_temp)  # no host sync
+            loss = dino_loss(student, teacher, self.center, self.config.temperature, self.teacher_temp)  # no sync
             with torch.no_grad():  # every process holds the same global teacher outputs: the same centre
                 batch_center = torch.cat(teacher).mean(0, keepdim=True)
                 self.center.mul_(CENTER_MOMENTUM).add_(batch_center, alpha=1 - CENTER_MOMENTUM)
         return loss
 
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.backbone, self.teacher_backbone), (self.head, self.teacher_head)]
+
     @torch.no_grad()
-    def after_step(self, step: int, total_steps: int) -> None:
-        m = momentum_at(step, total_steps, self.base_momentum)  # official cosine_scheduler(base, 1), per iteration
-        ema_(self.teacher_backbone, self.backbone, m)
-        ema_(self.teacher_head, self.head, m)
-        self.teacher_temp.fill_(teacher_temperature(self.final_teacher_temp, step, total_steps, self.epochs))
+    def after_step(self, step: int, total_steps: int, epochs: int) -> None:
+        super().after_step(step, total_steps, epochs)  # official cosine_scheduler(base, 1), per iteration
+        self.teacher_temp.fill_(teacher_temperature(self.config.teacher_temperature, step, total_steps, epochs))

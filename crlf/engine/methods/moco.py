@@ -10,10 +10,10 @@ keys from past batches (negatives):
     nce(q, k, Q) = mean_i CE([q_i . k_i, q_i . Q^T] / tau, target 0)
 
 with q, k and the queue L2-normalised. There are two queues, one per view, as in solo-learn: queue[1] holds keys of
-the second view, which the first view's queries are compared with. The queues (``queue``, (2, size, dim), float32)
-and their write position (``queue_ptr``) are buffers, so a checkpoint holds them. After each forward in training
-mode the keys of the global batch (gathered over every process, no gradient) replace the oldest entries; the queue
-may have any size: writes wrap around, and a batch larger than the queue keeps its last `size` keys. The queue
+the second view, which the first view's queries are compared with. The queues (``queue.bank``, (2, size, dim),
+float32) and their write position (``queue.ptr``) are buffers, so a checkpoint holds them. After each forward in
+training mode the keys of the global batch (gathered over every process, no gradient) replace the oldest entries;
+the queue may have any size: writes wrap around, and a batch larger than the queue keeps its last `size` keys. The queue
 starts as random unit vectors (from the seeded generator at construction), as in the official code.
 
 The key encoder follows the online one by EMA after each optimizer step, with BYOL's cosine schedule from
@@ -29,50 +29,38 @@ loss = 2 tau (CE(q1 k2^T / tau, diagonal) + CE(q2 k1^T / tau, diagonal)), the of
 keep moco's defaults (2048/128; v3's paper uses 4096/256: pass them). No ViT-specific tricks (frozen patch embedding).
 
 Defaults (CIFAR-size images): head 2048/128, temperature 0.2, queue 4096, momentum 0.99. ``head_layers`` sets the
-projector depth (2: MoCo v2's), ``head_dropout`` its dropout.
+projector depth (2: MoCo v2's), ``head_dropout`` its dropout. The queue is a MemoryBank (crlf.engine.queue).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from crlf.engine import distributed
-from crlf.engine.heads import build_head
-from crlf.engine.methods import Method, full_precision, register
-from crlf.engine.methods.teacher import ema_, frozen_copy, momentum_at
-from crlf.settings import PretrainSettings
+from crlf.engine.heads import build_head, mlp_blocks, projection_head
+from crlf.engine.loss import in_batch_nce, info_nce
+from crlf.engine.methods.base import Method, full_precision, opt, register
+from crlf.engine.methods.teacher import frozen_copy
+from crlf.engine.queue import MemoryBank
 
 
-def projector(in_dim: int, hidden: int, out: int, layers: int = 2, dropout: float = 0.0) -> nn.Sequential:
-    """MoCo v2's MLP: (layers - 1) x [Linear, ReLU] then Linear, no BatchNorm; dropout as ``build_head``'s."""
-    blocks: list[nn.Module] = []
-    dim = in_dim
-    for i in range(layers - 1):
-        if dropout > 0 and i > 0:
-            blocks.append(nn.Dropout(dropout))
-        blocks += [nn.Linear(dim, hidden), nn.ReLU(inplace=True)]
-        dim = hidden
-    if dropout > 0 and layers > 1:
-        blocks.append(nn.Dropout(dropout))
-    blocks.append(nn.Linear(dim, out))
-    return nn.Sequential(*blocks)
+@dataclass(frozen=True)
+class MoCoConfig:
+    """MoCo's options (CIFAR-size defaults; see the module docstring)."""
 
-
-def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
-    """MoCo's InfoNCE: normalised queries q (N, D), their positive keys k (N, D), negatives `queue` (K, D)."""
-    pos = (q * k).sum(1, keepdim=True)  # (N, 1)
-    neg = q @ queue.T  # (N, K)
-    logits = torch.cat([pos, neg], 1) / temperature
-    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
-
-
-def in_batch_nce(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
-    """MoCo v3's loss of one direction: q_i against every key, k_i the positive; scaled by 2 tau as the official
-    code does."""
-    logits = q @ k.T / temperature
-    return F.cross_entropy(logits, torch.arange(len(q), device=q.device)) * (2 * temperature)
+    head_hidden: int = 2048
+    head_out: int = 128
+    head_layers: int = 2
+    head_dropout: float = 0.0
+    temperature: float = 0.2
+    queue_size: int = opt(4096, "Queue of negative keys; 0: MoCo v3-style, in-batch negatives and a predictor.",
+                          identity=True, ge=0, le=262144)  # fmt: skip
+    momentum: float = 0.99
+    pred_hidden: int = 4096  # the predictor of the queue-free form
 
 
 @register
@@ -80,29 +68,24 @@ class MoCo(Method):
     """Query encoder + momentum key encoder; InfoNCE against a queue of past keys (or in-batch keys, queue 0)."""
 
     name = "moco"
-    defaults = {"head_hidden": 2048, "head_out": 128, "temperature": 0.2, "queue_size": 4096, "momentum": 0.99,
-                "pred_hidden": 4096}  # fmt: skip
+    Config = MoCoConfig
+    config: MoCoConfig
 
-    queue: torch.Tensor
-    queue_ptr: torch.Tensor
-
-    def __init__(self, backbone: nn.Module, feature_dim: int, settings: PretrainSettings):
-        super().__init__(backbone, feature_dim, settings)
-        self.temperature = settings.temperature
-        self.base_momentum = settings.momentum
-        self.queue_size = settings.queue_size
-        hidden, out, layers, drop = settings.head_hidden, settings.head_out, settings.head_layers, settings.head_dropout
-        if self.queue_size:
-            self.head = projector(feature_dim, hidden, out, layers, drop)
+    def __init__(self, backbone: nn.Module, config: MoCoConfig | None = None, feature_dim: int | None = None):
+        super().__init__(backbone, config, feature_dim)
+        c = self.config
+        if c.queue_size:  # MoCo v2's projector: no BatchNorm
+            self.head = projection_head(
+                mlp_blocks(self.feature_dim, c.head_hidden, c.head_out, c.head_layers, c.head_dropout, False)
+            )
             self.predictor = None
         else:  # v3-style: BatchNorm in the MLPs, a predictor on the online side
-            self.head = build_head(feature_dim, hidden, out, layers, drop)
-            self.predictor = build_head(out, settings.pred_hidden, out, 2)
+            self.head = build_head(self.feature_dim, c.head_hidden, c.head_out, c.head_layers, c.head_dropout)
+            self.predictor = build_head(c.head_out, c.pred_hidden, c.head_out, 2)
         self.teacher_backbone = frozen_copy(self.backbone)
         self.teacher_head = frozen_copy(self.head)
-        if self.queue_size:
-            self.register_buffer("queue", F.normalize(torch.randn(2, self.queue_size, out), dim=-1))
-            self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        # two queues, one per view: queue.bank[1] holds keys of the second view
+        self.queue = MemoryBank(c.queue_size, c.head_out, views=2) if c.queue_size else None
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
         x = torch.cat(views[:2])
@@ -114,28 +97,17 @@ class MoCo(Method):
         q1, q2 = (distributed.gather(t) for t in q.chunk(2))
         with torch.no_grad():
             k1, k2 = (distributed.gather(t) for t in k.chunk(2))
+        t = self.config.temperature
         with full_precision(q):
             q1, q2 = F.normalize(q1.float(), dim=1), F.normalize(q2.float(), dim=1)
             k1, k2 = F.normalize(k1.float(), dim=1), F.normalize(k2.float(), dim=1)
-            if not self.queue_size:
-                return in_batch_nce(q1, k2, self.temperature) + in_batch_nce(q2, k1, self.temperature)
-            queue = self.queue.clone()  # the loss keeps its negatives; the enqueue below writes in place
-            loss = (info_nce(q1, k2, queue[1], self.temperature) + info_nce(q2, k1, queue[0], self.temperature)) / 2
+            if self.queue is None:
+                return in_batch_nce(q1, k2, t) + in_batch_nce(q2, k1, t)
+            queue = self.queue.bank.clone()  # the loss keeps its negatives; the enqueue below writes in place
+            loss = (info_nce(q1, k2, queue[1], t) + info_nce(q2, k1, queue[0], t)) / 2
         if self.training:
-            self.enqueue(torch.stack([k1, k2]))
+            self.queue.enqueue(torch.stack([k1, k2]))
         return loss
 
-    @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
-        """Write normalised keys (2, N, D) of the global batch over the oldest queue entries, wrapping around."""
-        n_all = keys.shape[1]
-        n = min(n_all, self.queue_size)
-        # positions ptr + (n_all - n) ... : a batch larger than the queue keeps its newest keys; device-side, no sync
-        idx = (self.queue_ptr + (n_all - n) + torch.arange(n, device=keys.device)) % self.queue_size
-        self.queue.index_copy_(1, idx, keys[:, n_all - n :].to(self.queue.dtype))
-        self.queue_ptr.copy_((self.queue_ptr + n_all) % self.queue_size)
-
-    def after_step(self, step: int, total_steps: int) -> None:
-        m = momentum_at(step, total_steps, self.base_momentum)
-        ema_(self.teacher_backbone, self.backbone, m)
-        ema_(self.teacher_head, self.head, m)
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.backbone, self.teacher_backbone), (self.head, self.teacher_head)]

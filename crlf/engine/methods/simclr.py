@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from crlf.engine.heads import build_head
 from crlf.engine.loss import nt_xent
-from crlf.engine.methods import Method, full_precision, pair, register
-from crlf.settings import PretrainSettings
+from crlf.engine.methods.base import Method, full_precision, pair, register
+
+
+@dataclass(frozen=True)
+class SimCLRConfig:
+    """SimCLR's options; the defaults suit CIFAR-size images (the paper's CIFAR-10 head: 2048 hidden, 128 out)."""
+
+    head_hidden: int = 2048
+    head_out: int = 128
+    head_layers: int = 2
+    head_dropout: float = 0.0
+    temperature: float = 0.2
 
 
 @register
@@ -15,15 +27,15 @@ class SimCLR(Method):
     """Backbone + projection head; the loss compares the two views of each image with all other views."""
 
     name = "simclr"
-    defaults = {"head_hidden": 2048, "head_out": 128, "temperature": 0.2}
+    Config = SimCLRConfig
+    config: SimCLRConfig
 
-    def __init__(self, backbone: torch.nn.Module, feature_dim: int, settings: PretrainSettings):
-        super().__init__(backbone, feature_dim, settings)
-        self.head = build_head(feature_dim, settings.head_hidden, settings.head_out, settings.head_layers,
-                               settings.head_dropout)  # fmt: skip
-        self.temperature = settings.temperature
+    def __init__(self, backbone: torch.nn.Module, config: SimCLRConfig | None = None, feature_dim: int | None = None):
+        super().__init__(backbone, config, feature_dim)
+        c = self.config
+        self.head = build_head(self.feature_dim, c.head_hidden, c.head_out, c.head_layers, c.head_dropout)
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
         z1, z2 = pair(lambda x: self.head(self.backbone(x)), views)  # the global batch, with gradients
         with full_precision(z1):
-            return nt_xent(z1, z2, self.temperature)
+            return nt_xent(z1, z2, self.config.temperature)

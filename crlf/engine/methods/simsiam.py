@@ -4,8 +4,8 @@
 
 with z = projector(backbone(x)) and p = predictor(z). The projector is the paper's three layers,
 [Linear, BN, ReLU] x 2 then Linear and a BatchNorm without affine parameters on the output (the bias of the last
-Linear, cancelled by that BatchNorm, is frozen as in solo-learn); it has three layers whatever ``--head-layers``
-says (that option's default, 2, is SimCLR's and cannot be told from an explicit 2), widths ``--head-hidden`` /
+Linear, cancelled by that BatchNorm, is frozen as in solo-learn); it always has three layers (the config has no
+``head_layers``), widths ``--head-hidden`` /
 ``--head-out`` (2048/2048, solo-learn's CIFAR config). The predictor is the bottleneck Linear-BN-ReLU-Linear with
 hidden width ``--pred-hidden`` (512). Two SimCLR views; predictions and projections are gathered over every process
 (the loss of the global batch).
@@ -13,19 +13,25 @@ hidden width ``--pred-hidden`` (512). Two SimCLR views; predictions and projecti
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from crlf.engine import distributed
 from crlf.engine.heads import build_head
-from crlf.engine.methods import Method, full_precision, register
-from crlf.settings import PretrainSettings
+from crlf.engine.loss import negative_cosine
+from crlf.engine.methods.base import Method, full_precision, register
 
 
-def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """-mean_i cos(p_i, z_i), with z detached (the stop-gradient)."""
-    return -F.cosine_similarity(p, z.detach(), dim=1).mean()
+@dataclass(frozen=True)
+class SimSiamConfig:
+    """SimSiam's options (solo-learn's CIFAR widths)."""
+
+    head_hidden: int = 2048
+    head_out: int = 2048
+    head_dropout: float = 0.0
+    pred_hidden: int = 512
 
 
 @register
@@ -33,17 +39,18 @@ class SimSiam(Method):
     """Backbone + 3-layer projector + bottleneck predictor; symmetric negative cosine with stop-gradient."""
 
     name = "simsiam"
-    defaults = {"head_hidden": 2048, "head_out": 2048, "head_layers": 3, "pred_hidden": 512}  # always 3 layers
+    Config = SimSiamConfig
+    config: SimSiamConfig
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, settings: PretrainSettings):
-        super().__init__(backbone, feature_dim, settings)
-        out = settings.head_out
+    def __init__(self, backbone: nn.Module, config: SimSiamConfig | None = None, feature_dim: int | None = None):
+        super().__init__(backbone, config, feature_dim)
+        c = self.config
         self.head = nn.Sequential(
-            *build_head(feature_dim, settings.head_hidden, out, 3, settings.head_dropout),
-            nn.BatchNorm1d(out, affine=False),
+            *build_head(self.feature_dim, c.head_hidden, c.head_out, 3, c.head_dropout),
+            nn.BatchNorm1d(c.head_out, affine=False),
         )
         self.head[-2].bias.requires_grad_(False)  # followed by BatchNorm: it would only drift (solo-learn's hack)
-        self.predictor = build_head(out, settings.pred_hidden, out, 2)
+        self.predictor = build_head(c.head_out, c.pred_hidden, c.head_out, 2)
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
         z = self.head(self.backbone(torch.cat(views[:2])))

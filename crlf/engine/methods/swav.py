@@ -23,44 +23,30 @@ Conventions (official code: facebookresearch/swav, main_swav.py):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crlf.engine import distributed
+from crlf.engine import augment, distributed
 from crlf.engine.heads import build_head
-from crlf.engine.methods import Method, full_precision, multi_crop_views, per_crop_size, register
-from crlf.settings import PretrainSettings
-
-EPSILON = 0.05  # official --epsilon
-SINKHORN_ITERATIONS = 3  # official --sinkhorn_iterations
+from crlf.engine.loss import swav_loss
+from crlf.engine.methods.base import Method, full_precision, per_crop_size, register
 
 
-@torch.no_grad()
-def sinkhorn(scores: torch.Tensor, epsilon: float = EPSILON, iterations: int = SINKHORN_ITERATIONS) -> torch.Tensor:
-    """Codes (B, K) of scores (B, K): exp(scores / epsilon) scaled alternately so that each prototype gets 1 / K of
-    the mass and each sample 1 / B, then rows multiplied by B (each sample's code sums to 1)."""
-    q = torch.exp((scores - scores.max()) / epsilon).t()  # (K, B), as the official code
-    k, b = q.shape
-    q /= q.sum()
-    for _ in range(iterations):
-        q /= q.sum(dim=1, keepdim=True)
-        q /= k
-        q /= q.sum(dim=0, keepdim=True)
-        q /= b
-    return (q * b).t()
+@dataclass(frozen=True)
+class SwAVConfig:
+    """SwAV's options (the official prototype count, also solo-learn's for CIFAR)."""
 
-
-def swav_loss(scores: list[torch.Tensor], temperature: float, assign: int = 2) -> torch.Tensor:
-    """The swapped prediction loss of the per-crop prototype scores (crop, B, K): codes of the first `assign` crops,
-    predicted by every other crop."""
-    total = scores[0].new_zeros(())
-    for i in range(assign):
-        q = sinkhorn(scores[i].detach())
-        others = [v for v in range(len(scores)) if v != i]
-        terms = [-(q * F.log_softmax(scores[v] / temperature, dim=1)).sum(1).mean() for v in others]
-        total = total + torch.stack(terms).mean()
-    return total / assign
+    head_hidden: int = 2048
+    head_out: int = 128
+    head_layers: int = 2
+    head_dropout: float = 0.0
+    prototypes: int = 3000
+    temperature: float = 0.1
+    local_crops: int = 4
+    local_size: int = 16
 
 
 @register
@@ -68,28 +54,22 @@ class SwAV(Method):
     """Backbone + projection head + prototypes; swapped prediction of Sinkhorn-Knopp codes over multi-crop views."""
 
     name = "swav"
-    defaults = {
-        "head_hidden": 2048,
-        "head_out": 128,
-        "prototypes": 3000,  # official ImageNet and solo-learn's CIFAR value
-        "temperature": 0.1,
-        "local_crops": 4,
-        "local_size": 16,
-    }
+    Config = SwAVConfig
+    config: SwAVConfig
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, settings: PretrainSettings):
-        super().__init__(backbone, feature_dim, settings)
-        self.head = build_head(feature_dim, settings.head_hidden, settings.head_out, settings.head_layers,
-                               settings.head_dropout)  # fmt: skip
-        self.prototypes = nn.Linear(settings.head_out, settings.prototypes, bias=False)
+    def __init__(self, backbone: nn.Module, config: SwAVConfig | None = None, feature_dim: int | None = None):
+        super().__init__(backbone, config, feature_dim)
+        c = self.config
+        self.head = build_head(self.feature_dim, c.head_hidden, c.head_out, c.head_layers, c.head_dropout)
+        self.prototypes = nn.Linear(c.head_out, c.prototypes, bias=False)
         self.register_buffer("frozen", torch.tensor(True))  # prototypes frozen this step: set by after_step
-        self.temperature = settings.temperature
-        self.epochs = settings.epochs
         self._normalise_prototypes()
         self._before: torch.Tensor | None = None  # the prototypes before a frozen step (not state: within a step)
 
-    def views(self, batch: torch.Tensor, settings: PretrainSettings, gen: torch.Generator) -> list[torch.Tensor]:
-        return multi_crop_views(batch, settings, gen)
+    @classmethod
+    def recipe(cls, config: SwAVConfig, aug: augment.Augment, image_size: int) -> augment.Recipe:
+        """Multi-crop: 2 global views at the images' size, then the local crops."""
+        return augment.multi_crop_recipe(aug, config.local_crops, min(config.local_size, image_size))
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
         w = self.prototypes.weight
@@ -101,17 +81,17 @@ class SwAV(Method):
         z = [distributed.gather(x) for x in z]  # the loss of the global batch, with gradients
         with full_precision(z[0]):
             scores = [F.linear(x.float(), w.float()) for x in z]
-            return swav_loss(scores, self.temperature)
+            return swav_loss(scores, self.config.temperature)
 
     @torch.no_grad()
-    def after_step(self, step: int, total_steps: int) -> None:
+    def after_step(self, step: int, total_steps: int, epochs: int) -> None:
         self._normalise_prototypes()
         w = self.prototypes.weight
         if self._before is not None:  # undo the optimizer's step on frozen prototypes (no host sync: a where)
             w = torch.where(self.frozen, self._before, w)
             self._before = None
         self.prototypes.weight.copy_(w)
-        self.frozen.fill_(step < total_steps // self.epochs)  # the first epoch's steps
+        self.frozen.fill_(step < total_steps // epochs)  # the first epoch's steps
 
     @torch.no_grad()
     def _normalise_prototypes(self) -> None:

@@ -20,39 +20,26 @@ device tensor, updated by every forward (no host sync; read it rarely); not save
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
 
 from crlf.engine.heads import build_head
-from crlf.engine.methods import Method, full_precision, pair, register
-from crlf.engine.methods.barlow import off_diagonal, spread
-from crlf.settings import PretrainSettings
-
-VAR_EPS = 1e-4  # the official code's, inside the square root of the variance
+from crlf.engine.loss import spread, vicreg_loss
+from crlf.engine.methods.base import Method, full_precision, opt, pair, register
 
 
-def std_loss(z: torch.Tensor) -> torch.Tensor:
-    """Hinge on the std of each dimension along the batch: mean_d relu(1 - sqrt(var_d + eps)), var unbiased."""
-    return F.relu(1 - torch.sqrt(z.var(dim=0) + VAR_EPS)).mean()
+@dataclass(frozen=True)
+class VICRegConfig:
+    """VICReg's options (the official coefficients; solo-learn's CIFAR projector)."""
 
-
-def cov_loss(z: torch.Tensor) -> torch.Tensor:
-    """Sum of the squared off-diagonal entries of the unbiased (N - 1) covariance matrix, divided by D."""
-    n, d = z.shape
-    zc = z - z.mean(dim=0)
-    cov = zc.T @ zc / (n - 1)
-    return off_diagonal(cov).pow(2).sum() / d
-
-
-def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim: float, std: float, cov: float) -> torch.Tensor:
-    """VICReg loss of the projections z1, z2 (N, D) of the two views (the whole batch, N >= 2), in float32."""
-    if z1.shape != z2.shape or z1.dim() != 2 or z1.shape[0] < 2:
-        raise ValueError(f"z1 and z2 must both be (N, D) with N >= 2, got {tuple(z1.shape)} and {tuple(z2.shape)}")
-    z1, z2 = z1.float(), z2.float()
-    invariance = F.mse_loss(z1, z2)
-    variance = (std_loss(z1) + std_loss(z2)) / 2
-    covariance = cov_loss(z1) + cov_loss(z2)
-    return sim * invariance + std * variance + cov * covariance
+    head_hidden: int = 2048
+    head_out: int = 2048
+    head_layers: int = 3
+    head_dropout: float = 0.0
+    vicreg_sim: float = opt(25.0, "Weight of the invariance (MSE) term.", ge=0.0, le=1e4)
+    vicreg_std: float = opt(25.0, "Weight of the variance (std hinge) term.", ge=0.0, le=1e4)
+    vicreg_cov: float = opt(1.0, "Weight of the covariance (off-diagonal) term.", ge=0.0, le=1e4)
 
 
 @register
@@ -60,25 +47,19 @@ class VICReg(Method):
     """Backbone + 3-layer projector; invariance between views, variance and decorrelation within each."""
 
     name = "vicreg"
-    defaults = {
-        "head_hidden": 2048,
-        "head_out": 2048,
-        "head_layers": 3,
-        "optimizer": "lars",  # SGD at the default lr diverged in 4 digits epochs; LARS (solo-learn's) did not
-        "vicreg_sim": 25.0,
-        "vicreg_std": 25.0,
-        "vicreg_cov": 1.0,
-    }
+    Config = VICRegConfig
+    config: VICRegConfig
+    optimizer = "lars"  # SGD at the default lr diverged in 4 digits epochs; LARS (solo-learn's) did not
 
-    def __init__(self, backbone: torch.nn.Module, feature_dim: int, settings: PretrainSettings):
-        super().__init__(backbone, feature_dim, settings)
-        self.head = build_head(feature_dim, settings.head_hidden, settings.head_out, settings.head_layers,
-                               settings.head_dropout)  # fmt: skip
-        self.coeffs = (settings.vicreg_sim, settings.vicreg_std, settings.vicreg_cov)
+    def __init__(self, backbone: torch.nn.Module, config: VICRegConfig | None = None, feature_dim: int | None = None):
+        super().__init__(backbone, config, feature_dim)
+        c = self.config
+        self.head = build_head(self.feature_dim, c.head_hidden, c.head_out, c.head_layers, c.head_dropout)
         self.last_std: torch.Tensor | None = None  # collapse indicator of the latest forward (see the module doc)
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
         z1, z2 = pair(lambda x: self.head(self.backbone(x)), views)  # the global batch, with gradients
         with full_precision(z1):
             self.last_std = spread(z1, z2)
-            return vicreg_loss(z1, z2, *self.coeffs)
+            c = self.config
+            return vicreg_loss(z1, z2, c.vicreg_sim, c.vicreg_std, c.vicreg_cov)

@@ -1,4 +1,4 @@
-"""crlf.engine.data: every source -> ImageSet, limit / image_size, folder decoding and cache, and the error messages."""
+"""crlf.engine.sources: every source -> ImageSet, limit / image_size, folder decoding and cache, error messages."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from crlf.engine import data, folder
-from crlf.engine.data import ImageSet, load
+from crlf.engine.sources import ImageSet, load, pick
 from crlf.engine.sources import cache as folder_cache
+from crlf.engine.sources.images import decode, printable
 from crlf.errors import InputError
 from crlf.options import DataSettings
 
@@ -275,8 +275,8 @@ def test_stl10_transposition_labels_and_splits(tiny_stl10_root):
     both = load(settings(**kw))  # default: train+unlabeled
     assert len(both) == 18 and both.labels is None and both.class_names == [] and both.ids[10] == "unlabeled/0"
     some = load(settings(**kw, limit=5))
-    assert len(some) == 5 and some.ids == [both.ids[i] for i in data.pick(18, 5).tolist()]
-    assert torch.equal(some.images, both.images[data.pick(18, 5)])
+    assert len(some) == 5 and some.ids == [both.ids[i] for i in pick(18, 5).tolist()]
+    assert torch.equal(some.images, both.images[pick(18, 5)])
 
 
 # --- folders --------------------------------------------------------------------------------------
@@ -325,7 +325,7 @@ def test_folder_exif_orientation_and_limit(tmp_path):
     photo = s.images[s.ids.index("photo.jpg")].float()
     assert photo[:, 0].mean() < 40 and photo[:, 7].mean() > 215
     some = load(settings(data="folder", data_dir=root, image_size=8, limit=3))
-    assert some.ids == [s.ids[i] for i in data.pick(6, 3).tolist()]
+    assert some.ids == [s.ids[i] for i in pick(6, 3).tolist()]
 
 
 def test_folder_skips_non_images_and_corrupt_files_with_one_warning(tiny_folder, caplog):
@@ -359,7 +359,7 @@ def test_folder_cache_reused_then_invalidated(tiny_folder, tmp_path, monkeypatch
     first = load(settings(**kw))
     assert len(list(cache.glob("*.npy"))) == 1
 
-    real_decode = folder.decode
+    real_decode = decode
     monkeypatch.setattr(folder_cache, "decode", lambda *a: pytest.fail("decoded although the cache is valid"))
     with caplog.at_level(logging.INFO, logger="crlf.engine"):
         again = load(settings(**kw))
@@ -463,12 +463,12 @@ def _odd_names_folder(root: Path) -> Path:
 
 
 def test_printable_names_are_one_utf8_line_and_distinct():
-    assert folder.printable("cat/img 1.png") == "cat/img 1.png"
-    assert folder.printable(os.fsdecode(b"bad\xff.png")) == "bad\\xff.png"
-    assert folder.printable("a\nb\tc\x1b[31m") == "a\\nb\\tc\\x1b[31m"
-    assert folder.printable("line\u2028sep") == "line\\xe2\\x80\\xa8sep"
-    assert folder.printable("bad\\xff.png") == "bad\\\\xff.png"  # a literal backslash never reads as an escape
-    assert folder.printable("it's 'quoted'\\", backslashes=False) == "it's 'quoted'\\"
+    assert printable("cat/img 1.png") == "cat/img 1.png"
+    assert printable(os.fsdecode(b"bad\xff.png")) == "bad\\xff.png"
+    assert printable("a\nb\tc\x1b[31m") == "a\\nb\\tc\\x1b[31m"
+    assert printable("line\u2028sep") == "line\\xe2\\x80\\xa8sep"
+    assert printable("bad\\xff.png") == "bad\\\\xff.png"  # a literal backslash never reads as an escape
+    assert printable("it's 'quoted'\\", backslashes=False) == "it's 'quoted'\\"
 
 
 def test_folder_undecodable_and_newline_names_are_escaped_in_ids_cache_and_warning(tmp_path, caplog):

@@ -109,13 +109,13 @@ METHODS: dict[str, Any] = {
     'options': {
         'head_hidden': {
             'type': 'int',
-            'help': "Width of the head's hidden layers.",
+            'help': "Head hidden layers' width.",
             'identity': True,
             'bounds': {'gt': 0, 'le': 16384},
         },
         'head_out': {
             'type': 'int',
-            'help': 'Output size of the projection head.',
+            'help': 'Projection head output size.',
             'identity': True,
             'bounds': {'gt': 0, 'le': 16384},
         },
@@ -127,25 +127,25 @@ METHODS: dict[str, Any] = {
         },
         'head_dropout': {
             'type': 'float',
-            'help': 'Dropout before each linear layer of the head but the first.',
+            'help': 'Dropout before each head layer but the first.',
             'identity': True,
             'bounds': {'ge': 0.0, 'lt': 1.0},
         },
         'temperature': {
             'type': 'float',
-            'help': 'Temperature of the loss (below 0.07 is often unstable).',
+            'help': 'Loss temperature (below 0.07: often unstable).',
             'identity': False,
             'bounds': {'gt': 0.0, 'le': 100.0},
         },
         'queue_size': {
             'type': 'int',
-            'help': 'Queue of negative keys; 0: MoCo v3-style, in-batch negatives and a predictor.',
+            'help': 'Negative keys kept; 0: MoCo v3-style (in-batch negatives).',
             'identity': True,
             'bounds': {'ge': 0, 'le': 262144},
         },
         'momentum': {
             'type': 'float',
-            'help': 'Teacher EMA base, raised to 1 by a cosine over the run.',
+            'help': 'Teacher EMA base, raised to 1 by a cosine.',
             'identity': False,
             'bounds': {'ge': 0.0, 'le': 1.0},
         },
@@ -157,13 +157,13 @@ METHODS: dict[str, Any] = {
         },
         'barlow_lambda': {
             'type': 'float',
-            'help': 'Weight of the off-diagonal (redundancy) term.',
+            'help': 'Weight of the redundancy (off-diagonal) term.',
             'identity': False,
             'bounds': {'ge': 0.0, 'le': 1000.0},
         },
         'barlow_scale': {
             'type': 'float',
-            'help': "Factor on the whole loss (0.1 as solo-learn; 1: the official code's).",
+            'help': "Factor on the loss (1: the official code's).",
             'identity': False,
             'bounds': {'gt': 0.0, 'le': 1000.0},
         },
@@ -175,13 +175,13 @@ METHODS: dict[str, Any] = {
         },
         'vicreg_std': {
             'type': 'float',
-            'help': 'Weight of the variance (std hinge) term.',
+            'help': 'Weight of the variance (std) term.',
             'identity': False,
             'bounds': {'ge': 0.0, 'le': 10000.0},
         },
         'vicreg_cov': {
             'type': 'float',
-            'help': 'Weight of the covariance (off-diagonal) term.',
+            'help': 'Weight of the covariance term.',
             'identity': False,
             'bounds': {'ge': 0.0, 'le': 10000.0},
         },
@@ -199,13 +199,13 @@ METHODS: dict[str, Any] = {
         },
         'local_crops': {
             'type': 'int',
-            'help': 'Local crops per image besides the 2 global ones.',
+            'help': 'Local crops besides the 2 global ones.',
             'identity': False,
             'bounds': {'ge': 0, 'le': 32},
         },
         'local_size': {
             'type': 'int',
-            'help': "Local crop side in pixels, at most the image's.",
+            'help': "Local crop side in px (at most the image's).",
             'identity': False,
             'bounds': {'ge': 2, 'le': 4096},
         },

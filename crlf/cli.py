@@ -43,6 +43,7 @@ from crlf.settings import (
     LinearEvalSettings,
     PretrainSettings,
     VisualizeSettings,
+    pretrain_model,
     resolve,
     settings_values,
     to_toml,
@@ -372,7 +373,7 @@ def _pretrain(
     verbose: VerboseOpt = False,
 ) -> None:
     def work() -> None:
-        settings = _resolved(PretrainSettings, settings_values, config, print_config, json)
+        settings = _resolved(pretrain_model(), settings_values, config, print_config, json)
         if settings is None:
             return
         from crlf.commands.pretrain import pretrain  # torch is imported only when there is work to do
@@ -398,12 +399,18 @@ def _pretrain(
     _guarded(quiet, verbose, work)
 
 
-settings_command(
-    "pretrain",
-    PretrainSettings,
-    _pretrain,
-    "Pretrain an image encoder without labels (--method: simclr, moco, byol, ...) and write a run directory.",
-)
+def _pretrain_command() -> None:
+    """(Re-)register pretrain with a flag for every option of every registered method."""
+    app.registered_commands[:] = [c for c in app.registered_commands if c.name != "pretrain"]
+    settings_command(
+        "pretrain",
+        pretrain_model(),
+        _pretrain,
+        "Pretrain an image encoder without labels (--method: simclr, moco, byol, ...) and write a run directory.",
+    )
+
+
+_pretrain_command()
 
 
 def _common(cls: type, body: Callable[[Any, bool, bool], None]) -> Callable[..., None]:
@@ -447,14 +454,14 @@ def _extract(settings: ExtractSettings, json: bool, quiet: bool) -> dict[str, An
     if settings.out == "-" and sys.stdout.isatty():  # as gzip: binary data would garble the terminal
         raise InputError("--out - writes binary .npy data to stdout, which is a terminal: redirect it "
                          "(crlf extract ... --out - > emb.npy), pipe it, or give --out FILE")  # fmt: skip
-    from crlf.engine.embeddings import extract
+    from crlf.commands.extract import extract
 
     return extract(settings, sys.stdout.buffer)
 
 
 def _evaluation(name: str) -> Callable[[Any, bool, bool], dict[str, Any]]:
     def run(settings: Any, json: bool, quiet: bool) -> dict[str, Any]:
-        from crlf.engine import embeddings
+        from crlf.commands import evaluate as embeddings
 
         result = getattr(embeddings, name)(settings)
         if not quiet:
@@ -465,7 +472,7 @@ def _evaluation(name: str) -> Callable[[Any, bool, bool], dict[str, Any]]:
 
 
 def _visualize(settings: VisualizeSettings, json: bool, quiet: bool) -> dict[str, Any]:
-    from crlf.engine.visualize import visualize
+    from crlf.commands.visualize import visualize
 
     return visualize(settings)
 
@@ -506,7 +513,7 @@ def _explore(settings: ExploreSettings, json: bool, quiet: bool) -> None:
         if e.name not in ("flask", "werkzeug"):
             raise
         raise InputError("crlf explore needs Flask: pip install 'crlf[explore]'") from None
-    from crlf.engine.explore import open_space
+    from crlf.commands.explore import open_space
 
     sock = explore_app.bind(settings.host, settings.port)  # a port in use fails now, not after the embedding
     with output.engine_progress(quiet=quiet, bar=not json):
@@ -526,6 +533,12 @@ settings_command(
     "Browse an embedding space in the web browser: a 2-D map with thumbnails, nearest neighbours, search, and "
     "queries with your own images (needs Flask: the explore extra).",
 )
+
+
+def _registered_fields(name: str) -> set[str]:
+    """The settings fields the registered subcommand `name` takes as options."""
+    info = next(c for c in app.registered_commands if c.name == name)
+    return set(inspect.signature(info.callback).parameters)  # type: ignore[arg-type]
 
 
 def _click_errors() -> tuple[type[Exception], ...]:
@@ -560,6 +573,8 @@ def _usage_line(e: Exception) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point. Usage errors (unknown option or command, bad or missing value) are one line
     on stderr with exit code 2, like every other error, instead of click's usage box."""
+    if not pretrain_model().model_fields.keys() <= _registered_fields("pretrain"):  # a method registered since
+        _pretrain_command()
     try:
         code = app(args=argv, prog_name="crlf", standalone_mode=False)
     except _click_errors() as e:

@@ -165,16 +165,28 @@ def _method_fields() -> dict[str, Any]:
     table = catalog.methods()
     names = list(table["methods"])
     fields: dict[str, Any] = {
-        "method": (str, Field("simclr", description=f"{', '.join(names)} (the README compares them).")),
+        "method": (str, Field("simclr", description=f"{', '.join(names)} (README: how they compare).")),
     }
-    kinds = {"int": int, "float": float, "bool": bool, "str": str}
-    for name, o in table["options"].items():
-        defaults = [f"{m} {d['defaults'][name]}" for m, d in table["methods"].items() if name in d["defaults"]]
-        fields[name] = (
-            kinds[o["type"]] | None,
-            Field(None, description=f"{o['help']} Default: {', '.join(defaults)}.", **o["bounds"]),
-        )
+    fields.update({name: method_field(name, table) for name in table["options"]})
     return fields
+
+
+def method_field(name: str, table: dict[str, Any]) -> tuple[Any, Any]:
+    """The settings field of method option `name` of a catalog table: None by default, the option's bounds, its help
+    with each method's default."""
+    kinds = {"int": int, "float": float, "bool": bool, "str": str}
+    o = table["options"][name]
+    groups: dict[Any, list[str]] = {}
+    for m, d in table["methods"].items():
+        if name in d["defaults"]:
+            groups.setdefault(d["defaults"][name], []).append(m)
+    (main, users), *others = sorted(groups.items(), key=lambda g: -len(g[1]))
+    missing = [m for m in table["methods"] if m not in users]
+    who = ", ".join(users) if len(users) <= 3 else "not " + ", ".join(missing)
+    shown = f"{main}" if others or not missing else f"{main} ({who})"
+    shown += "".join(f"; {', '.join(ms)} {v}" for v, ms in others)
+    text = f"{o['help']} Default: {shown}."
+    return kinds[o["type"]] | None, Field(None, description=text, **o["bounds"])
 
 
 def _known_method(cls: type, v: str) -> str:

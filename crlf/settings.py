@@ -15,7 +15,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -24,6 +24,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from crlf import catalog
 from crlf.errors import InputError, did_you_mean, quoted
 from crlf.options import (
     MAX_BATCH,
@@ -39,6 +40,7 @@ from crlf.options import (
     ModelSettings,
     OptimSettings,
     RunSettings,
+    method_field,
 )
 
 try:
@@ -160,6 +162,8 @@ class _CommandSettings(BaseSettings):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if cls.section:  # a model extended with a run-time method's options replaces its base
+            _COMMANDS[:] = [c for c in _COMMANDS if c.section != cls.section]
         _COMMANDS.append(cls)
 
     @classmethod
@@ -183,6 +187,23 @@ class PretrainSettings(
     """Everything ``crlf pretrain`` needs."""
 
     section: ClassVar[str] = "pretrain"
+
+
+_EXTENDED: dict[tuple[str, ...], type[PretrainSettings]] = {}
+
+
+def pretrain_model() -> type[PretrainSettings]:
+    """PretrainSettings, extended by a field for each option of a method registered at run time (a plugin, a test)
+    that the generated catalog does not have: the options a new method declares reach the CLI, the TOML file and
+    CRLF_* variables without an edit here."""
+    table = catalog.methods()
+    new = tuple(k for k in table["options"] if k not in PretrainSettings.model_fields)
+    if not new:
+        return PretrainSettings
+    if new not in _EXTENDED:
+        fields: dict[str, Any] = {k: method_field(k, table) for k in new}
+        _EXTENDED[new] = create_model("PretrainSettings", __base__=PretrainSettings, **fields)
+    return _EXTENDED[new]
 
 
 class EncoderInput(Group):

@@ -32,7 +32,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_defaults():
-    from crlf.engine.methods import resolve as method_defaults
+    from crlf.commands.pretrain import resolve as method_defaults
 
     assert resolve(PretrainSettings, {}).optimizer is None  # the method's choice
     s = method_defaults(resolve(PretrainSettings, {}))

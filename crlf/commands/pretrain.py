@@ -12,9 +12,13 @@ import logging
 from typing import Any
 
 import torch
+from PIL import Image
 
 from crlf import catalog
 from crlf.engine import augment, backbones, methods, sources, train
+from crlf.engine.sources.base import resize
+from crlf.engine.sources.images import square
+from crlf.errors import InputError
 from crlf.settings import PretrainSettings, settings_values
 from crlf.typed import config_of
 
@@ -31,25 +35,34 @@ def identity_keys() -> tuple[str, ...]:
     return (*IDENTITY_KEYS, "method", *(k for k, o in options.items() if o["identity"]))
 
 
-def resolve(settings: PretrainSettings) -> PretrainSettings:
+def resolve(settings: PretrainSettings, custom_backbone: bool = False) -> PretrainSettings:
     """The settings with the chosen method's defaults for its options left unset (None), and the optimizer the
     backbone family (first) or the method chooses; a warning for each option set that the method does not have."""
     cls = methods.get(settings.method)
-    backbones.check(settings.arch)  # an unknown or unavailable backbone fails before any data is read
+    if not custom_backbone:
+        backbones.check(settings.arch)  # an unknown or unavailable backbone fails before any data is read
     own = {f.name: f.default for f in dataclasses.fields(cls.Config)}
     foreign = [k for k in catalog.methods()["options"] if k not in own and getattr(settings, k) is not None]
     for name in foreign:
         log.warning("--%s is not an option of --method %s: it is ignored", name.replace("_", "-"), settings.method)
     update = {k: v for k, v in own.items() if getattr(settings, k) is None}
     if settings.optimizer is None:
-        update["optimizer"] = backbones.defaults(settings.arch).get("optimizer", cls.optimizer)
+        family = {} if custom_backbone else backbones.defaults(settings.arch)
+        update["optimizer"] = family.get("optimizer", cls.optimizer)
     return settings.model_copy(update=update) if update else settings
 
 
-def train_config(settings: PretrainSettings, backbone: torch.nn.Module | None = None) -> train.TrainConfig:
-    """The typed plan of a run from (resolved) settings."""
+def train_config(
+    settings: PretrainSettings, backbone: torch.nn.Module | None = None, images: sources.ImageSet | None = None
+) -> train.TrainConfig:
+    """The typed plan of a run from (resolved) settings; a user's own backbone or images replace `arch` / `data`
+    (config.json then says 'custom' / the kind of data)."""
     cls = methods.get(settings.method)
     values = settings_values(settings)
+    if backbone is not None:
+        values.update(arch=backbones.CUSTOM, stem=None, patch_size=None)
+    if images is not None:
+        values.update(data=images.source, data_dir=None, split=None, image_size=images.images.shape[-1])
     keys = set(identity_keys())
     return config_of(
         train.TrainConfig,
@@ -62,22 +75,63 @@ def train_config(settings: PretrainSettings, backbone: torch.nn.Module | None = 
         values=values,
         identity={k: v for k, v in values.items() if k in keys},
         backbone=backbone,
+        images=images,
     )
 
 
+def image_set(data: Any, image_size: int | None) -> sources.ImageSet:
+    """A user's images as an ImageSet: a uint8 tensor (N, 3, H, W), or a torch Dataset whose items are images (PIL,
+    uint8 CHW tensors) or (image, label) pairs; square images of `image_size` px (default: the first image's side)."""
+    if isinstance(data, torch.Tensor):
+        if data.dtype != torch.uint8 or data.ndim != 4 or data.shape[1] != 3:
+            raise InputError(f"data: a tensor must be uint8 (N, 3, H, W), got {data.dtype} {tuple(data.shape)}")
+        images, labels, source = data, None, "tensor"
+    else:
+        try:
+            items = [data[i] for i in range(len(data))]
+        except TypeError:
+            raise InputError("data: give a uint8 tensor (N, 3, H, W) or a torch Dataset of images") from None
+        pairs = [item if isinstance(item, tuple) else (item, None) for item in items]
+        rows = []
+        for image, _ in pairs:
+            if isinstance(image, Image.Image):
+                rows.append(torch.from_numpy(square(image, image_size or min(image.size))).permute(2, 0, 1))
+            elif isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.ndim == 3:
+                rows.append(resize(image[None], image_size or min(image.shape[-2:]))[0])
+            else:
+                raise InputError(f"data: item {len(rows)} is a {type(image).__name__}: the Dataset must give PIL "
+                                 "images or uint8 (3, H, W) tensors, alone or with an integer label")  # fmt: skip
+        if not rows:
+            raise InputError("data: the Dataset is empty")
+        images = torch.stack([resize(r[None], rows[0].shape[-1])[0] if r.shape != rows[0].shape else r for r in rows])
+        given = [label for _, label in pairs]
+        labels = torch.tensor(given) if all(isinstance(v, int) for v in given) else None
+        source = "dataset"
+    if image_size is not None and images.shape[-2:] != (image_size, image_size):
+        images = resize(images, image_size)
+    names = [str(i) for i in range(int(labels.max()) + 1)] if labels is not None else []
+    return sources.ImageSet(images.contiguous(), labels, names, [str(i) for i in range(len(images))], source)
+
+
 def pretrain(
-    settings: PretrainSettings,
+    settings: PretrainSettings | None = None,
     reporter: train.Reporter | None = None,
     *,
     resume: bool = False,
     force: bool = False,
     hard_abort: bool = False,
+    backbone: torch.nn.Module | None = None,
+    data: Any = None,
 ) -> dict[str, Any]:
     """Train an encoder with the method `settings` name, writing the run directory; returns a summary dict.
 
+    backbone: a module of your own instead of --arch (its width is read off one forward pass);
+    data: your own images instead of --data: a uint8 tensor (N, 3, H, W) or a torch Dataset (see image_set);
     resume: continue from last.safetensors when there is one (a no-op when the run is complete);
     force: discard whatever run the directory holds and start over;
     hard_abort: a second SIGINT ends the process at once, even inside a long native op (the CLI's choice).
     """
-    cfg = train_config(resolve(settings))
+    settings = settings if settings is not None else PretrainSettings()
+    images = image_set(data, settings.image_size) if data is not None else None
+    cfg = train_config(resolve(settings, custom_backbone=backbone is not None), backbone, images)
     return train.pretrain(cfg, reporter, resume=resume, force=force, hard_abort=hard_abort)

@@ -114,7 +114,7 @@ def register(cls: type[Family]) -> type[Family]:
 
 def names() -> tuple[str, ...]:
     """The --arch names crlf builds itself, family by family (timm:NAME adds timm's): the one list of them."""
-    return tuple(name for fam in FAMILIES for name in getattr(fam, "ARCHS", {}))
+    return tuple(name for fam in FAMILIES for name in getattr(fam, "ARCHS", {}))  # custom and timm: not names
 
 
 def family_of(arch: str) -> Family:
@@ -393,6 +393,41 @@ class Timm(Family):
     def plain_code(self, spec: BackboneSpec) -> str:
         args = "".join(f", {k}={v}" for k, v in spec.kwargs.items())
         return f'net = timm.create_model("{spec.arch.removeprefix("timm:")}", num_classes=0{args})'
+
+
+# --- a user's own module ----------------------------------------------------------------------------------------------
+CUSTOM = "custom"
+
+
+@register
+class Custom(Family):
+    """Any nn.Module a Python user trains (crlf.pretrain(..., backbone=module)): crlf cannot rebuild it, so an
+    encoder file of one records arch 'custom' and load_encoder asks for the module."""
+
+    name = "custom"
+
+    def owns(self, arch: str) -> bool:
+        return arch == CUSTOM
+
+    def check(self, arch: str) -> None:
+        raise InputError("--arch custom is a module of your own: pass it from Python, "
+                         "crlf.pretrain(settings, backbone=module)")  # fmt: skip
+
+    def build(self, spec: BackboneSpec) -> nn.Module:
+        raise InputError("this encoder's backbone is a module of your own, which crlf cannot rebuild: load it with "
+                         "crlf.load_encoder(path, backbone=YourModule())")  # fmt: skip
+
+    def plain_code(self, spec: BackboneSpec) -> str:
+        return "backbone = YourModule()  # the module the encoder was trained with"
+
+
+def custom_spec(net: nn.Module, image_size: int) -> BackboneSpec:
+    """The spec of a user's own backbone: its feature width read off one forward pass at `image_size` px."""
+    was = net.training
+    try:
+        return BackboneSpec(CUSTOM, image_size, int(_width(net, "custom", image_size)))
+    finally:
+        net.train(was)
 
 
 def _width(net: nn.Module, arch: str, image_size: int) -> int:

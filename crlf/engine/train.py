@@ -76,6 +76,7 @@ class TrainConfig:
     values: dict[str, Any] = field(default_factory=dict)
     identity: dict[str, Any] = field(default_factory=dict)
     backbone: torch.nn.Module | None = None  # a user's own backbone instead of building `arch`
+    images: sources.ImageSet | None = None  # a user's own images instead of reading `data`
 
 
 class Reporter(Protocol):
@@ -279,9 +280,14 @@ def _build(cfg: TrainConfig, world: distributed.World) -> _Setup:
     """Load the data, build model and optimizer (seeded, so weights are reproducible) on this process's device."""
     device = world.device
     method = methods.get(cfg.method)
-    size = cfg.data.image_size or sources.REGISTRY[cfg.data.data].default_size or 0
-    recipe = method.recipe(cfg.method_config, cfg.augment, size)
-    feed = open_feed(cfg.data, device, recipe.crop_plan(size), cfg.seed, functools.partial(augment.draw, recipe))
+    if cfg.images is not None:
+        size = cfg.images.images.shape[-1]
+        recipe = method.recipe(cfg.method_config, cfg.augment, size)
+        feed: Feed = MemoryFeed(cfg.images, device)
+    else:
+        size = cfg.data.image_size or sources.REGISTRY[cfg.data.data].default_size or 0
+        recipe = method.recipe(cfg.method_config, cfg.augment, size)
+        feed = open_feed(cfg.data, device, recipe.crop_plan(size), cfg.seed, functools.partial(augment.draw, recipe))
     if len(feed) < cfg.batch_size:
         raise InputError(
             f"batch size {cfg.batch_size} is larger than the data set ({len(feed)} images): "

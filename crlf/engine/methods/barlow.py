@@ -36,9 +36,8 @@ class BarlowConfig:
     head_out: int = 2048
     head_layers: int = 3
     head_dropout: float = 0.0
-    barlow_lambda: float = opt(0.0051, "Weight of the off-diagonal (redundancy) term.", ge=0.0, le=1e3)
-    barlow_scale: float = opt(0.1, "Factor on the whole loss (0.1 as solo-learn; 1: the official code's).",
-                              gt=0.0, le=1e3)  # fmt: skip
+    barlow_lambda: float = opt(0.0051, "Weight of the redundancy (off-diagonal) term.", ge=0.0, le=1e3)
+    barlow_scale: float = opt(0.1, "Factor on the loss (1: the official code's).", gt=0.0, le=1e3)
 
 
 @register

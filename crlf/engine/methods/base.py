@@ -45,20 +45,20 @@ def opt(default: Any, help: str = "", identity: bool = False, **bounds: float) -
 
 # options several methods have: declared once here; a method's config names them with its own default
 SHARED_OPTIONS: dict[str, dict[str, Any]] = {
-    "head_hidden": {"help": "Width of the head's hidden layers.", "identity": True, "bounds": {"gt": 0, "le": 16384}},
-    "head_out": {"help": "Output size of the projection head.", "identity": True, "bounds": {"gt": 0, "le": 16384}},
+    "head_hidden": {"help": "Head hidden layers' width.", "identity": True, "bounds": {"gt": 0, "le": 16384}},
+    "head_out": {"help": "Projection head output size.", "identity": True, "bounds": {"gt": 0, "le": 16384}},
     "head_layers": {"help": "Linear layers in the projection head.", "identity": True, "bounds": {"ge": 1, "le": 4}},
-    "head_dropout": {"help": "Dropout before each linear layer of the head but the first.", "identity": True,
+    "head_dropout": {"help": "Dropout before each head layer but the first.", "identity": True,
                      "bounds": {"ge": 0.0, "lt": 1.0}},
-    "temperature": {"help": "Temperature of the loss (below 0.07 is often unstable).", "identity": False,
+    "temperature": {"help": "Loss temperature (below 0.07: often unstable).", "identity": False,
                     "bounds": {"gt": 0.0, "le": 100.0}},
     "pred_hidden": {"help": "Predictor hidden width.", "identity": True, "bounds": {"gt": 0, "le": 16384}},
-    "momentum": {"help": "Teacher EMA base, raised to 1 by a cosine over the run.", "identity": False,
+    "momentum": {"help": "Teacher EMA base, raised to 1 by a cosine.", "identity": False,
                  "bounds": {"ge": 0.0, "le": 1.0}},
     "prototypes": {"help": "Number of prototypes K.", "identity": True, "bounds": {"ge": 1, "le": 262144}},
-    "local_crops": {"help": "Local crops per image besides the 2 global ones.", "identity": False,
+    "local_crops": {"help": "Local crops besides the 2 global ones.", "identity": False,
                     "bounds": {"ge": 0, "le": 32}},
-    "local_size": {"help": "Local crop side in pixels, at most the image's.", "identity": False,
+    "local_size": {"help": "Local crop side in px (at most the image's).", "identity": False,
                    "bounds": {"ge": 2, "le": 4096}},
 }  # fmt: skip
 

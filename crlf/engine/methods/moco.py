@@ -57,8 +57,8 @@ class MoCoConfig:
     head_layers: int = 2
     head_dropout: float = 0.0
     temperature: float = 0.2
-    queue_size: int = opt(4096, "Queue of negative keys; 0: MoCo v3-style, in-batch negatives and a predictor.",
-                          identity=True, ge=0, le=262144)  # fmt: skip
+    queue_size: int = opt(4096, "Negative keys kept; 0: MoCo v3-style (in-batch negatives).", identity=True,
+                          ge=0, le=262144)  # fmt: skip
     momentum: float = 0.99
     pred_hidden: int = 4096  # the predictor of the queue-free form
 

@@ -38,8 +38,8 @@ class VICRegConfig:
     head_layers: int = 3
     head_dropout: float = 0.0
     vicreg_sim: float = opt(25.0, "Weight of the invariance (MSE) term.", ge=0.0, le=1e4)
-    vicreg_std: float = opt(25.0, "Weight of the variance (std hinge) term.", ge=0.0, le=1e4)
-    vicreg_cov: float = opt(1.0, "Weight of the covariance (off-diagonal) term.", ge=0.0, le=1e4)
+    vicreg_std: float = opt(25.0, "Weight of the variance (std) term.", ge=0.0, le=1e4)
+    vicreg_cov: float = opt(1.0, "Weight of the covariance term.", ge=0.0, le=1e4)
 
 
 @register

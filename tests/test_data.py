@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from crlf.engine.sources import ImageSet, load, pick
+from crlf.engine.sources import DataSpec, ImageSet, load, pick, request, split_of
 from crlf.engine.sources import cache as folder_cache
 from crlf.engine.sources.images import decode, printable
 from crlf.errors import InputError
@@ -278,6 +279,18 @@ def test_stl10_transposition_labels_and_splits(tiny_stl10_root):
     assert len(some) == 5 and some.ids == [both.ids[i] for i in pick(18, 5).tolist()]
     assert torch.equal(some.images, both.images[pick(18, 5)])
 
+
+
+def test_data_spec_mirrors_the_data_settings_and_loads_the_same(tiny_stl10_root):
+    """The data layer's DataSpec has the fields and defaults of the CLI's DataSettings, which the entry points copy."""
+    fields = {f.name: f.default for f in dataclasses.fields(DataSpec)}
+    assert fields == {name: f.default for name, f in DataSettings.model_fields.items()}
+    kw = dict(data="stl10", data_dir=tiny_stl10_root, download=False, limit=5)
+    spec = DataSpec(**kw)
+    assert split_of(spec) == "train+unlabeled" and split_of(DataSpec()) == "train" and split_of(spec, "test") == "test"
+    assert request(settings(**kw)).spec == spec
+    a, b = load(spec), load(settings(**kw))
+    assert a.ids == b.ids and torch.equal(a.images, b.images)
 
 # --- folders --------------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
-"""Streaming sources (crlf.engine.sources.stream) and the tar source: order, resume, shares, corrupt files, crops."""
+"""Streaming (crlf.engine.sources.feed and .stream) and the tar source: order, resume, shares, corrupt files, crops."""
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -20,8 +21,9 @@ from safetensors.torch import load_file
 from crlf import PretrainSettings, pretrain
 from crlf.engine import augment, methods
 from crlf.engine.sources import catalog, feed, images, load
+from crlf.engine.sources.feed import StreamFeed
 from crlf.engine.sources.images import crop_boxes, decode_crops
-from crlf.engine.sources.stream import StreamFeed, _Decoder
+from crlf.engine.sources.stream import Decoder
 from crlf.engine.sources.tar import expand_braces
 from crlf.errors import InputError, Interrupted
 from crlf.options import AugmentSettings, DataSettings
@@ -71,8 +73,8 @@ def _train(out: Path, data_dir: Path, **kw):
 def _seen(monkeypatch) -> list[tuple[int, int]]:
     """Record every (epoch, image index) the stream decodes."""
     seen: list[tuple[int, int]] = []
-    real = _Decoder.__getitems__
-    monkeypatch.setattr(_Decoder, "__getitems__", lambda self, items: seen.extend(items) or real(self, items))
+    real = Decoder.__getitems__
+    monkeypatch.setattr(Decoder, "__getitems__", lambda self, items: seen.extend(items) or real(self, items))
     return seen
 
 
@@ -138,8 +140,8 @@ def _pretrain_rank(rank: int, port: int, shards: Path, out: Path) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))  # fmt: skip
     seen: list[tuple[int, int]] = []
-    real = _Decoder.__getitems__
-    _Decoder.__getitems__ = lambda self, items: seen.extend(items) or real(self, items)
+    real = Decoder.__getitems__
+    Decoder.__getitems__ = lambda self, items: seen.extend(items) or real(self, items)
     pretrain(_train(out / "run", shards, epochs=2, seed=7))
     (out / f"seen.{rank}.json").write_text(json.dumps(seen))
 
@@ -221,14 +223,15 @@ def test_crop_statistics_match_the_in_memory_path():
 
 def test_crops_keep_every_augmentation_but_the_box_and_multi_crop_plans():
     x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
-    cfg = AugmentSettings(jitter_strength=0, grayscale_p=0, flip_p=1.0)
+    cfg = augment.Augment(jitter_strength=0, grayscale_p=0, flip_p=1.0)
     a, b = augment.views(augment.Crops([x, x.flip(-1)]), cfg, torch.Generator().manual_seed(0))
     assert torch.allclose(a, x.flip(-1).float() / 255) and torch.allclose(b, x.float() / 255)
-    dino = methods.resolve(PretrainSettings(method="dino", image_size=32))
-    plan = methods.crop_plan(dino, 32)
+    dino = methods.get("dino")
+    recipe = dino.recipe(dino.Config(), augment.Augment(), 32)
+    plan = recipe.crop_plan(32)
     assert plan[:2] == [(32, 0.2, 1.0)] * 2 and plan[2:] == [(16, *augment.LOCAL_SCALE)] * 4
     crops = augment.Crops([torch.zeros(2, 3, s, s, dtype=torch.uint8) for s, _, _ in plan])
-    out = methods.multi_crop_views(crops, dino, torch.Generator().manual_seed(0))
+    out = augment.draw(recipe, crops, torch.Generator().manual_seed(0))
     assert [v.shape[-1] for v in out] == [32, 32, 16, 16, 16, 16]
 
 
@@ -320,7 +323,8 @@ def test_evaluations_and_visualize_stream_finetune_does_not(reference_run, tiny_
 
 def test_cpu_stream_workers_run_the_recipe_seeded_by_epoch_and_batch(shards):
     listed = catalog(DataSettings(data="tar", data_dir=shards))
-    recipe = methods.recipe(methods.resolve(PretrainSettings(image_size=8)))
+    simclr = methods.get("simclr")  # the default method: what the training loop hands a streaming source
+    recipe = functools.partial(augment.draw, simclr.recipe(simclr.Config(), augment.Augment(), 8))
     perm = torch.randperm(24, generator=torch.Generator().manual_seed(1))
 
     def run(first: int = 0, epoch: int = 0) -> list[augment.Views]:
@@ -373,7 +377,7 @@ def test_gpu_decode_leaves_turned_and_cmyk_jpegs_to_the_workers(tmp_path):
         Image.fromarray(pixels).convert(mode).save(tmp_path / "a" / f"{name}.jpg", quality=90, **extra)
     listed = catalog(DataSettings(data="folder", data_dir=tmp_path))
     items = [(0, i) for i in range(len(listed))]
-    device, cpu = (_Decoder(listed, PLAN, 0, gpu).__getitems__(items) for gpu in (True, False))
+    device, cpu = (Decoder(listed, PLAN, 0, gpu).__getitems__(items) for gpu in (True, False))
     assert sorted(listed.ids[row] for row, _, _ in device["jpegs"]) == ["a/gray.jpg", "a/rgb.jpg"]
     for row in (listed.ids.index("a/turned.jpg"), listed.ids.index("a/cmyk.jpg")):
         assert all(torch.equal(d[row], c[row]) for d, c in zip(device["views"], cpu["views"]))

@@ -15,7 +15,7 @@ from crlf.errors import InputError, short_reason
 @register("npy")
 def read_npy(req: Request) -> ImageSet:
     """--data npy: a uint8 array, labels in a sibling <name>.labels.npy."""
-    assert req.path is not None  # DataSettings requires a path for npy / npz
+    assert req.path is not None  # the settings (DataSettings) require a path for npy / npz
     return _array_file(req.path, "npy", req.split, req.own_test)
 
 

@@ -1,7 +1,8 @@
 """What every data source shares: ImageSet (a split in memory), Catalog (a split listed, not decoded), the registry.
 
 A source is a reader registered under its ``--data`` name. Every source can ``read`` a split into an ImageSet; the
-ones that can stream (folder, tar) can also ``list`` it as a Catalog, whose images are decoded on the fly.
+ones that can stream (folder, tar) can also ``list`` it as a Catalog, whose images are decoded on the fly. What to
+read is a DataSpec: the data layer's own plain config (the command layer builds it from its validated settings).
 """
 
 from __future__ import annotations
@@ -17,9 +18,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from crlf.options import DataSettings
-
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which images to read and how (the fields and defaults of the CLI's --data options; checked there, not here)."""
+
+    data: str = "digits"  # a registered source
+    data_dir: Path | None = None
+    split: str | None = None  # None: the source's training split (Source.split)
+    image_size: int | None = None  # None: the source's own (Source.default_size)
+    limit: int | None = None  # a seeded random subset of this many images
+    download: bool = True
+    cache_dir: Path | None = None  # of decoded folders / shards (None: the user's cache folder)
+    test_data_dir: Path | None = None  # the test split of folder / npy / npz / tar data
+    stream: bool | None = None  # None: stream when the decoded set does not fit in memory
+    workers: int | None = None  # decoding processes when streaming (None: the CPU count)
+    gpu_decode: bool = False
 
 
 @dataclass
@@ -101,7 +117,7 @@ class Catalog:
 class Request:
     """One split of one source, as load() asks a reader for it."""
 
-    settings: DataSettings
+    spec: DataSpec
     split: str
     path: Path | None  # --data-dir, or --test-data-dir when that is the split asked for
     own_test: bool  # `path` came from --test-data-dir: it is the test split itself
@@ -110,23 +126,26 @@ class Request:
 
 @dataclass(frozen=True)
 class Source:
-    """A registered data source: `read` loads a split into memory; `list` (streaming sources) catalogues it."""
+    """A registered data source: `read` loads a split into memory; `list` (streaming sources) catalogues it;
+    `split` is the one read when none is asked."""
 
     read: Callable[[Request], ImageSet]
     default_size: int | None = None
     list: Callable[[Request], Catalog] | None = None
+    split: str = "train"
 
 
 REGISTRY: dict[str, Source] = {}
 
 
 def register(
-    name: str, default_size: int | None = None, list: Callable[[Request], Catalog] | None = None  # noqa: A002
+    name: str, default_size: int | None = None, list: Callable[[Request], Catalog] | None = None,  # noqa: A002
+    split: str = "train",
 ) -> Callable[[Callable[[Request], ImageSet]], Callable[[Request], ImageSet]]:
     """Decorator of a reader: make it available as ``--data NAME``."""
 
     def add(read: Callable[[Request], ImageSet]) -> Callable[[Request], ImageSet]:
-        REGISTRY[name] = Source(read, default_size, list)
+        REGISTRY[name] = Source(read, default_size, list, split)
         return read
 
     return add

@@ -35,19 +35,19 @@ def read_digits(req: Request) -> ImageSet:
 @register("cifar10", 32)
 def read_cifar10(req: Request) -> ImageSet:
     """--data cifar10."""
-    return _cifar("cifar10", req.path, req.split, req.settings.download)
+    return _cifar("cifar10", req.path, req.split, req.spec.download)
 
 
 @register("cifar100", 32)
 def read_cifar100(req: Request) -> ImageSet:
     """--data cifar100."""
-    return _cifar("cifar100", req.path, req.split, req.settings.download)
+    return _cifar("cifar100", req.path, req.split, req.spec.download)
 
 
-@register("stl10", 96)
+@register("stl10", 96, split="train+unlabeled")  # by default the 5,000 labelled and 100,000 unlabelled images
 def read_stl10(req: Request) -> ImageSet:
     """--data stl10 (a --limit is applied while reading: only the picked rows are read from disk)."""
-    return _stl10(req.path, req.split, req.settings.download, req.settings.limit)
+    return _stl10(req.path, req.split, req.spec.download, req.spec.limit)
 
 
 def _digits(split: str) -> ImageSet:

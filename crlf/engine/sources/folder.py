@@ -21,7 +21,7 @@ from crlf.errors import InputError, short_reason
 def list_folder(req: Request) -> Catalog:
     """The images of the folder's split, listed (not decoded): non-images and files outside the class folders are
     left out and named in `skipped`."""
-    assert req.path is not None  # DataSettings requires a path for folder data
+    assert req.path is not None  # the settings (DataSettings) require a path for folder data
     data_dir, split = req.path, "train" if req.own_test else req.split
     base = data_dir.resolve()
     if not base.is_dir():
@@ -76,7 +76,7 @@ def list_folder(req: Request) -> Catalog:
 def read_folder(req: Request) -> ImageSet:
     """--data folder in memory: decoded once at the image size, then read from the memory-mapped cache."""
     assert req.size is not None
-    return load_catalog(list_folder(req), req.size, req.settings.cache_dir)
+    return load_catalog(list_folder(req), req.size, req.spec.cache_dir)
 
 
 def _scan(root: Path) -> tuple[list[tuple[str, int, int]], list[str]]:

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 
 from crlf.engine.sources import REGISTRY, catalog, load
-from crlf.engine.sources.base import Catalog, ImageSet, pick
+from crlf.engine.sources.base import Catalog, DataSpec, ImageSet, pick
 from crlf.engine.sources.cache import load_catalog, report_skipped
 from crlf.engine.sources.feed import streams
 from crlf.engine.sources.images import decode, unreadable
 from crlf.errors import InputError
-from crlf.options import DataSettings
+from crlf.typed import config_of
 
 log = logging.getLogger(__name__)
 
@@ -113,25 +113,26 @@ class SquareStream:
 
 
 def open_images(
-    settings: DataSettings, split: str | None, batch_size: int, sample: tuple[int, int] | None = None,
+    spec: DataSpec, split: str | None, batch_size: int, sample: tuple[int, int] | None = None,
     keep: bool = False,
 ) -> ImageSet | SquareStream:  # fmt: skip
-    """A split to embed at settings.image_size: in memory, or streamed (--stream, or the set decoded would take more
+    """A split to embed at spec.image_size: in memory, or streamed (--stream, or the set decoded would take more
     than half the available memory; the log says which and why). `sample` (count, seed): a seeded random subset."""
-    size = settings.image_size
+    spec = config_of(DataSpec, spec)
+    size = spec.image_size
     assert size is not None, "the caller sets the encoder's image size"
     listed = None
-    if REGISTRY[settings.data].list is not None:
-        if settings.stream is False:
+    if REGISTRY[spec.data].list is not None:
+        if spec.stream is False:
             log.info("data: in memory (--no-stream): decoded once into a memory-mapped cache")
         else:
-            listed = catalog(settings, split)
+            listed = catalog(spec, split)
     how = "each image is decoded in a worker process as it is embedded"
-    if listed is None or not streams(settings, listed, size, how):
+    if listed is None or not streams(spec, listed, size, how):
         # in memory: from the catalogue just listed (listing 50,000 files twice cost seconds), as training reads it
-        images = load(settings, split) if listed is None else load_catalog(listed, size, settings.cache_dir)
+        images = load(spec, split) if listed is None else load_catalog(listed, size, spec.cache_dir)
         rows = None if sample is None else pick(len(images), *sample)
         return images if rows is None else images.subset(rows)
     rows = None if sample is None else pick(len(listed), *sample)
-    return SquareStream(listed if rows is None else listed.subset(rows.tolist()), size, batch_size, settings.workers,
+    return SquareStream(listed if rows is None else listed.subset(rows.tolist()), size, batch_size, spec.workers,
                         keep)  # fmt: skip

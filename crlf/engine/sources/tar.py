@@ -88,7 +88,7 @@ def shard_paths(data_dir: Path, split: str) -> list[Path]:
 
 def list_tar(req: Request) -> Catalog:
     """Every sample of the shards, listed from their member headers; samples without an image are skipped."""
-    assert req.path is not None  # DataSettings requires a path for tar data
+    assert req.path is not None  # the settings (DataSettings) require a path for tar data
     shards = shard_paths(req.path, "train" if req.own_test else req.split)
     file, offset, size, suffix, ids, labels = [], [], [], [], [], []
     skipped: list[str] = []
@@ -204,4 +204,4 @@ def _label(shard: Path, member: tuple[int, int] | None) -> int | None:
 def read_tar(req: Request) -> ImageSet:
     """--data tar in memory: decoded once at the image size, then read from the memory-mapped cache."""
     assert req.size is not None
-    return load_catalog(list_tar(req), req.size, req.settings.cache_dir)
+    return load_catalog(list_tar(req), req.size, req.spec.cache_dir)

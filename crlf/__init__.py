@@ -21,8 +21,8 @@ _EXPORTS = {
     "ImageSet": "crlf.engine.sources",
     "load_data": ("crlf.engine.sources", "load"),
     "select_device": "crlf.engine.device",
-    "embed": "crlf.engine.embeddings",
-    "Embeddings": "crlf.engine.embeddings",
+    "embed": "crlf.commands.extract",
+    "Embeddings": "crlf.engine.embedfile",
 }
 __all__ = ["__version__", *_EXPORTS]
 

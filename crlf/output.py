@@ -31,7 +31,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from crlf.engine import signals
+from crlf.engine import progress, signals
 from crlf.errors import one_line
 
 console = Console(stderr=True, highlight=False)
@@ -227,7 +227,7 @@ def _holder(progress: Progress) -> Callable[[], None]:
 
 
 class TaskProgress:
-    """The engine's progress hook (evaluate.progress_hook, called as hook(what, done, total); total 0: unknown):
+    """The engine's progress hook (crlf.engine.progress, called as hook(what, done, total); total 0: unknown):
     a transient bar per running task on a terminal (not with --json), a plain line every `log_every` seconds
     elsewhere, nothing with --quiet."""
 
@@ -293,14 +293,11 @@ class TaskProgress:
 @contextlib.contextmanager
 def engine_progress(quiet: bool = False, bar: bool = True, log_every: float = 30.0) -> Iterator[TaskProgress]:
     """Show the engine's progress (embedding, probes, fine-tuning, kNN, t-SNE) while the block runs."""
-    from crlf.engine import evaluate  # imports torch: only when there is work
-
     hook = TaskProgress(quiet=quiet, bar=bar, log_every=log_every)
-    previous, evaluate.progress_hook = evaluate.progress_hook, hook
     try:
-        yield hook
+        with progress.reporting(hook):
+            yield hook
     finally:
-        evaluate.progress_hook = previous
         hook.close()
 
 

@@ -1,5 +1,6 @@
 """The evaluation engine: embeddings, linear probe, weighted kNN, class-balanced subsets and fine-tuning."""
 
+import dataclasses
 import math
 
 import pytest
@@ -97,27 +98,27 @@ def test_embed_rejects_what_it_cannot_embed():
 def test_accuracy_report_counts():
     scores = torch.tensor([[3.0, 2.0, 1.0], [0.0, 1.0, 2.0], [0.0, 2.0, 1.0], [5.0, 0.0, 1.0]])
     report = accuracy_report(scores, torch.tensor([0, 2, 2, 1]), 3)
-    assert report["top1"] == 50.0 and report["top5"] == 100.0
-    assert report["confusion"] == [[1, 0, 0], [1, 0, 0], [0, 1, 1]]
-    assert report["per_class"] == [100.0, 0.0, 50.0]
+    assert report.top1 == 50.0 and report.top5 == 100.0
+    assert report.confusion == [[1, 0, 0], [1, 0, 0], [0, 1, 1]]
+    assert report.per_class == [100.0, 0.0, 50.0]
 
 
 def test_linear_probe_separates_blobs_and_reports_consistently():
     train_x, train_y = blobs(1000)
     test_x, test_y = blobs(500, seed=1)
     result = linear_probe(train_x, train_y, test_x, test_y, 10, device=CPU, seed=0)
-    assert result["top1"] >= 99 and result["top5"] >= result["top1"]
-    conf = torch.tensor(result["confusion"])
+    assert result.top1 >= 99 and result.top5 >= result.top1
+    conf = torch.tensor(result.confusion)
     assert (
         conf.shape == (10, 10)
         and conf.sum() == 500
         and conf.sum(1).tolist() == torch.bincount(test_y, minlength=10).tolist()
     )
-    assert math.isclose(100 * conf.diag().sum().item() / 500, result["top1"])
-    assert len(result["per_class"]) == 10 and min(result["per_class"]) >= 90
-    assert result["train_size"] == 1000 and result["test_size"] == 500 and result["seconds"] >= 0
+    assert math.isclose(100 * conf.diag().sum().item() / 500, result.top1)
+    assert len(result.per_class) == 10 and min(result.per_class) >= 90
+    assert result.train_size == 1000 and result.test_size == 500 and result.seconds >= 0
     again = linear_probe(train_x, train_y, test_x, test_y, 10, device=CPU, seed=0)
-    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in result.items() if k != "seconds"}
+    assert dataclasses.replace(again, seconds=0.0) == dataclasses.replace(result, seconds=0.0)
 
 
 def test_linear_probe_on_random_labels_is_at_chance():
@@ -125,7 +126,7 @@ def test_linear_probe_on_random_labels_is_at_chance():
     train_x, test_x = torch.randn(1000, 64, generator=gen), torch.randn(500, 64, generator=gen)
     train_y, test_y = torch.randint(0, 10, (1000,), generator=gen), torch.randint(0, 10, (500,), generator=gen)
     result = linear_probe(train_x, train_y, test_x, test_y, 10, device=CPU, seed=0)
-    assert 4 <= result["top1"] <= 16
+    assert 4 <= result.top1 <= 16
 
 
 def test_linear_probe_standardises_with_train_statistics():
@@ -141,8 +142,8 @@ def test_linear_probe_standardises_with_train_statistics():
     test_x, test_y = features(300, 1)
     keep = test_y == 0
     result = linear_probe(train_x, train_y, test_x[keep], test_y[keep], 3, device=CPU, epochs=30)
-    assert result["top1"] >= 99 and result["top5"] == 100.0 and result["per_class"][0] == result["top1"]
-    assert result["per_class"][1:] == [None, None] and result["confusion"][1:] == [[0, 0, 0], [0, 0, 0]]
+    assert result.top1 >= 99 and result.top5 == 100.0 and result.per_class[0] == result.top1
+    assert result.per_class[1:] == [None, None] and result.confusion[1:] == [[0, 0, 0], [0, 0, 0]]
 
 
 def test_linear_probe_rejects_bad_input():
@@ -172,9 +173,9 @@ def test_knn_matches_brute_force(k, temperature, chunk):
     test_x, test_y = blobs(100, dim=16, spread=0.4, seed=1)
     result = knn_classify(train_x, train_y, test_x, test_y, 10, k=k, temperature=temperature, device=CPU, chunk=chunk)
     expected = accuracy_report(knn_reference(train_x, train_y, test_x, 10, k, temperature), test_y, 10)
-    assert (result["top1"], result["top5"]) == (expected["top1"], expected["top5"])
-    assert 20 < result["top1"] < 100  # neither trivial nor at chance: the neighbours matter
-    assert result["k"] == min(k, 300) and result["temperature"] == temperature
+    assert (result.top1, result.top5) == (expected.top1, expected.top5)
+    assert 20 < result.top1 < 100  # neither trivial nor at chance: the neighbours matter
+    assert result.k == min(k, 300) and result.temperature == temperature
 
 
 def test_knn_rejects_bad_settings():
@@ -218,17 +219,17 @@ def test_finetune_learns_an_easy_task_and_leaves_the_encoder_alone():
     result = finetune(
         encoder, train_images, train_y, test_images, test_y, 2, device=CPU, epochs=3, batch_size=16, seed=0
     )
-    assert result["top1"] >= 80 and result["top5"] == 100.0
-    assert result["train_size"] == 64 and result["test_size"] == 32 and sum(map(sum, result["confusion"])) == 32
+    assert result.top1 >= 80 and result.top5 == 100.0
+    assert result.train_size == 64 and result.test_size == 32 and sum(map(sum, result.confusion)) == 32
     assert all(torch.equal(v, before[k]) for k, v in encoder.backbone.state_dict().items())
 
 
 # --- progress hook ----------------------------------------------------------------------------------
 def test_progress_hook_sees_embedding_probe_knn_and_finetuning_to_the_end(monkeypatch):
-    from crlf.engine import evaluate
+    from crlf.engine import progress
 
     calls = []
-    monkeypatch.setattr(evaluate, "progress_hook", lambda what, done, total: calls.append((what, done, total)))
+    monkeypatch.setattr(progress, "hook", lambda what, done, total: calls.append((what, done, total)))
     embed(encoder_of(MeanPool()), random_images(10), batch_size=4)
     x, y = blobs(40, classes=4, dim=8)
     linear_probe(x, y, x, y, 4, device=CPU, epochs=3, batch_size=16)
@@ -244,5 +245,5 @@ def test_progress_hook_sees_embedding_probe_knn_and_finetuning_to_the_end(monkey
     assert by_task["fine-tuning"] == [(0, 4), (1, 4), (2, 4), (3, 4), (4, 4)]  # 2 epochs x 2 full batches
     for steps in by_task.values():  # every task ends: done reaches total, so a bar can close
         assert steps[-1][0] == steps[-1][1]
-    monkeypatch.setattr(evaluate, "progress_hook", None)
-    assert evaluate.progress("x", 1, 2) is False  # no hook: the engine logs now and then itself
+    monkeypatch.setattr(progress, "hook", None)
+    assert progress.report("x", 1, 2) is False  # no hook: the engine logs now and then itself

@@ -22,11 +22,12 @@ from conftest import copy_run
 from inprocess import run_crlf
 from PIL import Image
 
+from crlf.commands.evaluate import linear_eval
+from crlf.commands.explore import open_space
+from crlf.commands.visualize import visualize
 from crlf.engine import sources
 from crlf.engine.checkpoint import read_tensors
-from crlf.engine.embeddings import linear_eval
-from crlf.engine.explore import fit_unit_square, open_space
-from crlf.engine.visualize import project, visualize
+from crlf.engine.projection import fit_unit_square, project
 from crlf.options import DataSettings
 from crlf.settings import ExploreSettings, LinearEvalSettings, VisualizeSettings
 
@@ -144,10 +145,11 @@ def test_map_data_labels_ids_and_the_cached_map(run, space, client, monkeypatch,
     cached = sorted(p.name for p in (run / "explore").iterdir())
     assert [n.split("-")[0] for n in cached] == ["embeddings", "map"] and cached[1].startswith("map-pca-")
     # a second start reads both from the cache: neither the encoder nor the projection runs
+    import crlf.commands.explore as explore_command
     import crlf.engine.explore as explore
 
-    monkeypatch.setattr(explore, "_project", lambda *a: pytest.fail("the map was computed again"))
-    monkeypatch.setattr(explore._Embedder, "images", lambda *a: pytest.fail("the images were embedded again"))
+    monkeypatch.setattr(explore_command, "_project", lambda *a: pytest.fail("the map was computed again"))
+    monkeypatch.setattr(explore.Embedder, "images", lambda *a: pytest.fail("the images were embedded again"))
     again = open_space(ExploreSettings(run=run, limit=LIMIT, projection="pca", device="cpu"))
     assert np.array_equal(again.coords, space.coords) and torch.equal(again.x, space.x)
     thumb = client.get("/api/thumb/3")

@@ -13,9 +13,10 @@ from inprocess import run_crlf
 from PIL import Image
 
 from crlf import PretrainSettings, pretrain
+from crlf.commands.evaluate import linear_eval
+from crlf.commands.visualize import visualize
 from crlf.engine import plots
-from crlf.engine.embeddings import linear_eval
-from crlf.engine.visualize import project, visualize
+from crlf.engine.projection import project
 from crlf.errors import InputError
 from crlf.settings import LinearEvalSettings, VisualizeSettings
 
@@ -192,7 +193,7 @@ def test_figures_read_well_neighbour_distances_pca_variance_no_timings_short_tit
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    logger = logging.getLogger("crlf.engine.visualize")
+    logger = logging.getLogger("crlf.commands.visualize")
     level = logger.level
     logger.setLevel(logging.INFO)
     logger.addHandler(handler)
@@ -222,7 +223,8 @@ def test_figures_read_well_neighbour_distances_pca_variance_no_timings_short_tit
 
 
 def test_run_facts_use_the_resolved_block_and_fall_back_without_it():
-    from crlf.engine.visualize import run_facts, short_source
+    from crlf.engine.plots import short_source
+    from crlf.engine.runpage import run_facts
 
     metrics = [{"epoch": 1, "seconds": 50.0}, {"epoch": 2, "seconds": 70.4}]
     resolved = {"device": "cuda:0", "device_name": "NVIDIA H100", "precision": "bf16", "crlf": "0.2.0",

@@ -23,12 +23,14 @@ from PIL import Image
 from torch import nn
 
 from crlf import __version__
-from crlf.engine import backbones
+from crlf.engine import backbones, progress
 from crlf.engine.backbones import BackboneSpec
 from crlf.engine.checkpoint import ENCODER_FORMAT, STATE_FORMAT, read_tensors_hashed, save_tensors
 from crlf.engine.device import autocast, autocast_dtype, select_device
+from crlf.engine.sources.base import resize
+from crlf.engine.sources.images import decode, square
 from crlf.errors import InputError, short_reason
-from crlf.options import MIN_IMAGE_SIZE  # smaller images vanish in a ResNet's strided stages
+from crlf.limits import MIN_IMAGE_SIZE  # smaller images vanish in a ResNet's strided stages
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +130,6 @@ class Encoder:
         """Features of images already at the encoder's input: a uint8 (N, 3, H, W) tensor, a float one in [0, 1],
         or an iterable of such batches (`total`: their number of images, for progress), in eval mode so a row does
         not depend on its batch; float32 (N, D) on the CPU, in input order. bf16 autocast on CUDA under 'auto'."""
-        from crlf.engine.evaluate import progress  # the CLI's hook lives there
-
         _check_precision(precision)
         if isinstance(images, torch.Tensor):
             check_images(images, "embed")
@@ -156,7 +156,7 @@ class Encoder:
                     with autocast(device, dtype):
                         rows.append(self.backbone(x).float().cpu())
                     done += len(x)
-                    if not progress("embedding", done, total or 0) and time.monotonic() - shown > 30:
+                    if not progress.report("embedding", done, total or 0) and time.monotonic() - shown > 30:
                         shown = time.monotonic()
                         log.info("embedded %s images", f"{done:,}")
         finally:
@@ -238,9 +238,6 @@ def _from_array(x: np.ndarray) -> torch.Tensor:
 def to_batch(images: Any, size: int) -> torch.Tensor:
     """Anything embed() accepts -> (N, 3, size, size): uint8, or float for float input (N = 0 for an empty
     list or array)."""
-    from crlf.engine.sources.base import resize
-    from crlf.engine.sources.images import decode, square
-
     if isinstance(images, (str, Path, Image.Image)):
         images = [images]
     if isinstance(images, np.ndarray):

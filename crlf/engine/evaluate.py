@@ -1,7 +1,8 @@
 """Downstream evaluation of an encoder: embeddings, the linear probe, weighted kNN, label subsets and fine-tuning.
 
 Every protocol scores its test set through ``accuracy_report``, so top-1, top-5, per-class accuracy and the
-confusion matrix are computed one way. Bad input raises InputError with one line saying what and how to fix.
+confusion matrix are computed one way; each returns a small frozen dataclass (Accuracy, ClassifierResult,
+KnnResult). Bad input raises InputError with one line saying what and how to fix.
 """
 
 from __future__ import annotations
@@ -11,39 +12,64 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crlf.engine import augment
+from crlf.engine import augment, progress
 from crlf.engine.device import autocast, autocast_dtype, make_generator
 from crlf.engine.encoder import Encoder, check_images, prepare
 from crlf.errors import InputError
 
 log = logging.getLogger(__name__)
 
-# Progress of long work (embedding, probe and fine-tuning epochs, kNN, t-SNE): called as hook(what, done, total),
-# total 0 when unknown. The CLI sets it (output.py draws a bar or plain lines); None: the engine logs a line now and
-# then instead. The engine never imports Rich or Typer.
-ProgressHook = Callable[[str, int, int], None]
-progress_hook: ProgressHook | None = None
-
-
-def progress(what: str, done: int, total: int) -> bool:
-    """Tell the hook (if any) how far `what` is; False when no hook is set."""
-    if progress_hook is None:
-        return False
-    progress_hook(what, done, total)
-    return True
-
-
 # fine-tuning's light augmentation: random resized crop of 50-100% of the area and a horizontal flip, no colour ops
 FINETUNE_AUGMENT = augment.Augment(
     crop_min_scale=0.5, crop_max_scale=1.0, flip_p=0.5, jitter_strength=0.0, jitter_p=0.0, grayscale_p=0.0
 )
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """Top-1 / top-5 accuracy (percent), per-class accuracy (None for absent classes) and the confusion matrix
+    (rows = true class, columns = predicted)."""
+
+    top1: float
+    top5: float
+    per_class: list[float | None]
+    confusion: list[list[int]]
+
+
+@dataclass(frozen=True)
+class LinearHead:
+    """A linear classifier on raw features: logits = x @ weight.T + bias (on the CPU)."""
+
+    weight: torch.Tensor  # float32 (C, D)
+    bias: torch.Tensor  # float32 (C,)
+
+
+@dataclass(frozen=True)
+class ClassifierResult(Accuracy):
+    """A trained classifier's test accuracy (linear probe, fine-tuning), how much it saw and how long it took;
+    `head`: the linear probe itself when it was asked to keep it."""
+
+    train_size: int
+    test_size: int
+    seconds: float
+    head: LinearHead | None = None
+
+
+@dataclass(frozen=True)
+class KnnResult:
+    """Weighted kNN's test accuracy (percent), the k and temperature it used, and how long it took."""
+
+    top1: float
+    top5: float
+    k: int
+    temperature: float
+    seconds: float
 
 
 # --- checks ---------------------------------------------------------------------------------------
@@ -89,7 +115,7 @@ def _cosine(optimizer: torch.optim.Optimizer, base: list[float], step: int, tota
 
 
 # --- metrics --------------------------------------------------------------------------------------
-def accuracy_report(logits_or_scores: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, Any]:
+def accuracy_report(logits_or_scores: torch.Tensor, y: torch.Tensor, num_classes: int) -> Accuracy:
     """Top-1 / top-5 accuracy (percent), per-class accuracy (None for absent classes) and the confusion matrix
     (rows = true class, columns = predicted) of (N, C) scores, so every protocol reports the same way."""
     scores, y = logits_or_scores.detach().float().cpu(), y.detach().cpu().long()
@@ -100,12 +126,12 @@ def accuracy_report(logits_or_scores: torch.Tensor, y: torch.Tensor, num_classes
     confusion = torch.bincount(y * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
     counts, correct = confusion.sum(1).tolist(), confusion.diag().tolist()
     top5 = (scores.topk(min(5, num_classes), dim=1).indices == y[:, None]).any(1)
-    return {
-        "top1": 100.0 * sum(correct) / len(y),
-        "top5": 100.0 * int(top5.sum()) / len(y),
-        "per_class": [100.0 * c / n if n else None for c, n in zip(correct, counts)],
-        "confusion": confusion.tolist(),
-    }
+    return Accuracy(
+        top1=100.0 * sum(correct) / len(y),
+        top5=100.0 * int(top5.sum()) / len(y),
+        per_class=[100.0 * c / n if n else None for c, n in zip(correct, counts)],
+        confusion=confusion.tolist(),
+    )
 
 
 # --- protocols ------------------------------------------------------------------------------------
@@ -123,7 +149,7 @@ def linear_probe(
     lr: float | None = None,
     weight_decay: float = 0.0,
     keep_head: bool = False,
-) -> dict[str, Any]:
+) -> ClassifierResult:
     """Linear classification accuracy of frozen features: the standard measure of representation quality.
 
     Features are standardised per dimension with the train split's mean and std, then one zero-initialised
@@ -133,8 +159,8 @@ def linear_probe(
     separable features), every step is a fixed amount of work on the device, and the only randomness is the
     shuffling order, drawn from a seeded CPU generator: the same seed gives the same numbers on CPU.
     Default lr: 0.1 x batch / 256 on the standardised features (batch clipped to the train size).
-    keep_head: also return the trained classifier as "head": {"weight" (C, D), "bias" (C,)} on the CPU, the
-    standardisation folded in, so that raw features x give the logits x @ weight.T + bias (``crlf explore``).
+    keep_head: also return the trained classifier as the result's `head` (on the CPU), the standardisation folded
+    in, so that raw features x give the logits x @ weight.T + bias (``crlf explore``).
     """
     _check_features(train_x, train_y, num_classes, "train")
     _check_features(test_x, test_y, num_classes, "test", dim=train_x.shape[1])
@@ -155,7 +181,7 @@ def linear_probe(
     order = torch.Generator().manual_seed(seed)
     steps, total = 0, epochs * math.ceil(n / batch)
     for epoch in range(epochs):
-        progress("linear probe epoch", epoch, epochs)
+        progress.report("linear probe epoch", epoch, epochs)
         perm = torch.randperm(n, generator=order).to(device)
         for i in range(0, n, batch):
             idx = perm[i : i + batch]
@@ -165,20 +191,24 @@ def linear_probe(
             loss.backward()
             optimizer.step()
             steps += 1
-    progress("linear probe epoch", epochs, epochs)
+    progress.report("linear probe epoch", epochs, epochs)
     with torch.no_grad():
         logits = head((test_x.to(device, torch.float32) - mean) / std)
     log.debug("linear probe: %d steps, lr %.4g, last batch loss %.4f", steps, lr, loss.detach())
-    result = {
-        **accuracy_report(logits, test_y, num_classes),
-        "train_size": n,
-        "test_size": len(test_x),
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+    kept = None
     if keep_head:  # W ((x - mean) / std) + b = (W / std) x + (b - (W / std) mean)
         weight = head.weight.detach() / std
-        result["head"] = {"weight": weight.cpu(), "bias": (head.bias.detach() - weight @ mean).cpu()}
-    return result
+        kept = LinearHead(weight.cpu(), (head.bias.detach() - weight @ mean).cpu())
+    return _classified(accuracy_report(logits, test_y, num_classes), n, len(test_x), t0, kept)
+
+
+def _classified(
+    accuracy: Accuracy, train_size: int, test_size: int, t0: float, head: LinearHead | None = None
+) -> ClassifierResult:
+    """A classifier's result from its test accuracy, its train / test sizes and its start time."""
+    seconds = round(time.perf_counter() - t0, 3)
+    return ClassifierResult(**dataclasses.asdict(accuracy), train_size=train_size, test_size=test_size,
+                            seconds=seconds, head=head)  # fmt: skip
 
 
 def knn_classify(
@@ -192,7 +222,7 @@ def knn_classify(
     temperature: float = 0.1,
     device: torch.device,
     chunk: int = 1024,
-) -> dict[str, Any]:
+) -> KnnResult:
     """Weighted kNN accuracy on cosine similarity (InstDisc, MoCo's monitor): a training-free check of the features.
 
     Each test row's k most similar train rows vote for their class with weight exp(similarity / temperature);
@@ -213,15 +243,9 @@ def knn_classify(
         weights = ((sim - sim[:, :1]) / temperature).exp()
         votes = torch.zeros((len(query), num_classes), device=device).scatter_add_(1, labels[idx], weights)
         scores[i : i + len(query)] = votes.cpu()
-        progress("kNN", i + len(query), len(test_x))
+        progress.report("kNN", i + len(query), len(test_x))
     report = accuracy_report(scores, test_y, num_classes)
-    return {
-        "top1": report["top1"],
-        "top5": report["top5"],
-        "k": k,
-        "temperature": temperature,
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+    return KnnResult(report.top1, report.top5, k, temperature, round(time.perf_counter() - t0, 3))
 
 
 def balanced_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
@@ -256,14 +280,14 @@ def finetune(
     encoder_lr_scale: float = 0.1,
     seed: int = 0,
     precision: str = "auto",
-) -> dict[str, Any]:
+) -> ClassifierResult:
     """Fine-tuning accuracy: a copy of the encoder is trained with a new linear head on the labelled images.
 
     The other downstream protocol (SimCLR's semi-supervised table): light augmentation (random resized crop of
     50-100% of the area, horizontal flip), cross-entropy, SGD momentum 0.9 with cosine decay, the encoder at
     lr x encoder_lr_scale and the head at lr, bf16 autocast on CUDA under precision 'auto'. Batches are full (the
     remainder of an epoch is dropped) so BatchNorm never sees a batch of one. Test images are embedded un-augmented
-    in eval mode. The caller's encoder is left unchanged. Returns the same fields as linear_probe.
+    in eval mode. The caller's encoder is left unchanged. Returns the same fields as linear_probe (no head).
     """
     check_images(train_images, "fine-tuning train")
     check_images(test_images, "fine-tuning test")
@@ -294,7 +318,7 @@ def finetune(
     augment_gen, order = make_generator(device, seed), torch.Generator().manual_seed(seed)
     dtype = autocast_dtype(device, precision)
     model.train()
-    progress("fine-tuning", 0, total)
+    progress.report("fine-tuning", 0, total)
     for _ in range(epochs):
         perm = torch.randperm(n, generator=order).to(device)
         for s in range(per_epoch):
@@ -307,14 +331,9 @@ def finetune(
             loss.backward()
             optimizer.step()
             steps += 1
-            progress("fine-tuning", steps, total)
+            progress.report("fine-tuning", steps, total)
     features = tuned.features(test_images, precision=precision)
     with torch.no_grad():
         logits = head(features.to(device))
     log.debug("fine-tuning: %d steps, last batch loss %.4f", steps, loss.detach())
-    return {
-        **accuracy_report(logits, test_y, num_classes),
-        "train_size": n,
-        "test_size": len(test_images),
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+    return _classified(accuracy_report(logits, test_y, num_classes), n, len(test_images), t0)

@@ -1,16 +1,13 @@
 """``crlf explore``'s engine: an embedding space held in memory to browse and query, with no web code.
 
-``open_space(settings)`` gathers the points (a run's or a checkpoint's embeddings of its data, train and test splits,
-or an ``extract`` file with its images), their labels and ids, a 2-D map (PCA / t-SNE / UMAP), the encoder that
-embeds uploads and linear-eval's probe that names their class. Embeddings and maps are computed once and cached in
-RUN/explore/ (keyed by the encoder's and the images' hashes, and by the embeddings' hash and the map's settings);
-a run directory that cannot be written only means computing again. Nothing is written anywhere else.
+A ``Space`` holds the points (features, their 2-D map in the unit square, labels, ids, images), the ``Embedder`` that
+embeds uploads and linear-eval's ``Probe`` that names their class; ``Cache`` keeps computed embeddings and maps in
+RUN/explore/ (keyed by ``digest`` of their inputs). crlf.commands.explore assembles a Space from the settings.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
 import logging
@@ -26,31 +23,25 @@ import numpy as np
 import torch
 from PIL import Image
 
-from crlf.engine import sources
 from crlf.engine.checkpoint import read_tensors
-from crlf.engine.device import select_device
-from crlf.engine.embeddings import PROBE_FORMAT, read_embeddings
+from crlf.engine.encoder import Encoder
+from crlf.engine.evalresults import PROBE_FORMAT
 from crlf.engine.files import atomic_write
-from crlf.engine.rundir import RunDir
-from crlf.errors import InputError, quoted, short_reason
-from crlf.options import DataSettings
-from crlf.settings import ExploreSettings, merge
+from crlf.engine.sources.images import decode, unreadable
+from crlf.errors import InputError, short_reason
 
 log = logging.getLogger(__name__)
 
-TSNE_MAX_POINTS = 10_000  # --projection auto: t-SNE up to this many points (a few minutes on a CPU), PCA beyond
 THUMB_MAX = 96  # thumbnails: the images' own size, at most this many pixels a side
 MAX_NEIGHBORS = 100
 
 
-class _Embedder:
+class Embedder:
     """The encoder that embeds images as ``crlf extract`` does: the one place that calls the encoder's API."""
 
-    def __init__(self, ckpt: Path, device: torch.device, batch_size: int, precision: str):
-        from crlf.engine.encoder import load_encoder
-
-        self.encoder = load_encoder(ckpt, device)
-        self.batch_size, self.precision, self.path = batch_size, precision, ckpt
+    def __init__(self, encoder: Encoder, batch_size: int, precision: str):
+        self.encoder = encoder
+        self.batch_size, self.precision = batch_size, precision
         self.image_size: int = self.encoder.image_size
         self.dim: int = self.encoder.feature_dim
         self.sha256: str = self.encoder.sha256 or ""
@@ -63,8 +54,6 @@ class _Embedder:
 
     def file(self, stream: BinaryIO, suffix: str) -> torch.Tensor:
         """One image file's bytes, decoded as the folder source decodes files -> float32 (D,)."""
-        from crlf.engine.sources.images import decode, unreadable
-
         try:
             pixels = decode(stream, self.image_size, suffix=suffix, max_pixels=Image.MAX_IMAGE_PIXELS)
         except InputError:
@@ -107,7 +96,7 @@ class Space:
     images: torch.Tensor  # uint8 (N, 3, H, W)
     source: str
     title: str
-    embedder: _Embedder | None = None
+    embedder: Embedder | None = None
     probe: Probe | None = None
     z: np.ndarray = field(init=False)  # float32 (N, D), L2-normalised rows
 
@@ -199,138 +188,9 @@ class Space:
         }
 
 
-# --- assembling the space ------------------------------------------------------------------------------------------
-def open_space(settings: ExploreSettings) -> Space:
-    """Load, embed (or read), project and cache what ``crlf explore`` serves."""
-    if settings.projection == "umap" and importlib.util.find_spec("umap") is None:  # say so before the embedding
-        raise InputError("--projection umap needs the umap-learn package: pip install umap-learn (or use tsne)")
-    device = select_device(settings.device)
-    run = _run_dir(settings)
-    cache = _Cache(run.path / "explore" if run is not None else None)
-    ckpt = _checkpoint(settings, run)
-    embedder = _Embedder(ckpt, device, settings.embed_batch_size, settings.precision) if ckpt is not None else None
-    if settings.emb is not None:
-        x, labels, names, prov = read_embeddings(settings.emb)
-        images = _images_of_file(settings, prov, len(x))
-        if embedder is not None and embedder.dim != x.shape[1]:
-            raise InputError(f"{settings.emb} holds {x.shape[1]}-dim embeddings but {ckpt} gives {embedder.dim}: "
-                             "give the --ckpt the file was extracted with")
-        ids, source, title = images.ids, prov.get("source") or images.source, settings.emb.name
-    else:
-        assert embedder is not None
-        images = _load_images(settings, run, embedder.image_size)
-        key = _digest(embedder.sha256, images.images.numpy())
-        x = torch.from_numpy(cache.get(f"embeddings-{key}.npz", lambda: embedder.images(images.images).numpy()))
-        labels, names, ids, source = images.labels, images.class_names, images.ids, images.source
-        title = run.path.name if run is not None else Path(settings.ckpt or "").name
-    bad = int((~torch.isfinite(x).all(dim=1)).sum())
-    if bad:
-        raise InputError(f"{bad:,} of {len(x):,} embeddings are NaN or infinite: the encoder diverged in training; "
-                         "use an earlier checkpoint (checkpoints/epoch-*.safetensors)")
-    if len(x) < 3:
-        raise InputError(f"explore needs at least 3 images, found {len(x)}")
-    method = settings.projection
-    if method == "auto":
-        method = "tsne" if len(x) <= TSNE_MAX_POINTS else "pca"
-        log.info("map: %s of %s points (--projection auto: t-SNE up to %s points)", method, f"{len(x):,}",
-                 f"{TSNE_MAX_POINTS:,}")  # fmt: skip
-    coords = cache.get(f"map-{method}-{_digest(method, settings.seed, x.numpy())}.npz",
-                       lambda: _project(x.numpy(), method, settings.seed))  # fmt: skip
-    return Space(
-        x,
-        fit_unit_square(coords),
-        method,
-        None if labels is None else labels.numpy().astype(np.int64),
-        list(names) or ([] if labels is None else [str(i) for i in range(int(labels.max()) + 1)]),
-        list(ids),
-        images.images,
-        source,
-        title,
-        embedder,
-        _probe(run, embedder, x.shape[1]),
-    )
-
-
-def fit_unit_square(coords: np.ndarray) -> np.ndarray:
-    """2-D coordinates scaled into [0, 1] with the aspect ratio kept (the shorter axis centred)."""
-    lo, hi = coords.min(0), coords.max(0)
-    span = float(max((hi - lo).max(), 1e-12))
-    return (((coords - lo) + (span - (hi - lo)) / 2) / span).astype(np.float32)
-
-
-def _project(x: np.ndarray, method: str, seed: int) -> np.ndarray:
-    from crlf.engine.visualize import project  # matplotlib comes with it: only when a map is computed
-
-    coords, seconds = project(x, method, seed)
-    log.info("computed the %s map of %s points in %.1f s", method, f"{len(x):,}", seconds)
-    return coords
-
-
-def _run_dir(settings: ExploreSettings) -> RunDir | None:
-    """--run, else the run directory holding --ckpt (its config.json says so), else None."""
-    if settings.run is not None:
-        run = RunDir(settings.run.expanduser())
-        if not run.path.is_dir():
-            raise InputError(f"run directory {quoted(run.path)} does not exist: pass the --out folder of a crlf "
-                             "pretrain run")
-        return run
-    ckpt = settings.ckpt.expanduser() if settings.ckpt is not None else None
-    return RunDir(ckpt.parent) if ckpt is not None and (ckpt.parent / "config.json").is_file() else None
-
-
-def _checkpoint(settings: ExploreSettings, run: RunDir | None) -> Path | None:
-    if settings.ckpt is not None:
-        return settings.ckpt.expanduser()
-    if settings.run is not None and run is not None:
-        found = next((p for p in (run.encoder, run.last) if p.is_file()), None)
-        if found is None:
-            raise InputError(f"{run.path} has no encoder.safetensors: train it with crlf pretrain --out {run.path}")
-        return found
-    return None  # --emb alone: the map without uploads
-
-
-def _data_settings(settings: ExploreSettings, saved: dict[str, Any], image_size: int | None) -> DataSettings:
-    """The data options given, else the run's (or the embeddings file's) own, at the encoder's image size."""
-    saved = {"image_size": image_size, **{k: v for k, v in saved.items() if v is not None}}
-    return merge(DataSettings, settings, saved, "invalid data settings for explore")
-
-
-def _load_images(settings: ExploreSettings, run: RunDir | None, image_size: int) -> sources.ImageSet:
-    """The images to explore: --split, or the train split and the test split when the source has one."""
-    saved = {k: v for k, v in (run.saved_config() if run is not None else {}).items() if k not in ("limit", "split")}
-    options = _data_settings(settings, saved, image_size)
-    if "split" in settings.model_fields_set:
-        return sources.load(options)
-    parts = [sources.load(options, "train")]
-    try:
-        test = sources.load(options, "test")
-        test.ids = [i if i.startswith("test") else f"test/{i}" for i in test.ids]
-        parts.append(test)
-    except InputError as e:
-        log.info("exploring the train split alone: %s", e)
-    labelled = all(p.labels is not None for p in parts)
-    return sources.ImageSet(
-        torch.cat([p.images for p in parts]),
-        torch.cat([p.labels for p in parts]) if labelled else None,  # type: ignore[misc]
-        parts[0].class_names,
-        [i for p in parts for i in p.ids],
-        " + ".join(p.source for p in parts),
-    )
-
-
-def _images_of_file(settings: ExploreSettings, prov: dict[str, Any], count: int) -> sources.ImageSet:
-    """The images an embeddings file was extracted from: the data options given, else its provenance's."""
-    saved = {k: prov.get(k) for k in ("data", "data_dir", "split", "image_size")}
-    images = sources.load(_data_settings(settings, saved, None))
-    if len(images) != count:
-        raise InputError(f"{settings.emb} holds {count:,} embeddings but the data options give {len(images):,} "
-                         "images: give the data options (--data, --data-dir, --split, --limit) it was extracted from")
-    return images
-
-
-def _probe(run: RunDir | None, embedder: _Embedder | None, dim: int) -> Probe | None:
-    """linear-eval's probe of this encoder (RUN/linear_eval_probe.safetensors), else None (with a reason logged)."""
-    path = run.path / "linear_eval_probe.safetensors" if run is not None else None
+def read_probe(path: Path | None, embedder: Embedder | None, dim: int) -> Probe | None:
+    """linear-eval's probe of this encoder (`path`: RUN/linear_eval_probe.safetensors), else None (with a reason
+    logged)."""
     if path is None or embedder is None or not path.is_file():
         log.info("no class predictions for uploads: run crlf linear-eval on the run's encoder to get them")
         return None
@@ -350,7 +210,7 @@ def _probe(run: RunDir | None, embedder: _Embedder | None, dim: int) -> Probe | 
     return Probe(weight, bias, [str(n) for n in names])
 
 
-def _digest(*parts: Any) -> str:
+def digest(*parts: Any) -> str:
     """16 hex digits of SHA-256 over strings and arrays (their bytes, dtype and shape)."""
     h = hashlib.sha256()
     for part in parts:
@@ -366,7 +226,7 @@ def _sha256(value: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(value).data).hexdigest()
 
 
-class _Cache:
+class Cache:
     """.npz files in RUN/explore/, named by their inputs' key and holding the array with its SHA-256 (a damaged file
     is computed again, not shown); older files of the same kind are removed.
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from crlf.engine.explore import fit_unit_square
 from crlf.engine.files import atomic_write
+from crlf.engine.projection import fit_unit_square
 
 SPRITE = "map-thumbnails.jpg"
 TILE_MAX = 32  # px a side of a thumbnail in the sheet (smaller images keep their size)

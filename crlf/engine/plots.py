@@ -7,6 +7,7 @@ its suffix names (.png, .svg, .pdf). Every figure has a title, labelled axes and
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,11 @@ def save(fig: Figure, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format=path.suffix.lstrip(".").lower() or "png", dpi=DPI)
     atomic_write(path, lambda f: f.write(buf.getvalue()))
+
+
+def short_source(source: str) -> str:
+    """A data source or file for a figure's title: absolute paths shortened to their last part (npy:images.npy)."""
+    return re.sub(r"(?:(?<=[\s:(])|^)(?:~|/)[^\s,;()]*", lambda m: Path(m.group()).name or m.group(), source)
 
 
 def _figure(width: float, height: float) -> Figure:

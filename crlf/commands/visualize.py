@@ -7,10 +7,8 @@ A figure asked for by name whose input is missing is an InputError naming the fi
 
 from __future__ import annotations
 
-import html
 import json
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,17 +18,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from crlf import __version__
-from crlf.engine import augment, evaluate, plots, sources
+from crlf.commands.extract import embed_images, encoder_data
+from crlf.engine import augment, plots, sources
 from crlf.engine.device import select_device
-from crlf.engine.embeddings import embed_images, encoder_data, read_embeddings
+from crlf.engine.embedfile import read_embeddings
 from crlf.engine.encoder import load_encoder
-from crlf.engine.files import atomic_write, check_writable, make_folder, os_failure
+from crlf.engine.files import check_writable, make_folder, os_failure
+from crlf.engine.mapview import static_map
+from crlf.engine.projection import project
 from crlf.engine.rundir import RunDir
+from crlf.engine.runpage import write_index
 from crlf.engine.sources.squares import open_images
 from crlf.errors import InputError, quoted
 from crlf.options import AugmentSettings, DataSettings
 from crlf.settings import VisualizeSettings, merge
+from crlf.typed import config_of
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +182,7 @@ class _Inputs:
                 images = None
         if images is None:
             images = open_images(data_settings, None, s.embed_batch_size, sample, keep=True)
-        x = embed_images(s, encoder, images)
+        x = embed_images(encoder, images, s.embed_batch_size, s.precision)
         return _Points(
             x.numpy(),
             None if images.labels is None else images.labels.numpy(),
@@ -191,56 +193,6 @@ class _Inputs:
         )
 
 
-def short_source(source: str) -> str:
-    """A data source or file for a figure's title: absolute paths shortened to their last part (npy:images.npy)."""
-    return re.sub(r"(?:(?<=[\s:(])|^)(?:~|/)[^\s,;()]*", lambda m: Path(m.group()).name or m.group(), source)
-
-
-def project(
-    x: np.ndarray, method: str, seed: int = 0, stats: dict[str, Any] | None = None
-) -> tuple[np.ndarray, float]:
-    """2-D coordinates of (N, D) embeddings by PCA, t-SNE (after PCA to 50 dims) or UMAP; and the seconds it took.
-
-    stats, when given, receives PCA's "explained" fractions of the variance of the two axes.
-    """
-    t0 = time.perf_counter()
-    x = np.asarray(x, dtype=np.float64)
-    if len(x) < 3:
-        raise InputError(f"a {method} map needs at least 3 embeddings, got {len(x)}")
-    centred = x - x.mean(0)
-    if method == "pca":
-        _, singular, vt = np.linalg.svd(centred, full_matrices=False)
-        coords = centred @ vt[:2].T
-        if stats is not None:
-            variance = singular**2
-            stats["explained"] = (variance[:2] / max(variance.sum(), 1e-30)).tolist()
-    elif method == "tsne":
-        from sklearn.decomposition import PCA
-        from sklearn.manifold import TSNE
-
-        evaluate.progress("t-SNE", 0, 0)  # no progress to report from inside scikit-learn: a spinner and the clock
-        reduced = PCA(n_components=min(50, *x.shape), random_state=seed).fit_transform(centred)
-        perplexity = float(min(30.0, max(2.0, (len(x) - 1) / 3)))
-        coords = TSNE(
-            n_components=2, init="pca", learning_rate="auto", perplexity=perplexity, random_state=seed
-        ).fit_transform(reduced)
-        evaluate.progress("t-SNE", 1, 1)
-    elif method == "umap":
-        try:
-            import umap  # type: ignore[import-not-found]
-        except ImportError:
-            raise InputError(
-                "the umap figure needs the umap-learn package: pip install umap-learn (or use --kind tsne)"
-            ) from None
-        evaluate.progress("UMAP", 0, 0)
-        coords = umap.UMAP(n_components=2, random_state=seed).fit_transform(x)
-        evaluate.progress("UMAP", 1, 1)
-    else:
-        raise InputError(f"unknown projection {method!r}: use pca, tsne or umap")
-    return np.asarray(coords, dtype=np.float32), time.perf_counter() - t0
-
-
-# --- one function per figure: inputs -> Figure (+ facts for the result) ------------------------------------
 def _loss(inp: _Inputs) -> tuple[Any, dict[str, Any]]:
     runs = []
     for run in inp.runs:
@@ -281,7 +233,7 @@ def _embedding(method: str) -> Callable[[_Inputs], tuple[Any, dict[str, Any]]]:
         axes = None
         if "explained" in stats:
             axes = tuple(f"PC {i + 1} ({100 * r:.1f}% of the variance)" for i, r in enumerate(stats["explained"]))
-        title = f"{name} of the embeddings of {short_source(pts.source)}"
+        title = f"{name} of the embeddings of {plots.short_source(pts.source)}"
         fig = plots.embedding_map(coords, pts.labels, pts.class_names, title, name, note, axes=axes)
         facts = {"points": len(coords), "seconds": round(seconds, 2), "coords_shape": list(coords.shape)}
         if "explained" in stats:
@@ -322,7 +274,7 @@ def _neighbors(inp: _Inputs) -> tuple[Any, dict[str, Any]]:
         [caption(r) for r in q],
         [[caption(r) for r in row] for row in idx_np],
         match,
-        f"Nearest neighbours (d = 1 - cosine) among {n:,} images of {short_source(pts.source)}",
+        f"Nearest neighbours (d = 1 - cosine) among {n:,} images of {plots.short_source(pts.source)}",
     )
     facts = {"queries": len(q), "neighbors": k}
     if match is not None:
@@ -339,7 +291,8 @@ def _augmentations(inp: _Inputs) -> tuple[Any, dict[str, Any]]:
     )
     batch = images.images[rows]
     gen = torch.Generator().manual_seed(s.seed)
-    pairs = [torch.stack(augment.views(batch, cfg, gen), dim=1) for _ in range(s.views)]  # each (R, 2, 3, H, W)
+    strengths = config_of(augment.Augment, cfg)
+    pairs = [torch.stack(augment.views(batch, strengths, gen), dim=1) for _ in range(s.views)]  # each (R, 2, 3, H, W)
     views = (torch.stack(pairs, dim=1).permute(0, 1, 2, 4, 5, 3).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     captions = [
         images.class_names[int(images.labels[r])]
@@ -353,7 +306,7 @@ def _augmentations(inp: _Inputs) -> tuple[Any, dict[str, Any]]:
         batch.permute(0, 2, 3, 1).numpy(),
         views,
         captions,
-        f"Augmented view pairs of {short_source(images.source)} ({subtitle})",
+        f"Augmented view pairs of {plots.short_source(images.source)} ({subtitle})",
     )
     return fig, {"images": len(rows), "pairs": s.views, "settings": cfg.model_dump()}
 
@@ -421,39 +374,9 @@ def visualize(settings: VisualizeSettings) -> dict[str, Any]:
         log.info("wrote %s", path)
     result: dict[str, Any] = {"out": str(out), "figures": figures, "skipped": skipped}
     if inp.run is not None and not single:
-        result["index"] = str(_write_index(inp, folder, figures))
+        result["index"] = str(write_index(inp.run, folder, figures, _static_map(inp, folder)))
         log.info("open %s in a browser: every figure with the run's settings and metrics", result["index"])
     return result
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, s = divmod(round(seconds), 60)
-    return f"{minutes} min {s:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
-
-
-def run_facts(config: dict[str, Any], metrics: list[dict[str, Any]]) -> dict[str, str]:
-    """How long, where and with what the run trained: config.json's "resolved" block when it has one (device,
-    precision, versions, command, commit), else the settings; the training time is the sum of the epochs' seconds."""
-    resolved = config.get("resolved") if isinstance(config.get("resolved"), dict) else {}
-    facts: dict[str, Any] = {}
-    if metrics:
-        facts["epochs"] = f"{metrics[-1].get('epoch', len(metrics))} of {config.get('epochs', '?')}"
-        facts["training time"] = _duration(sum(float(m.get("seconds") or 0) for m in metrics))
-    if resolved.get("device"):
-        name = resolved.get("device_name")
-        shown = name and name != resolved["device"]
-        facts["device"] = f"{resolved['device']} ({name})" if shown else resolved["device"]
-    elif config.get("device"):
-        facts["device"] = f"{config['device']} (as set; the device used was not recorded)"
-    facts["precision"] = resolved.get("precision") or config.get("precision")
-    facts["processes"] = resolved.get("world_size") if (resolved.get("world_size") or 1) > 1 else None
-    facts["trained with"] = ", ".join(f"{k} {resolved[k]}" for k in ("crlf", "torch", "python") if resolved.get(k))
-    facts["command"] = resolved.get("command")
-    facts["git commit"] = resolved.get("git_commit")
-    facts["figures drawn with"] = f"crlf {__version__}, torch {torch.__version__}"
-    return {k: str(v) for k, v in facts.items() if v not in (None, "")}
 
 
 def _static_map(inp: _Inputs, folder: Path) -> str:
@@ -462,61 +385,4 @@ def _static_map(inp: _Inputs, folder: Path) -> str:
     pts = inp._points
     if method is None or pts is None or pts.images is None:
         return ""
-    from crlf.engine.mapview import static_map
-
     return static_map(folder, inp.maps[method], pts.labels, pts.class_names, pts.ids, pts.images, method)
-
-
-def _write_index(inp: _Inputs, folder: Path, figures: dict[str, dict[str, Any]]) -> Path:
-    """One static page: the figures, the run's settings and its final metrics and evaluation results."""
-    run = inp.run
-    assert run is not None
-    esc = html.escape
-    config = run.saved_config()
-    try:
-        metrics = run.read_metrics()
-    except ValueError:
-        metrics = []
-    final = metrics[-1] if metrics else {}
-    evals = {}
-    for name in ("linear_eval", "knn_eval"):
-        path = run.path / f"{name}.json"
-        if path.is_file():
-            try:
-                evals[name] = json.loads(path.read_text())
-            except ValueError:
-                pass
-
-    def table(rows: dict[str, Any]) -> str:
-        shown = {k: f"{v:.6g}" if isinstance(v, float) else str(v) for k, v in rows.items()}  # lr 0.0108571428...
-        cells = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in shown.items())
-        return f"<table>{cells}</table>"
-
-    results = {
-        f"{name.replace('_', ' ')} top-1 / top-5": (
-            f"{r.get('top1', float('nan')):.2f}% / {r.get('top5', float('nan')):.2f}%"
-        )
-        for name, r in evals.items()
-    }
-    settings = {k: v for k, v in config.items() if k != "resolved"}
-    images = "".join(
-        f'<figure><img src="{esc(Path(f["path"]).name)}" alt="{esc(kind)}">'
-        f"<figcaption>{esc(kind)}</figcaption></figure>"
-        for kind, f in figures.items()
-    )
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>crlf run {esc(run.path.name)}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} img{{max-width:100%;border:1px solid #ddd}}
-table{{border-collapse:collapse;margin-bottom:1.5em}} th,td{{text-align:left;padding:2px 12px 2px 0;font-size:14px}}
-figure{{margin:0 0 2em 0}} figcaption{{color:#555}}</style></head>
-<body><h1>Run {esc(run.path.name)}</h1>
-<h2>Run</h2>{table(run_facts(config, metrics))}
-<h2>Final metrics</h2>{table({**final, **results}) if final or results else "<p>no metrics yet</p>"}
-<h2>Figures</h2>{images or "<p>no figures</p>"}
-{_static_map(inp, folder)}
-<h2>Settings</h2>{table(settings) if settings else "<p>no config.json</p>"}
-</body></html>
-"""
-    path = folder / "index.html"
-    atomic_write(path, lambda f: f.write(page.encode()))
-    return path

@@ -1,0 +1,33 @@
+"""Progress of the library's long work (embedding, probe and fine-tuning epochs, kNN, t-SNE), torch-free.
+
+The library calls ``report(what, done, total)`` (total 0 when unknown); the terminal layer (crlf.output) installs the
+hook that draws it with ``reporting(hook)``. Without a hook the library logs a line now and then instead; it never
+imports Rich or Typer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+ProgressHook = Callable[[str, int, int], None]
+hook: ProgressHook | None = None
+
+
+def report(what: str, done: int, total: int) -> bool:
+    """Tell the hook (if any) how far `what` is; False when no hook is set."""
+    if hook is None:
+        return False
+    hook(what, done, total)
+    return True
+
+
+@contextlib.contextmanager
+def reporting(to: ProgressHook) -> Iterator[ProgressHook]:
+    """Send the library's progress to `to` while the block runs (the previous hook comes back after it)."""
+    global hook
+    previous, hook = hook, to
+    try:
+        yield to
+    finally:
+        hook = previous

@@ -11,7 +11,6 @@ from torchvision.transforms import InterpolationMode
 
 from crlf.engine import augment as A
 from crlf.errors import InputError
-from crlf.options import AugmentSettings
 
 BILINEAR = InterpolationMode.BILINEAR
 COLOUR_TOL = 1e-5  # colour ops: same formulas as torchvision, so only float rounding differs
@@ -181,7 +180,7 @@ def test_apply_with_every_op_off_is_the_identity():
 
 
 def test_noise_has_the_configured_std():
-    cfg = AugmentSettings(crop_min_scale=1.0, flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, noise_std=0.05)
+    cfg = A.Augment(crop_min_scale=1.0, flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, noise_std=0.05)
     images = torch.full((64, 3, 16, 16), 128, dtype=torch.uint8)
     v1, _ = A.views(images, cfg, torch.Generator().manual_seed(0))
     noise = v1 - 128 / 255
@@ -198,7 +197,7 @@ def _rate_ok(mask: torch.Tensor, p: float) -> bool:
 
 
 def test_random_choices_have_their_probabilities():
-    cfg = AugmentSettings(flip_p=0.5, jitter_p=0.8, grayscale_p=0.2, blur_p=0.3, solarize_p=0.1)
+    cfg = A.Augment(flip_p=0.5, jitter_p=0.8, grayscale_p=0.2, blur_p=0.3, solarize_p=0.1)
     p = A.sample_params(N, 32, 32, cfg, torch.Generator().manual_seed(0))
     masks = [(p.flip, 0.5), (p.jitter, 0.8), (p.grayscale, 0.2), (p.blur, 0.3), (p.solarize, 0.1)]
     for mask, prob in masks:
@@ -209,7 +208,7 @@ def test_random_choices_have_their_probabilities():
 
 
 def test_ops_that_are_off_are_none():
-    p = A.sample_params(8, 32, 32, AugmentSettings(jitter_strength=0.0, grayscale_p=0.0), torch.Generator())
+    p = A.sample_params(8, 32, 32, A.Augment(jitter_strength=0.0, grayscale_p=0.0), torch.Generator())
     assert (
         p.angle is None
         and p.jitter is None
@@ -228,7 +227,7 @@ def test_crop_boxes_follow_torchvisions_random_resized_crop(scales, size):
     from torchvision.transforms import v2
 
     (lo, hi), (height, width) = scales, size
-    p = A.sample_params(N, height, width, AugmentSettings(crop_min_scale=lo, crop_max_scale=hi),
+    p = A.sample_params(N, height, width, A.Augment(crop_min_scale=lo, crop_max_scale=hi),
                         torch.Generator().manual_seed(2))  # fmt: skip
     torch.manual_seed(0)
     image = torch.empty(3, height, width)
@@ -250,7 +249,7 @@ def test_crop_boxes_follow_torchvisions_random_resized_crop(scales, size):
 
 
 def test_crop_boxes_lie_inside_non_square_images():
-    p = A.sample_params(N, 24, 40, AugmentSettings(crop_min_scale=0.5), torch.Generator().manual_seed(3))
+    p = A.sample_params(N, 24, 40, A.Augment(crop_min_scale=0.5), torch.Generator().manual_seed(3))
     assert p.top.min() >= 0 and p.left.min() >= 0
     assert (p.top + p.height).max() <= 24 + 1e-4 and (p.left + p.width).max() <= 40 + 1e-4
     for pos, room in [(p.top, 24 - p.height), (p.left, 40 - p.width)]:  # placed uniformly in the room left by the box
@@ -262,7 +261,7 @@ def test_crop_boxes_lie_inside_non_square_images():
     ("strength", "lo", "hi", "hue"), [(0.5, 0.6, 1.4, 0.1), (1.0, 0.2, 1.8, 0.2), (3.0, 0.0, 3.4, 0.5)]
 )
 def test_jitter_factors_rotation_and_sigma_ranges(strength, lo, hi, hue):
-    cfg = AugmentSettings(jitter_strength=strength, rotation=15.0)
+    cfg = A.Augment(jitter_strength=strength, rotation=15.0)
     p = A.sample_params(N, 32, 32, cfg, torch.Generator().manual_seed(4))
     for f in (p.brightness, p.contrast, p.saturation):
         assert lo <= f.min() < lo + 0.01 and hi - 0.01 < f.max() <= hi
@@ -273,14 +272,14 @@ def test_jitter_factors_rotation_and_sigma_ranges(strength, lo, hi, hue):
 
 # --- views: reproducibility, shapes ---------------------------------------------------------------------------
 
-CFG = AugmentSettings(blur_p=0.5, rotation=10.0, noise_std=0.02, solarize_p=0.2)
+CFG = A.Augment(blur_p=0.5, rotation=10.0, noise_std=0.02, solarize_p=0.2)
 
 
 def _uint8(b, h, w):
     return torch.randint(0, 256, (b, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
 
 
-@pytest.mark.parametrize("cfg", [AugmentSettings(), CFG], ids=["defaults", "every-op"])
+@pytest.mark.parametrize("cfg", [A.Augment(), CFG], ids=["defaults", "every-op"])
 def test_views_are_reproducible_and_differ(cfg):
     x = _uint8(8, 32, 32)
     a1, b1 = A.views(x, cfg, torch.Generator().manual_seed(7))
@@ -296,9 +295,9 @@ def test_the_two_views_draw_independent_crops():
     With boxes that always cover the whole image (scale 1), the views are equal: the difference is the crop."""
     x = _uint8(16, 32, 32)
     crop_only = dict(flip_p=0.0, jitter_p=0.0, grayscale_p=0.0)
-    v1, v2 = A.views(x, AugmentSettings(**crop_only), torch.Generator().manual_seed(3))
+    v1, v2 = A.views(x, A.Augment(**crop_only), torch.Generator().manual_seed(3))
     assert all(not torch.equal(u, v) for u, v in zip(v1, v2))
-    w1, w2 = A.views(x, AugmentSettings(crop_min_scale=1.0, **crop_only), torch.Generator().manual_seed(3))
+    w1, w2 = A.views(x, A.Augment(crop_min_scale=1.0, **crop_only), torch.Generator().manual_seed(3))
     assert torch.equal(w1, w2) and torch.allclose(w1, x.float() / 255, atol=1e-4)
 
 

@@ -17,6 +17,7 @@ from crlf.engine.methods.teacher import momentum_at
 from crlf.engine.optim import build_optimizer
 from crlf.engine.rundir import RunDir
 from crlf.errors import Interrupted
+from crlf.typed import config_of
 
 FEAT = 8
 
@@ -29,11 +30,12 @@ def _no_crlf_env(monkeypatch):
 
 def build(method: str, **overrides) -> methods.Method:
     """The method around a tiny backbone (Linear + BatchNorm on 3x4x4 images), small heads, seeded."""
-    values = dict(method=method, head_hidden=16, head_out=6, pred_hidden=12, device="cpu")
+    cls = methods.get(method)
+    values = dict(head_hidden=16, head_out=6, pred_hidden=12)
     values.update(overrides)
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Flatten(), nn.Linear(48, FEAT), nn.BatchNorm1d(FEAT), nn.ReLU())
-    return methods.build(PretrainSettings(**values), backbone, FEAT).train()
+    return cls(backbone, config_of(cls.Config, values), FEAT).train()
 
 
 def two_views(n=6):
@@ -70,10 +72,10 @@ def assert_teacher_frozen(m, teacher_modules, loss):
 def test_moco_loss_is_symmetric_infonce_against_the_queue():
     m = build("moco", queue_size=10, temperature=0.3)
     views = two_views()
-    queue = m.queue.clone()
+    queue = m.queue.bank.clone()
     loss = m(views)
     # the formula, by hand: positives k of the other view, negatives the other view's queue, temperature 0.3
-    m.queue.copy_(queue)  # the forward enqueued; the formula sees the queue from before
+    m.queue.bank.copy_(queue)  # the forward enqueued; the formula sees the queue from before
     x = torch.cat(views)
     q = F.normalize(m.head(m.backbone(x)), dim=1)
     k = F.normalize(m.teacher_head(m.teacher_backbone(x)), dim=1).detach()
@@ -92,7 +94,7 @@ def test_moco_loss_is_symmetric_infonce_against_the_queue():
 
 def test_moco_v3_style_without_queue():
     m = build("moco", queue_size=0, temperature=0.2)
-    assert not hasattr(m, "queue") and m.predictor is not None
+    assert m.queue is None and not any("queue" in k for k in m.state_dict()) and m.predictor is not None
     views = two_views()
     loss = m(views)
     x = torch.cat(views)
@@ -180,7 +182,7 @@ def test_ema_update_after_each_step(name, teacher, online):
     before = {t: {k: v.clone() for k, v in getattr(m, t).state_dict().items()} for t in teacher}
     step, total = 3, 10
     tau = momentum_at(step, total, 0.9)
-    m.after_step(step, total)
+    m.after_step(step, total, 1)  # one epoch: moco's and byol's schedules are per step
     for t, o in zip(teacher, online, strict=True):
         now, on = getattr(m, t).state_dict(), getattr(m, o).state_dict()
         params = {k for k, _ in getattr(m, t).named_parameters()}
@@ -202,51 +204,51 @@ def test_queue_takes_the_gathered_normalised_keys_and_wraps(monkeypatch):
         k = m.teacher_head(m.teacher_backbone(torch.cat(views))).detach()
         return torch.stack([F.normalize(other_rank(c), dim=1) for c in k.chunk(2)])  # (2, 6, D)
 
-    start = m.queue.clone()
+    start = m.queue.bank.clone()
     expected = keys()
     m(views)
-    assert torch.allclose(m.queue[:, :6], expected, atol=1e-6) and torch.equal(m.queue[:, 6:], start[:, 6:])
-    assert m.queue_ptr.tolist() == [6]
+    assert torch.allclose(m.queue.bank[:, :6], expected, atol=1e-6) and torch.equal(m.queue.bank[:, 6:], start[:, 6:])
+    assert m.queue.ptr.tolist() == [6]
     second = keys()  # the same views, the same (not yet updated) teacher, in train mode: BN stats as the forward's
     m(views)
-    assert torch.allclose(m.queue[:, 6:], second[:, :4], atol=1e-6)  # positions 6..9, then around to 0, 1
-    assert torch.allclose(m.queue[:, :2], second[:, 4:], atol=1e-6)
-    assert torch.allclose(m.queue[:, 2:6], expected[:, 2:6], atol=1e-6)
-    assert m.queue_ptr.tolist() == [2]
+    assert torch.allclose(m.queue.bank[:, 6:], second[:, :4], atol=1e-6)  # positions 6..9, then around to 0, 1
+    assert torch.allclose(m.queue.bank[:, :2], second[:, 4:], atol=1e-6)
+    assert torch.allclose(m.queue.bank[:, 2:6], expected[:, 2:6], atol=1e-6)
+    assert m.queue.ptr.tolist() == [2]
     m.eval()
-    frozen = m.queue.clone()
+    frozen = m.queue.bank.clone()
     m(views)  # evaluation forwards leave the queue alone
-    assert torch.equal(m.queue, frozen) and m.queue_ptr.tolist() == [2]
+    assert torch.equal(m.queue.bank, frozen) and m.queue.ptr.tolist() == [2]
 
 
 def test_queue_smaller_than_the_batch_keeps_the_newest_keys():
     m = build("moco", queue_size=4)
     keys = F.normalize(torch.randn(2, 6, 6), dim=-1)
-    m.enqueue(keys)
+    m.queue.enqueue(keys)
     # keys 2..5 are the newest; they land at positions (0 + 2 + i) % 4, the pointer moves by 6
-    assert torch.equal(m.queue[:, [2, 3, 0, 1]], keys[:, 2:]) and m.queue_ptr.tolist() == [2]
+    assert torch.equal(m.queue.bank[:, [2, 3, 0, 1]], keys[:, 2:]) and m.queue.ptr.tolist() == [2]
 
 
 # --- BYOL's asymmetric augmentation ----------------------------------------------------------------------------------
-def test_byol_view_settings():
-    s = PretrainSettings(method="byol")
-    small, large = byol.view_settings(s, 32), byol.view_settings(s, 64)
+def test_byol_view_augments():
+    aug = augment.Augment()
+    small, large = byol.view_augments(aug, 32), byol.view_augments(aug, 64)
     assert [(v.blur_p, v.solarize_p) for v in small] == [(0.0, 0.0), (0.0, 0.2)]  # no blur at CIFAR size
     assert [(v.blur_p, v.solarize_p) for v in large] == [(1.0, 0.0), (0.1, 0.2)]
-    own = byol.view_settings(PretrainSettings(method="byol", blur_p=0.5, solarize_p=0.3), 64)
+    own = byol.view_augments(augment.Augment(blur_p=0.5, solarize_p=0.3), 64)
     assert [(v.blur_p, v.solarize_p) for v in own] == [(0.5, 0.3), (0.5, 0.3)]  # the user's value, both views
 
 
 def test_byol_views_draw_view_one_then_view_two_from_one_generator():
-    s = PretrainSettings(method="byol", noise_std=0.05)
+    aug = augment.Augment(noise_std=0.05)
     batch = torch.randint(0, 256, (5, 3, 40, 40), dtype=torch.uint8)
     m = build("byol")
-    v1, v2 = m.views(batch, s, torch.Generator().manual_seed(3))
+    v1, v2 = augment.draw(type(m).recipe(m.config, aug, 40), batch, torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(3)
-    cfg1, cfg2 = byol.view_settings(s, 40)
+    cfg1, cfg2 = byol.view_augments(aug, 40)
     p1, p2 = augment.sample_params(5, 40, 40, cfg1, g), augment.sample_params(5, 40, 40, cfg2, g)
     assert p1.blur.all() and p1.solarize is None and p2.solarize is not None
-    both = augment.apply(torch.cat([batch, batch]), byol._cat(p1, p2), 40, g)
+    both = augment.apply(torch.cat([batch, batch]), augment._cat([p1, p2]), 40, g)
     assert torch.equal(v1, both[:5]) and torch.equal(v2, both[5:])
     assert v1.min() >= 0 and v1.max() <= 1 and v1.shape == (5, 3, 40, 40)
 
@@ -267,7 +269,7 @@ def weights(path):
     return load_file(str(path))
 
 
-STATE = {"moco": ("teacher_backbone.", "queue", "queue_ptr"), "byol": ("target_backbone.", "predictor."),
+STATE = {"moco": ("teacher_backbone.", "queue.bank", "queue.ptr"), "byol": ("target_backbone.", "predictor."),
          "simsiam": ("predictor.",)}  # fmt: skip
 
 

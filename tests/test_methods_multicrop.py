@@ -1,6 +1,7 @@
 """Multi-crop augmentation, DINO and SwAV: the crops, the losses against written-out formulas, the teacher, the
 centre, Sinkhorn-Knopp, frozen prototypes, and tiny real runs with an exact resume."""
 
+import dataclasses
 import math
 import os
 import signal
@@ -11,13 +12,14 @@ import torch
 from torch import nn
 
 from crlf import PretrainSettings, load_encoder, pretrain
-from crlf.engine import augment, methods
+from crlf.commands.pretrain import resolve
+from crlf.engine import augment
+from crlf.engine.loss import dino_loss, sinkhorn, swav_loss
 from crlf.engine.methods import dino, swav
 from crlf.engine.methods.teacher import momentum_at
 from crlf.engine.optim import build_optimizer
 from crlf.engine.rundir import RunDir
 from crlf.errors import InputError, Interrupted
-from crlf.options import AugmentSettings
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +38,7 @@ def gen(seed=0):
 
 # --- multi-crop -------------------------------------------------------------------------------------------------
 def test_multi_crop_shapes_and_counts():
-    x, cfg = images(), AugmentSettings()
+    x, cfg = images(), augment.Augment()
     out = augment.multi_crop(x, cfg, gen(), local_crops=3, local_size=8)
     assert [tuple(v.shape) for v in out] == [(6, 3, 16, 16)] * 2 + [(6, 3, 8, 8)] * 3
     assert all(v.dtype == torch.float32 and v.min() >= 0 and v.max() <= 1 for v in out)
@@ -46,7 +48,7 @@ def test_multi_crop_shapes_and_counts():
 
 
 def test_multi_crop_global_pair_is_views_and_is_deterministic():
-    x, cfg = images(), AugmentSettings()
+    x, cfg = images(), augment.Augment()
     a = augment.multi_crop(x, cfg, gen(3), local_crops=2, local_size=8)
     b = augment.multi_crop(x, cfg, gen(3), local_crops=2, local_size=8)
     assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))  # a seed reproduces every crop
@@ -58,7 +60,7 @@ def test_multi_crop_global_pair_is_views_and_is_deterministic():
 
 def test_multi_crop_crops_are_independent_and_local_ones_small():
     x = images(8, 32)
-    cfg = AugmentSettings(jitter_strength=0.0, grayscale_p=0.0, flip_p=0.0)  # crops alone
+    cfg = augment.Augment(jitter_strength=0.0, grayscale_p=0.0, flip_p=0.0)  # crops alone
     out = augment.multi_crop(x, cfg, gen(), local_crops=4, local_size=8)
     for i in range(len(out)):
         for j in range(i + 1, len(out)):
@@ -76,8 +78,8 @@ def test_multi_crop_crops_are_independent_and_local_ones_small():
         augment.multi_crop(x, cfg, gen(), local_crops=4, local_size=8)
     # the pair with the settings' scale, then every local crop in one draw with the local scale: a fixed order
     assert calls == [(16, cfg.crop_min_scale, cfg.crop_max_scale), (32, *augment.LOCAL_SCALE)]
-    p = real(1000, 32, 32, cfg.model_copy(update=dict(zip(("crop_min_scale", "crop_max_scale"), augment.LOCAL_SCALE))),
-             gen())  # fmt: skip
+    local = dataclasses.replace(cfg, **dict(zip(("crop_min_scale", "crop_max_scale"), augment.LOCAL_SCALE)))
+    p = real(1000, 32, 32, local, gen())
     area = p.height * p.width / 32**2
     assert area.min() >= augment.LOCAL_SCALE[0] - 1e-6 and area.max() <= augment.LOCAL_SCALE[1] + 1e-6
     with pytest.raises(InputError):
@@ -90,14 +92,16 @@ def tiny_backbone():
     return nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
-def tiny_settings(method, **kw):
-    values = dict(method=method, head_hidden=16, head_out=8, prototypes=10, local_crops=2, local_size=8, epochs=2)
+def tiny_config(cls, **kw):
+    """The method's config with small heads, 10 prototypes and two 8 px local crops."""
+    values = dict(head_hidden=16, head_out=8, prototypes=10, local_crops=2, local_size=8)
     values.update(kw)
-    return methods.resolve(PretrainSettings(**values))
+    return cls.Config(**values)
 
 
-def normalised_views(method, settings, seed=0):
-    return [(v - 0.5) / 0.25 for v in method.views(images(), settings, gen(seed))]
+def normalised_views(method, seed=0):
+    recipe = type(method).recipe(method.config, augment.Augment(), 16)
+    return [(v - 0.5) / 0.25 for v in augment.draw(recipe, images(), gen(seed))]
 
 
 # --- DINO ---------------------------------------------------------------------------------------------------------
@@ -112,7 +116,7 @@ def test_dino_loss_value_and_gradient_match_the_formula():
     teacher = [torch.randn(5, 7, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
     center = torch.randn(1, 7, generator=g, dtype=torch.float64)
     ts, tt = 0.1, 0.05
-    loss = dino.dino_loss(student, teacher, center, ts, tt)
+    loss = dino_loss(student, teacher, center, ts, tt)
     loss.backward()
 
     s = [v.detach().numpy() for v in student]
@@ -128,18 +132,18 @@ def test_dino_loss_value_and_gradient_match_the_formula():
 
 
 def test_dino_centre_is_an_ema_of_the_global_teacher_outputs_and_the_loss_uses_the_old_one():
-    s = tiny_settings("dino")
-    m = dino.DINO(tiny_backbone(), 6, s)
+    c = tiny_config(dino.DINO)
+    m = dino.DINO(tiny_backbone(), c, 6)
     m.center.copy_(torch.randn(1, 10, generator=gen(2)))
     old = m.center.clone()
-    views = normalised_views(m, s)
+    views = normalised_views(m)
     with torch.no_grad():
         t = m.teacher_head(m.teacher_backbone(torch.cat(views[:2])))  # the two global crops only
         st = [m.head(m.backbone(v)) for v in views]
     loss = m(views)
     expected = 0.9 * old + 0.1 * t.mean(0, keepdim=True)
     torch.testing.assert_close(m.center, expected)
-    ref = dino.dino_loss(st, list(t.chunk(2)), old, s.temperature, dino.WARMUP_TEACHER_TEMPERATURE)
+    ref = dino_loss(st, list(t.chunk(2)), old, c.temperature, dino.WARMUP_TEACHER_TEMPERATURE)
     torch.testing.assert_close(loss.detach(), ref)
     assert "center" in m.state_dict() and "teacher_temp" in m.state_dict()
 
@@ -155,30 +159,28 @@ def test_teacher_temperature_and_momentum_schedules():
     mom = momentum_at  # the official cosine_scheduler(0.996, 1): after iteration i = step - 1
     assert mom(1, 100, 0.996) == pytest.approx(0.996)
     assert mom(51, 100, 0.996) == pytest.approx(0.998) and mom(101, 100, 0.996) == pytest.approx(1.0)
-    s = tiny_settings("dino", epochs=10, teacher_temperature=0.08)
-    m = dino.DINO(tiny_backbone(), 6, s)
+    m = dino.DINO(tiny_backbone(), tiny_config(dino.DINO, teacher_temperature=0.08), 6)
     assert m.teacher_temp.item() == pytest.approx(0.04)
     for step in range(1, 31):
-        m.after_step(step, 100)
+        m.after_step(step, 100, 10)
         assert m.teacher_temp.item() == pytest.approx(f(0.08, step, 100, 10))  # the next step's temperature
     assert m.teacher_temp.item() == pytest.approx(0.08)
 
 
 def test_dino_teacher_gets_no_gradient_and_follows_the_student_by_ema():
-    s = tiny_settings("dino", momentum=0.9)
-    m = dino.DINO(tiny_backbone(), 6, s)
+    m = dino.DINO(tiny_backbone(), tiny_config(dino.DINO, momentum=0.9), 6)
     teacher = [*m.teacher_backbone.parameters(), *m.teacher_head.parameters()]
     assert teacher and not any(p.requires_grad for p in teacher)
     opt = build_optimizer(m, "sgd", 0.1, 0.0)
     ids = {id(p) for group in opt.param_groups for p in group["params"]}
     assert not ids & {id(p) for p in teacher} and len(ids) == len([p for p in m.parameters() if p.requires_grad])
-    loss = m(normalised_views(m, s))
+    loss = m(normalised_views(m))
     loss.backward()
     assert all(p.grad is None for p in teacher)
     assert all(p.grad is not None for p in m.head.parameters())
     before = [p.clone() for p in teacher]
     opt.step()
-    m.after_step(1, 10)
+    m.after_step(1, 10, 2)
     student = [*m.backbone.parameters(), *m.head.parameters()]
     for t0, t1, p in zip(before, teacher, student, strict=True):
         torch.testing.assert_close(t1, 0.9 * t0 + 0.1 * p)
@@ -206,10 +208,10 @@ def sinkhorn_np(scores, eps=0.05, iters=3):
 
 def test_sinkhorn_matches_numpy_and_its_marginals():
     scores = torch.rand(12, 5, generator=gen(5), dtype=torch.float64) * 2 - 1
-    q = swav.sinkhorn(scores)
+    q = sinkhorn(scores)
     np.testing.assert_allclose(q.numpy(), sinkhorn_np(scores.numpy()), rtol=1e-10)
     np.testing.assert_allclose(q.sum(1).numpy(), np.ones(12), rtol=1e-12)  # each sample's code sums to 1
-    long = swav.sinkhorn(scores, iterations=200)  # converged: each prototype gets B / K samples' worth
+    long = sinkhorn(scores, iterations=200)  # converged: each prototype gets B / K samples' worth
     np.testing.assert_allclose(long.sum(0).numpy(), np.full(5, 12 / 5), rtol=1e-6)
     assert q.sum(0).std() < torch.softmax(scores / 0.05, 1).sum(0).std()  # 3 iterations: already more balanced
 
@@ -218,7 +220,7 @@ def test_swav_loss_value_and_gradient_match_the_formula():
     g = gen(6)
     scores = [torch.rand(6, 5, generator=g, dtype=torch.float64).mul(2).sub(1).requires_grad_() for _ in range(4)]
     temp = 0.1
-    loss = swav.swav_loss(scores, temp)
+    loss = swav_loss(scores, temp)
     loss.backward()
     p = [s.detach().numpy() for s in scores]
     q = [sinkhorn_np(p[i]) for i in range(2)]
@@ -234,13 +236,12 @@ def test_swav_loss_value_and_gradient_match_the_formula():
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_swav_prototypes_are_unit_rows_and_frozen_during_the_first_epoch(optimizer):
-    s = tiny_settings("swav", epochs=2)  # 4 steps in all: 2 per epoch
-    m = swav.SwAV(tiny_backbone(), 6, s)
+    m = swav.SwAV(tiny_backbone(), tiny_config(swav.SwAV), 6)  # 4 steps in all: 2 epochs of 2
     opt = build_optimizer(m, optimizer, 0.1, 1e-2)
     w0 = m.prototypes.weight.detach().clone()
     torch.testing.assert_close(w0.norm(dim=1), torch.ones(10))
     for step in range(1, 5):
-        loss = m(normalised_views(m, s, seed=step))
+        loss = m(normalised_views(m, seed=step))
         opt.zero_grad()
         loss.backward()
         if step <= 2:
@@ -248,17 +249,17 @@ def test_swav_prototypes_are_unit_rows_and_frozen_during_the_first_epoch(optimiz
         else:
             assert m.prototypes.weight.grad.abs().max() > 0
         opt.step()
-        m.after_step(step, 4)
+        m.after_step(step, 4, 2)
         torch.testing.assert_close(m.prototypes.weight.norm(dim=1), torch.ones(10))
         assert torch.equal(m.prototypes.weight, w0) == (step <= 2), step
         assert bool(m.frozen) == (step < 2)
 
 
 def test_method_defaults_fill_the_unset_options():
-    d = methods.resolve(PretrainSettings(method="dino"))
+    d = resolve(PretrainSettings(method="dino"))
     assert (d.prototypes, d.head_out, d.temperature, d.teacher_temperature, d.momentum) == (4096, 256, 0.1, 0.07, 0.996)
     assert (d.local_crops, d.local_size) == (4, 16)
-    w = methods.resolve(PretrainSettings(method="swav", prototypes=100))
+    w = resolve(PretrainSettings(method="swav", prototypes=100))
     assert (w.prototypes, w.head_out, w.temperature, w.local_crops) == (100, 128, 0.1, 4)
 
 

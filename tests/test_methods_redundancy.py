@@ -10,11 +10,13 @@ import torch
 from torch import nn
 
 from crlf import PretrainSettings, load_encoder, pretrain
+from crlf.commands.pretrain import resolve
 from crlf.engine import distributed, methods
-from crlf.engine.methods.barlow import BarlowTwins, barlow_loss
-from crlf.engine.methods.vicreg import VICReg, vicreg_loss
+from crlf.engine.loss import barlow_loss, vicreg_loss
+from crlf.engine.methods import BarlowConfig, VICRegConfig
 from crlf.engine.rundir import RunDir
 from crlf.errors import Interrupted
+from crlf.typed import config_of
 
 METHODS = ("barlow", "vicreg")
 
@@ -129,27 +131,26 @@ def test_the_whole_batch_is_not_the_mean_of_its_halves():
 
 
 def _tiny_method(name, **overrides):
-    settings = methods.resolve(
-        PretrainSettings(method=name, head_hidden=16, head_out=8, head_layers=3, out="unused", **overrides)
-    )
+    cls = methods.get(name)
+    config = config_of(cls.Config, dict(head_hidden=16, head_out=8, head_layers=3, **overrides))
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 12))
-    return methods.REGISTRY[name](backbone, 12, settings), settings
+    return cls(backbone, config, 12), config
 
 
-def _loss_formula(name, settings):
+def _loss_formula(name, config):
     if name == "barlow":
-        return lambda a, b: barlow_loss(a, b, settings.barlow_lambda, settings.barlow_scale)
-    return lambda a, b: vicreg_loss(a, b, settings.vicreg_sim, settings.vicreg_std, settings.vicreg_cov)
+        return lambda a, b: barlow_loss(a, b, config.barlow_lambda, config.barlow_scale)
+    return lambda a, b: vicreg_loss(a, b, config.vicreg_sim, config.vicreg_std, config.vicreg_cov)
 
 
 def test_defaults_resolve_per_method():
-    b = methods.resolve(PretrainSettings(method="barlow", out="unused"))
+    b = resolve(PretrainSettings(method="barlow", out="unused"))
     assert (b.head_hidden, b.head_out, b.barlow_lambda, b.barlow_scale) == (2048, 2048, 0.0051, 0.1)
-    v = methods.resolve(PretrainSettings(method="vicreg", out="unused"))
+    v = resolve(PretrainSettings(method="vicreg", out="unused"))
     assert (v.head_hidden, v.head_out, v.vicreg_sim, v.vicreg_std, v.vicreg_cov) == (2048, 2048, 25.0, 25.0, 1.0)
-    assert methods.resolve(PretrainSettings(method="barlow", barlow_lambda=0.01, out="unused")).barlow_lambda == 0.01
-    assert BarlowTwins.defaults["head_layers"] == VICReg.defaults["head_layers"] == 3
+    assert resolve(PretrainSettings(method="barlow", barlow_lambda=0.01, out="unused")).barlow_lambda == 0.01
+    assert BarlowConfig().head_layers == VICRegConfig().head_layers == 3
     with pytest.raises(ValueError):
         PretrainSettings(method="vicreg", vicreg_cov=float("inf"), out="unused")
     with pytest.raises(ValueError):
@@ -161,14 +162,14 @@ def test_forward_gathers_each_view_over_the_global_batch(name, monkeypatch):
     """One process's half, with the other process's projections gathered after its own, gives the loss of the
     whole batch (head in eval mode so that BatchNorm treats rows independently), and the method's loss is its
     formula on the projections."""
-    method, settings = _tiny_method(name)
+    method, config = _tiny_method(name)
     method.eval()
     g = torch.Generator().manual_seed(1)
     v1, v2 = torch.randn(8, 3, 4, 4, generator=g), torch.randn(8, 3, 4, 4, generator=g)
     whole = method([v1, v2])
     with torch.no_grad():
         z1, z2 = method.head(method.backbone(v1)), method.head(method.backbone(v2))
-    assert torch.allclose(whole, _loss_formula(name, settings)(z1, z2), rtol=1e-5)
+    assert torch.allclose(whole, _loss_formula(name, config)(z1, z2), rtol=1e-5)
     others = iter([z1[4:], z2[4:]])  # rank 1's rows, view by view, in the order the method gathers them
     monkeypatch.setattr(distributed, "gather", lambda z: torch.cat([z, next(others)]))
     half = method([v1[:4], v2[:4]])

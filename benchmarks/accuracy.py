@@ -84,7 +84,8 @@ def run_one(name: str, options: dict[str, Any], work: Path) -> dict[str, Any]:
     import torch
 
     from crlf import PretrainSettings, pretrain
-    from crlf.engine.embeddings import extract, knn_eval, linear_eval
+    from crlf.commands.evaluate import knn_eval, linear_eval
+    from crlf.commands.extract import extract
     from crlf.settings import ExtractSettings, KnnEvalSettings, LinearEvalSettings
 
     run = work / "run"

@@ -398,27 +398,27 @@ def test_training_plain_lines_read_the_loss_only_when_printing(fake_console):
 
 def test_task_progress_bars_close_and_plain_lines(fake_console):
     from crlf import output
-    from crlf.engine import evaluate
+    from crlf.engine import progress
 
     fake_console(True)
     with output.engine_progress() as hook:
-        assert evaluate.progress_hook is hook
-        evaluate.progress("embedding", 2, 4)
-        evaluate.progress("t-SNE", 0, 0)  # unknown length: a spinner and the clock
+        assert progress.hook is hook
+        progress.report("embedding", 2, 4)
+        progress.report("t-SNE", 0, 0)  # unknown length: a spinner and the clock
         assert set(hook.tasks) == {"embedding", "t-SNE"} and hook.progress is not None
-        evaluate.progress("embedding", 4, 4)
-        evaluate.progress("t-SNE", 1, 1)
+        progress.report("embedding", 4, 4)
+        progress.report("t-SNE", 1, 1)
         assert hook.tasks == {} and hook.progress is None  # the transient bar is gone with its last task
-    assert evaluate.progress_hook is None
+    assert progress.hook is None
     buf = fake_console(False)
     with output.engine_progress(log_every=0):
-        evaluate.progress("linear probe epoch", 0, 10)
-        evaluate.progress("linear probe epoch", 5, 10)
-        evaluate.progress("linear probe epoch", 10, 10)
+        progress.report("linear probe epoch", 0, 10)
+        progress.report("linear probe epoch", 5, 10)
+        progress.report("linear probe epoch", 10, 10)
     text = buf.getvalue()
     assert "linear probe epoch: 5 of 10, eta" in text and "\x1b" not in text
     with output.engine_progress(quiet=True):
-        evaluate.progress("kNN", 1, 2)
+        progress.report("kNN", 1, 2)
     assert buf.getvalue() == text
 
 
@@ -517,11 +517,11 @@ def _stopped_by_sigterm(*args, **kwargs):
     "target,args",
     [
         ("crlf.engine.train.pretrain", ["pretrain"]),
-        ("crlf.engine.embeddings.extract", ["extract", "--ckpt", "e.safetensors", "--out", "e.npy"]),
-        ("crlf.engine.embeddings.linear_eval", ["linear-eval", "--ckpt", "e.safetensors"]),
-        ("crlf.engine.embeddings.knn_eval", ["knn-eval", "--ckpt", "e.safetensors"]),
-        ("crlf.engine.visualize.visualize", ["visualize", "--run", "r"]),
-        ("crlf.engine.explore.open_space", ["explore", "--emb", "e.npy", "--port", "0"]),
+        ("crlf.commands.extract.extract", ["extract", "--ckpt", "e.safetensors", "--out", "e.npy"]),
+        ("crlf.commands.evaluate.linear_eval", ["linear-eval", "--ckpt", "e.safetensors"]),
+        ("crlf.commands.evaluate.knn_eval", ["knn-eval", "--ckpt", "e.safetensors"]),
+        ("crlf.commands.visualize.visualize", ["visualize", "--run", "r"]),
+        ("crlf.commands.explore.open_space", ["explore", "--emb", "e.npy", "--port", "0"]),
     ],
 )
 def test_every_subcommand_exits_143_on_sigterm(monkeypatch, sigterm_fallback, target, args):
@@ -545,7 +545,7 @@ def test_sigterm_is_reported_when_c_code_swallows_its_exception(monkeypatch, sig
         except BaseException:
             raise OSError("seeking file failed") from None
 
-    monkeypatch.setattr("crlf.engine.embeddings.extract", swallowed)
+    monkeypatch.setattr("crlf.commands.extract.extract", swallowed)
     r = run_crlf("extract", "--ckpt", "e.safetensors", "--out", "-", "--device", "cpu")
     assert r.returncode == 143 and r.stderr.endswith("error: stopped by SIGTERM\n"), r.stderr
 
@@ -554,7 +554,7 @@ def test_sigterm_during_extract_leaves_no_file(reference_run, tmp_path, monkeypa
     """The signal lands half way through writing the .npy: neither it nor its temp file remains."""
     from inprocess import run_crlf
 
-    from crlf.engine import embeddings, files
+    from crlf.engine import embedfile, files
 
     def write_half(path, write):
         def half(f):
@@ -563,7 +563,7 @@ def test_sigterm_during_extract_leaves_no_file(reference_run, tmp_path, monkeypa
 
         files.atomic_write(path, half)
 
-    monkeypatch.setattr(embeddings, "atomic_write", write_half)
+    monkeypatch.setattr(embedfile, "atomic_write", write_half)
     out = tmp_path / "e.npy"
     r = run_crlf("extract", "--ckpt", reference_run.path / "encoder.safetensors", "--limit", "16", "--out", out,
                  "--device", "cpu")  # fmt: skip

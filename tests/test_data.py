@@ -704,7 +704,7 @@ def _embeddings(tmp_path: Path, x: np.ndarray, **sidecar) -> Path:
     ],
 )
 def test_read_embeddings_bad_arrays_and_labels(tmp_path, x, sidecar, fragment):
-    from crlf.engine.embeddings import read_embeddings
+    from crlf.engine.embedfile import read_embeddings
 
     with pytest.raises(InputError) as info:
         read_embeddings(_embeddings(tmp_path, x, **sidecar))
@@ -712,7 +712,7 @@ def test_read_embeddings_bad_arrays_and_labels(tmp_path, x, sidecar, fragment):
 
 
 def test_read_embeddings_labels_within_bounds(tmp_path):
-    from crlf.engine.embeddings import read_embeddings
+    from crlf.engine.embedfile import read_embeddings
 
     x, y, names, _ = read_embeddings(_embeddings(tmp_path, np.ones((3, 2)), labels=[0, 2, 1], class_names=list("abc")))
     assert y.tolist() == [0, 2, 1] and names == ["a", "b", "c"] and x.dtype == torch.float32

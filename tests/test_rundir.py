@@ -15,8 +15,9 @@ from conftest import copy_run
 
 import crlf
 from crlf import PretrainSettings, pretrain
-from crlf.engine import checkpoint, embeddings, files, rundir
-from crlf.engine.embeddings import read_embeddings
+from crlf.commands import evaluate, extract
+from crlf.engine import checkpoint, files, rundir
+from crlf.engine.embedfile import read_embeddings
 from crlf.engine.rundir import RunDir
 from crlf.errors import InputError, RunError
 from crlf.settings import ExtractSettings, KnnEvalSettings
@@ -175,7 +176,7 @@ def test_extract_refuses_an_encoder_that_gives_nan(tmp_path, trained):
     bad = tmp_path / "bad.safetensors"
     checkpoint.save_tensors(bad, tensors, {k: v for k, v in meta.items() if k not in ("sha256",)})
     with pytest.raises(InputError, match="NaN or infinite embeddings"):
-        embeddings.extract(ExtractSettings(ckpt=bad, data="digits", image_size=8, limit=16, device="cpu",
+        extract.extract(ExtractSettings(ckpt=bad, data="digits", image_size=8, limit=16, device="cpu",
                                            out=str(tmp_path / "e.npy")))
     assert not (tmp_path / "e.npy").exists()
 
@@ -183,11 +184,11 @@ def test_extract_refuses_an_encoder_that_gives_nan(tmp_path, trained):
 def test_an_npy_and_a_sidecar_of_two_extracts_are_refused_as_a_pair(tmp_path, trained):
     out = tmp_path / "e.npy"
     common = dict(ckpt=trained / "encoder.safetensors", data="digits", image_size=8, device="cpu", out=str(out))
-    embeddings.extract(ExtractSettings(limit=16, **common))
+    extract.extract(ExtractSettings(limit=16, **common))
     x, y, _, prov = read_embeddings(out)
     assert len(x) == 16 and prov["npy_bytes"] == out.stat().st_size
     old_sidecar = Path(str(out) + ".json").read_bytes()
-    embeddings.extract(ExtractSettings(limit=24, **common))
+    extract.extract(ExtractSettings(limit=24, **common))
     Path(str(out) + ".json").write_bytes(old_sidecar)  # as if killed between the .npy's rename and the sidecar's
     with pytest.raises(InputError, match="does not describe"):
         read_embeddings(out)
@@ -197,13 +198,13 @@ def test_provenance_hashes_the_bytes_that_were_loaded(tmp_path, trained, monkeyp
     ckpt = tmp_path / "encoder.safetensors"
     shutil.copy(trained / "encoder.safetensors", ckpt)
     loaded = hashlib.sha256(ckpt.read_bytes()).hexdigest()
-    real = embeddings.embed_images
+    real = extract.embed_images
 
     def replaced_meanwhile(*args, **kwargs):
         ckpt.write_bytes(b"another file now")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(embeddings, "embed_images", replaced_meanwhile)
+    monkeypatch.setattr(extract, "embed_images", replaced_meanwhile)
     emb = crlf.embed(ckpt, data="digits", image_size=8, limit=8, device="cpu")
     assert emb.provenance["checkpoint_sha256"] == loaded
 
@@ -278,15 +279,15 @@ def test_config_json_records_what_ran(trained):
 
 
 def test_outputs_are_checked_before_any_work(tmp_path, trained, monkeypatch):
-    monkeypatch.setattr(embeddings, "embed_images", lambda *a, **k: pytest.fail("embedded before checking --out"))
+    monkeypatch.setattr(extract, "embed_images", lambda *a, **k: pytest.fail("embedded before checking --out"))
     (tmp_path / "a-file").write_text("")
     (tmp_path / "folder.npy").mkdir()
     for out, match in (("no/e.npy", "does not exist"), ("a-file/e.npy", "does not exist"), ("folder.npy", "folder")):
         with pytest.raises(InputError, match=match):
-            embeddings.extract(ExtractSettings(ckpt=trained / "encoder.safetensors", data="digits", image_size=8,
+            extract.extract(ExtractSettings(ckpt=trained / "encoder.safetensors", data="digits", image_size=8,
                                                device="cpu", out=str(tmp_path / out)))
     with pytest.raises(InputError, match="--results"):
-        embeddings.knn_eval(KnnEvalSettings(ckpt=trained / "encoder.safetensors", data="digits", image_size=8,
+        evaluate.knn_eval(KnnEvalSettings(ckpt=trained / "encoder.safetensors", data="digits", image_size=8,
                                             device="cpu", results=tmp_path / "nowhere" / "r.json"))
 
 
@@ -298,8 +299,8 @@ def test_npy_data_takes_its_test_split_from_test_data_dir(tmp_path, trained):
     common = dict(ckpt=trained / "encoder.safetensors", data="npy", data_dir=tmp_path / "train.npy", device="cpu",
                   results=tmp_path / "r.json")
     with pytest.raises(InputError, match="--test-data-dir"):
-        embeddings.knn_eval(KnnEvalSettings(**common))
-    result = embeddings.knn_eval(KnnEvalSettings(test_data_dir=tmp_path / "test.npy", **common))
+        evaluate.knn_eval(KnnEvalSettings(**common))
+    result = evaluate.knn_eval(KnnEvalSettings(test_data_dir=tmp_path / "test.npy", **common))
     assert result["train_size"] == 40 and result["test_size"] == 20
 
 

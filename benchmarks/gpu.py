@@ -12,7 +12,7 @@ and results.json is rewritten after every stage, so a run cut short still leaves
                images/s of every epoch from metrics.jsonl (the first carries cuDNN's autotuning).
 3. e2e_compile: the same with --compile (the first epoch carries the compilation).
 4. profile:    a few steps of crlf's real step (train._build's model, optimizer, feed; a benchmark-side copy of
-               train._step with record_function ranges and CUDA events around the pieces): shares of augmentation,
+               loop.train_step with record_function ranges and CUDA events around the pieces): shares of augmentation,
                forward, loss, backward, optimizer, and of the per-epoch checkpoint; the top-15 kernels (profile.txt);
                the real step unsynchronised against its kernels' own time (how busy the GPU is).
 5. e2e_big_batch: e2e_eager at --big-batch (1024): what per-step overheads cost at batch 512.
@@ -281,13 +281,15 @@ class Driver:
         from torch.profiler import ProfilerActivity, profile, record_function
 
         from crlf import PretrainSettings
-        from crlf.engine import distributed, methods, train
+        from crlf.commands.pretrain import resolve, train_config
+        from crlf.engine import augment, distributed, loop, train
         from crlf.engine.device import autocast
         from crlf.engine.methods import simclr
 
-        settings = methods.resolve(PretrainSettings(**self.pretrain_options(), out=self.work / "profile"))
+        settings = resolve(PretrainSettings(**self.pretrain_options(), out=self.work / "profile"))
+        cfg = train_config(settings)
         world = distributed.join(settings.device)
-        s = train._build(settings, world)
+        s = train._build(cfg, world)
         cuda = s.device.type == "cuda"
         steps = len(s.feed) // settings.batch_size
 
@@ -317,11 +319,11 @@ class Driver:
             return out
 
         def step(i: int, batch: torch.Tensor) -> dict[str, float]:
-            """train._step, piece by piece (same calls, same order), with a mark after each piece."""
+            """loop.train_step, piece by piece (same calls, same order), with a mark after each piece."""
             marks.clear()
             mark("start")
             with record_function("crlf/augment"):
-                views = s.model.views(batch, settings, gen)
+                views = augment.draw(s.recipe, batch, gen)
                 views = [(v - s.mean) / s.std for v in views]
                 if cuda:
                     views = [v.contiguous(memory_format=torch.channels_last) for v in views]
@@ -334,7 +336,7 @@ class Driver:
             mark("backward")
             with record_function("crlf/optimizer"):
                 s.optimizer.step()
-                s.model.after_step(i + 1, steps)
+                s.model.after_step(i + 1, steps, 1)
             mark("optimizer")
             if cuda:
                 torch.cuda.synchronize()
@@ -353,7 +355,7 @@ class Driver:
             sync()
             t0 = time.perf_counter()
             for i in range(timed):
-                train._step(settings, s, next(batches), gen, warm + i + 1, steps)
+                loop.train_step(cfg, s, next(batches), gen, warm + i + 1, steps)
             sync()
             unsynced_s = (time.perf_counter() - t0) / timed
             profiled = 3 if not self.args.smoke else 1
@@ -371,7 +373,7 @@ class Driver:
         run = train.RunDir(self.work / "profile")
         run.path.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        train._save(settings, s, run, 1, train.Plateau())
+        train.RunHooks(cfg, s, run, None)._save(1, loop.Progress(1))
         ckpt_s = time.perf_counter() - t0  # what the loop waits for (the rest may be written on a writer thread)
         if getattr(s, "writer", None) is not None:
             s.writer.wait()
@@ -477,7 +479,8 @@ class Driver:
 
     def evaluation(self, cap: float) -> dict[str, Any]:
         """extract (train + test), linear-eval and knn-eval of the eager run's encoder; the --knn-every cost."""
-        from crlf.engine.embeddings import extract, knn_eval, linear_eval
+        from crlf.commands.evaluate import knn_eval, linear_eval
+        from crlf.commands.extract import extract
         from crlf.settings import ExtractSettings, KnnEvalSettings, LinearEvalSettings
 
         if self.eager_run is None:

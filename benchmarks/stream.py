@@ -15,6 +15,7 @@ decoded by torchvision.io on the device. --smoke: a tiny generated folder, every
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -26,13 +27,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from crlf.engine import augment, methods
+from crlf.engine import augment
 from crlf.engine.sources import catalog
-from crlf.engine.sources.stream import StreamFeed
-from crlf.options import AugmentSettings, DataSettings
-from crlf.settings import PretrainSettings
+from crlf.engine.sources.feed import StreamFeed
+from crlf.options import DataSettings
 
-AUG = AugmentSettings(crop_min_scale=0.08, jitter_strength=0.5, jitter_p=0.8, grayscale_p=0.2)
+AUG = augment.Augment(crop_min_scale=0.08, jitter_strength=0.5, jitter_p=0.8, grayscale_p=0.2)
 
 
 def make(folder: Path, count: int, size: tuple[int, int] = (500, 375)) -> None:
@@ -156,7 +156,7 @@ def crlf_batches(
 ):
     listed = catalog(DataSettings(data="folder", data_dir=folder))
     plan = [(size, 0.08, 1.0)] * 2
-    recipe = methods.recipe(PretrainSettings(method="simclr", **AUG.model_dump())) if in_workers else None
+    recipe = functools.partial(augment.draw, augment.pair_recipe(AUG)) if in_workers else None
     feed = StreamFeed(listed, size, plan, 0, device, workers, gpu_decode, recipe)
     feed.gpu = gpu_decode  # --smoke on a CPU: the device-decode path with the CPU as the device
     feed.decoder.gpu = gpu_decode

@@ -41,13 +41,13 @@ def _sync(device: torch.device) -> None:
 
 def _model_and_step(device: torch.device, compile_: bool, batch: int):
     """The crlf model, optimizer and one training step on normalised float views (the floor's unit of work)."""
-    from crlf.engine import backbones, methods
+    from crlf.engine import backbones
     from crlf.engine.device import autocast, autocast_dtype
+    from crlf.engine.methods import SimCLR
     from crlf.engine.optim import build_optimizer
-    from crlf.settings import PretrainSettings
 
     spec = backbones.spec_for("resnet18", 32, "cifar")
-    model = methods.build(PretrainSettings(method="simclr"), backbones.build(spec), spec.feature_dim).to(device)
+    model = SimCLR(backbones.build(spec), None, spec.feature_dim).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, "sgd", 0.06 * batch / 64, 5e-4)

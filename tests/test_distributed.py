@@ -28,7 +28,7 @@ STEP = dict(
 )
 
 
-def _fixed_views(batch, cfg, generator, out_size=None):
+def _fixed_views(recipe, batch, generator):
     """Deterministic 'augmentation' (the image and its mirror), so one and two processes see the same views."""
     x = batch.float() / 255
     return x, x.flip(-1)
@@ -36,19 +36,20 @@ def _fixed_views(batch, cfg, generator, out_size=None):
 
 def _one_step(rank: int, world_size: int, port: int, out: str) -> None:
     """Build the run as pretrain does, take rank's share of the first batch, do one real training step."""
-    from crlf.engine import augment, distributed, methods, train
+    from crlf.commands.pretrain import resolve, train_config
+    from crlf.engine import augment, distributed, loop, train
 
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
-    augment.views = _fixed_views
-    settings = methods.resolve(PretrainSettings(**STEP))
+    augment.draw = _fixed_views
+    cfg = train_config(resolve(PretrainSettings(**STEP)))
     world = distributed.join("cpu")
     try:
-        setup = train._build(settings, world)
-        share = settings.batch_size // world.world_size
+        setup = train._build(cfg, world)
+        share = cfg.batch_size // world.world_size
         batch = setup.feed.images[rank * share : (rank + 1) * share]
-        loss = train._step(settings, setup, batch, torch.Generator(), 1, 1)
+        loss = loop.train_step(cfg, setup, batch, torch.Generator(), 1, 1)
         tensors = {f"grad.{k}": p.grad for k, p in setup.model.named_parameters()}
         tensors.update({f"buffer.{k}": b for k, b in setup.model.named_buffers() if "running" in k})
         tensors["loss"] = loss.reshape(1)
@@ -83,20 +84,21 @@ def test_two_processes_compute_the_loss_and_gradients_of_the_whole_batch(tmp_pat
 
 
 def _one_step_single(out: str) -> None:
-    from crlf.engine import augment, distributed, methods, train
+    from crlf.commands.pretrain import resolve, train_config
+    from crlf.engine import augment, distributed, loop, train
 
-    real = augment.views
-    augment.views = _fixed_views
+    real = augment.draw
+    augment.draw = _fixed_views
     try:
-        settings = methods.resolve(PretrainSettings(**STEP))
-        setup = train._build(settings, distributed.World(device=torch.device("cpu")))
-        loss = train._step(settings, setup, setup.feed.images[: settings.batch_size], torch.Generator(), 1, 1)
+        cfg = train_config(resolve(PretrainSettings(**STEP)))
+        setup = train._build(cfg, distributed.World(device=torch.device("cpu")))
+        loss = loop.train_step(cfg, setup, setup.feed.images[: cfg.batch_size], torch.Generator(), 1, 1)
         tensors = {f"grad.{k}": p.grad for k, p in setup.model.named_parameters()}
         tensors.update({f"buffer.{k}": b for k, b in setup.model.named_buffers() if "running" in k})
         tensors["loss"] = loss.reshape(1)
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, f"{out}.single")
     finally:
-        augment.views = real
+        augment.draw = real
 
 
 def test_without_gathering_the_loss_would_differ():

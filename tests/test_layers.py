@@ -204,6 +204,26 @@ def test_pretrain_takes_a_users_module_and_images_and_the_encoder_file_asks_for_
     assert (config["arch"], config["data"], config["image_size"]) == ("custom", "tensor", 8)
     with pytest.raises(InputError, match="module of your own"):
         crlf.load_encoder(tmp_path / "run" / "encoder.safetensors")
+    twin = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    encoder = crlf.load_encoder(tmp_path / "run" / "encoder.safetensors", backbone=twin)
+    assert encoder.backbone is twin and torch.equal(twin[0].weight, net[0].weight.detach())
+    assert encoder.embed(images[:4]).shape == (4, 6)
     with pytest.raises(InputError, match="uint8"):
         crlf.pretrain(s.model_copy(update={"out": tmp_path / "bad"}), backbone=net, data=images.float())
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_readme_library_examples_run(tmp_path, monkeypatch):
+    """README's "crlf as a library" section, block by block, as a user would paste it."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## crlf as a library")[1].split("\n## ")[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["summary"]["status"] == "trained" and (tmp_path / "runs/mine/encoder.safetensors").is_file()
+    assert torch.isfinite(namespace["l"]) and namespace["method"].feature_dim == 32

@@ -265,12 +265,12 @@ class _HostSyncs(TorchDispatchMode):
 
 @pytest.mark.parametrize("optimizer", ["sgd", "lars", "adamw"])
 def test_a_training_step_never_makes_the_host_wait_for_the_device(optimizer):
-    """train._step of every method (augmentation, forward, loss, backward, optimizer, after_step, gradient clipping)
+    """loop.train_step of every method (augmentation, forward, loss, backward, optimizer, after_step, gradient clipping)
     dispatches no op that synchronises a CUDA stream, so the host queues the next step while the GPU works. One such
     op (a float made into a device tensor in the crop sampling) made every step wait for the previous backward."""
     from types import SimpleNamespace
 
-    from crlf.engine import train
+    from crlf.engine import loop
     from crlf.engine.optim import build_optimizer
 
     batch = torch.randint(0, 256, (8, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -281,9 +281,9 @@ def test_a_training_step_never_makes_the_host_wait_for_the_device(optimizer):
             mean=torch.full((1, 3, 1, 1), 0.5), std=torch.full((1, 3, 1, 1), 0.25), device=torch.device("cpu"),
             recipe=type(method).recipe(config, Augment(), 12),
         )
-        cfg = SimpleNamespace(grad_clip=1.0, epochs=1)
+        cfg = SimpleNamespace(grad_clip=1.0, epochs=1, batch_size=8)
         gen = torch.Generator().manual_seed(1)
-        train._step(cfg, s, batch, gen, 1, 4)  # the first step may build state (momentum buffers, queues)
+        loop.train_step(cfg, s, batch, gen, 1, 4)  # the first step may build state (momentum buffers, queues)
         with _HostSyncs() as syncs:
-            loss = train._step(cfg, s, batch, gen, 2, 4)
+            loss = loop.train_step(cfg, s, batch, gen, 2, 4)
         assert torch.isfinite(loss) and not syncs.seen, (name, syncs.seen)

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from crlf import PretrainSettings, load_encoder, pretrain
-from crlf.engine import runplan
 from crlf.engine.methods import simclr
 from crlf.engine.rundir import RunDir
 from crlf.errors import InputError, Interrupted, LockedError, RunError
@@ -175,7 +174,9 @@ IDENTITY_CHANGES = {  # for every setting that defines a run: a valid value the 
 
 
 def test_every_identity_setting_has_a_resume_refusal_case():
-    assert sorted(IDENTITY_CHANGES) == sorted(runplan.IDENTITY_KEYS)
+    from crlf.commands.pretrain import identity_keys
+
+    assert sorted(IDENTITY_CHANGES) == sorted(identity_keys())
 
 
 @pytest.mark.parametrize("key", IDENTITY_CHANGES)
@@ -248,7 +249,7 @@ def test_grad_clip_is_applied_when_set(tmp_path, monkeypatch):
 
 
 def test_knn_monitor_scores_epochs_without_changing_the_run(tmp_path, reference_run, caplog):
-    from crlf.engine.embeddings import knn_eval
+    from crlf.commands.evaluate import knn_eval
     from crlf.settings import KnnEvalSettings
 
     watched = reference_run.settings(tmp_path / "watched", knn_every=2, k=10)

@@ -95,7 +95,7 @@ def embeddings_of(settings: EmbedSettings) -> Embeddings:
         "checkpoint_sha256": encoder.sha256,  # of the bytes the weights were loaded from
         "data": settings.data,
         "data_dir": None if settings.data_dir is None else str(settings.data_dir),
-        "split": settings.split or ("train+unlabeled" if settings.data == "stl10" else "train"),
+        "split": sources.split_of(settings),
         "source": images.source,
         "count": len(x),
         "dim": x.shape[1],

@@ -69,7 +69,7 @@ def train_config(
         settings,
         method_config=config_of(cls.Config, settings),
         augment=config_of(augment.Augment, settings),
-        data=config_of(sources.DataSpec, settings) if hasattr(sources, "DataSpec") else settings,
+        data=config_of(sources.DataSpec, settings),
         lr=settings.resolved_lr,
         weight_decay=settings.resolved_weight_decay,
         values=values,

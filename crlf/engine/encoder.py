@@ -277,8 +277,9 @@ def to_batch(images: Any, size: int) -> torch.Tensor:
 
 
 # --- loading ---------------------------------------------------------------------------------------------------------
-def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encoder:
-    """Load a crlf encoder (or the backbone of a training state) ready for inference.
+def load_encoder(path: str | Path, device: str | torch.device = "cpu", backbone: nn.Module | None = None) -> Encoder:
+    """Load a crlf encoder (or the backbone of a training state) ready for inference; `backbone`: the module of your
+    own that an encoder trained with crlf.pretrain(..., backbone=module) holds (crlf cannot rebuild it).
 
     Raises InputError for a file that is not a crlf checkpoint, is truncated, or does not match its architecture.
     The Encoder's ``sha256`` is the hash of the bytes the weights were loaded from.
@@ -294,7 +295,7 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> Encode
             "expected a file written by crlf pretrain"
         )
     encoder = parse_metadata(meta, path)
-    encoder.backbone = backbones.build(encoder.spec)
+    encoder.backbone = backbone if backbone is not None else backbones.build(encoder.spec)
     try:
         encoder.backbone.load_state_dict(tensors, strict=True)
     except RuntimeError as e:

@@ -55,7 +55,10 @@ class Group(BaseModel):
         return value
 
 
-DataSource = Literal["digits", "cifar10", "cifar100", "stl10", "folder", "npy", "npz", "tar"]
+# the data sources, from their registry (crlf.engine.sources via crlf.catalog): a new source adds its name here
+DataSource = Literal[tuple(catalog.SOURCES)]  # type: ignore[valid-type]
+_WITH_PATH = [n for n, s in catalog.SOURCES.items() if s["path"]]  # --data-dir required; --test-data-dir allowed
+_STREAMING = [n for n, s in catalog.SOURCES.items() if s["streams"]]
 
 
 class DataSettings(Group):
@@ -63,8 +66,7 @@ class DataSettings(Group):
 
     data: DataSource = Field(
         "digits",
-        description="digits (offline), cifar10, cifar100, stl10, folder (a tree of images), npy, npz "
-        "(uint8 NHWC arrays), tar (WebDataset-style .tar shards).",
+        description=", ".join(f"{n} ({s['about']})" if s["about"] else n for n, s in catalog.SOURCES.items()) + ".",
     )
     data_dir: Path | None = Field(
         None,
@@ -108,15 +110,14 @@ class DataSettings(Group):
 
     @model_validator(mode="after")
     def _needs_path(self) -> DataSettings:
-        if self.data in ("folder", "npy", "npz", "tar") and self.data_dir is None:
-            what = {"folder": "folder", "tar": "shards"}.get(self.data, "file")
-            raise ValueError(f"--data {self.data} needs --data-dir (the {what} to read)")
-        if self.test_data_dir is not None and self.data not in ("folder", "npy", "npz", "tar"):
+        if self.data in _WITH_PATH and self.data_dir is None:
+            raise ValueError(f"--data {self.data} needs --data-dir (the {catalog.SOURCES[self.data]['path']} to read)")
+        if self.test_data_dir is not None and self.data not in _WITH_PATH:
             raise ValueError(
-                f"--test-data-dir is for folder / npy / npz / tar data; {self.data} has its own test split"
+                f"--test-data-dir is for {' / '.join(_WITH_PATH)} data; {self.data} has its own test split"
             )
-        if self.stream and self.data not in ("folder", "tar"):
-            raise ValueError(f"--stream is for folder and tar data; {self.data} is read into memory")
+        if self.stream and self.data not in _STREAMING:
+            raise ValueError(f"--stream is for {' and '.join(_STREAMING)} data; {self.data} is read into memory")
         return self
 
 

@@ -14,13 +14,13 @@ from torch import nn
 from torchvision import models
 
 from crlf import PretrainSettings, load_encoder, pretrain
+from crlf.catalog import ARCHS as BUILTIN_ARCHS
 from crlf.engine import backbones, methods
 from crlf.engine.backbones import resolve_stem
 from crlf.engine.heads import build_head
 from crlf.engine.loss import nt_xent
 from crlf.engine.optim import LARS, build_optimizer
 from crlf.errors import InputError, short_reason
-from crlf.options import BUILTIN_ARCHS
 
 timm = pytest.importorskip("timm")  # in the dev extra: skipped only where crlf[timm] is not installed
 

@@ -13,13 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import crlf
+import crlf.options
 from crlf.engine import methods, registries
 from crlf.engine.methods.base import Method, opt, pair
 
 ROOT = Path(crlf.__file__).parent
 # the command layer: the only modules that may import the settings (pydantic) models
-COMMAND_LAYER = {"crlf", "crlf.__main__", "crlf.cli", "crlf.settings", "crlf.options", "crlf.output",
-                 "crlf.explore_app"}  # fmt: skip
+COMMAND_LAYER = {"crlf", "crlf.__main__", "crlf.cli", "crlf.flags", "crlf.guard", "crlf.settings", "crlf.options",
+                 "crlf.output", "crlf.explore_app"}  # fmt: skip
 SETTINGS = {"crlf.settings", "crlf.options", "pydantic", "pydantic_settings", "typer"}
 
 
@@ -102,6 +103,8 @@ def test_the_generated_catalog_is_the_registries():
 
     assert list(catalog.METHODS["methods"]) == list(methods.REGISTRY)
     assert catalog.ARCHS == crlf.engine.backbones.names()
+    assert list(catalog.SOURCES) == list(crlf.engine.sources.REGISTRY)
+    assert set(crlf.options.DataSettings.model_fields["data"].annotation.__args__) == set(catalog.SOURCES)
 
 
 # ---- a new method is one module: this one, registered from the test, runs from the CLI with its own option ----------

@@ -9,7 +9,8 @@ also take the command layer's settings, whose same-named fields they copy (crlf.
 
 from __future__ import annotations
 
-from crlf.engine.sources import arrays, builtin, folder, tar  # noqa: F401 - the sources register themselves
+# ruff: noqa: I001 - the sources register on import, in the order --data lists them
+from crlf.engine.sources import builtin, folder, arrays, tar  # noqa: F401
 from crlf.engine.sources.base import REGISTRY, Catalog, DataSpec, ImageSet, Request, Source, pick, resize
 from crlf.errors import InputError
 from crlf.typed import config_of

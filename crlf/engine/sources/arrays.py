@@ -12,14 +12,14 @@ from crlf.engine.sources.base import ImageSet, Request, register, split_ids
 from crlf.errors import InputError, short_reason
 
 
-@register("npy")
+@register("npy", path="file")
 def read_npy(req: Request) -> ImageSet:
     """--data npy: a uint8 array, labels in a sibling <name>.labels.npy."""
     assert req.path is not None  # the settings (DataSettings) require a path for npy / npz
     return _array_file(req.path, "npy", req.split, req.own_test)
 
 
-@register("npz")
+@register("npz", path="file", about="uint8 NHWC arrays")
 def read_npz(req: Request) -> ImageSet:
     """--data npz: arrays images / x, labels / y and class_names."""
     assert req.path is not None

@@ -133,6 +133,8 @@ class Source:
     default_size: int | None = None
     list: Callable[[Request], Catalog] | None = None
     split: str = "train"
+    path: str | None = None  # what --data-dir must name ("folder", "file", "shards"); None: optional, no test path
+    about: str = ""  # a few words for --data's help
 
 
 REGISTRY: dict[str, Source] = {}
@@ -140,12 +142,13 @@ REGISTRY: dict[str, Source] = {}
 
 def register(
     name: str, default_size: int | None = None, list: Callable[[Request], Catalog] | None = None,  # noqa: A002
-    split: str = "train",
+    split: str = "train", path: str | None = None, about: str = "",
 ) -> Callable[[Callable[[Request], ImageSet]], Callable[[Request], ImageSet]]:
-    """Decorator of a reader: make it available as ``--data NAME``."""
+    """Decorator of a reader: make it available as ``--data NAME`` (`path`: what its required --data-dir names;
+    such a source takes --test-data-dir; `list`: it can stream; then python -m crlf.engine.registries)."""
 
     def add(read: Callable[[Request], ImageSet]) -> Callable[[Request], ImageSet]:
-        REGISTRY[name] = Source(read, default_size, list, split)
+        REGISTRY[name] = Source(read, default_size, list, split, path, about)
         return read
 
     return add

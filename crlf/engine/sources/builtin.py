@@ -26,7 +26,7 @@ except ImportError:  # numpy < 2
 log = logging.getLogger(__name__)
 
 
-@register("digits", 16)
+@register("digits", 16, about="offline")
 def read_digits(req: Request) -> ImageSet:
     """--data digits."""
     return _digits(req.split)

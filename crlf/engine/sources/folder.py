@@ -72,7 +72,7 @@ def list_folder(req: Request) -> Catalog:
     )
 
 
-@register("folder", 64, list=list_folder)
+@register("folder", 64, list=list_folder, path="folder", about="a tree of images")
 def read_folder(req: Request) -> ImageSet:
     """--data folder in memory: decoded once at the image size, then read from the memory-mapped cache."""
     assert req.size is not None

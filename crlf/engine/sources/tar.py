@@ -200,7 +200,7 @@ def _label(shard: Path, member: tuple[int, int] | None) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-@register("tar", 64, list=list_tar)
+@register("tar", 64, list=list_tar, path="shards", about="WebDataset-style .tar shards")
 def read_tar(req: Request) -> ImageSet:
     """--data tar in memory: decoded once at the image size, then read from the memory-mapped cache."""
     assert req.size is not None

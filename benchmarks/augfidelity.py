@@ -136,7 +136,7 @@ def _hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def colour_stats(x: torch.Tensor, y: torch.Tensor) -> dict[str, np.ndarray]:
     """Per-image ratios out / in (mean luma, luma std, mean saturation) and hue shift (turns) of y = jitter(x)."""
-    from crlf.engine.augment import _luma
+    from crlf.engine.imageops import _luma
 
     lx, ly = _luma(x).flatten(1), _luma(y).flatten(1)
     hx, sx = _hsv(x)
@@ -161,7 +161,7 @@ def jitter_outputs(x: torch.Tensor, cfg: Any, seed: int) -> dict[str, torch.Tens
     import torchvision.transforms.v2.functional as TF
     from torchvision.transforms import v2
 
-    from crlf.engine import augment
+    from crlf.engine import augment, imageops
 
     n = len(x)
     off = {"crop_min_scale": 1.0, "flip_p": 0.0, "grayscale_p": 0.0, "blur_p": 0.0}
@@ -169,10 +169,10 @@ def jitter_outputs(x: torch.Tensor, cfg: Any, seed: int) -> dict[str, torch.Tens
     p = augment.sample_params(n, x.shape[-2], x.shape[-1], cfg.model_copy(update=off), gen)
     ours = x
     if p.jitter is not None:
-        ours = augment.adjust_brightness(ours, torch.where(p.jitter, p.brightness, 1.0))
-        ours = augment.adjust_contrast(ours, torch.where(p.jitter, p.contrast, 1.0))
-        ours = augment.adjust_saturation(ours, torch.where(p.jitter, p.saturation, 1.0))
-        ours = augment.adjust_hue(ours, torch.where(p.jitter, p.hue, 0.0))
+        ours = imageops.adjust_brightness(ours, torch.where(p.jitter, p.brightness, 1.0))
+        ours = imageops.adjust_contrast(ours, torch.where(p.jitter, p.contrast, 1.0))
+        ours = imageops.adjust_saturation(ours, torch.where(p.jitter, p.saturation, 1.0))
+        ours = imageops.adjust_hue(ours, torch.where(p.jitter, p.hue, 0.0))
     s = cfg.jitter_strength
     jitter = v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, min(0.2 * s, 0.5))], p=cfg.jitter_p)
     torch.manual_seed(seed)

@@ -121,9 +121,9 @@ class TrainingReporter:
         self.last_line = time.monotonic()
         self.log = logging.getLogger("crlf.progress")
 
-    def on_start(self, info: dict[str, Any]) -> None:
-        self.epochs, self.steps, self.batch = info["epochs"], info["steps"], info.get("batch_size", 0)
-        start_epoch, start_step = info["start_epoch"], info.get("start_step", 0)
+    def on_start(self, info: progress.StartInfo) -> None:
+        self.epochs, self.steps, self.batch = info.epochs, info.steps, info.batch_size
+        start_epoch, start_step = info.start_epoch, info.start_step
         self.remaining = (self.epochs - start_epoch) * self.steps - start_step
         self.started_at = time.monotonic()
         self.window = (self.started_at, 0)

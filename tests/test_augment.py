@@ -10,6 +10,7 @@ import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import InterpolationMode
 
 from crlf.engine import augment as A
+from crlf.engine import imageops as ops
 from crlf.errors import InputError
 
 BILINEAR = InterpolationMode.BILINEAR
@@ -37,10 +38,10 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 # --- colour ops against torchvision, one different factor per sample --------------------------------------------------
 
 COLOUR_CASES = {
-    "brightness": (A.adjust_brightness, TF.adjust_brightness, [0.0, 0.3, 0.6, 1.0, 1.4, 1.8]),
-    "contrast": (A.adjust_contrast, TF.adjust_contrast, [0.0, 0.3, 0.6, 1.0, 1.4, 1.8]),
-    "saturation": (A.adjust_saturation, TF.adjust_saturation, [0.0, 0.3, 0.6, 1.0, 1.4, 2.5]),
-    "hue": (A.adjust_hue, TF.adjust_hue, [-0.5, -0.3, -0.05, 0.0, 0.1, 0.25, 0.4999, 0.5]),
+    "brightness": (ops.adjust_brightness, TF.adjust_brightness, [0.0, 0.3, 0.6, 1.0, 1.4, 1.8]),
+    "contrast": (ops.adjust_contrast, TF.adjust_contrast, [0.0, 0.3, 0.6, 1.0, 1.4, 1.8]),
+    "saturation": (ops.adjust_saturation, TF.adjust_saturation, [0.0, 0.3, 0.6, 1.0, 1.4, 2.5]),
+    "hue": (ops.adjust_hue, TF.adjust_hue, [-0.5, -0.3, -0.05, 0.0, 0.1, 0.25, 0.4999, 0.5]),
 }
 
 
@@ -54,13 +55,13 @@ def test_colour_op_matches_torchvision_per_sample(name):
 
 def test_grayscale_solarize_and_blur_match_torchvision():
     x = _images(4, 16, 20)
-    assert _max_err(A.rgb_to_grayscale(x), TF.rgb_to_grayscale(x, num_output_channels=3)) <= COLOUR_TOL
+    assert _max_err(ops.rgb_to_grayscale(x), TF.rgb_to_grayscale(x, num_output_channels=3)) <= COLOUR_TOL
     mask = torch.tensor([True, False, True, False])
     expected = torch.stack([TF.solarize(img, 0.5) if m else img for img, m in zip(x, mask)])
-    assert torch.equal(A.solarize(x, mask), expected)
+    assert torch.equal(ops.solarize(x, mask), expected)
     sigmas = [0.1, 0.7, 1.3, 2.0]
     expected = torch.stack([TF.gaussian_blur(img, [5, 5], [s, s]) for img, s in zip(x, sigmas)])
-    assert _max_err(A.gaussian_blur(x, _t(sigmas), 5), expected) <= COLOUR_TOL
+    assert _max_err(ops.gaussian_blur(x, _t(sigmas), 5), expected) <= COLOUR_TOL
 
 
 # --- geometry against torchvision ----------------------------------------------------------------------------
@@ -76,7 +77,7 @@ def _tv_crops(x, boxes, out, flips=None):
 def _ours(x, boxes, out, flips=None, angles=None):
     top, left, height, width = _t(boxes).unbind(1)
     flip = torch.tensor(flips) if flips is not None else None
-    return A.resized_crop(x, top, left, height, width, out, flip, _t(angles) if angles is not None else None)
+    return ops.resized_crop(x, top, left, height, width, out, flip, _t(angles) if angles is not None else None)
 
 
 def test_resized_crop_matches_torchvision_inside_the_box():

@@ -15,12 +15,14 @@ from torchvision import models
 
 from crlf import PretrainSettings, load_encoder, pretrain
 from crlf.catalog import ARCHS as BUILTIN_ARCHS
+from crlf.commands.pretrain import resolve as method_defaults
 from crlf.engine import backbones, methods
-from crlf.engine.backbones import resolve_stem
+from crlf.engine.backbones.resnet import resolve_stem
 from crlf.engine.heads import build_head
 from crlf.engine.loss import nt_xent
 from crlf.engine.optim import LARS, build_optimizer
 from crlf.errors import InputError, short_reason
+from crlf.typed import config_of
 
 timm = pytest.importorskip("timm")  # in the dev extra: skipped only where crlf[timm] is not installed
 
@@ -108,11 +110,11 @@ def _no_decay_names(model, optimizer):
 
 
 def test_vit_optimizer_groups_spare_norms_biases_position_embedding_and_class_token():
-    settings = methods.resolve(PretrainSettings(arch="vit_tiny", head_hidden=32, head_out=16))
+    settings = method_defaults(PretrainSettings(arch="vit_tiny", head_hidden=32, head_out=16))
     assert settings.optimizer == "adamw" and settings.resolved_weight_decay == 0.05
     spec = backbones.spec_for("vit_tiny", 8)
     net = backbones.build(spec)
-    model = methods.build(settings, net, spec.feature_dim)
+    model = methods.SimCLR(net, config_of(methods.SimCLRConfig, settings), spec.feature_dim)
     no_decay = {f"backbone.{n}" for n in backbones.no_weight_decay(spec, net)}
     opt = build_optimizer(model, settings.optimizer, settings.resolved_lr, settings.resolved_weight_decay, no_decay)
     kept, decayed, keep, decay = _no_decay_names(model, opt)
@@ -136,9 +138,9 @@ def test_lars_neither_adapts_nor_decays_the_spared_group():
 
 
 def test_family_defaults_come_before_the_methods_and_the_user_before_both():
-    assert methods.resolve(PretrainSettings(arch="vit_small", method="barlow")).optimizer == "adamw"
-    assert methods.resolve(PretrainSettings(arch="resnet18", method="barlow")).optimizer == "lars"
-    assert methods.resolve(PretrainSettings(arch="vit_small", optimizer="sgd")).optimizer == "sgd"
+    assert method_defaults(PretrainSettings(arch="vit_small", method="barlow")).optimizer == "adamw"
+    assert method_defaults(PretrainSettings(arch="resnet18", method="barlow")).optimizer == "lars"
+    assert method_defaults(PretrainSettings(arch="vit_small", optimizer="sgd")).optimizer == "sgd"
     assert PretrainSettings(optimizer="adamw", batch_size=512).resolved_lr == pytest.approx(1e-3)
 
 
@@ -321,7 +323,7 @@ def test_head_shapes_and_dropout():
 
 
 def test_simclr_forward_is_the_loss_of_its_projections():
-    model = methods.build(PretrainSettings(head_hidden=32, head_out=16), build("resnet18", stem="cifar"), 512)
+    model = methods.SimCLR(build("resnet18", stem="cifar"), methods.SimCLRConfig(head_hidden=32, head_out=16), 512)
     x1, x2 = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
     z = model.head(model.backbone(torch.cat([x1, x2])))
     assert z.shape == (8, 16) and torch.allclose(model([x1, x2]), nt_xent(z[:4], z[4:], 0.2))

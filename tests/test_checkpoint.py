@@ -9,7 +9,7 @@ from conftest import copy_run
 from safetensors.torch import save_file
 from torchvision import models
 
-from crlf import PretrainSettings, load_encoder
+from crlf import load_encoder
 from crlf.engine import backbones, methods
 from crlf.engine.checkpoint import (
     atomic_write,
@@ -165,7 +165,8 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
 def test_state_round_trip_continues_identically(tmp_path, optimizer):
     def make():
         torch.manual_seed(0)
-        model = methods.build(PretrainSettings(head_hidden=16, head_out=8), build_backbone("resnet18", "cifar"), 512)
+        config = methods.SimCLRConfig(head_hidden=16, head_out=8)
+        model = methods.SimCLR(build_backbone("resnet18", "cifar"), config, 512)
         return model, build_optimizer(model, optimizer, 0.01, 1e-4)
 
     def step(model, opt, seed):
@@ -207,7 +208,7 @@ def test_state_round_trip_continues_identically(tmp_path, optimizer):
 )
 def test_a_crafted_state_cannot_set_the_optimizers_flags_or_types(tmp_path, change, fragment):
     torch.manual_seed(0)
-    model = methods.build(PretrainSettings(head_hidden=16, head_out=8), build_backbone("resnet18", "cifar"), 512)
+    model = methods.SimCLR(build_backbone("resnet18", "cifar"), methods.SimCLRConfig(head_hidden=16, head_out=8), 512)
     opt = build_optimizer(model, "adamw", 0.01, 1e-4)
     tensors, metadata = state_tensors(model, opt, meta(), {"epoch": 1, "plateau": {}})
     groups, progress = json.loads(metadata["param_groups"]), json.loads(metadata["progress"])
@@ -357,7 +358,7 @@ def test_background_writes_in_order_and_raises_the_error_in_the_callers_thread(t
 
 def test_state_tensors_are_copies_that_training_cannot_change(tmp_path):
     torch.manual_seed(0)
-    model = methods.build(PretrainSettings(head_hidden=16, head_out=8), build_backbone("resnet18", "cifar"), 512)
+    model = methods.SimCLR(build_backbone("resnet18", "cifar"), methods.SimCLRConfig(head_hidden=16, head_out=8), 512)
     opt = build_optimizer(model, "sgd", 0.01, 1e-4)
     model.head(model.backbone(torch.randn(4, 3, 8, 8))).pow(2).mean().backward()
     opt.step()
@@ -370,7 +371,7 @@ def test_state_tensors_are_copies_that_training_cannot_change(tmp_path):
             state["momentum_buffer"].mul_(2)
     assert all(torch.equal(tensors[k], before[k]) for k in tensors)
     save_tensors(tmp_path / "s.safetensors", tensors, metadata)
-    model2 = methods.build(PretrainSettings(head_hidden=16, head_out=8), build_backbone("resnet18", "cifar"), 512)
+    model2 = methods.SimCLR(build_backbone("resnet18", "cifar"), methods.SimCLRConfig(head_hidden=16, head_out=8), 512)
     opt2 = build_optimizer(model2, "sgd", 0.01, 1e-4)
     assert load_state(tmp_path / "s.safetensors", model2, opt2)[0] == {"epoch": 1}
     assert torch.equal(model2.backbone.conv1.weight, before["model.backbone.conv1.weight"])

@@ -9,6 +9,8 @@ import sys
 import pytest
 import tomllib
 
+from crlf.engine.progress import StartInfo
+
 CRLF = [sys.executable, "-m", "crlf"]
 TINY = [
     "--limit",
@@ -357,7 +359,7 @@ def test_training_bar_per_epoch_with_live_stats_eta_and_resume_totals(fake_conso
 
     fake_console(True)
     r = output.TrainingReporter(live_every=3600)
-    r.on_start({"epochs": 4, "start_epoch": 1, "start_step": 3, "steps": 5, "batch_size": 8, "images": 40})
+    r.on_start(StartInfo(epochs=4, start_epoch=1, start_step=3, steps=5, batch_size=8, images=40))
     try:
         assert r.progress is not None and r.progress.live.auto_refresh  # a refresh thread keeps the clock moving
         run, epoch = (r.progress._tasks[t] for t in (r.run_task, r.task))
@@ -383,11 +385,11 @@ def test_training_plain_lines_read_the_loss_only_when_printing(fake_console):
     buf = fake_console(False)
     loss = CountingLoss()
     quiet = output.TrainingReporter(quiet=True, log_every=0)
-    quiet.on_start({"epochs": 1, "start_epoch": 0, "steps": 3, "batch_size": 4})
+    quiet.on_start(StartInfo(epochs=1, start_epoch=0, steps=3, batch_size=4))
     quiet.on_step(0, 1, 3, loss_sum=loss, lr=0.1)
     assert loss.reads == 0 and buf.getvalue() == ""
     plain = output.TrainingReporter(log_every=0)
-    plain.on_start({"epochs": 1, "start_epoch": 0, "steps": 3, "batch_size": 4})
+    plain.on_start(StartInfo(epochs=1, start_epoch=0, steps=3, batch_size=4))
     assert plain.progress is None
     loss.value = 3.0
     plain.on_step(0, 1, 3, loss_sum=loss, lr=0.1)

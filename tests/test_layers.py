@@ -20,7 +20,7 @@ from crlf.engine.methods.base import Method, opt, pair
 ROOT = Path(crlf.__file__).parent
 # the command layer: the only modules that may import the settings (pydantic) models
 COMMAND_LAYER = {"crlf", "crlf.__main__", "crlf.cli", "crlf.flags", "crlf.guard", "crlf.settings", "crlf.options",
-                 "crlf.output", "crlf.explore_app"}  # fmt: skip
+                 "crlf.configfile", "crlf.output", "crlf.explore_app"}  # fmt: skip
 SETTINGS = {"crlf.settings", "crlf.options", "pydantic", "pydantic_settings", "typer"}
 
 
@@ -133,14 +133,14 @@ class Tiny(Method):
 
 @pytest.fixture
 def tiny_method():
-    from crlf import cli, settings
+    from crlf import cli, configfile, settings
 
     methods.register(Tiny)
     try:
         yield Tiny
     finally:
         del methods.REGISTRY[Tiny.name]
-        commands = settings._COMMANDS
+        commands = configfile.COMMANDS
         commands[:] = [settings.PretrainSettings if c.section == "pretrain" else c for c in commands]
         cli._pretrain_command()
 

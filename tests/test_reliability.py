@@ -117,8 +117,8 @@ def test_sigkill_at_named_points_then_resume_is_exact(tmp_path, reference_run):
 
 
 def _fresh_model_and_optimizer():
-    settings = PretrainSettings(head_hidden=32, head_out=16, head_dropout=0.1)  # the reference run's
-    model = methods.build(settings, backbones.build(backbones.spec_for("resnet18", 8, "cifar")), 512)
+    config = methods.SimCLRConfig(head_hidden=32, head_out=16, head_dropout=0.1)  # the reference run's
+    model = methods.SimCLR(backbones.build(backbones.spec_for("resnet18", 8, "cifar")), config, 512)
     return model, build_optimizer(model, "sgd", 0.1, 5e-4)
 
 

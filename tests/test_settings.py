@@ -125,7 +125,7 @@ def test_optimizer_defaults_scale_with_batch(optimizer, lr, wd):
 
 
 def test_readme_documents_every_option_of_every_subcommand():
-    from crlf.settings import _COMMANDS
+    from crlf.configfile import COMMANDS as _COMMANDS
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert {c.section for c in _COMMANDS} == {"pretrain", "extract", "linear-eval", "knn-eval", "visualize", "explore"}

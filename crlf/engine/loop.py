@@ -24,6 +24,7 @@ from crlf.engine.encoder import prepare
 from crlf.engine.files import Background
 from crlf.engine.methods import Method
 from crlf.engine.optim import Plateau, lr_at
+from crlf.engine.progress import StartInfo
 from crlf.engine.signals import StopFlag
 from crlf.engine.sources.feed import Feed
 from crlf.errors import InputError, Interrupted, RunError
@@ -34,9 +35,8 @@ log = logging.getLogger(__name__)
 class Reporter(Protocol):
     """How the loop tells the outside world about progress (output.py draws it; tests may record it)."""
 
-    def on_start(self, info: dict[str, Any]) -> None:
-        """Before the first step: epochs, start_epoch, start_step (inside start_epoch, after a resume), steps (per
-        epoch), batch_size (global), images, device."""
+    def on_start(self, info: StartInfo) -> None:
+        """Before the first step."""
 
     def on_step(self, epoch: int, step: int, steps: int, **running: Any) -> None:
         """After each step (`step` of `steps`, 1-based, in 0-based `epoch`); running: loss_sum, the epoch's summed
@@ -140,8 +140,7 @@ def fit(
     gen = make_generator(s.device, cfg.seed)
     index_device = s.feed.rows_on  # batches are drawn where the data lives
     index_gen = gen if index_device == s.device else make_generator(index_device, cfg.seed)
-    reporter.on_start({"epochs": cfg.epochs, "start_epoch": start, "start_step": progress.step, "steps": sched.steps,
-                       "batch_size": bsz, "images": n, "device": str(s.device)})  # fmt: skip
+    reporter.on_start(StartInfo(cfg.epochs, start, sched.steps, bsz, progress.step, n, str(s.device)))
     history = []
     for epoch in range(start, cfg.epochs):
         # Every epoch's randomness depends on (seed, epoch) alone, so a run resumed at an epoch boundary draws exactly

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 ProgressHook = Callable[[str, int, int], None]
 hook: ProgressHook | None = None
@@ -31,3 +32,16 @@ def reporting(to: ProgressHook) -> Iterator[ProgressHook]:
         yield to
     finally:
         hook = previous
+
+
+@dataclass(frozen=True)
+class StartInfo:
+    """What a training run tells its Reporter before the first step (crlf.engine.loop.fit)."""
+
+    epochs: int
+    start_epoch: int  # epochs done before this start (a resume)
+    steps: int  # per epoch
+    batch_size: int = 0  # global
+    start_step: int = 0  # steps done inside start_epoch (a resume of a run stopped mid-epoch)
+    images: int = 0
+    device: str = ""

@@ -30,6 +30,7 @@ from crlf.engine.encoder import Encoder
 from crlf.engine.files import atomic_write
 from crlf.engine.loop import Progress, Reporter, Setup, fit
 from crlf.engine.optim import build_optimizer
+from crlf.engine.progress import StartInfo
 from crlf.engine.rundir import RunDir
 from crlf.engine.signals import StopFlag
 from crlf.engine.sources.feed import Feed, MemoryFeed, open_feed
@@ -78,7 +79,7 @@ class TrainConfig:
 
 
 class _Silent:
-    def on_start(self, info: dict[str, Any]) -> None: ...
+    def on_start(self, info: StartInfo) -> None: ...
     def on_step(self, epoch: int, step: int, steps: int, **running: Any) -> None: ...
     def on_epoch(self, metrics: dict[str, Any]) -> None: ...
 

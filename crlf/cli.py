@@ -69,12 +69,12 @@ def _root(
 def _resolved(cls: type, values: dict[str, Any], config: Path | None, print_config: bool, json: bool) -> Any:
     """Resolve the settings; with --print-config print them (TOML, or JSON with --json) and return None."""
     settings = resolve(cls, values, config)
+    if not print_config:  # (pretrain fills in the method's defaults itself)
+        return settings
     if isinstance(settings, PretrainSettings):  # the method's defaults for what was left unset
         from crlf.commands.pretrain import resolve as method_defaults
 
         settings = method_defaults(settings)
-    if not print_config:
-        return settings
     resolved = {}
     if isinstance(settings, DeviceSettings):  # what 'auto' turns into here (imports torch: printing only)
         from crlf.engine.device import describe

@@ -51,9 +51,11 @@ class _CommandSettings(BaseSettings):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.section:  # a model extended with a run-time method's options replaces its base
-            COMMANDS[:] = [c for c in COMMANDS if c.section != cls.section]
-        COMMANDS.append(cls)
+        same = [i for i, c in enumerate(COMMANDS) if cls.section and c.section == cls.section]
+        if same:  # a model extended with a run-time method's options takes its base's place
+            COMMANDS[same[0]] = cls
+        else:
+            COMMANDS.append(cls)
 
     @classmethod
     def settings_customise_sources(

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from crlf import PretrainSettings, pretrain
-from crlf.engine import backbones, checkpoint, methods, train
+from crlf.engine import augment, backbones, checkpoint, methods
 from crlf.engine.checkpoint import load_state, read_tensors
 from crlf.engine.encoder import Encoder, load_encoder
 from crlf.engine.optim import build_optimizer
@@ -312,7 +312,7 @@ def test_out_of_memory_is_a_clear_run_error(tmp_path, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train, "_step", oom)
+    monkeypatch.setattr(augment, "draw", oom)  # inside the step: where an allocation fails
     with pytest.raises(RunError, match=r"out of memory on cpu at --batch-size 16 .*try --batch-size 8"):
         pretrain(settings(tmp_path / "run"))
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 from crlf import catalog
 from crlf.engine import augment, backbones, methods, sources, train
+from crlf.engine.plan import TrainConfig
 from crlf.engine.sources.base import resize
 from crlf.engine.sources.images import square
 from crlf.errors import InputError
@@ -54,7 +55,7 @@ def resolve(settings: PretrainSettings, custom_backbone: bool = False) -> Pretra
 
 def train_config(
     settings: PretrainSettings, backbone: torch.nn.Module | None = None, images: sources.ImageSet | None = None
-) -> train.TrainConfig:
+) -> TrainConfig:
     """The typed plan of a run from (resolved) settings; a user's own backbone or images replace `arch` / `data`
     (config.json then says 'custom' / the kind of data)."""
     cls = methods.get(settings.method)
@@ -65,7 +66,7 @@ def train_config(
         values.update(data=images.source, data_dir=None, split=None, image_size=images.images.shape[-1])
     keys = set(identity_keys())
     return config_of(
-        train.TrainConfig,
+        TrainConfig,
         settings,
         method_config=config_of(cls.Config, settings),
         augment=config_of(augment.Augment, settings),

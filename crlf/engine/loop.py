@@ -24,6 +24,7 @@ from crlf.engine.encoder import prepare
 from crlf.engine.files import Background
 from crlf.engine.methods import Method
 from crlf.engine.optim import Plateau, lr_at
+from crlf.engine.plan import TrainConfig
 from crlf.engine.progress import StartInfo
 from crlf.engine.signals import StopFlag
 from crlf.engine.sources.feed import Feed
@@ -130,10 +131,10 @@ class Schedule:
 
 
 def fit(
-    cfg: Any, s: Setup, progress: Progress, rng: dict[str, torch.Tensor], stop: StopFlag, reporter: Reporter,
+    cfg: TrainConfig, s: Setup, progress: Progress, rng: dict[str, torch.Tensor], stop: StopFlag, reporter: Reporter,
     hooks: Hooks,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Train from `progress` to cfg.epochs (cfg: a TrainConfig); returns the metrics of the epochs run."""
+    """Train from `progress` to cfg.epochs; returns the metrics of the epochs run."""
     n, world, bsz = len(s.feed), s.world, cfg.batch_size  # bsz is global: each process takes its share
     sched = Schedule.of(n, bsz, cfg.epochs, cfg.warmup_epochs, cfg.lr, cfg.schedule)
     start, plateau = progress.epoch, Plateau.from_state(progress.plateau)
@@ -215,7 +216,7 @@ def fit(
 
 
 def train_step(
-    cfg: Any, s: Setup, batch: torch.Tensor | augment.Views, gen: torch.Generator, step: int, total_steps: int
+    cfg: TrainConfig, s: Setup, batch: torch.Tensor | augment.Views, gen: torch.Generator, step: int, total_steps: int
 ) -> torch.Tensor:
     """One optimisation step on a uint8 batch (`step` counts from 1 over the run); returns the loss as a device
     tensor (no host sync). An out-of-memory error names the flag that helps."""

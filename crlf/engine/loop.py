@@ -1,6 +1,6 @@
 """The training loop itself: epochs of optimisation steps over precomputed schedules, and nothing else.
 
-Everything around it is a hook (crlf.engine.train's RunHooks: the metrics line, checkpoints, the kNN monitor) or a
+Everything around it is a hook (crlf.engine.runhooks.RunHooks: the metrics line, checkpoints, the kNN monitor) or a
 Reporter (output.py's progress), so the loop reads like DINO's ``train_one_epoch``. Nothing in the step loop reads a
 value back to the host: the epoch's loss is summed on the device and read once at the end of the epoch.
 """
@@ -47,7 +47,7 @@ class Reporter(Protocol):
 
 
 class Hooks(Protocol):
-    """What happens around the steps: the run directory's side of the loop (crlf.engine.train.RunHooks)."""
+    """What happens around the steps: the run directory's side of the loop (crlf.engine.runhooks.RunHooks)."""
 
     def epoch_metrics(self, epoch: int) -> dict[str, Any]:
         """Extra metrics after `epoch` (1-based) ends: the kNN monitor."""

@@ -230,3 +230,5 @@ def test_the_readme_library_examples_run(tmp_path, monkeypatch):
         exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["summary"]["status"] == "trained" and (tmp_path / "runs/mine/encoder.safetensors").is_file()
     assert torch.isfinite(namespace["l"]) and namespace["method"].feature_dim == 32
+    assert namespace["head"](torch.randn(4, 32)).shape == (4, 64) and namespace["bank"].bank.shape == (1, 4096, 64)
+    assert len(namespace["local"].crop_plan(32)) == 6

@@ -151,6 +151,11 @@ class ModelSettings(Group):
     patch_size: int | None = Field(
         None, ge=1, le=MAX_IMAGE_SIZE, description="ViTs: patch side in px (default: 4 up to 48 px, 8 below 96, 16)."
     )
+    init: str | None = Field(
+        None,
+        min_length=1,
+        description="Starting weights: crlf encoder or run, .safetensors / .pth / .bin, timm:NAME (cached).",
+    )
     @field_validator("arch")
     @classmethod
     def _arch_name(cls, v: str) -> str:
@@ -262,6 +267,9 @@ class OptimSettings(Group):
         description="cosine (warm-up, then decay to 0), none (constant) or plateau (halve after 5 stalled epochs).",
     )
     warmup_epochs: float = Field(1.0, ge=0.0, le=MAX_EPOCHS, description="Linear warm-up in epochs.")
+    freeze_epochs: int = Field(
+        0, ge=0, le=MAX_EPOCHS, description="Epochs of the heads alone, the backbone frozen (after --init)."
+    )
     grad_clip: float = Field(0.0, ge=0.0, description="Clip the gradient norm to this value (0: off).")
     seed: int = Field(
         0, ge=0, le=MAX_SEED, description="Seed of weights, shuffling and augmentation (same seed, same run on CPU)."

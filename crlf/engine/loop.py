@@ -111,6 +111,7 @@ class Setup:
     amp: torch.dtype | None
     world: distributed.World
     record: dict[str, Any] = field(default_factory=dict)  # config.json's contents (main process only)
+    init: dict[str, Any] | None = None  # where the backbone's starting weights came from (weights.InitSource)
     writer: Background = field(default_factory=Background)  # the per-epoch checkpoint, written while training goes on
 
 
@@ -153,6 +154,8 @@ def fit(
         torch.manual_seed(epoch_seed)  # dropout
         perm = torch.randperm(n, generator=index_gen, device=index_device)
         s.model.train()
+        if cfg.freeze_epochs:  # heads first: the backbone takes no gradient (and no decay) until then
+            s.model.backbone.requires_grad_(epoch >= cfg.freeze_epochs)
         loss_sum = torch.zeros((), device=s.device)
         first, before = 0, 0.0  # a run stopped inside this epoch continues at its next step
         if epoch == start and progress.step:

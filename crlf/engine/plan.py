@@ -27,6 +27,7 @@ class TrainConfig:
     arch: str = "resnet18"
     stem: str = "auto"
     patch_size: int | None = None
+    init: str | None = None  # starting weights of the backbone (crlf.engine.weights)
     epochs: int = 100
     batch_size: int = 512
     optimizer: str = "sgd"
@@ -34,6 +35,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     warmup_epochs: float = 1.0
+    freeze_epochs: int = 0
     grad_clip: float = 0.0
     seed: int = 0
     checkpoint_every: int = 1

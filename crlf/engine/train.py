@@ -11,6 +11,7 @@ cut (or views augmented) by its workers. The checkpoint is written on a thread w
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from crlf.engine import augment, backbones, distributed, methods, runplan, sources
+from crlf.engine import augment, backbones, distributed, methods, runplan, sources, weights
 from crlf.engine.checkpoint import load_state
 from crlf.engine.device import autocast_dtype, seed_everything
 from crlf.engine.files import atomic_write
@@ -116,7 +117,8 @@ def _start(
     plan = distributed.any_flag(plan, world)
     if plan == runplan.COMPLETE:
         return runplan.complete(run)
-    setup = _build(cfg, world)  # bad data or settings fail here, before anything is changed or written
+    # bad data or settings fail here, before anything is changed or written; a resume restores its own weights
+    setup = _build(cfg, world, load_init=plan != runplan.RESUME)
     monitor = monitor_data(cfg, setup.feed) if cfg.knn_every and main else None
     if main:
         with writing(run):
@@ -128,6 +130,8 @@ def _start(
                 log.info("%s has no checkpoint yet: starting fresh", run.path)
                 run.truncate_metrics(0)  # a line of an epoch whose checkpoint was never written
             setup.record = runplan.run_record(cfg.values, setup.device, setup.amp, world)
+            if setup.init is not None:  # where the starting weights came from, and their hash
+                setup.record["resolved"]["init"] = setup.init
             config = json.dumps(setup.record, indent=2)
             atomic_write(run.config, lambda f: f.write(config.encode()))
     distributed.barrier(world)  # the others read checkpoints only after the main process has set up
@@ -189,9 +193,13 @@ def _restore(run: RunDir, s: Setup, world: distributed.World) -> tuple[Progress,
     raise InputError(f"no intact checkpoint in {run.path} ({problems[0]}); use --force to start over")
 
 
-def _build(cfg: TrainConfig, world: distributed.World) -> Setup:
-    """Load the data, build model and optimizer (seeded, so weights are reproducible) on this process's device."""
+def _build(cfg: TrainConfig, world: distributed.World, load_init: bool = True) -> Setup:
+    """Load the data, build model and optimizer (seeded, so weights are reproducible) on this process's device;
+    the backbone starts from cfg.init's weights when `load_init`."""
     device = world.device
+    if cfg.freeze_epochs and world.active:
+        raise InputError("--freeze-epochs is not supported under torchrun yet (DDP fixes the trained "
+                         "parameters when it wraps the model): train the heads first in one process, or drop it")
     method = methods.get(cfg.method)
     if cfg.images is not None:
         size = cfg.images.images.shape[-1]
@@ -217,6 +225,10 @@ def _build(cfg: TrainConfig, world: distributed.World) -> Setup:
     else:  # a user's own module: its width read off one forward pass
         backbone = cfg.backbone
         spec = backbones.custom_spec(backbone, size)
+    init = None
+    if cfg.init and load_init:
+        init = dataclasses.asdict(weights.load_into(backbone, cfg.init, spec))
+        log.info("backbone weights from %s (%d tensors, sha256 %s)", init["path"], init["loaded"], init["sha256"][:12])
     no_decay = {f"backbone.{n}" for n in backbones.no_weight_decay(spec, backbone)}
     model = method(backbone, cfg.method_config, spec.feature_dim)
     mean, std = channel_stats(feed.spaced(10_000))
@@ -256,6 +268,7 @@ def _build(cfg: TrainConfig, world: distributed.World) -> Setup:
         device=device,
         amp=amp,
         world=world,
+        init=init,
     )
 
 

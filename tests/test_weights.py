@@ -1,0 +1,107 @@
+"""--init: a backbone that starts from weights (a crlf encoder or run, torchvision- or timm-named files, restricted
+pickles), the one-line errors of what does not fit, and --freeze-epochs (the heads first)."""
+
+import json
+import os
+
+import pytest
+import torch
+from inprocess import run_crlf
+from safetensors.torch import load_file, save_file
+
+from crlf import PretrainSettings, load_encoder, pretrain
+from crlf.commands.pretrain import resolve, train_config
+from crlf.engine import backbones, distributed, train, weights
+from crlf.errors import InputError
+
+
+def _setup(**values):
+    """The run's setup as pretrain builds it (data, backbone with its --init weights, method), without training."""
+    s = PretrainSettings(data="digits", limit=32, image_size=8, batch_size=16, head_hidden=16, head_out=8,
+                         device="cpu", **values)  # fmt: skip
+    return train._build(train_config(resolve(s)), distributed.World(device=torch.device("cpu")))
+
+
+def test_init_from_a_crlf_encoder_or_run_starts_from_its_exact_weights(reference_run):
+    encoder = load_encoder(reference_run.path / "encoder.safetensors")
+    run = reference_run.path
+    for source in (run / "encoder.safetensors", run, run / "last.safetensors"):
+        setup = _setup(init=str(source))
+        mine = setup.model.backbone.state_dict()
+        assert all(torch.equal(mine[k], v) for k, v in encoder.backbone.state_dict().items()), source
+        x = torch.rand(4, 3, 8, 8)
+        with torch.no_grad():
+            assert torch.equal(setup.model.backbone.eval()(x), encoder.backbone(x))  # epoch-0 features
+        assert setup.init["sha256"] and setup.init["loaded"] == len(mine)
+    random = _setup()
+    assert not torch.equal(random.model.backbone.conv1.weight, encoder.backbone.conv1.weight)
+
+
+def test_init_from_a_torchvision_file_loads_trains_and_is_recorded(tmp_path):
+    from torchvision.models import resnet18
+
+    torch.manual_seed(1)
+    reference = resnet18(weights=None)
+    path = tmp_path / "resnet18.safetensors"
+    save_file(reference.state_dict(), str(path))  # torchvision's names, its classifier (fc) included
+    out = tmp_path / "run"
+    pretrain(PretrainSettings(data="digits", limit=32, image_size=32, batch_size=16, epochs=1, head_hidden=16,
+                              head_out=8, device="cpu", stem="imagenet", init=str(path), out=out))  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert config["init"] == str(path) and config["resolved"]["init"]["skipped"] == 2  # fc.weight, fc.bias
+    assert config["resolved"]["init"]["sha256"] == weights.read(path)[2]
+    with pytest.raises(InputError, match=r"7x7 stem, use --stem imagenet"):
+        _setup(init=str(path), stem="cifar")
+    with pytest.raises(InputError, match=r"does not fit --arch resnet34: missing layer1\.2\."):
+        _setup(init=str(path), arch="resnet34", stem="imagenet")
+
+
+def test_init_from_a_timm_named_file_and_a_vit_at_another_image_size(tmp_path):
+    timm = pytest.importorskip("timm")
+    net = timm.create_model("resnet10t", pretrained=False)
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    setup = _setup(arch="timm:resnet10t", init=str(path))
+    mine = setup.model.backbone.state_dict()
+    assert torch.equal(mine["conv1.0.weight"], net.state_dict()["conv1.0.weight"])
+    with pytest.raises(InputError, match="look like timm weights|does not fit"):
+        _setup(init=str(path))
+    vit16 = backbones.build(backbones.spec_for("vit_tiny", 16))
+    vpath = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in vit16.state_dict().items()}, str(vpath))
+    vit32 = backbones.build(spec := backbones.spec_for("vit_tiny", 32))
+    weights.load_into(vit32, str(vpath), spec)  # position embeddings of 16 tokens + 1 resized to 64 + 1
+    assert vit32.encoder.pos_embedding.shape[1] == 65 and torch.equal(vit32.conv_proj.weight, vit16.conv_proj.weight)
+
+
+class _Code:
+    def __reduce__(self):
+        return os.system, ("touch pwned",)
+
+
+def test_a_pickle_with_code_and_other_bad_sources_are_one_line_and_exit_2(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"conv1.weight": _Code()}, tmp_path / "evil.pth")
+    common = ["pretrain", "--data", "digits", "--limit", 32, "--image-size", 8, "--batch-size", 16, "--epochs", 1,
+              "--device", "cpu", "--out", tmp_path / "run"]  # fmt: skip
+    cases = [("evil.pth", "restricted unpickler refused it"), ("missing.safetensors", "does not exist"),
+             ("notes.txt", "expected a .safetensors"), ("timm:resnet10t", "no weights in the local Hugging Face cache")]
+    (tmp_path / "notes.txt").write_text("x")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    for source, message in cases:
+        r = run_crlf(*common, "--init", source)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (source, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "run").exists()
+
+
+def test_freeze_epochs_trains_the_heads_alone_then_everything(tmp_path, reference_run):
+    out = tmp_path / "run"
+    pretrain(reference_run.settings(out, epochs=2, init=str(reference_run.path), freeze_epochs=1))
+    start = load_file(str(reference_run.path / "encoder.safetensors"))
+    first = load_file(str(out / "checkpoints" / "epoch-0001.safetensors"))
+    second = load_file(str(out / "checkpoints" / "epoch-0002.safetensors"))
+    params = [k for k in start if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert all(torch.equal(first[f"model.backbone.{k}"], start[k]) for k in params)  # frozen in epoch 1
+    assert not all(torch.equal(second[f"model.backbone.{k}"], start[k]) for k in params)  # trained in epoch 2
+    assert not torch.equal(first["model.head.0.weight"], second["model.head.0.weight"])

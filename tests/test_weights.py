@@ -56,7 +56,7 @@ def test_init_from_a_torchvision_file_loads_trains_and_is_recorded(tmp_path):
         _setup(init=str(path), arch="resnet34", stem="imagenet")
 
 
-def test_init_from_a_timm_named_file_and_a_vit_at_another_image_size(tmp_path):
+def test_init_from_a_timm_named_file_and_a_vit_at_another_image_size(tmp_path, monkeypatch):
     timm = pytest.importorskip("timm")
     net = timm.create_model("resnet10t", pretrained=False)
     path = tmp_path / "model.safetensors"
@@ -66,6 +66,16 @@ def test_init_from_a_timm_named_file_and_a_vit_at_another_image_size(tmp_path):
     assert torch.equal(mine["conv1.0.weight"], net.state_dict()["conv1.0.weight"])
     with pytest.raises(InputError, match="look like timm weights|does not fit"):
         _setup(init=str(path))
+    # timm:NAME from a Hugging Face cache laid out as huggingface_hub writes it (refs/main -> snapshots/<commit>/)
+    repo = tmp_path / "hub" / "models--timm--resnet10t"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    (repo / "snapshots" / "0123abcd").mkdir(parents=True)
+    (repo / "snapshots" / "0123abcd" / "model.safetensors").write_bytes(path.read_bytes())
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    cached = _setup(arch="timm:resnet10t", init="timm:resnet10t")
+    assert torch.equal(cached.model.backbone.state_dict()["conv1.0.weight"], net.state_dict()["conv1.0.weight"])
+    assert cached.init["path"].endswith("snapshots/0123abcd/model.safetensors")
     vit16 = backbones.build(backbones.spec_for("vit_tiny", 16))
     vpath = tmp_path / "vit.safetensors"
     save_file({k: v.contiguous() for k, v in vit16.state_dict().items()}, str(vpath))

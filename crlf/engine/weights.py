@@ -65,11 +65,11 @@ def _timm_cached(name: str) -> Path:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover - timm installs it
         raise InputError("--init timm:NAME needs huggingface_hub (pip install timm)") from None
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(os.environ.get("HF_HOME", "~/.cache/huggingface"), "hub")
     for filename in ("model.safetensors", "pytorch_model.bin"):
-        found = try_to_load_from_cache(repo, filename)
+        found = try_to_load_from_cache(repo, filename, cache_dir=os.path.expanduser(cache))
         if isinstance(found, str) and os.path.isfile(found):
             return Path(found)
-    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(os.environ.get("HF_HOME", "~/.cache/huggingface"), "hub")
     raise InputError(f"--init timm:{name}: no weights in the local Hugging Face cache ({cache}); crlf does not "
                      f"download: fetch them on a connected machine (huggingface-cli download {repo}) and copy the "
                      "cache, or pass the model.safetensors file itself")  # fmt: skip

@@ -106,6 +106,11 @@ METHODS: dict[str, Any] = {
                 'local_size': 16,
             },
         },
+        'distill': {
+            'summary': "Frozen teacher encoder; the student's features, linearly projected, regress the teacher's (2 - 2 cos).",
+            'optimizer': 'lars',
+            'defaults': {'teacher': ''},
+        },
     },
     'options': {
         'head_hidden': {
@@ -209,6 +214,12 @@ METHODS: dict[str, Any] = {
             'help': "Local crop side in px (at most the image's).",
             'identity': False,
             'bounds': {'ge': 2, 'le': 4096},
+        },
+        'teacher': {
+            'type': 'str',
+            'help': 'The teacher: a crlf encoder.safetensors or run directory.',
+            'identity': True,
+            'bounds': {},
         },
     },
 }

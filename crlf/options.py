@@ -189,6 +189,7 @@ def method_field(name: str, table: dict[str, Any]) -> tuple[Any, Any]:
     (main, users), *others = sorted(groups.items(), key=lambda g: -len(g[1]))
     missing = [m for m in table["methods"] if m not in users]
     who = ", ".join(users) if len(users) <= 3 else "not " + ", ".join(missing)
+    main = "none" if main == "" else main
     shown = f"{main}" if others or not missing else f"{main} ({who})"
     shown += "".join(f"; {', '.join(ms)} {v}" for v, ms in others)
     text = f"{o['help']} Default: {shown}."

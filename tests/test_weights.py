@@ -115,3 +115,36 @@ def test_freeze_epochs_trains_the_heads_alone_then_everything(tmp_path, referenc
     assert all(torch.equal(first[f"model.backbone.{k}"], start[k]) for k in params)  # frozen in epoch 1
     assert not all(torch.equal(second[f"model.backbone.{k}"], start[k]) for k in params)  # trained in epoch 2
     assert not torch.equal(first["model.head.0.weight"], second["model.head.0.weight"])
+
+
+# ---- --method distill: a frozen teacher, a projected student ------------------------------------------------------
+
+
+def test_distill_resumes_bit_for_bit_and_refuses_a_changed_teacher(tmp_path, reference_run, signal_at):
+    import shutil
+    import signal
+
+    from crlf.errors import Interrupted
+
+    teacher = tmp_path / "teacher.safetensors"
+    shutil.copy(reference_run.path / "encoder.safetensors", teacher)
+    values = dict(method="distill", teacher=str(teacher), epochs=2)
+    pretrain(reference_run.settings(tmp_path / "ref", **values))
+    config = json.loads((tmp_path / "ref" / "config.json").read_text())
+    assert config["teacher"] == str(teacher) and config["optimizer"] == "lars"
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    assert 0 <= losses[1] < losses[0] <= 4  # 2 - 2 cos, falling: the student's projection moves to the teacher
+    state = load_file(str(tmp_path / "ref" / "last.safetensors"))
+    assert "model.teacher_sha256" in state and not any(k.startswith("model._teacher") for k in state)
+    with pytest.raises(Interrupted):
+        pretrain(reference_run.settings(tmp_path / "run", **values), signal_at(2, 2, signal.SIGTERM))
+    pretrain(reference_run.settings(tmp_path / "run", **values), resume=True)
+    resumed = load_file(str(tmp_path / "run" / "last.safetensors"))
+    assert resumed.keys() == state.keys() and all(torch.equal(resumed[k], state[k]) for k in state)
+    with pytest.raises(Interrupted):
+        pretrain(reference_run.settings(tmp_path / "changed", **values), signal_at(1, 2, signal.SIGTERM))
+    shutil.copy(tmp_path / "ref" / "encoder.safetensors", teacher)  # another encoder under the same name
+    with pytest.raises(InputError, match="teacher .* is not the file this run started with"):
+        pretrain(reference_run.settings(tmp_path / "changed", **values), resume=True)
+    with pytest.raises(InputError, match="--method distill needs --teacher"):
+        pretrain(reference_run.settings(tmp_path / "none", method="distill"))

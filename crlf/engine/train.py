@@ -232,6 +232,7 @@ def _build(cfg: TrainConfig, world: distributed.World, load_init: bool = True) -
     no_decay = {f"backbone.{n}" for n in backbones.no_weight_decay(spec, backbone)}
     model = method(backbone, cfg.method_config, spec.feature_dim)
     mean, std = channel_stats(feed.spaced(10_000))
+    model.set_normalisation(torch.tensor(mean), torch.tensor(std))
     model = model.to(device)
     if cfg.sync_bn and world.active:
         model = distributed.sync_batchnorm(model, device)

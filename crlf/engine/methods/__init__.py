@@ -16,9 +16,10 @@ from crlf.engine.methods.barlow import BarlowConfig, BarlowTwins
 from crlf.engine.methods.vicreg import VICReg, VICRegConfig
 from crlf.engine.methods.dino import DINO, DINOConfig
 from crlf.engine.methods.swav import SwAV, SwAVConfig
+from crlf.engine.methods.distill import Distill, DistillConfig
 
 __all__ = [
     "BYOL", "DINO", "REGISTRY", "BYOLConfig", "BarlowConfig", "BarlowTwins", "DINOConfig", "Method", "MoCo",
     "MoCoConfig", "SimCLR", "SimCLRConfig", "SimSiam", "SimSiamConfig", "SwAV", "SwAVConfig", "VICReg",
-    "VICRegConfig", "catalog", "get", "opt", "register",
+    "VICRegConfig", "Distill", "DistillConfig", "catalog", "get", "opt", "register",
 ]  # fmt: skip

@@ -84,6 +84,10 @@ class Method(nn.Module):
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:  # pragma: no cover - the interface
         raise NotImplementedError
 
+    def set_normalisation(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """The per-channel statistics the views are normalised with, for a method that must see the pixels (a
+        teacher with its own normalisation); the others ignore it."""
+
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(online, target) modules whose target follows by EMA after each step (moco, byol, dino)."""
         return []

@@ -1,0 +1,103 @@
+"""Distillation from a frozen teacher encoder: the student (the run's backbone, any --init) learns to match the
+teacher's features of each view through a linear projection.
+
+The recipe follows lightly-train's ``distillation`` (v2): a linear head from the student's features to the teacher's
+width (truncated-normal init, std 0.02), the teacher frozen in eval mode under no_grad, LARS. Here the features are
+the pooled global ones (lightly-train v2 matches patch tokens of a DINOv2 ViT; crlf's backbones give vectors) and
+the loss is the normalised MSE 2 - 2 cos(student, teacher) per image (BYOL's regression loss), averaged over the
+two views of the pair recipe, without mixup. The teacher sees each view at its own image size and normalisation
+(the views are un-normalised with the run's statistics, resized, normalised with the teacher's).
+
+The teacher is not part of the state dict beyond the SHA-256 of its file (``teacher_sha256``, a buffer): a resume
+re-reads it and refuses a file that changed since the run started.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crlf.engine import distributed
+from crlf.engine.encoder import load_encoder
+from crlf.engine.loss import regression_loss
+from crlf.engine.methods.base import Method, full_precision, opt, register
+from crlf.engine.weights import resolve
+from crlf.errors import InputError
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Distillation's options: the teacher (required), the crlf encoder or run directory to learn from."""
+
+    teacher: str = opt("", "The teacher: a crlf encoder.safetensors or run directory.", identity=True)
+
+
+def _sha_tensor(hexdigest: str) -> torch.Tensor:
+    return torch.tensor(list(bytes.fromhex(hexdigest)), dtype=torch.uint8)
+
+
+@register
+class Distill(Method):
+    """Frozen teacher encoder; the student's features, linearly projected, regress the teacher's (2 - 2 cos)."""
+
+    name = "distill"
+    Config = DistillConfig
+    config: DistillConfig
+    optimizer = "lars"  # lightly-train's choice for its distillation
+
+    teacher_sha256: torch.Tensor
+
+    def __init__(self, backbone: nn.Module, config: DistillConfig | None = None, feature_dim: int | None = None):
+        super().__init__(backbone, config, feature_dim)
+        if not self.config.teacher:
+            raise InputError("--method distill needs --teacher: a crlf encoder.safetensors or run directory")
+        path = resolve(self.config.teacher)
+        teacher = load_encoder(path)
+        for p in teacher.backbone.parameters():
+            p.requires_grad_(False)
+        self._teacher = [teacher]  # a list: not a submodule, so neither saved nor trained nor moved by .to()
+        self.teacher_dim = teacher.spec.feature_dim
+        self.head = nn.Linear(self.feature_dim, self.teacher_dim)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+        self.register_buffer("teacher_sha256", _sha_tensor(teacher.sha256 or hashlib.sha256(b"").hexdigest()))
+        self.register_buffer("input_mean", torch.zeros(1, 3, 1, 1), persistent=False)  # the run's normalisation
+        self.register_buffer("input_std", torch.ones(1, 3, 1, 1), persistent=False)
+        self.register_buffer("teacher_mean", torch.tensor(teacher.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("teacher_std", torch.tensor(teacher.std).view(1, 3, 1, 1), persistent=False)
+
+    def set_normalisation(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """The statistics the views were normalised with, so that the teacher sees the pixels."""
+        self.input_mean.copy_(mean.reshape(1, 3, 1, 1))
+        self.input_std.copy_(std.reshape(1, 3, 1, 1))
+
+    @torch.no_grad()
+    def teacher_features(self, views: torch.Tensor) -> torch.Tensor:
+        """The teacher's features of normalised views (B, 3, H, W): at its image size and with its statistics."""
+        teacher = self._teacher[0]
+        if next(teacher.backbone.parameters()).device != views.device:
+            teacher.backbone.to(views.device)
+        x = views * self.input_std + self.input_mean  # back to [0, 1] pixels
+        size = teacher.image_size
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        return teacher.backbone.eval()((x - self.teacher_mean) / self.teacher_std)  # device constants: no host copy
+
+    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+        x = torch.cat(views[:2])
+        p = self.head(self.backbone(x))
+        t = self.teacher_features(x)
+        p, t = distributed.gather(p), distributed.gather(t)
+        with full_precision(p):
+            return regression_loss(p.float(), t.float())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        saved = state_dict.get(prefix + "teacher_sha256")
+        if saved is not None and not torch.equal(saved.to(self.teacher_sha256.device), self.teacher_sha256):
+            raise InputError(f"the teacher {self.config.teacher} is not the file this run started with (its SHA-256 "
+                             "changed): restore that file, or use --force to start over")  # fmt: skip
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

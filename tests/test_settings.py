@@ -415,7 +415,7 @@ def test_config_file_paths_are_quoted(tmp_path):
             PretrainSettings,
             {"method": "simclar"},
             "method: 'simclar' is not one of simclr, moco, byol, simsiam, barlow, "
-            "vicreg, dino, swav (did you mean 'simclr'?)",
+            "vicreg, dino, swav, distill (did you mean 'simclr'?)",
         ),
         (PretrainSettings, {"precision": "fp16"}, "precision: 'fp16' is not one of auto, bf16, fp32"),
     ],

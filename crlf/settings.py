@@ -101,7 +101,11 @@ class EncoderInput(Group):
     """A saved encoder to embed with, and how to batch it (extract, linear-eval, knn-eval)."""
 
     ckpt: Path | None = Field(
-        None, description="Encoder checkpoint: encoder.safetensors (or last.safetensors) written by crlf pretrain."
+        None, description="Encoder checkpoint: encoder.safetensors (or last.safetensors) written by crlf pretrain; "
+        "or public weights as they are: timm:NAME (local cache) or a weights file with --arch."
+    )
+    arch: str | None = Field(
+        None, description="With a plain weights file as --ckpt: the backbone it fits (resnet18, timm:NAME, ...)."
     )
     embed_batch_size: int = Field(512, ge=1, le=MAX_BATCH, description="Images per batch when embedding.")
 

@@ -148,3 +148,46 @@ def test_distill_resumes_bit_for_bit_and_refuses_a_changed_teacher(tmp_path, ref
         pretrain(reference_run.settings(tmp_path / "changed", **values), resume=True)
     with pytest.raises(InputError, match="--method distill needs --teacher"):
         pretrain(reference_run.settings(tmp_path / "none", method="distill"))
+
+
+# ---- the evaluations take public weights as they are ----------------------------------------------------------------
+
+
+def test_extract_takes_timm_name_or_a_weights_file_with_arch_and_equals_the_librarys_forward(tmp_path, monkeypatch):
+    import numpy as np
+
+    timm = pytest.importorskip("timm")
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    net = timm.create_model("resnet10t", pretrained=False, num_classes=0).eval()
+    repo = tmp_path / "hub" / "models--timm--resnet10t"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("c0ffee")
+    (repo / "snapshots" / "c0ffee").mkdir(parents=True)
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    save_file(state, str(repo / "snapshots/c0ffee/model.safetensors"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    images = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8)
+    np.save(tmp_path / "x.npy", images.numpy())
+    data = ["--data", "npy", "--data-dir", tmp_path / "x.npy", "--image-size", 32, "--device", "cpu"]
+    r = run_crlf("extract", "--ckpt", "timm:resnet10t", *data, "--out", tmp_path / "timm.npy")
+    assert r.returncode == 0, r.stderr
+    ours = torch.from_numpy(np.load(tmp_path / "timm.npy"))
+    cfg = net.pretrained_cfg
+    mean, std = torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        theirs = net((images.permute(0, 3, 1, 2).float() / 255 - mean) / std)
+    assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+    tv = resnet18(weights=None).eval()
+    save_file(tv.state_dict(), str(tmp_path / "tv.safetensors"))
+    r = run_crlf("extract", "--ckpt", tmp_path / "tv.safetensors", "--arch", "resnet18", *data, "--out",
+                 tmp_path / "tv.npy")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    tv.fc = torch.nn.Identity()
+    imagenet = torch.tensor(weights.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(weights.IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = tv((images.permute(0, 3, 1, 2).float() / 255 - imagenet[0]) / imagenet[1])
+    assert torch.allclose(torch.from_numpy(np.load(tmp_path / "tv.npy")), expected, atol=1e-4, rtol=1e-4)
+    r = run_crlf("extract", "--ckpt", tmp_path / "tv.safetensors", *data, "--out", tmp_path / "no.npy")
+    assert r.returncode == 2 and "the file with --arch" in r.stderr and not (tmp_path / "no.npy").exists()

@@ -15,10 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from crlf.engine import sources
+from crlf.engine import sources, weights
 from crlf.engine.device import select_device
 from crlf.engine.embedfile import read_embeddings
-from crlf.engine.encoder import load_encoder
 from crlf.engine.explore import Cache, Embedder, Space, digest, read_probe
 from crlf.engine.projection import fit_unit_square, project
 from crlf.engine.rundir import RunDir
@@ -41,7 +40,8 @@ def open_space(settings: ExploreSettings) -> Space:
     ckpt = _checkpoint(settings, run)
     embedder = None
     if ckpt is not None:
-        embedder = Embedder(load_encoder(ckpt, device), settings.embed_batch_size, settings.precision)
+        encoder = weights.open_encoder(ckpt, device, settings.arch, settings.image_size)
+        embedder = Embedder(encoder, settings.embed_batch_size, settings.precision)
     if settings.emb is not None:
         x, labels, names, prov = read_embeddings(settings.emb)
         images = _images_of_file(settings, prov, len(x))

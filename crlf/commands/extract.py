@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from crlf import __version__
-from crlf.engine import sources
+from crlf.engine import sources, weights
 from crlf.engine.device import select_device
 from crlf.engine.embedfile import Embeddings, write_embeddings
-from crlf.engine.encoder import Encoder, load_encoder
+from crlf.engine.encoder import Encoder
 from crlf.engine.files import check_writable
 from crlf.engine.sources.squares import SquareStream, open_images
 from crlf.errors import InputError, quoted
@@ -29,9 +29,9 @@ log = logging.getLogger(__name__)
 
 
 def open_encoder(settings: EncoderInput, device: torch.device) -> Encoder:
-    """The encoder --ckpt names, on `device`."""
+    """The encoder --ckpt names, on `device`: crlf's, or public weights (timm:NAME, a weights file with --arch)."""
     assert settings.ckpt is not None
-    return load_encoder(settings.ckpt.expanduser(), device)
+    return weights.open_encoder(settings.ckpt, device, settings.arch, getattr(settings, "image_size", None))
 
 
 def encoder_data(settings: DataSettings, encoder: Encoder) -> DataSettings:

@@ -19,10 +19,9 @@ import numpy as np
 import torch
 
 from crlf.commands.extract import embed_images, encoder_data
-from crlf.engine import augment, plots, sources
+from crlf.engine import augment, plots, sources, weights
 from crlf.engine.device import select_device
 from crlf.engine.embedfile import read_embeddings
-from crlf.engine.encoder import load_encoder
 from crlf.engine.files import check_writable, make_folder, os_failure
 from crlf.engine.mapview import static_map
 from crlf.engine.projection import project
@@ -171,7 +170,7 @@ class _Inputs:
         s, ckpt = self.settings, self.checkpoint
         assert ckpt is not None
         device = select_device(s.device)
-        encoder = load_encoder(ckpt, device)
+        encoder = weights.open_encoder(ckpt, device, s.arch, s.image_size)
         data_settings = encoder_data(self.merged(DataSettings), encoder)
         images = None
         sample = (s.max_points, s.seed)

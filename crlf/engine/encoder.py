@@ -292,7 +292,7 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu", backbone:
     elif fmt != ENCODER_FORMAT:
         raise InputError(
             f"{path} is not a crlf checkpoint (no crlf format in its metadata); "
-            "expected a file written by crlf pretrain"
+            "expected a file written by crlf pretrain (public weights: timm:NAME, or the file with --arch)"
         )
     encoder = parse_metadata(meta, path)
     encoder.backbone = backbone if backbone is not None else backbones.build(encoder.spec)

@@ -17,14 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crlf.engine.backbones import BackboneSpec
+from crlf.engine.backbones import BackboneSpec, build, spec_for
 from crlf.engine.checkpoint import ENCODER_FORMAT, STATE_FORMAT, read_tensors_hashed
-from crlf.engine.encoder import parse_metadata
+from crlf.engine.encoder import Encoder, load_encoder, parse_metadata
 from crlf.errors import InputError, quoted, short_reason
 
 HEADS = ("fc.", "head.", "heads.", "classifier.", "head_drop.", "last_linear.")  # classifiers crlf's backbones lack
 PREFIXES = ("module.", "backbone.", "model.", "encoder_q.", "base_encoder.")  # wrappers around a backbone's keys
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # what public weights were trained with
 
 
 @dataclass(frozen=True)
@@ -38,39 +39,39 @@ class InitSource:
     skipped: int  # classifier tensors left out
 
 
-def resolve(source: str) -> Path:
+def resolve(source: str, flag: str = "--init") -> Path:
     """The weights file `source` names: a file, a run directory (its encoder.safetensors), or timm:NAME in the local
     Hugging Face cache (model.safetensors, else pytorch_model.bin)."""
     if source.startswith("timm:"):
-        return _timm_cached(source.removeprefix("timm:"))
+        return _timm_cached(source.removeprefix("timm:"), flag)
     path = Path(source).expanduser()
     if path.is_dir():
         if (path / "encoder.safetensors").is_file():
             return path / "encoder.safetensors"
-        raise InputError(f"--init {quoted(path)} is a folder without encoder.safetensors: give a crlf run directory "
+        raise InputError(f"{flag} {quoted(path)} is a folder without encoder.safetensors: give a crlf run directory "
                          "or a weights file (.safetensors, .pth, .bin)")  # fmt: skip
     if not path.is_file():
-        raise InputError(f"--init {quoted(path)} does not exist: give a crlf encoder or run directory, a weights file "
+        raise InputError(f"{flag} {quoted(path)} does not exist: give a crlf encoder or run directory, a weights file "
                          "(.safetensors, .pth, .bin) or timm:NAME with its weights in the Hugging Face cache")
     if path.suffix.lower() not in WEIGHT_SUFFIXES:
-        raise InputError(f"--init {quoted(path)}: expected a .safetensors, .pth, .pt or .bin file")
+        raise InputError(f"{flag} {quoted(path)}: expected a .safetensors, .pth, .pt or .bin file")
     return path
 
 
-def _timm_cached(name: str) -> Path:
+def _timm_cached(name: str, flag: str = "--init") -> Path:
     """timm:NAME's weights in the local Hugging Face cache, offline (timm publishes them as timm/NAME)."""
     base, _, tag = name.partition(".")
     repo = f"timm/{name}" if tag else f"timm/{base}"
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover - timm installs it
-        raise InputError("--init timm:NAME needs huggingface_hub (pip install timm)") from None
+        raise InputError(f"{flag} timm:NAME needs huggingface_hub (pip install timm)") from None
     cache = os.environ.get("HF_HUB_CACHE") or os.path.join(os.environ.get("HF_HOME", "~/.cache/huggingface"), "hub")
     for filename in ("model.safetensors", "pytorch_model.bin"):
         found = try_to_load_from_cache(repo, filename, cache_dir=os.path.expanduser(cache))
         if isinstance(found, str) and os.path.isfile(found):
             return Path(found)
-    raise InputError(f"--init timm:{name}: no weights in the local Hugging Face cache ({cache}); crlf does not "
+    raise InputError(f"{flag} timm:{name}: no weights in the local Hugging Face cache ({cache}); crlf does not "
                      f"download: fetch them on a connected machine (huggingface-cli download {repo}) and copy the "
                      "cache, or pass the model.safetensors file itself")  # fmt: skip
 
@@ -116,9 +117,44 @@ def backbone_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, str], spe
 def load_into(net: nn.Module, source: str, spec: BackboneSpec) -> InitSource:
     """Load `source`'s weights into the freshly built backbone `net` of `spec`; InputError on any mismatch."""
     path = resolve(source)
-    shown = quoted(path)
     tensors, meta, sha = read(path)
-    tensors = backbone_tensors(tensors, meta, spec, shown)
+    tensors = backbone_tensors(tensors, meta, spec, quoted(path))
+    loaded, skipped = _copy_into(net, tensors, spec, f"--init {quoted(path)}")
+    return InitSource(source, str(path), sha, loaded, skipped)
+
+
+def open_encoder(source: str | Path, device: torch.device, arch: str | None = None,
+                 image_size: int | None = None) -> Encoder:  # fmt: skip
+    """The encoder of --ckpt SOURCE for extract and the evaluations: a crlf encoder or training state as it is, or
+    public weights as they are (timm:NAME from the local cache, or a weights file with --arch) with ImageNet's
+    normalisation (timm's own for a timm model) at `image_size` px (default 224)."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if not text.startswith("timm:"):
+        if arch is None or not path.is_file() or path.suffix.lower() not in WEIGHT_SUFFIXES:
+            return load_encoder(path, device)  # its own messages for folders, missing and foreign files
+        meta = read_tensors_hashed(path)[1] if path.suffix.lower() == ".safetensors" else {}
+        if meta.get("format") in (ENCODER_FORMAT, STATE_FORMAT):  # a crlf file knows its backbone
+            return load_encoder(path, device)
+    else:
+        path = _timm_cached(text.removeprefix("timm:"), "--ckpt")
+        arch = arch or text
+    tensors, meta, sha = read(path)
+    tensors = backbone_tensors(tensors, meta, BackboneSpec(arch or "", 0, 0), quoted(path))
+    conv1 = tensors.get("conv1.weight")
+    stem = "imagenet" if conv1 is not None and conv1.ndim == 4 and conv1.shape[-1] == 7 else "auto"
+    spec = spec_for(arch or "", image_size or 224, stem)
+    net = build(spec)
+    _copy_into(net, tensors, spec, f"--ckpt {quoted(path)}")
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    mean, std = list(cfg.get("mean", IMAGENET_MEAN)), list(cfg.get("std", IMAGENET_STD))
+    encoder = Encoder(net, spec, mean, std, config={"source": text, "path": str(path)}, sha256=sha)
+    net.to(device).eval()
+    return encoder
+
+
+def _copy_into(net: nn.Module, tensors: dict[str, torch.Tensor], spec: BackboneSpec, shown: str) -> tuple[int, int]:
+    """Copy a state dict's tensors into `net` (see the module docstring); returns (loaded, skipped) counts."""
     mine = net.state_dict()
     skipped = [k for k in tensors if k not in mine and k.startswith(HEADS)]
     tensors = {k: v for k, v in tensors.items() if k not in skipped}
@@ -129,18 +165,18 @@ def load_into(net: nn.Module, source: str, spec: BackboneSpec) -> InitSource:
         timm_like = any(k.startswith(("blocks.", "stem.", "stages.", "patch_embed.")) for k in unexpected)
         hint = "; they look like timm weights: use --arch timm:NAME" if timm_like and "timm:" not in spec.arch else ""
         found = "; ".join(part for part in (_few("missing", missing), _few("unexpected", unexpected)) if part)
-        raise InputError(f"--init {shown} does not fit --arch {spec.arch}: {found}{hint}")
+        raise InputError(f"{shown} does not fit --arch {spec.arch}: {found}{hint}")
     for key, value in list(tensors.items()):
         want = mine[key].shape
         if value.shape != want and key.endswith("pos_embedding") and value.ndim == 3 and value.shape[-1] == want[-1]:
             tensors[key] = _resized_positions(value, want[1])
         elif value.shape != want:
-            raise InputError(f"--init {shown} does not fit --arch {spec.arch}: {key} has shape {tuple(value.shape)}, "
+            raise InputError(f"{shown} does not fit --arch {spec.arch}: {key} has shape {tuple(value.shape)}, "
                              f"the backbone {tuple(want)}{_shape_hint(key, value, spec)}")  # fmt: skip
     with torch.no_grad():
         for key, value in tensors.items():
             mine[key].copy_(value.to(mine[key].dtype))
-    return InitSource(source, str(path), sha, len(tensors), len(skipped))
+    return len(tensors), len(skipped)
 
 
 def _few(what: str, keys: list[str]) -> str:

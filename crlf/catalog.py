@@ -217,7 +217,7 @@ METHODS: dict[str, Any] = {
         },
         'teacher': {
             'type': 'str',
-            'help': 'The teacher: a crlf encoder.safetensors or run directory.',
+            'help': 'The teacher: a crlf encoder or run directory, or timm:NAME (local cache).',
             'identity': True,
             'bounds': {},
         },

@@ -191,3 +191,25 @@ def test_extract_takes_timm_name_or_a_weights_file_with_arch_and_equals_the_libr
     assert torch.allclose(torch.from_numpy(np.load(tmp_path / "tv.npy")), expected, atol=1e-4, rtol=1e-4)
     r = run_crlf("extract", "--ckpt", tmp_path / "tv.safetensors", *data, "--out", tmp_path / "no.npy")
     assert r.returncode == 2 and "the file with --arch" in r.stderr and not (tmp_path / "no.npy").exists()
+
+
+def test_distill_from_a_public_timm_teacher_at_its_own_size(tmp_path, monkeypatch):
+    timm = pytest.importorskip("timm")
+    from crlf.engine.methods import Distill, DistillConfig
+
+    torch.manual_seed(0)
+    net = timm.create_model("resnet10t", pretrained=False, num_classes=0)
+    repo = tmp_path / "hub" / "models--timm--resnet10t"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc")
+    (repo / "snapshots" / "abc").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(repo / "snapshots/abc/model.safetensors"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    student = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    method = Distill(student, DistillConfig(teacher="timm:resnet10t"), 6)
+    assert method.teacher_dim == net.num_features and method._teacher[0].image_size == 224
+    views = [torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)]
+    loss = method(views)
+    loss.backward()
+    assert 0 <= float(loss.detach()) <= 4 and student[0].weight.grad is not None
+    assert not any(k.startswith("_teacher") for k in method.state_dict())

@@ -22,18 +22,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from crlf.engine import distributed
-from crlf.engine.encoder import load_encoder
 from crlf.engine.loss import regression_loss
 from crlf.engine.methods.base import Method, full_precision, opt, register
-from crlf.engine.weights import resolve
+from crlf.engine.weights import open_encoder, resolve
 from crlf.errors import InputError
 
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Distillation's options: the teacher (required), the crlf encoder or run directory to learn from."""
+    """Distillation's options: the teacher (required): a crlf encoder or run directory, or public timm weights."""
 
-    teacher: str = opt("", "The teacher: a crlf encoder.safetensors or run directory.", identity=True)
+    teacher: str = opt("", "The teacher: a crlf encoder or run directory, or timm:NAME (local cache).", identity=True)
 
 
 def _sha_tensor(hexdigest: str) -> torch.Tensor:
@@ -55,8 +54,10 @@ class Distill(Method):
         super().__init__(backbone, config, feature_dim)
         if not self.config.teacher:
             raise InputError("--method distill needs --teacher: a crlf encoder.safetensors or run directory")
-        path = resolve(self.config.teacher)
-        teacher = load_encoder(path)
+        source = self.config.teacher
+        if not source.startswith("timm:"):
+            source = str(resolve(source, "--teacher"))  # a run directory: its encoder
+        teacher = open_encoder(source, torch.device("cpu"))
         for p in teacher.backbone.parameters():
             p.requires_grad_(False)
         self._teacher = [teacher]  # a list: not a submodule, so neither saved nor trained nor moved by .to()

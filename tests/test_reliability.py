@@ -423,10 +423,13 @@ def test_corrupt_and_non_image_files_are_skipped_and_counted(tmp_path):
 
 # --- security --------------------------------------------------------------------------------------------------
 def test_no_pickle_and_no_shell_anywhere_in_the_package():
-    """Only the restricted CIFAR unpickler may touch pickle; nothing runs a shell or interpolates paths into one."""
+    """Only the restricted CIFAR unpickler and torch's weights_only unpickler (--init .pth files) may touch pickle;
+    nothing runs a shell or interpolates paths into one."""
     package = Path(checkpoint.__file__).parents[1]
+    lines = [(p.name, line) for p in package.rglob("*.py") for line in p.read_text().splitlines()]
+    loads = [(name, line) for name, line in lines if "torch.load(" in line]
+    assert loads and all("weights_only=True" in line for _, line in loads), loads
     forbidden = [
-        r"torch\.load\(",
         r"allow_pickle=True",
         r"pickle\.loads?\(",
         r"os\.system\(",

@@ -161,6 +161,7 @@ IDENTITY_CHANGES = {  # for every setting that defines a run: a valid value the 
     "stem": "imagenet",
     "patch_size": 2,
     "init": "elsewhere.safetensors",
+    "teacher": "teacher.safetensors",
     "head_hidden": 48,
     "head_out": 8,
     "head_layers": 3,

@@ -15,6 +15,17 @@ from crlf.engine import backbones, distributed, train, weights
 from crlf.errors import InputError
 
 
+def _hub_cache(tmp_path, monkeypatch, name: str, state: dict) -> None:
+    """A Hugging Face cache holding timm/NAME's model.safetensors, laid out as huggingface_hub writes one
+    (refs/main -> snapshots/<commit>/), and HF_HUB_CACHE pointing at it."""
+    repo = tmp_path / "hub" / f"models--timm--{name}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    (repo / "snapshots" / "0123abcd").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(repo / "snapshots/0123abcd/model.safetensors"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+
+
 def _setup(**values):
     """The run's setup as pretrain builds it (data, backbone with its --init weights, method), without training."""
     s = PretrainSettings(data="digits", limit=32, image_size=8, batch_size=16, head_hidden=16, head_out=8,
@@ -66,13 +77,7 @@ def test_init_from_a_timm_named_file_and_a_vit_at_another_image_size(tmp_path, m
     assert torch.equal(mine["conv1.0.weight"], net.state_dict()["conv1.0.weight"])
     with pytest.raises(InputError, match="look like timm weights|does not fit"):
         _setup(init=str(path))
-    # timm:NAME from a Hugging Face cache laid out as huggingface_hub writes it (refs/main -> snapshots/<commit>/)
-    repo = tmp_path / "hub" / "models--timm--resnet10t"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text("0123abcd")
-    (repo / "snapshots" / "0123abcd").mkdir(parents=True)
-    (repo / "snapshots" / "0123abcd" / "model.safetensors").write_bytes(path.read_bytes())
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    _hub_cache(tmp_path, monkeypatch, "resnet10t", net.state_dict())  # timm:NAME from the local cache
     cached = _setup(arch="timm:resnet10t", init="timm:resnet10t")
     assert torch.equal(cached.model.backbone.state_dict()["conv1.0.weight"], net.state_dict()["conv1.0.weight"])
     assert cached.init["path"].endswith("snapshots/0123abcd/model.safetensors")
@@ -161,13 +166,7 @@ def test_extract_takes_timm_name_or_a_weights_file_with_arch_and_equals_the_libr
 
     torch.manual_seed(0)
     net = timm.create_model("resnet10t", pretrained=False, num_classes=0).eval()
-    repo = tmp_path / "hub" / "models--timm--resnet10t"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text("c0ffee")
-    (repo / "snapshots" / "c0ffee").mkdir(parents=True)
-    state = {k: v.contiguous() for k, v in net.state_dict().items()}
-    save_file(state, str(repo / "snapshots/c0ffee/model.safetensors"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    _hub_cache(tmp_path, monkeypatch, "resnet10t", net.state_dict())
     images = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8)
     np.save(tmp_path / "x.npy", images.numpy())
     data = ["--data", "npy", "--data-dir", tmp_path / "x.npy", "--image-size", 32, "--device", "cpu"]
@@ -199,12 +198,7 @@ def test_distill_from_a_public_timm_teacher_at_its_own_size(tmp_path, monkeypatc
 
     torch.manual_seed(0)
     net = timm.create_model("resnet10t", pretrained=False, num_classes=0)
-    repo = tmp_path / "hub" / "models--timm--resnet10t"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text("abc")
-    (repo / "snapshots" / "abc").mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(repo / "snapshots/abc/model.safetensors"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    _hub_cache(tmp_path, monkeypatch, "resnet10t", net.state_dict())
     student = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
     method = Distill(student, DistillConfig(teacher="timm:resnet10t"), 6)
     assert method.teacher_dim == net.num_features and method._teacher[0].image_size == 224

@@ -109,7 +109,7 @@ METHODS: dict[str, Any] = {
         'distill': {
             'summary': "Frozen teacher encoder; the student's features, linearly projected, regress the teacher's (2 - 2 cos).",
             'optimizer': 'lars',
-            'defaults': {'teacher': ''},
+            'defaults': {'teacher': '', 'ssl_weight': 0.0, 'temperature': 0.2},
         },
     },
     'options': {
@@ -220,6 +220,12 @@ METHODS: dict[str, Any] = {
             'help': 'The teacher: a crlf encoder or run directory, or timm:NAME (local cache).',
             'identity': True,
             'bounds': {},
+        },
+        'ssl_weight': {
+            'type': 'float',
+            'help': "Plus this times SimCLR's NT-Xent on the student (0: off).",
+            'identity': True,
+            'bounds': {'ge': 0.0, 'le': 100.0},
         },
     },
 }

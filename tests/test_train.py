@@ -162,6 +162,7 @@ IDENTITY_CHANGES = {  # for every setting that defines a run: a valid value the 
     "patch_size": 2,
     "init": "elsewhere.safetensors",
     "teacher": "teacher.safetensors",
+    "ssl_weight": 0.5,
     "head_hidden": 48,
     "head_out": 8,
     "head_layers": 3,

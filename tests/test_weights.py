@@ -207,3 +207,29 @@ def test_distill_from_a_public_timm_teacher_at_its_own_size(tmp_path, monkeypatc
     loss.backward()
     assert 0 <= float(loss.detach()) <= 4 and student[0].weight.grad is not None
     assert not any(k.startswith("_teacher") for k in method.state_dict())
+
+
+def test_distill_with_a_self_supervised_term_adds_its_weight_times_nt_xent(tmp_path):
+    from torch import nn
+
+    from crlf.engine.encoder import Encoder
+    from crlf.engine.loss import nt_xent, regression_loss
+    from crlf.engine.methods import Distill, DistillConfig
+
+    torch.manual_seed(0)
+    spec = backbones.spec_for("vit_tiny", 8)
+    Encoder(backbones.build(spec), spec, [0.5] * 3, [0.25] * 3).save(tmp_path / "encoder.safetensors")
+    student = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    method = Distill(student, DistillConfig(teacher=str(tmp_path), ssl_weight=0.5), 6)  # the run directory form
+    views = [torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    loss = method(views)
+    with torch.no_grad():
+        x = torch.cat(views)
+        features = method.backbone(x)
+        z1, z2 = method.ssl_head(features).chunk(2)
+        expected = regression_loss(method.head(features), method.teacher_features(x)) + 0.5 * nt_xent(z1, z2, 0.2)
+    assert torch.allclose(loss.detach(), expected, atol=1e-5)
+    loss.backward()
+    assert method.ssl_head[0].weight.grad is not None and method.head.weight.grad is not None
+    plain = Distill(student, DistillConfig(teacher=str(tmp_path)), 6)
+    assert plain.ssl_head is None and not any(k.startswith("ssl_head") for k in plain.state_dict())

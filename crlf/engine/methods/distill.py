@@ -5,8 +5,10 @@ The recipe follows lightly-train's ``distillation`` (v2): a linear head from the
 width (truncated-normal init, std 0.02), the teacher frozen in eval mode under no_grad, LARS. Here the features are
 the pooled global ones (lightly-train v2 matches patch tokens of a DINOv2 ViT; crlf's backbones give vectors) and
 the loss is the normalised MSE 2 - 2 cos(student, teacher) per image (BYOL's regression loss), averaged over the
-two views of the pair recipe, without mixup. The teacher sees each view at its own image size and normalisation
-(the views are un-normalised with the run's statistics, resized, normalised with the teacher's).
+two views of the pair recipe, without mixup. ``--ssl-weight w`` adds w x SimCLR's NT-Xent (head 2048 / 128,
+``--temperature``, 0.2) on the student's own features: distillation combined with self-supervision. The teacher
+sees each view at its own image size and normalisation (the views are un-normalised with the run's statistics,
+resized, normalised with the teacher's).
 
 The teacher is not part of the state dict beyond the SHA-256 of its file (``teacher_sha256``, a buffer): a resume
 re-reads it and refuses a file that changed since the run started.
@@ -22,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from crlf.engine import distributed
-from crlf.engine.loss import regression_loss
+from crlf.engine.heads import build_head
+from crlf.engine.loss import nt_xent, regression_loss
 from crlf.engine.methods.base import Method, full_precision, opt, register
 from crlf.engine.weights import open_encoder, resolve
 from crlf.errors import InputError
@@ -33,6 +36,9 @@ class DistillConfig:
     """Distillation's options: the teacher (required): a crlf encoder or run directory, or public timm weights."""
 
     teacher: str = opt("", "The teacher: a crlf encoder or run directory, or timm:NAME (local cache).", identity=True)
+    ssl_weight: float = opt(0.0, "Plus this times SimCLR's NT-Xent on the student (0: off).",
+                            identity=True, ge=0.0, le=100.0)  # fmt: skip
+    temperature: float = 0.2  # of that NT-Xent
 
 
 def _sha_tensor(hexdigest: str) -> torch.Tensor:
@@ -65,6 +71,8 @@ class Distill(Method):
         self.head = nn.Linear(self.feature_dim, self.teacher_dim)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
+        # with ssl_weight: SimCLR's head and loss on the student besides (the head exists only then)
+        self.ssl_head = build_head(self.feature_dim, 2048, 128) if self.config.ssl_weight > 0 else None
         self.register_buffer("teacher_sha256", _sha_tensor(teacher.sha256 or hashlib.sha256(b"").hexdigest()))
         self.register_buffer("input_mean", torch.zeros(1, 3, 1, 1), persistent=False)  # the run's normalisation
         self.register_buffer("input_std", torch.ones(1, 3, 1, 1), persistent=False)
@@ -90,11 +98,17 @@ class Distill(Method):
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
         x = torch.cat(views[:2])
-        p = self.head(self.backbone(x))
+        features = self.backbone(x)
+        p = self.head(features)
         t = self.teacher_features(x)
         p, t = distributed.gather(p), distributed.gather(t)
         with full_precision(p):
-            return regression_loss(p.float(), t.float())
+            loss = regression_loss(p.float(), t.float())
+        if self.ssl_head is not None:
+            z1, z2 = (distributed.gather(z) for z in self.ssl_head(features).chunk(2))
+            with full_precision(z1):
+                loss = loss + self.config.ssl_weight * nt_xent(z1, z2, self.config.temperature)
+        return loss
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         saved = state_dict.get(prefix + "teacher_sha256")

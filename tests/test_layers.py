@@ -232,3 +232,23 @@ def test_the_readme_library_examples_run(tmp_path, monkeypatch):
     assert torch.isfinite(namespace["l"]) and namespace["method"].feature_dim == 32
     assert namespace["head"](torch.randn(4, 32)).shape == (4, 64) and namespace["bank"].bank.shape == (1, 4096, 64)
     assert len(namespace["local"].crop_plan(32)) == 6
+
+
+def test_a_dataset_of_pil_images_and_tensors_with_labels_becomes_the_run_data():
+    import numpy as np
+    from PIL import Image
+
+    from crlf.commands.pretrain import image_set
+    from crlf.engine.encoder import to_batch
+    from crlf.errors import InputError
+
+    pil = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 24, 3), dtype=np.uint8))
+    tensor = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
+    data = image_set([(pil, 1), (tensor, 0)], None)  # a list is a Dataset: __len__ and __getitem__
+    assert data.images.shape == (2, 3, 20, 20) and data.labels.tolist() == [1, 0] and data.class_names == ["0", "1"]
+    assert torch.equal(data.images, to_batch([pil, tensor], 20))  # decoded as embed() and extract decode
+    assert image_set([pil, tensor], 8).images.shape == (2, 3, 8, 8) and image_set([pil], 8).labels is None
+    with pytest.raises(InputError, match="item 1 is a ndarray"):
+        image_set([pil, np.zeros((3, 3))], None)
+    with pytest.raises(InputError, match="empty"):
+        image_set([], None)

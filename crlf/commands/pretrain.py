@@ -16,9 +16,9 @@ from PIL import Image
 
 from crlf import catalog
 from crlf.engine import augment, backbones, methods, sources, train
+from crlf.engine.encoder import to_batch
 from crlf.engine.plan import TrainConfig
 from crlf.engine.sources.base import resize
-from crlf.engine.sources.images import square
 from crlf.errors import InputError
 from crlf.settings import PretrainSettings, settings_values
 from crlf.typed import config_of
@@ -93,18 +93,16 @@ def image_set(data: Any, image_size: int | None) -> sources.ImageSet:
         except TypeError:
             raise InputError("data: give a uint8 tensor (N, 3, H, W) or a torch Dataset of images") from None
         pairs = [item if isinstance(item, tuple) else (item, None) for item in items]
-        rows = []
-        for image, _ in pairs:
-            if isinstance(image, Image.Image):
-                rows.append(torch.from_numpy(square(image, image_size or min(image.size))).permute(2, 0, 1))
-            elif isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.ndim == 3:
-                rows.append(resize(image[None], image_size or min(image.shape[-2:]))[0])
-            else:
-                raise InputError(f"data: item {len(rows)} is a {type(image).__name__}: the Dataset must give PIL "
+        for i, (image, _) in enumerate(pairs):
+            tensor = isinstance(image, torch.Tensor) and image.dtype == torch.uint8 and image.ndim == 3
+            if not (tensor or isinstance(image, Image.Image)):
+                raise InputError(f"data: item {i} is a {type(image).__name__}: the Dataset must give PIL "
                                  "images or uint8 (3, H, W) tensors, alone or with an integer label")  # fmt: skip
-        if not rows:
+        if not pairs:
             raise InputError("data: the Dataset is empty")
-        images = torch.stack([resize(r[None], rows[0].shape[-1])[0] if r.shape != rows[0].shape else r for r in rows])
+        first = pairs[0][0]
+        side = image_size or (min(first.size) if isinstance(first, Image.Image) else min(first.shape[-2:]))
+        images = to_batch([image for image, _ in pairs], side)  # decoded and squared as embed() and extract do
         given = [label for _, label in pairs]
         labels = torch.tensor(given) if all(isinstance(v, int) for v in given) else None
         source = "dataset"

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from crlf.engine.backbones import BackboneSpec, build, spec_for
+from crlf.engine.backbones.vit import resized_positions
 from crlf.engine.checkpoint import ENCODER_FORMAT, STATE_FORMAT, read_tensors_hashed
 from crlf.engine.encoder import Encoder, load_encoder, parse_metadata
 from crlf.errors import InputError, quoted, short_reason
@@ -201,6 +201,4 @@ def _resized_positions(pos: torch.Tensor, tokens: int) -> torch.Tensor:
     old, new = math.isqrt(pos.shape[1] - 1), math.isqrt(tokens - 1)
     if old * old != pos.shape[1] - 1 or new * new != tokens - 1:
         raise InputError(f"--init: cannot resize position embeddings of {pos.shape[1]} tokens to {tokens}")
-    grid = pos[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
-    return torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2).to(pos.dtype)], dim=1)
+    return resized_positions(pos, old, (new, new))

@@ -13,6 +13,14 @@ from crlf.engine.backbones.base import BackboneSpec, Family, register
 from crlf.errors import InputError
 
 
+def resized_positions(pos: torch.Tensor, side: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Position embeddings (1, 1 + side^2, D) of a side x side patch grid for another grid: the class token's kept,
+    the grid resized bicubically (as DINO does for its local crops)."""
+    old = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    new = F.interpolate(old.float(), size=grid, mode="bicubic", align_corners=False).to(pos.dtype)
+    return torch.cat([pos[:, :1], new.flatten(2).transpose(1, 2)], dim=1)
+
+
 class _ViT(models.VisionTransformer):
     """torchvision's VisionTransformer (same parameter names) that also takes images of another size than it was
     built for, by interpolating the position embeddings (as DINO does for its local crops); the output is the class
@@ -28,11 +36,7 @@ class _ViT(models.VisionTransformer):
                              f"choose an --image-size that is a multiple of {p}")
         tokens = self.conv_proj(x).flatten(2).transpose(1, 2)  # (B, h/p * w/p, D)
         tokens = torch.cat([self.class_token.expand(n, -1, -1), tokens], dim=1)
-        pos = self.encoder.pos_embedding
-        side = self.image_size // p
-        grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid.float(), size=(h // p, w // p), mode="bicubic", align_corners=False).to(pos.dtype)
-        pos = torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
+        pos = resized_positions(self.encoder.pos_embedding, self.image_size // p, (h // p, w // p))
         enc = self.encoder
         out = enc.ln(enc.layers(enc.dropout(tokens + pos)))
         return self.heads(out[:, 0])

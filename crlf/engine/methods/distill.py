@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crlf.engine import distributed
+from crlf.engine.encoder import prepare
 from crlf.engine.heads import build_head
 from crlf.engine.loss import nt_xent, regression_loss
 from crlf.engine.methods.base import Method, full_precision, opt, register
@@ -94,7 +95,7 @@ class Distill(Method):
         size = teacher.image_size
         if x.shape[-1] != size or x.shape[-2] != size:
             x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        return teacher.backbone.eval()((x - self.teacher_mean) / self.teacher_std)  # device constants: no host copy
+        return teacher.backbone.eval()(prepare(x, self.teacher_mean, self.teacher_std))  # device constants: no sync
 
     def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
         x = torch.cat(views[:2])

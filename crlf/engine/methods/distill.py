@@ -60,7 +60,8 @@ class Distill(Method):
     def __init__(self, backbone: nn.Module, config: DistillConfig | None = None, feature_dim: int | None = None):
         super().__init__(backbone, config, feature_dim)
         if not self.config.teacher:
-            raise InputError("--method distill needs --teacher: a crlf encoder.safetensors or run directory")
+            raise InputError("--method distill needs --teacher: a crlf encoder.safetensors or run directory, "
+                             "or timm:NAME")
         source = self.config.teacher
         if not source.startswith("timm:"):
             source = str(resolve(source, "--teacher"))  # a run directory: its encoder

@@ -109,7 +109,7 @@ METHODS: dict[str, Any] = {
         'distill': {
             'summary': "Frozen teacher encoder; the student's features, linearly projected, regress the teacher's (2 - 2 cos).",
             'optimizer': 'lars',
-            'defaults': {'teacher': '', 'ssl_weight': 0.0, 'temperature': 0.2},
+            'defaults': {'teacher': '', 'teacher_arch': '', 'ssl_weight': 0.0, 'temperature': 0.2},
         },
     },
     'options': {
@@ -218,6 +218,12 @@ METHODS: dict[str, Any] = {
         'teacher': {
             'type': 'str',
             'help': 'The teacher: a crlf encoder or run directory, or timm:NAME (local cache).',
+            'identity': True,
+            'bounds': {},
+        },
+        'teacher_arch': {
+            'type': 'str',
+            'help': "The teacher's arch, for a plain weights file.",
             'identity': True,
             'bounds': {},
         },

@@ -271,6 +271,9 @@ class OptimSettings(Group):
     freeze_epochs: int = Field(
         0, ge=0, le=MAX_EPOCHS, description="Epochs of the heads alone, the backbone frozen (after --init)."
     )
+    layer_decay: float = Field(
+        1.0, gt=0.0, le=1.0, description="ViT block lr x this per block from the top (1: off; DINOv2: 0.9)."
+    )
     grad_clip: float = Field(0.0, ge=0.0, description="Clip the gradient norm to this value (0: off).")
     seed: int = Field(
         0, ge=0, le=MAX_SEED, description="Seed of weights, shuffling and augmentation (same seed, same run on CPU)."

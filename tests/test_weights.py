@@ -9,7 +9,7 @@ import torch
 from inprocess import run_crlf
 from safetensors.torch import load_file, save_file
 
-from crlf import PretrainSettings, load_encoder, pretrain
+from crlf import PretrainSettings, embed, load_encoder, pretrain
 from crlf.commands.pretrain import resolve, train_config
 from crlf.engine import backbones, distributed, train, weights
 from crlf.errors import InputError
@@ -61,10 +61,42 @@ def test_init_from_a_torchvision_file_loads_trains_and_is_recorded(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["init"] == str(path) and config["resolved"]["init"]["skipped"] == 2  # fc.weight, fc.bias
     assert config["resolved"]["init"]["sha256"] == weights.read(path)[2]
+    emb = embed(out / "encoder.safetensors", data="digits", limit=8, image_size=32, device="cpu")  # extract records it
+    assert emb.provenance["init"] == {"source": str(path), "sha256": weights.read(path)[2]}
     with pytest.raises(InputError, match=r"7x7 stem, use --stem imagenet"):
         _setup(init=str(path), stem="cifar")
     with pytest.raises(InputError, match=r"does not fit --arch resnet34: missing layer1\.2\."):
         _setup(init=str(path), arch="resnet34", stem="imagenet")
+    from crlf.engine.methods import Distill, DistillConfig
+
+    student = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    method = Distill(student, DistillConfig(teacher=str(path), teacher_arch="resnet18"), 6)  # public weights
+    assert method.teacher_dim == 512 and torch.equal(method._teacher[0].backbone.conv1.weight, reference.conv1.weight)
+    with pytest.raises(InputError, match="holds no crlf metadata: .* the file with --teacher-arch ARCH"):
+        Distill(student, DistillConfig(teacher=str(path)), 6)
+
+
+def test_layer_decay_scales_a_vits_blocks_lr_from_the_top_and_refuses_a_cnn(tmp_path):
+    from crlf.engine.optim import layer_scales
+
+    out = tmp_path / "run"
+    pretrain(PretrainSettings(data="digits", limit=32, image_size=8, batch_size=16, epochs=1, head_hidden=16,
+                              head_out=8, device="cpu", arch="vit_tiny", layer_decay=0.5, out=out))  # fmt: skip
+    setup = _setup(arch="vit_tiny", layer_decay=0.5)
+    scales = layer_scales(setup.model, 0.5)
+    layers = "backbone.encoder.layers.encoder_layer_"
+    assert scales[layers + "11.mlp.0.weight"] == 0.5 and scales[layers + "0.mlp.0.weight"] == 0.5**12
+    assert scales["backbone.conv_proj.weight"] == 0.5**13 and scales["backbone.encoder.ln.weight"] == 1.0
+    assert not any(n in scales for n, _ in setup.model.named_parameters() if not n.startswith("backbone."))
+    from safetensors import safe_open
+
+    with safe_open(str(out / "last.safetensors"), "pt") as f:  # the lrs the loop set at the last step
+        groups = json.loads(f.metadata()["param_groups"])
+    assert len(groups) == 28 and groups[-1].get("lr_scale") is None and groups[-1]["lr"] > 0
+    for g in groups:
+        assert g["lr"] == pytest.approx(g.get("lr_scale", 1.0) * groups[-1]["lr"], rel=1e-9)
+    with pytest.raises(InputError, match="--layer-decay is for ViT backbones"):
+        _setup(layer_decay=0.9)
 
 
 def test_init_from_a_timm_named_file_and_a_vit_at_another_image_size(tmp_path, monkeypatch):

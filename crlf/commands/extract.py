@@ -88,11 +88,14 @@ def embeddings_of(settings: EmbedSettings) -> Embeddings:
                          "(checkpoints/epoch-*.safetensors)")
     if settings.normalize:
         x = torch.nn.functional.normalize(x, dim=1)
+    resolved = encoder.config.get("resolved")
+    init = resolved.get("init") if isinstance(resolved, dict) else None  # the weights the run started from
     provenance = {
         "crlf_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "checkpoint": str(settings.ckpt),
         "checkpoint_sha256": encoder.sha256,  # of the bytes the weights were loaded from
+        "init": {k: init.get(k) for k in ("source", "sha256")} if isinstance(init, dict) else None,
         "data": settings.data,
         "data_dir": None if settings.data_dir is None else str(settings.data_dir),
         "split": sources.split_of(settings),

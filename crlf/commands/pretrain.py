@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 # the settings outside the method's config that define a run: --resume refuses to continue with other values
 IDENTITY_KEYS = ("data", "data_dir", "split", "image_size", "limit", "arch", "stem", "patch_size", "init",
-                 "batch_size", "optimizer", "seed")  # fmt: skip
+                 "batch_size", "optimizer", "layer_decay", "seed")  # fmt: skip
 
 
 def identity_keys() -> tuple[str, ...]:

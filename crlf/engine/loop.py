@@ -168,7 +168,7 @@ def fit(
             it = epoch * sched.steps + step
             lr = sched.lrs[it] * plateau.scale
             for group in s.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # a ViT's layer-wise decay (optim.layer_scales)
             loss_sum += train_step(cfg, s, next(batches), gen, it + 1, sched.total)
             reporter.on_step(epoch, step + 1, sched.steps, loss_sum=loss_sum, lr=lr)  # it reads the loss rarely
             # one process reads its own flag at every step; several agree every 8 steps (a host sync) on one stop

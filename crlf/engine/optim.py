@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
 from torch import nn
+
+from crlf.errors import InputError
 
 
 class LARS(torch.optim.Optimizer):
@@ -43,16 +46,23 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(
-    model: nn.Module, name: str, lr: float, weight_decay: float, no_decay: set[str] = frozenset()
+    model: nn.Module, name: str, lr: float, weight_decay: float, no_decay: set[str] = frozenset(),
+    layer_decay: float = 1.0,
 ) -> torch.optim.Optimizer:
     """sgd (momentum 0.9, nesterov off), lars, adam or adamw. Parameters named in `no_decay` and every 1-D one
     (biases, norms) get no weight decay (and no LARS adaptation): position embeddings and class tokens are not
-    weights to shrink. A momentum teacher's frozen parameters are left out."""
-    decay, keep = [], []
+    weights to shrink. A momentum teacher's frozen parameters are left out. `layer_decay` < 1: a ViT backbone's
+    groups carry an ``lr_scale`` (layer_scales) that the loop multiplies the scheduled lr with."""
+    scales = layer_scales(model, layer_decay) if layer_decay != 1.0 else {}
+    decay: dict[float, list[nn.Parameter]] = {}
+    keep: dict[float, list[nn.Parameter]] = {}
+    if not scales:  # the two groups, always (a checkpoint's param_groups are compared on resume)
+        decay[1.0], keep[1.0] = [], []
     for n, p in model.named_parameters():
         if p.requires_grad:
-            (keep if p.ndim <= 1 or n in no_decay else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0, "adapt": False}]
+            (keep if p.ndim <= 1 or n in no_decay else decay).setdefault(scales.get(n, 1.0), []).append(p)
+    groups = [{"params": ps, "weight_decay": weight_decay, **_scaled(k)} for k, ps in sorted(decay.items())]
+    groups += [{"params": ps, "weight_decay": 0.0, "adapt": False, **_scaled(k)} for k, ps in sorted(keep.items())]
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9)
     if name == "lars":
@@ -62,6 +72,28 @@ def build_optimizer(
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     raise ValueError(f"unknown optimizer '{name}': choose sgd, lars, adam or adamw")
+
+
+def _scaled(scale: float) -> dict[str, float]:
+    return {} if scale == 1.0 else {"lr_scale": scale}
+
+
+# a ViT's blocks (timm: blocks.N., torchvision: encoder.layers.encoder_layer_N.) and its embeddings (layer 0)
+_BLOCK = re.compile(r"\.(?:blocks|layers)\.(?:encoder_layer_)?(\d+)\.")
+_EMBED = re.compile(r"\.(conv_proj|class_token|pos_embedding|patch_embed|cls_token|pos_embed|reg_token|mask_token)")
+
+
+def layer_scales(model: nn.Module, decay: float) -> dict[str, float]:
+    """Layer-wise lr decay of a ViT backbone (BEiT; DINOv2's ``layerwise_decay`` 0.9, as lightly-train's DINOv2):
+    block i of L gets decay^(L + 1 - i), the embeddings decay^(L + 1), the final norm and every head 1. Keys are
+    `model`'s parameter names; an InputError for a backbone without ViT blocks."""
+    names = [n for n, _ in model.named_parameters() if n.startswith("backbone.")]
+    blocks = {n: int(m.group(1)) + 1 for n in names if (m := _BLOCK.search(n))}
+    if not blocks:
+        raise InputError("--layer-decay is for ViT backbones (blocks of a transformer); this backbone has none: "
+                         "drop --layer-decay")
+    top = max(blocks.values()) + 1
+    return {n: decay ** (top - blocks.get(n, 0 if _EMBED.search(n) else top)) for n in names}
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, schedule: str) -> float:

@@ -36,6 +36,7 @@ class TrainConfig:
     schedule: str = "cosine"
     warmup_epochs: float = 1.0
     freeze_epochs: int = 0
+    layer_decay: float = 1.0  # ViT layer-wise lr decay (crlf.engine.optim.layer_scales)
     grad_clip: float = 0.0
     seed: int = 0
     checkpoint_every: int = 1

@@ -124,18 +124,22 @@ def load_into(net: nn.Module, source: str, spec: BackboneSpec) -> InitSource:
 
 
 def open_encoder(source: str | Path, device: torch.device, arch: str | None = None,
-                 image_size: int | None = None) -> Encoder:  # fmt: skip
+                 image_size: int | None = None, arch_flag: str = "--arch") -> Encoder:  # fmt: skip
     """The encoder of --ckpt SOURCE for extract and the evaluations: a crlf encoder or training state as it is, or
-    public weights as they are (timm:NAME from the local cache, or a weights file with --arch) with ImageNet's
-    normalisation (timm's own for a timm model) at `image_size` px (default 224)."""
+    public weights as they are (timm:NAME from the local cache, or a weights file with --arch, which `arch_flag`
+    names in the message when it is missing) with ImageNet's normalisation (timm's own for a timm model) at
+    `image_size` px (default 224)."""
     text = str(source)
     path = Path(text).expanduser()
     if not text.startswith("timm:"):
-        if arch is None or not path.is_file() or path.suffix.lower() not in WEIGHT_SUFFIXES:
+        if not path.is_file() or path.suffix.lower() not in WEIGHT_SUFFIXES:
             return load_encoder(path, device)  # its own messages for folders, missing and foreign files
         meta = read_tensors_hashed(path)[1] if path.suffix.lower() == ".safetensors" else {}
         if meta.get("format") in (ENCODER_FORMAT, STATE_FORMAT):  # a crlf file knows its backbone
             return load_encoder(path, device)
+        if arch is None:
+            raise InputError(f"{quoted(path)} holds no crlf metadata: read it as public weights, the file with "
+                             f"{arch_flag} ARCH (e.g. {arch_flag} resnet50), or give a crlf encoder")  # fmt: skip
     else:
         path = _timm_cached(text.removeprefix("timm:"), "--ckpt")
         arch = arch or text

@@ -34,9 +34,11 @@ from crlf.errors import InputError
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Distillation's options: the teacher (required): a crlf encoder or run directory, or public timm weights."""
+    """Distillation's options: the teacher (required): a crlf encoder or run directory, public timm weights, or a
+    weights file with its arch."""
 
     teacher: str = opt("", "The teacher: a crlf encoder or run directory, or timm:NAME (local cache).", identity=True)
+    teacher_arch: str = opt("", "The teacher's arch, for a plain weights file.", identity=True)
     ssl_weight: float = opt(0.0, "Plus this times SimCLR's NT-Xent on the student (0: off).",
                             identity=True, ge=0.0, le=100.0)  # fmt: skip
     temperature: float = 0.2  # of that NT-Xent
@@ -61,11 +63,12 @@ class Distill(Method):
         super().__init__(backbone, config, feature_dim)
         if not self.config.teacher:
             raise InputError("--method distill needs --teacher: a crlf encoder.safetensors or run directory, "
-                             "or timm:NAME")
+                             "timm:NAME, or a weights file with --teacher-arch")
         source = self.config.teacher
         if not source.startswith("timm:"):
             source = str(resolve(source, "--teacher"))  # a run directory: its encoder
-        teacher = open_encoder(source, torch.device("cpu"))
+        arch = self.config.teacher_arch or None
+        teacher = open_encoder(source, torch.device("cpu"), arch, arch_flag="--teacher-arch")
         for p in teacher.backbone.parameters():
             p.requires_grad_(False)
         self._teacher = [teacher]  # a list: not a submodule, so neither saved nor trained nor moved by .to()

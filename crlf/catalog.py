@@ -109,7 +109,14 @@ METHODS: dict[str, Any] = {
         'distill': {
             'summary': "Frozen teacher encoder; the student's features, linearly projected, regress the teacher's (2 - 2 cos).",
             'optimizer': 'lars',
-            'defaults': {'teacher': '', 'teacher_arch': '', 'ssl_weight': 0.0, 'temperature': 0.2},
+            'defaults': {
+                'teacher': '',
+                'teacher_arch': '',
+                'ssl_weight': 0.0,
+                'teacher_queue': 0,
+                'temperature': 0.2,
+                'queue_temperature': 0.07,
+            },
         },
     },
     'options': {
@@ -232,6 +239,18 @@ METHODS: dict[str, Any] = {
             'help': "Plus this times SimCLR's NT-Xent on the student (0: off).",
             'identity': True,
             'bounds': {'ge': 0.0, 'le': 100.0},
+        },
+        'teacher_queue': {
+            'type': 'int',
+            'help': "Queue N teacher features: lightly-train v1's KL loss (0: 2-2cos).",
+            'identity': True,
+            'bounds': {'ge': 0, 'le': 1048576},
+        },
+        'queue_temperature': {
+            'type': 'float',
+            'help': "The queue KL's temperature (lightly-train's).",
+            'identity': False,
+            'bounds': {'gt': 0.0, 'le': 100.0},
         },
     },
 }

@@ -265,3 +265,31 @@ def test_distill_with_a_self_supervised_term_adds_its_weight_times_nt_xent(tmp_p
     assert method.ssl_head[0].weight.grad is not None and method.head.weight.grad is not None
     plain = Distill(student, DistillConfig(teacher=str(tmp_path)), 6)
     assert plain.ssl_head is None and not any(k.startswith("ssl_head") for k in plain.state_dict())
+
+
+def test_distill_teacher_queue_is_lightly_trains_v1_kl_against_the_queue_the_batch_joined(tmp_path):
+    import torch.nn.functional as F
+    from torch import nn
+
+    from crlf.engine.encoder import Encoder
+    from crlf.engine.methods import Distill, DistillConfig
+
+    torch.manual_seed(0)
+    spec = backbones.spec_for("vit_tiny", 8)
+    Encoder(backbones.build(spec), spec, [0.5] * 3, [0.25] * 3).save(tmp_path / "encoder.safetensors")
+    student = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    method = Distill(student, DistillConfig(teacher=str(tmp_path), teacher_queue=12), 6)
+    before = method.queue.bank[0].clone()
+    views = [torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    loss = method(views)
+    with torch.no_grad():
+        x = torch.cat(views)
+        t = F.normalize(method.teacher_features(x), dim=1)
+        p = F.normalize(method.head(method.backbone(x)), dim=1)
+        queue = torch.cat([t, before[8:]])  # the 8 rows of this batch over the oldest ones
+        target = F.softmax(t @ queue.T / 0.07, dim=1)
+        expected = (target * (target.log() - F.log_softmax(p @ queue.T / 0.07, dim=1))).sum(1).mean()
+    assert torch.allclose(method.queue.bank[0], queue) and int(method.queue.ptr) == 8
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5) and float(loss) > 0
+    loss.backward()
+    assert method.head.weight.grad is not None and "queue.bank" in method.state_dict()

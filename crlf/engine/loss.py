@@ -51,6 +51,14 @@ def regression_loss(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (2 - 2 * F.cosine_similarity(p, t, dim=1)).mean()
 
 
+def queue_kl(p: torch.Tensor, t: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """lightly-train's distillation v1: KL(softmax(t Q^T / tau) || softmax(p Q^T / tau)) per row (batch mean), with
+    the student's p, the teacher's t and the queue Q of past teacher features L2-normalised: the queue acts as a
+    pseudo classifier whose soft labels the student learns."""
+    target = F.softmax(t @ queue.T / temperature, dim=1)
+    return F.kl_div(F.log_softmax(p @ queue.T / temperature, dim=1), target, reduction="batchmean")
+
+
 def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """-mean_i cos(p_i, z_i), with z detached (the stop-gradient)."""
     return -F.cosine_similarity(p, z.detach(), dim=1).mean()

@@ -5,7 +5,10 @@ The recipe follows lightly-train's ``distillation`` (v2): a linear head from the
 width (truncated-normal init, std 0.02), the teacher frozen in eval mode under no_grad, LARS. Here the features are
 the pooled global ones (lightly-train v2 matches patch tokens of a DINOv2 ViT; crlf's backbones give vectors) and
 the loss is the normalised MSE 2 - 2 cos(student, teacher) per image (BYOL's regression loss), averaged over the
-two views of the pair recipe, without mixup. ``--ssl-weight w`` adds w x SimCLR's NT-Xent (head 2048 / 128,
+two views of the pair recipe, without mixup. ``--teacher-queue N`` switches to lightly-train's v1 loss instead: the
+KL divergence between the softmaxes (temperature 0.07) of the student's and the teacher's similarities to a queue of
+the last N teacher features (lightly-train sizes it at about 25-50% of the data set: 512 for 2,000 images, 2048 for
+10,000, 8192 above 20,000). ``--ssl-weight w`` adds w x SimCLR's NT-Xent (head 2048 / 128,
 ``--temperature``, 0.2) on the student's own features: distillation combined with self-supervision. The teacher
 sees each view at its own image size and normalisation (the views are un-normalised with the run's statistics,
 resized, normalised with the teacher's).
@@ -26,8 +29,9 @@ from torch import nn
 from crlf.engine import distributed
 from crlf.engine.encoder import prepare
 from crlf.engine.heads import build_head
-from crlf.engine.loss import nt_xent, regression_loss
+from crlf.engine.loss import nt_xent, queue_kl, regression_loss
 from crlf.engine.methods.base import Method, full_precision, opt, register
+from crlf.engine.queue import MemoryBank
 from crlf.engine.weights import open_encoder, resolve
 from crlf.errors import InputError
 
@@ -41,7 +45,10 @@ class DistillConfig:
     teacher_arch: str = opt("", "The teacher's arch, for a plain weights file.", identity=True)
     ssl_weight: float = opt(0.0, "Plus this times SimCLR's NT-Xent on the student (0: off).",
                             identity=True, ge=0.0, le=100.0)  # fmt: skip
+    teacher_queue: int = opt(0, "Queue N teacher features: lightly-train v1's KL loss (0: 2-2cos).", identity=True,
+                             ge=0, le=1_048_576)  # fmt: skip
     temperature: float = 0.2  # of that NT-Xent
+    queue_temperature: float = opt(0.07, "The queue KL's temperature (lightly-train's).", gt=0.0, le=100.0)
 
 
 def _sha_tensor(hexdigest: str) -> torch.Tensor:
@@ -78,6 +85,8 @@ class Distill(Method):
         nn.init.zeros_(self.head.bias)
         # with ssl_weight: SimCLR's head and loss on the student besides (the head exists only then)
         self.ssl_head = build_head(self.feature_dim, 2048, 128) if self.config.ssl_weight > 0 else None
+        # with teacher_queue: past teacher features, the pseudo classifier of lightly-train's v1 loss
+        self.queue = MemoryBank(self.config.teacher_queue, self.teacher_dim) if self.config.teacher_queue else None
         self.register_buffer("teacher_sha256", _sha_tensor(teacher.sha256 or hashlib.sha256(b"").hexdigest()))
         self.register_buffer("input_mean", torch.zeros(1, 3, 1, 1), persistent=False)  # the run's normalisation
         self.register_buffer("input_std", torch.ones(1, 3, 1, 1), persistent=False)
@@ -108,7 +117,13 @@ class Distill(Method):
         t = self.teacher_features(x)
         p, t = distributed.gather(p), distributed.gather(t)
         with full_precision(p):
-            loss = regression_loss(p.float(), t.float())
+            if self.queue is None:
+                loss = regression_loss(p.float(), t.float())
+            else:  # the batch's teacher features join the queue first (as lightly-train's v1)
+                t = F.normalize(t.float(), dim=1)
+                self.queue.enqueue(t.unsqueeze(0))
+                queue = self.queue.bank[0].clone()
+                loss = queue_kl(F.normalize(p.float(), dim=1), t, queue, self.config.queue_temperature)
         if self.ssl_head is not None:
             z1, z2 = (distributed.gather(z) for z in self.ssl_head(features).chunk(2))
             with full_precision(z1):

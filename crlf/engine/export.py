@@ -208,7 +208,10 @@ def check_out(out: Path, fmt: str, force: bool) -> None:
         if (fmt == "hf") != (out.is_dir() and not out.is_symlink()):
             kind = "a file" if fmt == "hf" else "a folder"
             raise InputError(f"--out {out} is {kind}, which --format {fmt} does not replace: choose another --out")
-    check_writable(out.parent / f".{out.name}.probe", "--out")  # the temporary name is written beside it
+    if not out.parent.is_dir():
+        raise InputError(f"cannot write {out}: the folder {out.parent} does not exist; create it or choose another "
+                         "--out")
+    check_writable(out if fmt != "hf" else out.parent / f".{out.name}.tmp", "--out")  # a temporary name beside it
 
 
 def _hf(encoder: Encoder, out: Path, run: Path | None, force: bool) -> Exported:

@@ -41,12 +41,13 @@ def _extract_rows(ckpt, images, tmp_path) -> np.ndarray:
     return np.load(tmp_path / "rows.npy")
 
 
-def _run(path, fmt: str, x: np.ndarray) -> np.ndarray:
+def _runner(path, fmt: str):
+    """The written file, loaded once, as a function of a batch (onnxruntime on the CPU, torch.jit.load)."""
     if fmt == "onnx":
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return session.run(None, {"images": x})[0]
-    with torch.no_grad():
-        return torch.jit.load(str(path))(torch.from_numpy(x)).numpy()
+        return lambda x: session.run(None, {"images": x})[0]
+    net = torch.jit.load(str(path))
+    return lambda x: net(torch.from_numpy(x)).detach().numpy()
 
 
 def _export(ckpt, out, *args) -> dict:
@@ -68,9 +69,10 @@ def test_onnx_and_torchscript_give_extracts_rows_for_every_family(family, encode
         assert done["path"] == str(out) and done["max_diff"] < 1e-4 and done["bytes"] == out.stat().st_size
         assert done["opset"] == (18 if fmt == "onnx" else None) and done["input"] == input
         x = pixels if input == "uint8" else floats
-        got = _run(out, fmt, x)
+        run = _runner(out, fmt)
+        got = run(x)
         assert got.shape == rows.shape and np.abs(got - rows).max() < 1e-4, (fmt, input)
-        assert np.abs(_run(out, fmt, x[:1]) - rows[:1]).max() < 1e-4  # another batch size
+        assert np.abs(run(x[:1]) - rows[:1]).max() < 1e-4  # another batch size
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
 
 
@@ -82,7 +84,7 @@ def test_other_image_sizes_are_resized_as_embed_resizes_them(encoders, tmp_path)
     encoder = load_encoder(paths["timm"])
     for x in (torch.rand(3, 3, 24, 20, generator=torch.Generator().manual_seed(3)), torch.rand(2, 3, 10, 12)):
         want = encoder.embed(x, precision="fp32").numpy()  # downscaled, then upscaled
-        assert np.abs(_run(out, "onnx", x.numpy()) - want).max() < 1e-4
+        assert np.abs(_runner(out, "onnx")(x.numpy()) - want).max() < 1e-4
 
 
 def test_hf_folder_loads_back_through_crlf_and_timm_with_the_run_on_its_card(encoders, tmp_path):

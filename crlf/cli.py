@@ -25,6 +25,7 @@ from crlf.guard import guarded
 from crlf.options import DeviceSettings
 from crlf.settings import (
     ExploreSettings,
+    ExportSettings,
     ExtractSettings,
     KnnEvalSettings,
     LinearEvalSettings,
@@ -275,6 +276,25 @@ settings_command(
     _common(ExploreSettings, _explore),
     "Browse an embedding space in the web browser: a 2-D map with thumbnails, nearest neighbours, search, and "
     "queries with your own images (needs Flask: the explore extra).",
+)
+
+
+def _export(settings: ExportSettings, json: bool, quiet: bool) -> dict[str, Any]:
+    from crlf.commands.export import export
+
+    done = export(settings)
+    if not json:
+        output.log.info("wrote %s (%s, %s bytes); largest difference to the PyTorch encoder's features: %.3g",
+                        done["path"], done["format"], f"{done['bytes']:,}", done["max_diff"])  # fmt: skip
+    return done
+
+
+settings_command(
+    app,
+    "export",
+    ExportSettings,
+    _command(ExportSettings, _export),
+    "Export an encoder for deployment: ONNX or TorchScript with its preprocessing inside, or a Hugging Face folder.",
 )
 
 

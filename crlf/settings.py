@@ -23,6 +23,7 @@ from pydantic_settings import (
 from crlf import catalog
 from crlf.configfile import COMMANDS, EnvSource, TomlSource, config_file, warn_unknown_env
 from crlf.errors import InputError, did_you_mean, quoted
+from crlf.limits import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 from crlf.options import (
     MAX_BATCH,
     MAX_EPOCHS,
@@ -159,6 +160,28 @@ class ExtractSettings(EmbedSettings, _CommandSettings):
         if self.out != "-" and not self.out.endswith((".npy", ".npz")):
             raise ValueError(f"--out must end in .npy or .npz, or be - for stdout (got {self.out!r})")
         return self
+
+
+class ExportSettings(_CommandSettings):
+    """Everything ``crlf export`` needs: the encoder (as extract's --ckpt / --arch), the format and where to write."""
+
+    section: ClassVar[str] = "export"
+    ckpt: Path = Field(..., description=EncoderInput.model_fields["ckpt"].description)
+    arch: str | None = Field(None, description=EncoderInput.model_fields["arch"].description)
+    image_size: int | None = Field(
+        None, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE, description="Public weights: their input size (default 224)."
+    )
+    format: Literal["onnx", "torchscript", "hf"] = Field(
+        "onnx", description="onnx / torchscript: one file, preprocessing inside; hf: a Hugging Face model folder."
+    )
+    out: Path = Field(..., description="The file (onnx, torchscript) or folder (hf) to write.")
+    input: Literal["uint8", "float"] = Field(
+        "uint8",
+        description="The file's input: uint8 (N, H, W, 3) RGB or float (N, 3, H, W) in [0, 1]; other sizes than "
+        "the encoder's: centre square, antialiased bilinear resize (as extract resizes arrays).",
+    )
+    opset: int = Field(18, ge=14, le=20, description="ONNX opset (18 runs on onnxruntime >= 1.14).")
+    force: bool = Field(False, description="Replace an existing --out.")
 
 
 class LinearEvalSettings(EmbeddingsInput, EncoderInput, DeviceSettings, DataSettings, _CommandSettings):

@@ -115,3 +115,15 @@ def test_accuracy_sweeps_join_with_commas_each_row_once():
     names = [name for name, _ in accuracy.sweep("seed,ablation", 10, 2.0)]
     assert names[:3] == ["baseline", "seed recipe (examples/seed.toml)", "lr x0.5"]
     assert len(names) == len(set(names)) == len(accuracy.sweep("ablation", 10, 2.0)) + 1
+
+
+def test_export_benchmark_smoke_measures_every_variant(tmp_path):
+    """benchmarks/export.py --smoke: the exported ONNX / TorchScript files and PyTorch, each batch size."""
+    out = tmp_path / "export.json"
+    script = Path(__file__).parents[1] / "benchmarks" / "export.py"
+    r = subprocess.run([sys.executable, script, "--smoke", "--json", out], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["batch"], row["variant"]) for row in rows] == [
+        (b, v) for b in (1, 4) for v in ("pytorch", "crlf embed", "onnxruntime", "torchscript")]
+    assert all(row["images_per_s"] > 0 for row in rows)

@@ -128,7 +128,8 @@ def test_readme_documents_every_option_of_every_subcommand():
     from crlf.configfile import COMMANDS as _COMMANDS
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    assert {c.section for c in _COMMANDS} == {"pretrain", "extract", "linear-eval", "knn-eval", "visualize", "explore"}
+    assert {c.section for c in _COMMANDS} == {"pretrain", "extract", "linear-eval", "knn-eval", "visualize", "explore",
+                                          "export"}
     for command in _COMMANDS:
         for name in command.model_fields:
             assert f"`--{name.replace('_', '-')}" in readme, (

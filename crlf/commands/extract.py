@@ -23,12 +23,12 @@ from crlf.engine.files import check_writable
 from crlf.engine.sources.squares import SquareStream, open_images
 from crlf.errors import InputError, quoted
 from crlf.options import DataSettings
-from crlf.settings import EmbedSettings, EncoderInput, ExtractSettings, resolve
+from crlf.settings import EmbedSettings, EncoderInput, ExportSettings, ExtractSettings, resolve
 
 log = logging.getLogger(__name__)
 
 
-def open_encoder(settings: EncoderInput, device: torch.device) -> Encoder:
+def open_encoder(settings: EncoderInput | ExportSettings, device: torch.device) -> Encoder:
     """The encoder --ckpt names, on `device`: crlf's, or public weights (timm:NAME, a weights file with --arch)."""
     assert settings.ckpt is not None
     return weights.open_encoder(settings.ckpt, device, settings.arch, getattr(settings, "image_size", None))

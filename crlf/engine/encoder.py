@@ -23,7 +23,7 @@ from PIL import Image
 from torch import nn
 
 from crlf import __version__
-from crlf.engine import backbones, progress
+from crlf.engine import backbones, hubfolder, progress
 from crlf.engine.backbones import BackboneSpec
 from crlf.engine.checkpoint import ENCODER_FORMAT, STATE_FORMAT, read_tensors_hashed, save_tensors
 from crlf.engine.device import autocast, autocast_dtype, select_device
@@ -278,14 +278,16 @@ def to_batch(images: Any, size: int) -> torch.Tensor:
 
 # --- loading ---------------------------------------------------------------------------------------------------------
 def load_encoder(path: str | Path, device: str | torch.device = "cpu", backbone: nn.Module | None = None) -> Encoder:
-    """Load a crlf encoder (or the backbone of a training state) ready for inference; `backbone`: the module of your
-    own that an encoder trained with crlf.pretrain(..., backbone=module) holds (crlf cannot rebuild it).
+    """Load a crlf encoder (or the backbone of a training state, or a folder of crlf export --format hf) ready for
+    inference; `backbone`: the module of your own that an encoder trained with crlf.pretrain(..., backbone=module)
+    holds (crlf cannot rebuild it).
 
     Raises InputError for a file that is not a crlf checkpoint, is truncated, or does not match its architecture.
     The Encoder's ``sha256`` is the hash of the bytes the weights were loaded from.
     """
     device = _device(device)  # before the file is read: an unknown device is a typo
-    tensors, meta, file_hash = read_tensors_hashed(Path(path))
+    folder = Path(path).is_dir() and hubfolder.is_folder(Path(path))  # crlf export --format hf
+    tensors, meta, file_hash = hubfolder.read(Path(path)) if folder else read_tensors_hashed(Path(path))
     fmt = meta.get("format")
     if fmt == STATE_FORMAT:
         tensors = {k[len("model.backbone.") :]: v for k, v in tensors.items() if k.startswith("model.backbone.")}

@@ -242,7 +242,7 @@ def test_print_config_reads_back_through_config(tmp_path, command):
     [
         ("[pretrian]\nepochs = 3\n", "unknown table [pretrian] (did you mean [pretrain]?)"),
         ("[linear_eval]\nseeds = 3\n", "unknown table [linear_eval] (did you mean [linear-eval]?)"),
-        ("[training]\nepochs = 3\n", "the tables are [pretrain], [extract], [linear-eval], [knn-eval], [visualize]"),
+        ("[training]\nepochs = 3\n", "the tables are [pretrain], [extract], [export], [linear-eval], [knn-eval], [visualize]"),
         ("[extract]\nnormalise = true\n", "[extract] has unknown setting 'normalise' (did you mean 'normalize'?)"),
         ("epocs = 3\n", "unknown setting 'epocs' (did you mean 'epochs'?)"),
     ],

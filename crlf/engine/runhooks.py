@@ -21,7 +21,7 @@ from crlf.engine.loop import Progress, Setup
 from crlf.engine.plan import TrainConfig
 from crlf.engine.rundir import RunDir
 from crlf.engine.sources.feed import Feed, MemoryFeed
-from crlf.engine.trackers import Trackers, epoch_step, scalars
+from crlf.engine.trackers import Trackers, epoch_metrics, epoch_step
 from crlf.errors import InputError, RunError
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,7 @@ class RunHooks:
         with writing(self.run):  # the metrics line first: a crash between the two re-runs this epoch, never skips it
             self.run.append_metrics(metrics)
             if self.trackers is not None:  # durable before the checkpoint: a resume after it never misses a point
-                self.trackers.log(scalars({k: v for k, v in metrics.items() if k != "epoch"}, "epoch/"),
-                                  epoch_step(epoch, self.steps))  # fmt: skip
+                self.trackers.log(epoch_metrics(metrics), epoch_step(epoch, self.steps))
                 self.trackers.flush()
             self._save(epoch, progress)
 

@@ -179,7 +179,7 @@ def _open_trackers(cfg: TrainConfig, run: RunDir, s: Setup, progress: Progress) 
         return None
     steps = len(s.feed) // cfg.batch_size
     tracked = trackers.Trackers(run, cfg.logger)
-    tracked.start(s.record, progress.epoch * steps + progress.step, steps)
+    tracked.start(s.record, progress.epoch * steps + progress.step, steps, run.read_metrics())
     return tracked
 
 

@@ -18,7 +18,7 @@ from crlf.engine.rundir import RunDir
 from crlf.engine.trackers import mlflow, tensorboard, wandb  # noqa: F401 - the backends register themselves
 from crlf.engine.trackers.base import REGISTRY, Tracker, check, scalars
 
-__all__ = ["REGISTRY", "Tracker", "Trackers", "check", "epoch_step", "scalars"]
+__all__ = ["REGISTRY", "Tracker", "Trackers", "check", "epoch_metrics", "epoch_step", "scalars"]
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +32,10 @@ class Trackers:
         self.active: dict[str, Tracker] = {}
         self.warned: set[str] = set()
 
-    def start(self, config: dict[str, Any], resume_step: int | None, steps_per_epoch: int | None = None) -> None:
-        """Open each tracker's run (the recorded one, else a new one) and record them in trackers.json."""
+    def start(self, config: dict[str, Any], resume_step: int | None, steps_per_epoch: int | None = None,
+              history: list[dict[str, Any]] | None = None) -> None:  # fmt: skip
+        """Open each tracker's run (the recorded one, else a new one) and record them in trackers.json; a new
+        one of a resumed run gets the epochs `history` (metrics.jsonl) kept."""
         state = read_state(self.run)
         before = json.dumps(state, sort_keys=True)
         runs = state.setdefault("runs", {})
@@ -43,6 +45,9 @@ class Trackers:
             try:
                 runs[name] = tracker.start(self.run.path, config, resume_step, recorded if isinstance(recorded, dict)
                                            else None)  # fmt: skip
+                if recorded is None and history and steps_per_epoch:  # --logger added on --resume: the epochs kept
+                    for record in history:
+                        tracker.log(epoch_metrics(record), epoch_step(record["epoch"], steps_per_epoch))
             except Exception as e:  # noqa: BLE001 - a tracker never stops the run
                 self._failed(name, "start", e)
                 continue
@@ -94,6 +99,11 @@ def read_state(run: RunDir) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return state if isinstance(state, dict) and isinstance(state.get("runs", {}), dict) else {}
+
+
+def epoch_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """A metrics.jsonl record as the trackers' epoch/ scalars."""
+    return scalars({k: v for k, v in record.items() if k != "epoch"}, "epoch/")
 
 
 def epoch_step(epoch: int, steps_per_epoch: int) -> int:

@@ -82,8 +82,9 @@ def metadata(cfg: TrainConfig, s: Setup, epoch: int) -> dict[str, str]:
 
 
 class RunHooks:
-    """The run directory's side of the loop: after each epoch the kNN monitor, the metrics line and the checkpoint
-    (written on the writer thread while the next epoch trains); a stop's checkpoint; the error of a divergence."""
+    """The run directory's side of the loop: after each epoch the kNN monitor, the metrics line, the trackers' points
+    and the checkpoint (written on the writer thread while the next epoch trains); every --log-every-steps steps
+    the trackers' step points; a stop's checkpoint; the error of a divergence."""
 
     def __init__(self, cfg: TrainConfig, s: Setup, run: RunDir, monitor: Monitor | None,
                  trackers: Trackers | None = None):  # fmt: skip

@@ -111,7 +111,7 @@ def epoch_step(epoch: int, steps_per_epoch: int) -> int:
     return epoch * steps_per_epoch
 
 
-def recorded(run: RunDir) -> Trackers | None:
+def continued(run: RunDir) -> Trackers | None:
     """The trackers a run directory recorded, continued for an evaluation or figures (nothing is rolled back);
     None when it has none. A backend whose package is gone now is left out with a warning."""
     state = read_state(run)
@@ -140,7 +140,7 @@ def final_step(run: RunDir) -> int:
 
 def log_evaluation(run: RunDir, protocol: str, result: dict[str, Any]) -> None:
     """An evaluation's top-1 / top-5 (per label fraction when there are several) into the run's trackers."""
-    trackers = recorded(run)
+    trackers = continued(run)
     if trackers is None:
         return
     metrics = {f"eval/{protocol}_{k}": result[k] for k in ("top1", "top5") if isinstance(result.get(k), (int, float))}
@@ -154,7 +154,7 @@ def log_evaluation(run: RunDir, protocol: str, result: dict[str, Any]) -> None:
 
 def log_figures(run: RunDir, figures: dict[str, Path]) -> None:
     """visualize's figures (kind -> PNG file) into the run's trackers."""
-    trackers = recorded(run)
+    trackers = continued(run)
     if trackers is None:
         return
     step = final_step(run)

@@ -322,6 +322,11 @@ class RunSettings(Group):
         ge=0,
         description="kNN top-1 on the test split every N epochs and at the end, in metrics.jsonl (0: off).",
     )
+    # experiment trackers (crlf.engine.trackers; a test keeps these names the registry's)
+    logger: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        [], description="Tracker: tensorboard, mlflow, wandb (local); repeatable."
+    )
+    log_every_steps: int = Field(50, ge=0, description="Trackers: loss and lr every N steps (0: off).")
 
 
 class KnnSettings(Group):

@@ -148,7 +148,7 @@ def torchrun(tmp_path, *args):
 
 
 def test_torchrun_two_processes_end_to_end_and_resume(tmp_path):
-    r = torchrun(tmp_path, "--epochs", "2")
+    r = torchrun(tmp_path, "--epochs", "2", "--logger", "tensorboard")  # rank 0 alone logs
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout)  # one JSON document: the main process alone reports
     assert summary["status"] == "trained" and summary["world_size"] == 2 and summary["rank"] == 0
@@ -157,8 +157,16 @@ def test_torchrun_two_processes_end_to_end_and_resume(tmp_path):
     assert [m["epoch"] for m in metrics] == [1, 2]  # one set of files, not one per process
     assert r.stderr.count("epoch 1/2") == 1
     assert (run / "encoder.safetensors").is_file() and json.loads((run / "config.json").read_text())["sync_bn"] is True
-    again = torchrun(tmp_path, "--epochs", "3", "--resume")
+    assert len(list((run / "tb").glob("events.out.tfevents.*"))) == 1
+    again = torchrun(tmp_path, "--epochs", "3", "--resume", "--logger", "tensorboard")
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in resumed] == [1, 2, 3] and resumed[:2] == metrics
     assert json.loads(again.stdout)["epochs_run"] == 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()  # one file per session, each from the main process; every epoch once at its global step
+    assert len(list((run / "tb").glob("events.out.tfevents.*"))) == 2
+    assert [(e.step, round(e.value, 6)) for e in events.Scalars("epoch/loss")] == \
+        [(4 * m["epoch"], m["loss"]) for m in resumed]  # fmt: skip

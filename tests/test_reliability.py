@@ -86,7 +86,8 @@ def test_sigkill_at_named_points_then_resume_is_exact(tmp_path, reference_run):
     finished run is the uninterrupted one, bit for bit, and no temp file is left. The points are the engine's test
     hook (checkpoint._write): $CRLF_TEST_KILL_AT="FILE#n" kills a process half way through its n-th write of FILE."""
     out, run = tmp_path / "run", RunDir(tmp_path / "run")
-    args = ["pretrain", *reference_run.args(), "--out", out, "--resume"]
+    args = ["pretrain", *reference_run.args(), "--out", out, "--resume", "--logger", "tensorboard", "--log-every-steps",
+            3]  # fmt: skip
 
     def killed_at(point):
         r = run_cli(*args, kill_at=point)
@@ -113,6 +114,12 @@ def test_sigkill_at_named_points_then_resume_is_exact(tmp_path, reference_run):
     assert same_weights(run.encoder, reference_run.path / "encoder.safetensors")
     assert same_weights(run.last, reference_run.path / "last.safetensors")
     assert losses(out) == losses(reference_run.path)  # every epoch once, the same numbers
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()  # TensorBoard too: every point once (the killed sessions' extra ones purged), none missing
+    assert [(e.step // 4, round(e.value, 6)) for e in events.Scalars("epoch/loss")] == losses(reference_run.path)
+    assert [e.step for e in events.Scalars("step/loss")] == [3, 6, 9, 12]
     assert not list(out.glob(".*.tmp")) and not list((out / "checkpoints").glob(".*.tmp"))
 
 

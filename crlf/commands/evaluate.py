@@ -12,13 +12,14 @@ from typing import Any
 import torch
 
 from crlf.commands.extract import embed_split, encoder_data, open_encoder
-from crlf.engine import evaluate, sources
+from crlf.engine import evaluate, sources, trackers
 from crlf.engine.device import select_device
 from crlf.engine.embedfile import read_embeddings
 from crlf.engine.encoder import Encoder
 from crlf.engine.evalresults import Evaluated, Run, report
 from crlf.engine.evaluate import LinearHead
 from crlf.engine.files import check_writable
+from crlf.engine.rundir import RunDir
 from crlf.errors import InputError
 from crlf.settings import KnnEvalSettings, LinearEvalSettings
 
@@ -150,7 +151,7 @@ def linear_eval(settings: LinearEvalSettings) -> dict[str, Any]:
                 result.seconds,
             )
             runs.append(Run(fraction, seed, result))
-    return report(protocol, parts.about, runs, target, head)
+    return _tracked(settings, protocol, report(protocol, parts.about, runs, target, head))
 
 
 def knn_eval(settings: KnnEvalSettings) -> dict[str, Any]:
@@ -173,7 +174,16 @@ def knn_eval(settings: KnnEvalSettings) -> dict[str, Any]:
         temperature=settings.knn_temperature,
         device=device,
     )
-    return report("knn", parts.about, [Run(1.0, 0, result)], target)
+    return _tracked(settings, "knn", report("knn", parts.about, [Run(1.0, 0, result)], target))
+
+
+def _tracked(settings: KnnEvalSettings | LinearEvalSettings, protocol: str, result: dict[str, Any]) -> dict[str, Any]:
+    """The result, also logged to the trackers of the run directory the checkpoint is in (when it recorded some)."""
+    if settings.ckpt is not None:
+        run = RunDir(settings.ckpt.expanduser().parent)
+        if run.config.is_file() and run.is_ours():
+            trackers.log_evaluation(run, protocol, result)
+    return result
 
 
 def _results_path(settings: KnnEvalSettings | LinearEvalSettings, protocol: str) -> Path | None:

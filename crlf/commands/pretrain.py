@@ -77,6 +77,7 @@ def train_config(
         identity={k: v for k, v in values.items() if k in keys},
         backbone=backbone,
         images=images,
+        logger=tuple(dict.fromkeys(settings.logger)),
     )
 
 

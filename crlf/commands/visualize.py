@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from crlf.commands.extract import embed_images, encoder_data
-from crlf.engine import augment, plots, sources, weights
+from crlf.engine import augment, plots, sources, trackers, weights
 from crlf.engine.device import select_device
 from crlf.engine.embedfile import read_embeddings
 from crlf.engine.files import check_writable, make_folder, os_failure
@@ -372,6 +372,8 @@ def visualize(settings: VisualizeSettings) -> dict[str, Any]:
         figures[kind] = {"path": str(path), **facts, "seconds_total": round(time.perf_counter() - t0, 2)}
         log.info("wrote %s", path)
     result: dict[str, Any] = {"out": str(out), "figures": figures, "skipped": skipped}
+    if inp.run is not None and inp.run.is_ours():  # the run's trackers get the figures too
+        trackers.log_figures(inp.run, {kind: Path(f["path"]) for kind, f in figures.items()})
     if inp.run is not None and not single:
         result["index"] = str(write_index(inp.run, folder, figures, _static_map(inp, folder)))
         log.info("open %s in a browser: every figure with the run's settings and metrics", result["index"])

@@ -49,6 +49,10 @@ class Reporter(Protocol):
 class Hooks(Protocol):
     """What happens around the steps: the run directory's side of the loop (crlf.engine.runhooks.RunHooks)."""
 
+    def after_step(self, step: int, loss: torch.Tensor, lr: float) -> None:
+        """After each step (`step` counts from 1 over the run): the step's loss as a device tensor (reading it is a
+        host sync: the trackers do it every --log-every-steps steps) and its learning rate."""
+
     def epoch_metrics(self, epoch: int) -> dict[str, Any]:
         """Extra metrics after `epoch` (1-based) ends: the kNN monitor."""
 
@@ -169,7 +173,9 @@ def fit(
             lr = sched.lrs[it] * plateau.scale
             for group in s.optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)  # a ViT's layer-wise decay (optim.layer_scales)
-            loss_sum += train_step(cfg, s, next(batches), gen, it + 1, sched.total)
+            step_loss = train_step(cfg, s, next(batches), gen, it + 1, sched.total)
+            loss_sum += step_loss
+            hooks.after_step(it + 1, step_loss, lr)
             reporter.on_step(epoch, step + 1, sched.steps, loss_sum=loss_sum, lr=lr)  # it reads the loss rarely
             # one process reads its own flag at every step; several agree every 8 steps (a host sync) on one stop
             last = step == sched.steps - 1

@@ -48,6 +48,8 @@ class TrainConfig:
     knn_temperature: float = 0.1
     device: str = "auto"
     precision: str = "auto"
+    logger: tuple[str, ...] = ()  # experiment trackers (crlf.engine.trackers)
+    log_every_steps: int = 50  # the trackers' loss and lr every N steps (0: per epoch only)
     values: dict[str, Any] = field(default_factory=dict)
     identity: dict[str, Any] = field(default_factory=dict)
     backbone: torch.nn.Module | None = None  # a user's own backbone instead of building `arch`

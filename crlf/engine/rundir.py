@@ -2,6 +2,7 @@
 
 runs/NAME/
   config.json  metrics.jsonl  last.safetensors  checkpoints/epoch-0005.safetensors  encoder.safetensors  train.log
+  trackers.json (the tracker runs it continues)  tb/  mlruns/  wandb/ (--logger's local stores)
   .crlf-run (the marker that says crlf made this folder)  .lock
 
 crlf clears or resumes only folders it made, and never writes through a symbolic link in one.
@@ -45,6 +46,8 @@ class RunDir:
         self.log_file = self.path / "train.log"
         self.lock_file = self.path / ".lock"
         self.marker = self.path / ".crlf-run"
+        self.trackers = self.path / "trackers.json"
+        self.tb = self.path / "tb"
 
     def _own_files(self) -> list[Path]:
         """Every name crlf writes in a run directory (evaluation results included)."""
@@ -53,7 +56,8 @@ class RunDir:
             for kind in ("linear", "knn")
             for ext in (".json", "_confusion.npy", "_probe.safetensors")
         ]
-        return [self.config, self.metrics, self.last, self.encoder, self.log_file, self.checkpoints, *results]
+        return [self.config, self.metrics, self.last, self.encoder, self.log_file, self.checkpoints, *results,
+                self.trackers, self.tb]
 
     def check_owner(self) -> None:
         """Refuse a folder crlf did not make (its files would be overwritten or cleared), a folder inside another run
@@ -170,9 +174,10 @@ class RunDir:
 
     def clear(self) -> None:
         """Remove a previous run's files (--force). train.log stays and goes on (it is the folder's history), and so
-        do the lock, the marker and files crlf did not write."""
+        do the lock, the marker and files crlf did not write. TensorBoard's events go with the run; MLflow and W&B
+        stores stay, and the next start opens new runs in them (trackers.json is removed)."""
         for f in self._own_files():
-            if f == self.checkpoints:
+            if f in (self.checkpoints, self.tb):
                 shutil.rmtree(f, ignore_errors=True)
             elif f != self.log_file:
                 f.unlink(missing_ok=True)

@@ -1,6 +1,6 @@
-"""The run directory's side of the loop (crlf.engine.loop.Hooks): after each epoch the kNN monitor, the metrics line
-and the checkpoint (written on the writer thread while the next epoch trains); a stop's checkpoint; the error of a
-divergence; and the Encoder a run's backbone is saved as."""
+"""The run directory's side of the loop (crlf.engine.loop.Hooks): after each epoch the kNN monitor, the metrics line,
+the trackers' points and the checkpoint (written on the writer thread while the next epoch trains); a stop's
+checkpoint; the error of a divergence; and the Encoder a run's backbone is saved as."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from crlf.engine.loop import Progress, Setup
 from crlf.engine.plan import TrainConfig
 from crlf.engine.rundir import RunDir
 from crlf.engine.sources.feed import Feed, MemoryFeed
+from crlf.engine.trackers import Trackers, epoch_metrics, epoch_step
 from crlf.errors import InputError, RunError
 
 log = logging.getLogger(__name__)
@@ -81,11 +82,19 @@ def metadata(cfg: TrainConfig, s: Setup, epoch: int) -> dict[str, str]:
 
 
 class RunHooks:
-    """The run directory's side of the loop: after each epoch the kNN monitor, the metrics line and the checkpoint
-    (written on the writer thread while the next epoch trains); a stop's checkpoint; the error of a divergence."""
+    """The run directory's side of the loop: after each epoch the kNN monitor, the metrics line, the trackers' points
+    and the checkpoint (written on the writer thread while the next epoch trains); every --log-every-steps steps
+    the trackers' step points; a stop's checkpoint; the error of a divergence."""
 
-    def __init__(self, cfg: TrainConfig, s: Setup, run: RunDir, monitor: Monitor | None):
-        self.cfg, self.s, self.run, self.monitor = cfg, s, run, monitor
+    def __init__(self, cfg: TrainConfig, s: Setup, run: RunDir, monitor: Monitor | None,
+                 trackers: Trackers | None = None):  # fmt: skip
+        self.cfg, self.s, self.run, self.monitor, self.trackers = cfg, s, run, monitor, trackers
+        self.steps = len(s.feed) // cfg.batch_size
+
+    def after_step(self, step: int, loss: torch.Tensor, lr: float) -> None:
+        every = self.cfg.log_every_steps
+        if self.trackers is not None and every and step % every == 0:  # the one host sync of N steps
+            self.trackers.log({"step/loss": float(loss), "step/lr": lr}, step)
 
     def epoch_metrics(self, epoch: int) -> dict[str, Any]:
         cfg, m = self.cfg, self.monitor
@@ -98,11 +107,16 @@ class RunHooks:
             return
         with writing(self.run):  # the metrics line first: a crash between the two re-runs this epoch, never skips it
             self.run.append_metrics(metrics)
+            if self.trackers is not None:  # durable before the checkpoint: a resume after it never misses a point
+                self.trackers.log(epoch_metrics(metrics), epoch_step(epoch, self.steps))
+                self.trackers.flush()
             self._save(epoch, progress)
 
     def stop(self, epoch: int, progress: Progress, states: list[dict[str, torch.Tensor]]) -> None:
         s = self.s
         if s.world.main:
+            if self.trackers is not None:
+                self.trackers.flush()
             with writing(self.run):
                 s.writer.wait()  # the epoch's checkpoint first, then this one over it
                 save_state(self.run.last, s.model, s.optimizer, metadata(self.cfg, s, epoch), progress.state(),

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from crlf.engine import augment, backbones, distributed, methods, runplan, sources, weights
+from crlf.engine import augment, backbones, distributed, methods, runplan, sources, trackers, weights
 from crlf.engine.checkpoint import load_state
 from crlf.engine.device import autocast_dtype, seed_everything
 from crlf.engine.files import atomic_write
@@ -31,7 +31,7 @@ from crlf.engine.rundir import RunDir
 from crlf.engine.runhooks import RunHooks, encoder_of, monitor_data, writing
 from crlf.engine.signals import StopFlag
 from crlf.engine.sources.feed import Feed, MemoryFeed, open_feed
-from crlf.errors import InputError
+from crlf.errors import InputError, Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ def pretrain(
     force: discard whatever run the directory holds and start over;
     hard_abort: a second SIGINT ends the process at once, even inside a long native op (the CLI's choice).
     """
+    trackers.check(cfg.logger)  # a missing package fails before anything is loaded or written
     world = distributed.join(cfg.device)
     logger, level = logging.getLogger("crlf"), logging.getLogger("crlf").level
     if not world.main:
@@ -136,8 +137,10 @@ def _start(
             atomic_write(run.config, lambda f: f.write(config.encode()))
     distributed.barrier(world)  # the others read checkpoints only after the main process has set up
     progress, rng = _restore(run, setup, world) if plan == runplan.RESUME else (Progress(), {})
-    hooks = RunHooks(cfg, setup, run, monitor)
+    tracked = _open_trackers(cfg, run, setup, progress) if main else None
+    hooks = RunHooks(cfg, setup, run, monitor, tracked)
     stop = StopFlag(hard_abort)
+    status = "failed"
     with stop.installed():
         try:
             history = fit(cfg, setup, progress, rng, stop, reporter, hooks)
@@ -147,9 +150,15 @@ def _start(
                     setup.writer.wait()
                     encoder_of(cfg, setup, max(progress.epoch, cfg.epochs)).save(run.encoder)
                 log.info("encoder written to %s", run.encoder)
+            status = "finished"
+        except (Interrupted, KeyboardInterrupt):
+            status = "interrupted"
+            raise
         finally:  # a run that fails still finishes writing the checkpoint it started; its own error is the one shown
             with contextlib.suppress(Exception):
                 setup.writer.wait()
+            if tracked is not None:
+                tracked.close(status)
     summary = {
         "status": "trained",
         "run_dir": str(run.path),
@@ -164,7 +173,14 @@ def _start(
     return {**summary, "rank": world.rank, "world_size": world.world_size} if world.active else summary
 
 
-
+def _open_trackers(cfg: TrainConfig, run: RunDir, s: Setup, progress: Progress) -> trackers.Trackers | None:
+    """The --logger trackers, continuing the runs trackers.json records after the restored step (None: none)."""
+    if not cfg.logger:
+        return None
+    steps = len(s.feed) // cfg.batch_size
+    tracked = trackers.Trackers(run, cfg.logger)
+    tracked.start(s.record, progress.epoch * steps + progress.step, steps, run.read_metrics())
+    return tracked
 
 
 def _restore(run: RunDir, s: Setup, world: distributed.World) -> tuple[Progress, dict[str, torch.Tensor]]:

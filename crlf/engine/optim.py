@@ -43,11 +43,12 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(
-    model: nn.Module, name: str, lr: float, weight_decay: float, no_decay: set[str] = frozenset()
+    model: nn.Module, name: str, lr: float, weight_decay: float, no_decay: set[str] = frozenset(),
+    betas: tuple[float, float] = (0.9, 0.999),
 ) -> torch.optim.Optimizer:
     """sgd (momentum 0.9, nesterov off), lars, adam or adamw. Parameters named in `no_decay` and every 1-D one
     (biases, norms) get no weight decay (and no LARS adaptation): position embeddings and class tokens are not
-    weights to shrink. A momentum teacher's frozen parameters are left out."""
+    weights to shrink. A momentum teacher's frozen parameters are left out. `betas`: Adam's and AdamW's."""
     decay, keep = [], []
     for n, p in model.named_parameters():
         if p.requires_grad:
@@ -58,9 +59,9 @@ def build_optimizer(
     if name == "lars":
         return LARS(groups, lr=lr)
     if name == "adam":
-        return torch.optim.Adam(groups, lr=lr)
+        return torch.optim.Adam(groups, lr=lr, betas=betas)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
     raise ValueError(f"unknown optimizer '{name}': choose sgd, lars, adam or adamw")
 
 

@@ -239,7 +239,7 @@ def _build(cfg: TrainConfig, world: distributed.World, load_init: bool = True) -
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(
-        model, cfg.optimizer, cfg.lr, cfg.weight_decay, no_decay
+        model, cfg.optimizer, cfg.lr, cfg.weight_decay, no_decay, method.adam_betas
     )
     step_model = distributed.wrap(model, world)
     log.info(

@@ -64,13 +64,14 @@ def vit_tokens(backbone: nn.Module, method: str) -> Tokens:
 def random_masking(
     n: int, patches: int, ratio: float, generator: torch.Generator | None, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image, int(patches x (1 - ratio)) (at least 1) patches kept at random: (keep (n, K) indices in a random
-    order, mask (n, L) bool, True where masked). One (n, L) draw of uniform noise from `generator` (else torch's)."""
+    """Per image, int(patches x (1 - ratio)) patches (at least 1, at most all but 1) kept at random: (keep (n, K)
+    indices in a random order, mask (n, L) bool, True where masked). One (n, L) draw of uniform noise from
+    `generator` (else torch's)."""
     if generator is not None:
         noise = torch.rand(n, patches, generator=generator, device=generator.device).to(device)
     else:
         noise = torch.rand(n, patches, device=device)
-    kept = max(1, int(patches * (1 - ratio)))
+    kept = min(max(1, int(patches * (1 - ratio))), patches - 1)  # at least one patch masked, one seen (if two)
     keep = noise.argsort(dim=1)[:, :kept]
     mask = torch.ones(n, patches, dtype=torch.bool, device=device).scatter(1, keep, False)
     return keep, mask

@@ -1,5 +1,5 @@
 """Masked image modelling (--method mae): the masking, the encoder on the visible patches only, the loss against its
-written-out formula, and a tiny run that learns, resumes exactly and embeds with extract."""
+written-out formula, and a tiny run that learns, resumes exactly, embeds with extract and draws its reconstructions."""
 
 import json
 import math
@@ -15,12 +15,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from crlf import PretrainSettings, load_encoder, pretrain
+from crlf.commands.visualize import visualize
 from crlf.engine.backbones.tokens import tokens_of
 from crlf.engine.backbones.vit import _ViT
 from crlf.engine.loss import mae_loss
 from crlf.engine.methods.mae import MAE, MAEConfig, patchify, random_masking, unpatchify
 from crlf.engine.rundir import RunDir
-from crlf.errors import Interrupted
+from crlf.errors import InputError, Interrupted
+from crlf.settings import VisualizeSettings
 
 
 @pytest.fixture(autouse=True)
@@ -127,7 +129,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_a_tiny_mae_run_learns_resumes_exactly_and_embeds_with_extract(tmp_path, signal_at, one_thread):
+def test_a_tiny_mae_run_learns_resumes_exactly_embeds_and_draws_its_reconstructions(tmp_path, signal_at, one_thread):
     full = _settings(tmp_path / "full")
     pretrain(full)
     losses = [m["loss"] for m in RunDir(full.out).read_metrics()]
@@ -143,6 +145,16 @@ def test_a_tiny_mae_run_learns_resumes_exactly_and_embeds_with_extract(tmp_path,
     a, b = load_file(str(full.out / "last.safetensors")), load_file(str(part.out / "last.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "the resumed run differs"
     assert losses == [m["loss"] for m in RunDir(part.out).read_metrics()]
+
+    shown = visualize(VisualizeSettings(run=[full.out], kind=["reconstructions"], queries=3, device="cpu",
+                                        out=tmp_path / "rec.png"))  # fmt: skip
+    facts = shown["figures"]["reconstructions"]
+    assert (tmp_path / "rec.png").stat().st_size > 1000 and facts["images"] == 3 and facts["masked"] == 0.75
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"method": "simclr"}))
+    with pytest.raises(InputError, match="reconstructions needs an MAE run"):
+        visualize(VisualizeSettings(run=[other], kind=["reconstructions"], out=tmp_path / "no.png"))
 
     encoder = load_encoder(full.out / "encoder.safetensors")
     assert encoder.arch == "vit_tiny" and encoder.feature_dim == 192

@@ -182,15 +182,28 @@ class MAE(Method):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For a figure: the normalised images `x` with their masked patches zeroed, and the reconstruction (the
-        visible patches as they are, the masked ones predicted, un-normalised with each original patch's mean and
-        std as the norm_pix target was normalised)."""
+        """For a figure, of normalised images `x` (N, 3, H, W): the mask as pixels (N, 1, H, W, True where masked)
+        and the reconstruction (the visible patches as they are, the masked ones predicted and un-normalised with
+        each original patch's mean and std, as the norm_pix target was normalised)."""
         p = self.tokens.patch
         grid = (x.shape[-2] // p, x.shape[-1] // p)
         pred, mask = self.predict(x)
         target = patchify(x, p).float()
         mean, std = target.mean(-1, keepdim=True), (target.var(-1, keepdim=True) + 1e-6).sqrt()
         filled = torch.where(mask.unsqueeze(-1), pred.float() * std + mean, target)
-        masked = torch.where(mask.unsqueeze(-1), torch.zeros_like(target), target)
-        return unpatchify(masked, p, grid), unpatchify(filled, p, grid)
+        pixels = unpatchify(mask.unsqueeze(-1).expand(-1, -1, p * p).float(), p, grid) > 0.5
+        return pixels, unpatchify(filled, p, grid)
+
+
+def from_state(backbone: nn.Module, config: MAEConfig, tensors: dict[str, torch.Tensor]) -> MAE:
+    """An MAE around a trained `backbone` with the decoder of a run's training state (checkpoint.state_tensors'
+    ``model.decoder.*``); an InputError when the state holds no decoder of this config."""
+    method = MAE(backbone, config)
+    decoder = {k.removeprefix("model.decoder."): v for k, v in tensors.items() if k.startswith("model.decoder.")}
+    try:
+        method.decoder.load_state_dict(decoder)
+    except RuntimeError as e:
+        raise InputError(f"the checkpoint holds no MAE decoder of depth {config.decoder_depth} and width "
+                         f"{config.decoder_width} ({str(e).splitlines()[0][:80]})") from None  # fmt: skip
+    return method.eval()
 

@@ -409,13 +409,13 @@ def test_config_file_paths_are_quoted(tmp_path):
             VisualizeSettings,
             {"kind": ["loss", "tnse"]},
             "kind: 'tnse' is not one of loss, pca, tsne, umap, confusion, "
-            "neighbors, augmentations (did you mean 'tsne'?)",
+            "neighbors, augmentations, reconstructions (did you mean 'tsne'?)",
         ),
         (
             PretrainSettings,
             {"method": "simclar"},
             "method: 'simclar' is not one of simclr, moco, byol, simsiam, barlow, "
-            "vicreg, dino, swav, distill (did you mean 'simclr'?)",
+            "vicreg, dino, swav, distill, mae (did you mean 'simclr'?)",
         ),
         (PretrainSettings, {"precision": "fp16"}, "precision: 'fp16' is not one of auto, bf16, fp32"),
     ],

@@ -35,10 +35,10 @@ from typing import Any
 import tomllib
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu import ROOT, commit, pretrain_command, tiny_folder  # noqa: E402  (benchmarks/ is not a package)
+from gpu import ROOT, VIT_ONLY, commit, pretrain_command, tiny_folder  # noqa: E402  (benchmarks/ is not a package)
 
 log = logging.getLogger("accuracy")
-METHODS = ["simclr", "moco", "byol", "simsiam", "barlow", "vicreg", "dino", "swav"]
+METHODS = ["simclr", "moco", "byol", "simsiam", "barlow", "vicreg", "dino", "swav", "mae"]
 
 
 def seed_recipe() -> dict[str, Any]:
@@ -73,7 +73,8 @@ def sweep(name: str, epochs: int, epoch_seconds: float) -> list[tuple[str, dict[
     if name == "seed":
         return [("baseline", {}), ("seed recipe (examples/seed.toml)", seed_recipe())]
     if name == "methods":
-        return [(m, {"method": m}) for m in METHODS]
+        vit = {m: {"arch": arch} for m, arch in VIT_ONLY.items()}  # a ViT-only method on its ViT
+        return [(f"{m} ({VIT_ONLY[m]})" if m in vit else m, {"method": m, **vit.get(m, {})}) for m in METHODS]
     if name == "targets":  # the issue's: >= 75% linear after 10 epochs, >= 85% kNN within 3 minutes
         return [("10 epochs", {"epochs": 10}), ("3 minutes", {"epochs": max(1, int(170 // epoch_seconds))})]
     raise SystemExit(f"unknown sweep {name!r}: ablation, seed, methods or targets")

@@ -118,6 +118,11 @@ METHODS: dict[str, Any] = {
                 'queue_temperature': 0.07,
             },
         },
+        'mae': {
+            'summary': "ViT encoder on the visible quarter of the patches, light decoder; MSE of the masked patches' pixels.",
+            'optimizer': 'adamw',
+            'defaults': {'mask_ratio': 0.75, 'decoder_depth': 4, 'decoder_width': 256},
+        },
     },
     'options': {
         'head_hidden': {
@@ -251,6 +256,24 @@ METHODS: dict[str, Any] = {
             'help': "The queue KL's temperature (lightly-train's).",
             'identity': False,
             'bounds': {'gt': 0.0, 'le': 100.0},
+        },
+        'mask_ratio': {
+            'type': 'float',
+            'help': "Fraction of each image's patches masked (MAE).",
+            'identity': False,
+            'bounds': {'gt': 0.0, 'lt': 1.0},
+        },
+        'decoder_depth': {
+            'type': 'int',
+            'help': "MAE decoder's transformer blocks.",
+            'identity': True,
+            'bounds': {'ge': 1, 'le': 24},
+        },
+        'decoder_width': {
+            'type': 'int',
+            'help': "MAE decoder's width (a multiple of 32).",
+            'identity': True,
+            'bounds': {'ge': 32, 'le': 4096},
         },
     },
 }

@@ -229,7 +229,7 @@ class KnnEvalSettings(KnnSettings, EmbeddingsInput, EncoderInput, DeviceSettings
     section: ClassVar[str] = "knn-eval"
 
 
-FigureKind = Literal["loss", "pca", "tsne", "umap", "confusion", "neighbors", "augmentations"]
+FigureKind = Literal["loss", "pca", "tsne", "umap", "confusion", "neighbors", "augmentations", "reconstructions"]
 
 
 class VisualizeSettings(AugmentSettings, EncoderInput, DeviceSettings, DataSettings, _CommandSettings):
@@ -250,8 +250,8 @@ class VisualizeSettings(AugmentSettings, EncoderInput, DeviceSettings, DataSetti
     )
     kind: list[FigureKind] = Field(
         [],
-        description="Figure to draw: loss, pca, tsne, umap, confusion, neighbors, augmentations; "
-        "repeat for several (default: all the inputs allow).",
+        description="Figure to draw: loss, pca, tsne, umap, confusion, neighbors, augmentations, "
+        "reconstructions (MAE runs); repeat for several (default: all the inputs allow).",
     )
     out: Path | None = Field(
         None,

@@ -66,7 +66,7 @@ def test_every_listed_method_is_registered_with_a_config_of_real_defaults():
     for name, cls in methods.REGISTRY.items():
         resolved = method_defaults(PretrainSettings(method=name))
         config = cls.Config()
-        assert resolved.method == name and (name == "distill" or resolved.head_hidden and resolved.head_out)
+        assert resolved.method == name and (name in {"distill", *MASKED} or resolved.head_hidden and resolved.head_out)
         assert all(getattr(resolved, f.name) == getattr(config, f.name) for f in dataclasses.fields(config)), name
     given = method_defaults(PretrainSettings(temperature=0.5, head_out=64))
     assert (given.temperature, given.head_out, given.head_hidden) == (0.5, 64, 2048)  # the user's values win
@@ -98,8 +98,10 @@ def test_every_method_keeps_its_encoder_under_backbone(tmp_path):
     from crlf.engine import backbones
 
     for name, cls in methods.REGISTRY.items():
-        backbone = backbones.build(backbones.spec_for("resnet18", 32, "cifar"))
-        m = cls(backbone, config_of(cls.Config, {"head_hidden": 16, "head_out": 8, "teacher": _tiny_teacher()}), 512)
+        spec = backbones.spec_for("vit_tiny" if name in MASKED else "resnet18", 32, "cifar")  # mae: a ViT
+        backbone = backbones.build(spec)
+        m = cls(backbone, config_of(cls.Config, {"head_hidden": 16, "head_out": 8, "teacher": _tiny_teacher()}),
+                spec.feature_dim)  # fmt: skip
         assert isinstance(m, methods.Method) and m.backbone is backbone
         keys = set(m.state_dict())
         assert {f"backbone.{k}" for k in backbone.state_dict()} <= keys, name
@@ -123,17 +125,36 @@ def _tiny_teacher() -> str:
     return str(path)
 
 
+MASKED = {"mae"}  # the masked image modelling methods: ViTs only, masks drawn in forward
+
+
 def _tiny(name: str, **options) -> tuple[methods.Method, object]:
     """The method around a one-conv backbone (any view size), small heads, weights seeded alike in every process;
-    the multi-crop methods with two small crops; distill from a small teacher."""
+    the multi-crop methods with two small crops; distill from a small teacher; mae around a one-block ViT of 2 px
+    patches (4 x 4 views: 4 patches) with a small decoder."""
+    from crlf.engine.backbones.vit import _ViT
+
     cls = methods.get(name)
-    values = dict(head_hidden=16, head_out=8, prototypes=10, queue_size=32, pred_hidden=8, local_crops=2, **options)
+    values = dict(head_hidden=16, head_out=8, prototypes=10, queue_size=32, pred_hidden=8, local_crops=2,
+                  decoder_width=32, decoder_depth=1, **options)  # fmt: skip
     if name == "distill":
         values["teacher"] = _tiny_teacher()
     config = config_of(cls.Config, values)
     torch.manual_seed(0)
-    backbone = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    if name in MASKED:
+        backbone = _ViT(image_size=4, patch_size=2, num_layers=1, num_heads=2, hidden_dim=12, mlp_dim=24)
+        backbone.heads = nn.Identity()
+    else:
+        backbone = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     return cls(backbone, config, 12), config
+
+
+def _rows_generator(rows: slice) -> torch.Generator:
+    """A generator whose next (n, 4) draw is rows `rows` of the whole batch's (8, 4) draw (CPU draws are
+    sequential): the masks of a process's share of the batch are the single process's masks of those images."""
+    g = torch.Generator().manual_seed(5)
+    torch.rand(rows.start, 4, generator=g)
+    return g
 
 
 def _fixed_views(config: object, rows: slice) -> list[torch.Tensor]:
@@ -154,6 +175,7 @@ def _two_process_steps(rank: int, world_size: int, port: int, out: str) -> None:
         result = {}
         for name in methods.REGISTRY:
             method, config = _tiny(name)
+            method.set_generator(_rows_generator(slice(rank * 4, rank * 4 + 4)))
             method = distributed.sync_batchnorm(method, torch.device("cpu"))
             loss = method(_fixed_views(config, slice(rank * 4, rank * 4 + 4)))
             loss.backward()
@@ -182,6 +204,7 @@ def test_every_method_on_two_processes_equals_one_process_on_the_whole_batch(tmp
     r0, r1 = load_file(f"{out}.0"), load_file(f"{out}.1")
     for name in methods.REGISTRY:
         method, config = _tiny(name)
+        method.set_generator(_rows_generator(slice(0, 8)))
         loss = method(_fixed_views(config, slice(0, 8)))
         loss.backward()
         assert torch.allclose(r0[f"{name}.loss"], loss.reshape(1), rtol=1e-4, atol=1e-6), name
@@ -245,6 +268,7 @@ def test_every_method_lowers_its_loss(name):
 
     def loss_with(weights: dict[str, torch.Tensor]) -> float:
         method.load_state_dict({**end, **weights})  # forward may write queues / centres: start from the end state
+        torch.manual_seed(0)  # the same masks (mae) for both
         with torch.no_grad():
             return float(method(views))
 

@@ -242,7 +242,7 @@ def test_print_config_reads_back_through_config(tmp_path, command):
     [
         ("[pretrian]\nepochs = 3\n", "unknown table [pretrian] (did you mean [pretrain]?)"),
         ("[linear_eval]\nseeds = 3\n", "unknown table [linear_eval] (did you mean [linear-eval]?)"),
-        ("[training]\nepochs = 3\n", "the tables are [pretrain], [extract], [export], [linear-eval], [knn-eval], [visualize]"),
+        ("[training]\nepochs = 3\n", "the tables are [pretrain], [extract], [export], [linear-eval], [knn-eval]"),
         ("[extract]\nnormalise = true\n", "[extract] has unknown setting 'normalise' (did you mean 'normalize'?)"),
         ("epocs = 3\n", "unknown setting 'epocs' (did you mean 'epochs'?)"),
     ],
@@ -410,13 +410,13 @@ def test_config_file_paths_are_quoted(tmp_path):
             VisualizeSettings,
             {"kind": ["loss", "tnse"]},
             "kind: 'tnse' is not one of loss, pca, tsne, umap, confusion, "
-            "neighbors, augmentations (did you mean 'tsne'?)",
+            "neighbors, augmentations, reconstructions (did you mean 'tsne'?)",
         ),
         (
             PretrainSettings,
             {"method": "simclar"},
             "method: 'simclar' is not one of simclr, moco, byol, simsiam, barlow, "
-            "vicreg, dino, swav, distill (did you mean 'simclr'?)",
+            "vicreg, dino, swav, distill, mae (did you mean 'simclr'?)",
         ),
         (PretrainSettings, {"precision": "fp16"}, "precision: 'fp16' is not one of auto, bf16, fp32"),
     ],

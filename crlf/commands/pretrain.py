@@ -37,8 +37,9 @@ def identity_keys() -> tuple[str, ...]:
 
 
 def resolve(settings: PretrainSettings, custom_backbone: bool = False) -> PretrainSettings:
-    """The settings with the chosen method's defaults for its options left unset (None), and the optimizer the
-    backbone family (first) or the method chooses; a warning for each option set that the method does not have."""
+    """The settings with the chosen method's defaults for its options left unset (None), the optimizer the
+    backbone family (first) or the method chooses, the method's own Adam(W) lr where it has one; a warning for each
+    option set that the method does not have."""
     cls = methods.get(settings.method)
     if not custom_backbone:
         backbones.check(settings.arch)  # an unknown or unavailable backbone fails before any data is read
@@ -50,6 +51,9 @@ def resolve(settings: PretrainSettings, custom_backbone: bool = False) -> Pretra
     if settings.optimizer is None:
         family = {} if custom_backbone else backbones.defaults(settings.arch)
         update["optimizer"] = family.get("optimizer", cls.optimizer)
+    adam = update.get("optimizer", settings.optimizer) in ("adam", "adamw")
+    if settings.lr is None and cls.adam_lr is not None and adam:  # the method's recipe has its own (MAE)
+        update["lr"] = cls.adam_lr * settings.batch_size / 256
     return settings.model_copy(update=update) if update else settings
 
 

@@ -20,10 +20,12 @@ import torch
 
 from crlf.commands.extract import embed_images, encoder_data
 from crlf.engine import augment, plots, sources, trackers, weights
+from crlf.engine.checkpoint import read_tensors
 from crlf.engine.device import select_device
 from crlf.engine.embedfile import read_embeddings
 from crlf.engine.files import check_writable, make_folder, os_failure
 from crlf.engine.mapview import static_map
+from crlf.engine.methods import mae
 from crlf.engine.projection import project
 from crlf.engine.rundir import RunDir
 from crlf.engine.runpage import write_index
@@ -36,7 +38,7 @@ from crlf.typed import config_of
 log = logging.getLogger(__name__)
 
 EMBEDDING_KINDS = ("pca", "tsne", "umap")
-ORDER = ("loss", "confusion", "pca", "tsne", "umap", "neighbors", "augmentations")
+ORDER = ("loss", "confusion", "pca", "tsne", "umap", "neighbors", "augmentations", "reconstructions")
 
 
 @dataclass
@@ -122,6 +124,10 @@ class _Inputs:
                 if self.checkpoint.is_file()
                 else f"{kind} needs {self.checkpoint}: a checkpoint written by crlf pretrain"
             )
+        if kind == "reconstructions":
+            if run is None or run.saved_config().get("method") != "mae":
+                return "reconstructions needs an MAE run: --run DIR of crlf pretrain --method mae"
+            return None if run.last.is_file() else f"reconstructions needs {run.last}, the state with the decoder"
         return None  # augmentations: the data options (or the run's) are enough
 
     def default_kinds(self) -> list[str]:
@@ -129,7 +135,7 @@ class _Inputs:
         for)."""
         s = self.settings
         if self.run is not None:
-            kinds = list(ORDER)
+            kinds = [k for k in ORDER if k != "reconstructions" or not self.missing(k)]  # MAE runs only
         else:
             kinds = (["pca", "tsne"] if s.emb is not None else []) + (
                 ["pca", "tsne", "neighbors"] if s.ckpt is not None else []
@@ -310,6 +316,35 @@ def _augmentations(inp: _Inputs) -> tuple[Any, dict[str, Any]]:
     return fig, {"images": len(rows), "pairs": s.views, "settings": cfg.model_dump()}
 
 
+def _reconstructions(inp: _Inputs) -> tuple[Any, dict[str, Any]]:
+    """An MAE run's originals, masked inputs and reconstructions (the decoder of its last.safetensors; the masks
+    drawn from --seed) of a few of its images."""
+    s, run = inp.settings, inp.run
+    assert run is not None
+    encoder = weights.open_encoder(run.last, torch.device("cpu"))
+    tensors, _ = read_tensors(run.last)
+    method = mae.from_state(encoder.backbone, config_of(mae.MAEConfig, run.saved_config()), tensors)
+    images = sources.load(encoder_data(inp.merged(DataSettings), encoder))
+    rows = torch.from_numpy(
+        np.sort(np.random.default_rng(s.seed).choice(len(images), min(s.queries, len(images)), replace=False))
+    )
+    batch = images.images[rows].float() / 255
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (encoder.mean, encoder.std))
+    method.set_generator(torch.Generator().manual_seed(s.seed))
+    masked, rebuilt = method.reconstruct((batch - mean) / std)
+    rebuilt = rebuilt * std + mean
+
+    def pixels(x: torch.Tensor) -> np.ndarray:
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+    captions = [images.class_names[int(images.labels[r])] if images.labels is not None and images.class_names
+                else images.ids[r].split("/")[-1] for r in rows.tolist()]  # fmt: skip
+    ratio = method.config.mask_ratio
+    fig = plots.reconstructions(pixels(batch), pixels(torch.where(masked, 0.5, batch)), pixels(rebuilt), captions,
+                                f"MAE reconstructions of {plots.short_source(images.source)} ({ratio:.0%} masked)")
+    return fig, {"images": len(rows), "mask_ratio": ratio, "masked": round(float(masked.float().mean()), 4)}
+
+
 _DRAW: dict[str, Callable[[_Inputs], tuple[Any, dict[str, Any]]]] = {
     "loss": _loss,
     "confusion": _confusion,
@@ -318,6 +353,7 @@ _DRAW: dict[str, Callable[[_Inputs], tuple[Any, dict[str, Any]]]] = {
     "umap": _embedding("umap"),
     "neighbors": _neighbors,
     "augmentations": _augmentations,
+    "reconstructions": _reconstructions,
 }
 
 

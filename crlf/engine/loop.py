@@ -144,6 +144,7 @@ def fit(
     sched = Schedule.of(n, bsz, cfg.epochs, cfg.warmup_epochs, cfg.lr, cfg.schedule)
     start, plateau = progress.epoch, Plateau.from_state(progress.plateau)
     gen = make_generator(s.device, cfg.seed)
+    s.model.set_generator(gen)  # a method that draws in forward (MAE's masks) draws from the same stream
     index_device = s.feed.rows_on  # batches are drawn where the data lives
     index_gen = gen if index_device == s.device else make_generator(index_device, cfg.seed)
     reporter.on_start(StartInfo(cfg.epochs, start, sched.steps, bsz, progress.step, n, str(s.device)))

@@ -157,3 +157,19 @@ def swav_loss(scores: list[torch.Tensor], temperature: float, assign: int = 2) -
         terms = [-(q * F.log_softmax(scores[v] / temperature, dim=1)).sum(1).mean() for v in others]
         total = total + torch.stack(terms).mean()
     return total / assign
+
+
+def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """MAE's loss (official ``forward_loss`` with ``norm_pix_loss``): the squared error of each predicted patch
+    against its target patch normalised by the patch's own mean and (unbiased) variance, eps 1e-6, averaged over
+    the patch's values and over each image's masked patches. pred, target: (N, L, P) patches, mask: (N, L) bool,
+    True where masked. Returns the mean over the N images, or the (N,) per-image losses with reduction="none"
+    (every image masks the same number of patches, so the mean over images is the official mean over patches)."""
+    if pred.shape != target.shape or mask.shape != pred.shape[:2]:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must be (N, L, P) and the mask "
+                         f"(N, L), got {tuple(mask.shape)}")  # fmt: skip
+    mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+    per_patch = ((pred - (target - mean) / (var + 1e-6) ** 0.5) ** 2).mean(dim=-1)  # (N, L)
+    m = mask.to(per_patch.dtype)
+    per_image = (per_patch * m).sum(1) / m.sum(1).clamp_min(1)
+    return per_image if reduction == "none" else per_image.mean()

@@ -47,12 +47,13 @@ class LARS(torch.optim.Optimizer):
 
 def build_optimizer(
     model: nn.Module, name: str, lr: float, weight_decay: float, no_decay: set[str] = frozenset(),
-    layer_decay: float = 1.0,
+    layer_decay: float = 1.0, betas: tuple[float, float] = (0.9, 0.999),
 ) -> torch.optim.Optimizer:
     """sgd (momentum 0.9, nesterov off), lars, adam or adamw. Parameters named in `no_decay` and every 1-D one
     (biases, norms) get no weight decay (and no LARS adaptation): position embeddings and class tokens are not
     weights to shrink. A momentum teacher's frozen parameters are left out. `layer_decay` < 1: a ViT backbone's
-    groups carry an ``lr_scale`` (layer_scales) that the loop multiplies the scheduled lr with."""
+    groups carry an ``lr_scale`` (layer_scales) that the loop multiplies the scheduled lr with. `betas`: Adam's and
+    AdamW's."""
     scales = layer_scales(model, layer_decay) if layer_decay != 1.0 else {}
     decay: dict[float, list[nn.Parameter]] = {}
     keep: dict[float, list[nn.Parameter]] = {}
@@ -68,9 +69,9 @@ def build_optimizer(
     if name == "lars":
         return LARS(groups, lr=lr)
     if name == "adam":
-        return torch.optim.Adam(groups, lr=lr)
+        return torch.optim.Adam(groups, lr=lr, betas=betas)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
     raise ValueError(f"unknown optimizer '{name}': choose sgd, lars, adam or adamw")
 
 

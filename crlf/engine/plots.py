@@ -223,3 +223,19 @@ def augmentations(originals: np.ndarray, views: np.ndarray, captions: Sequence[s
         axes[0, 2 + 2 * p].set_title("view 2", fontsize=8)
     fig.suptitle(title)
     return fig
+
+
+def reconstructions(originals: np.ndarray, masked: np.ndarray, rebuilt: np.ndarray, captions: Sequence[str],
+                    title: str) -> Figure:  # fmt: skip
+    """Each row: an original image, its masked input (masked patches grey) and the reconstruction."""
+    rows = len(originals)
+    fig = _figure(1.3 * 3 + 0.5, 1.35 * rows + 1.0)
+    axes = fig.subplots(rows, 3, squeeze=False)
+    for r in range(rows):
+        _show(axes[r, 0], originals[r], captions[r], edge="black")
+        _show(axes[r, 1], masked[r])
+        _show(axes[r, 2], rebuilt[r])
+    for j, name in enumerate(("original", "masked input", "reconstruction")):
+        axes[0, j].set_title(name, fontsize=9)
+    fig.suptitle(title)
+    return fig

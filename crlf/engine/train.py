@@ -254,7 +254,8 @@ def _build(cfg: TrainConfig, world: distributed.World, load_init: bool = True) -
         model = distributed.sync_batchnorm(model, device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, no_decay, cfg.layer_decay)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, no_decay, cfg.layer_decay,
+                                method.adam_betas)  # fmt: skip
     step_model = distributed.wrap(model, world)
     log.info(
         "%s image%s %dx%d from %s; %s on %s%s; %s%s",

@@ -41,6 +41,27 @@ class _ViT(models.VisionTransformer):
         out = enc.ln(enc.layers(enc.dropout(tokens + pos)))
         return self.heads(out[:, 0])
 
+    def patch_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                     mask_token: torch.Tensor | None = None) -> torch.Tensor:
+        """The class token and the patch embeddings of `x` with their positions, (B, 1 + L, D), as forward builds
+        them; patches where the bool `mask` (B, L) is set replaced by `mask_token` (D,) first (iBOT)."""
+        n, _, h, w = x.shape
+        p = self.patch_size
+        tokens = self.conv_proj(x).flatten(2).transpose(1, 2)
+        if mask is not None and mask_token is not None:
+            tokens = torch.where(mask.unsqueeze(-1), mask_token.to(tokens.dtype), tokens)
+        tokens = torch.cat([self.class_token.expand(n, -1, -1), tokens], dim=1)
+        pos = self.encoder.pos_embedding
+        if h != self.image_size or w != self.image_size:
+            pos = resized_positions(pos, self.image_size // p, (h // p, w // p))
+        return tokens + pos
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The transformer and its final LayerNorm over any tokens (a subset of patch_tokens': MAE's visible ones);
+        forward's features are the class token of its output."""
+        enc = self.encoder
+        return enc.ln(enc.layers(enc.dropout(tokens)))
+
 
 @register
 class ViTs(Family):

@@ -17,9 +17,10 @@ from crlf.engine.methods.vicreg import VICReg, VICRegConfig
 from crlf.engine.methods.dino import DINO, DINOConfig
 from crlf.engine.methods.swav import SwAV, SwAVConfig
 from crlf.engine.methods.distill import Distill, DistillConfig
+from crlf.engine.methods.mae import MAE, MAEConfig
 
 __all__ = [
     "BYOL", "DINO", "REGISTRY", "BYOLConfig", "BarlowConfig", "BarlowTwins", "DINOConfig", "Method", "MoCo",
     "MoCoConfig", "SimCLR", "SimCLRConfig", "SimSiam", "SimSiamConfig", "SwAV", "SwAVConfig", "VICReg",
-    "VICRegConfig", "Distill", "DistillConfig", "catalog", "get", "opt", "register",
+    "VICRegConfig", "Distill", "DistillConfig", "MAE", "MAEConfig", "catalog", "get", "opt", "register",
 ]  # fmt: skip

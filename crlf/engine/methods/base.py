@@ -69,6 +69,10 @@ class Method(nn.Module):
     name: ClassVar[str]
     Config: ClassVar[type]  # the method's frozen dataclass config
     optimizer: ClassVar[str] = "sgd"  # the optimizer its defaults are tuned for (a ViT backbone takes adamw)
+    # the recipe's own Adam(W): peak lr per 256 images (None: crlf's rule for the optimizer) and betas
+    adam_lr: ClassVar[float | None] = None
+    adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
+    generator: torch.Generator | None = None  # set_generator's
 
     def __init__(self, backbone: nn.Module, config: Any = None, feature_dim: int | None = None):
         super().__init__()
@@ -87,6 +91,12 @@ class Method(nn.Module):
     def set_normalisation(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """The per-channel statistics the views are normalised with, for a method that must see the pixels (a
         teacher with its own normalisation); the others ignore it."""
+
+    def set_generator(self, generator: torch.Generator | None) -> None:
+        """The generator a method that draws random numbers in forward (MAE's masks) draws them from: the loop gives
+        its augmentation generator, drawn from after the step's views, so a seed reproduces them and --resume
+        continues them exactly. Unset (a user's own loop): torch's global generator."""
+        self.generator = generator
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(online, target) modules whose target follows by EMA after each step (moco, byol, dino)."""

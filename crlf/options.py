@@ -125,8 +125,8 @@ class DeviceSettings(Group):
     """Which accelerator and numeric precision to use."""
 
     device: str = Field("auto", description="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto (bf16 autocast on CUDA, fp32 elsewhere), bf16 or fp32."
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto (bf16 autocast on CUDA, fp16 without bf16, fp32 elsewhere), bf16, fp16 or fp32."
     )
 
     @field_validator("device")
@@ -272,6 +272,8 @@ class OptimSettings(Group):
         0, ge=0, le=MAX_EPOCHS, description="Epochs of the heads alone, the backbone frozen (after --init)."
     )
     grad_clip: float = Field(0.0, ge=0.0, description="Clip the gradient norm to this value (0: off).")
+    micro_batch: int = Field(0, ge=0, le=MAX_BATCH, description="Images per forward chunk, same loss (0: off).")
+    activation_checkpointing: bool = Field(False, description="Recompute backbone activations (less memory).")
     seed: int = Field(
         0, ge=0, le=MAX_SEED, description="Seed of weights, shuffling and augmentation (same seed, same run on CPU)."
     )

@@ -115,3 +115,15 @@ def test_accuracy_sweeps_join_with_commas_each_row_once():
     names = [name for name, _ in accuracy.sweep("seed,ablation", 10, 2.0)]
     assert names[:3] == ["baseline", "seed recipe (examples/seed.toml)", "lr x0.5"]
     assert len(names) == len(set(names)) == len(accuracy.sweep("ablation", 10, 2.0)) + 1
+
+
+def test_memory_benchmark_smoke_measures_each_configuration(tmp_path):
+    out = tmp_path / "memory.json"
+    script = Path(__file__).parents[1] / "benchmarks" / "memory.py"
+    r = subprocess.run([sys.executable, script, "--smoke", "--device", "cpu", "--json", out], capture_output=True,
+                       text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["micro_batch"], row["activation_checkpointing"]) for row in rows] == [(0, False), (4, True)]
+    assert all("error" not in row and row["peak_gb"] > 0 and row["images_per_s"] > 0 for row in rows), rows
+    assert "of_full_batch" in rows[1] and "images/s" in r.stdout

@@ -37,6 +37,8 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     freeze_epochs: int = 0
     grad_clip: float = 0.0
+    micro_batch: int = 0  # images per forward chunk (crlf.engine.gradcache); 0: the whole batch at once
+    activation_checkpointing: bool = False
     seed: int = 0
     checkpoint_every: int = 1
     keep_checkpoints: int = 3

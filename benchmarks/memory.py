@@ -1,6 +1,6 @@
 """Peak memory and images/s of crlf's training step with and without --micro-batch and --activation-checkpointing.
 
-    python benchmarks/memory.py                          # the full set (GPU): batch 512 and 4096 at 32 px, 256 at 224 px
+    python benchmarks/memory.py                          # the full set (GPU): batch 512, 4096 at 32 px, 256 at 224
     python benchmarks/memory.py --device cpu --set cpu   # the reduced CPU set (batch 128 at 32 px, 2 timed steps)
     python benchmarks/memory.py --smoke                  # two tiny configurations (the test suite runs this)
 
@@ -39,14 +39,13 @@ def measure(device_name: str, batch: int, size: int, micro: int, checkpointing: 
     import torch
 
     from crlf.engine import augment, backbones
-    from crlf.engine.device import autocast_dtype, select_device
+    from crlf.engine.device import autocast_dtype, grad_scaler, select_device
     from crlf.engine.distributed import World
     from crlf.engine.loop import Setup, train_step
     from crlf.engine.methods import SimCLR
     from crlf.engine.optim import build_optimizer
     from crlf.engine.plan import TrainConfig
     from crlf.engine.sources import DataSpec
-    from crlf.engine.train import grad_scaler
 
     device = select_device(device_name)
     torch.manual_seed(0)
@@ -62,7 +61,7 @@ def measure(device_name: str, batch: int, size: int, micro: int, checkpointing: 
     stats = torch.full((1, 3, 1, 1), 0.5, device=device)
     s = Setup(model, SimCLR.recipe(model.config, augment.Augment(), size), model, optimizer, None, None, stats, stats,
               spec, device, amp, World(device=device),
-              scaler=grad_scaler(device) if amp == torch.float16 else None)  # fmt: skip
+              scaler=grad_scaler(device, amp))  # fmt: skip
     cfg = TrainConfig("simclr", model.config, augment.Augment(), DataSpec(), Path("unused"), batch_size=batch,
                       micro_batch=micro, activation_checkpointing=checkpointing)  # fmt: skip
     gen = torch.Generator(device=device).manual_seed(0)

@@ -126,7 +126,7 @@ class DeviceSettings(Group):
 
     device: str = Field("auto", description="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="auto (bf16 autocast on CUDA, fp16 without bf16, fp32 elsewhere), bf16, fp16 or fp32."
+        "auto", description="auto (CUDA: bf16, fp16 without bf16; fp32 elsewhere), bf16, fp16 or fp32."
     )
 
     @field_validator("device")
@@ -272,8 +272,6 @@ class OptimSettings(Group):
         0, ge=0, le=MAX_EPOCHS, description="Epochs of the heads alone, the backbone frozen (after --init)."
     )
     grad_clip: float = Field(0.0, ge=0.0, description="Clip the gradient norm to this value (0: off).")
-    micro_batch: int = Field(0, ge=0, le=MAX_BATCH, description="Images per forward chunk, same loss (0: off).")
-    activation_checkpointing: bool = Field(False, description="Recompute backbone activations (less memory).")
     seed: int = Field(
         0, ge=0, le=MAX_SEED, description="Seed of weights, shuffling and augmentation (same seed, same run on CPU)."
     )
@@ -321,6 +319,13 @@ class RunSettings(Group):
         ge=0,
         description="kNN top-1 on the test split every N epochs and at the end, in metrics.jsonl (0: off).",
     )
+
+
+class MemorySettings(Group):
+    """Big batches on small devices: the step in chunks with the whole batch's loss, activations recomputed."""
+
+    micro_batch: int = Field(0, ge=0, le=MAX_BATCH, description="Images per chunk, same loss (0: off).")
+    activation_checkpointing: bool = Field(False, description="Recompute backbone activations.")
 
 
 class KnnSettings(Group):

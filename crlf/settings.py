@@ -33,6 +33,7 @@ from crlf.options import (
     DeviceSettings,
     Group,
     KnnSettings,
+    MemorySettings,
     MethodSettings,
     ModelSettings,
     OptimSettings,
@@ -65,6 +66,7 @@ class _CommandSettings(BaseSettings):
 
 
 class PretrainSettings(
+    MemorySettings,
     KnnSettings,
     RunSettings,
     MethodSettings,

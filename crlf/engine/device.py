@@ -89,6 +89,17 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler | None:
+    """fp16's loss scaling on `device` (None for other precisions; an InputError where torch has none for it)."""
+    if dtype != torch.float16:
+        return None
+    try:
+        return torch.amp.GradScaler(device.type)
+    except (RuntimeError, ValueError, AssertionError) as e:
+        raise InputError(f"--precision fp16 on {device.type}: torch {torch.__version__} has no gradient scaler for it "
+                         f"({str(e)[:60]}); use --precision bf16 or fp32") from None
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices): the same seed gives the same CPU run."""
     random.seed(seed)

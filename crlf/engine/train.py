@@ -21,7 +21,7 @@ import torch
 
 from crlf.engine import augment, backbones, distributed, methods, runplan, sources, weights
 from crlf.engine.checkpoint import load_state
-from crlf.engine.device import autocast_dtype, seed_everything
+from crlf.engine.device import autocast_dtype, grad_scaler, seed_everything
 from crlf.engine.files import atomic_write
 from crlf.engine.loop import Progress, Reporter, Setup, fit, smaller_chunk
 from crlf.engine.optim import build_optimizer
@@ -271,7 +271,7 @@ def _build(cfg: TrainConfig, world: distributed.World, load_init: bool = True) -
         recipe=recipe,
         step_model=torch.compile(step_model) if cfg.compile else step_model,
         embed=torch.compile(model.embed) if cfg.compile and cfg.micro_batch and method.splits() else None,
-        scaler=grad_scaler(device) if amp == torch.float16 else None,
+        scaler=grad_scaler(device, amp),
         optimizer=optimizer,
         feed=feed,
         probe=feed.head(64),
@@ -283,15 +283,6 @@ def _build(cfg: TrainConfig, world: distributed.World, load_init: bool = True) -
         world=world,
         init=init,
     )
-
-
-def grad_scaler(device: torch.device) -> torch.amp.GradScaler:
-    """fp16's loss scaling on `device` (an InputError where this torch has none for it)."""
-    try:
-        return torch.amp.GradScaler(device.type)
-    except (RuntimeError, ValueError, AssertionError) as e:
-        raise InputError(f"--precision fp16 on {device.type}: torch {torch.__version__} has no gradient scaler for it "
-                         f"({str(e)[:60]}); use --precision bf16 or fp32") from None
 
 
 def channel_stats(images: torch.Tensor, sample: int = 10_000) -> tuple[list[float], list[float]]:

@@ -22,6 +22,7 @@ from crlf.options import (
     DataSettings,
     DeviceSettings,
     KnnSettings,
+    MemorySettings,
     MethodSettings,
     ModelSettings,
     OptimSettings,
@@ -55,6 +56,7 @@ _PANELS = [
     (KnnSettings, "kNN"),
     (DeviceSettings, "Device"),
     (RunSettings, "Run directory"),
+    (MemorySettings, "Memory"),
     (ExtractSettings, "Output"),
 ]
 
@@ -171,7 +173,9 @@ def settings_options(model: type[BaseModel]) -> list[inspect.Parameter]:
     for name, field in model.model_fields.items():
         flag = "--" + name.replace("_", "-")
         kind = _cli_type(field.annotation)
-        decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag, f"-{name}"] if len(name) == 1 else [flag]
+        # a bool's --no- form, but for a long flag (its column would make every option of the panel wrap)
+        negative = kind is bool and len(flag) <= 20
+        decls = [f"{flag}/--no-{flag[2:]}"] if negative else [flag, f"-{name}"] if len(name) == 1 else [flag]
         choices = _choices(field.annotation)
         opt = typer.Option(
             *decls,

@@ -125,8 +125,8 @@ class DeviceSettings(Group):
     """Which accelerator and numeric precision to use."""
 
     device: str = Field("auto", description="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps.")
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto (bf16 autocast on CUDA, fp32 elsewhere), bf16 or fp32."
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto (CUDA: bf16, fp16 without bf16; fp32 elsewhere), bf16, fp16 or fp32."
     )
 
     @field_validator("device")
@@ -327,6 +327,13 @@ class RunSettings(Group):
         [], description="Tracker: tensorboard, mlflow, wandb (local); repeatable."
     )
     log_every_steps: int = Field(50, ge=0, description="Trackers: loss and lr every N steps (0: off).")
+
+
+class MemorySettings(Group):
+    """Big batches on small devices: the step in chunks with the whole batch's loss, activations recomputed."""
+
+    micro_batch: int = Field(0, ge=0, le=MAX_BATCH, description="Images per chunk, same loss (0: off).")
+    activation_checkpointing: bool = Field(False, description="Recompute backbone activations.")
 
 
 class KnnSettings(Group):

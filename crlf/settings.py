@@ -34,6 +34,7 @@ from crlf.options import (
     DeviceSettings,
     Group,
     KnnSettings,
+    MemorySettings,
     MethodSettings,
     ModelSettings,
     OptimSettings,
@@ -66,6 +67,7 @@ class _CommandSettings(BaseSettings):
 
 
 class PretrainSettings(
+    MemorySettings,
     KnnSettings,
     RunSettings,
     MethodSettings,

@@ -127,3 +127,15 @@ def test_export_benchmark_smoke_measures_every_variant(tmp_path):
     assert [(row["batch"], row["variant"]) for row in rows] == [
         (b, v) for b in (1, 4) for v in ("pytorch", "crlf embed", "onnxruntime", "torchscript")]
     assert all(row["images_per_s"] > 0 for row in rows)
+
+
+def test_memory_benchmark_smoke_measures_each_configuration(tmp_path):
+    out = tmp_path / "memory.json"
+    script = Path(__file__).parents[1] / "benchmarks" / "memory.py"
+    r = subprocess.run([sys.executable, script, "--smoke", "--device", "cpu", "--json", out], capture_output=True,
+                       text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["micro_batch"], row["activation_checkpointing"]) for row in rows] == [(0, False), (4, True)]
+    assert all("error" not in row and row["peak_gb"] > 0 and row["images_per_s"] > 0 for row in rows), rows
+    assert "of_full_batch" in rows[1] and "images/s" in r.stdout

@@ -281,7 +281,7 @@ def test_help_does_not_read_settings_from_the_environment_itself(monkeypatch):
     assert r.exit_code == 0, r.output
     resolved = json.loads(r.stdout)
     assert resolved["epochs"] == 7 and resolved["batch_size"] == 64 and resolved["precision"] == "bf16"
-    bad = CliRunner().invoke(app, ["pretrain", "--print-config", "--precision", "fp16"])
+    bad = CliRunner().invoke(app, ["pretrain", "--print-config", "--precision", "fp8"])
     assert bad.exit_code == 2 and "precision" in bad.output
 
 

@@ -320,7 +320,8 @@ def test_out_of_memory_is_a_clear_run_error(tmp_path, monkeypatch):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(augment, "draw", oom)  # inside the step: where an allocation fails
-    with pytest.raises(RunError, match=r"out of memory on cpu at --batch-size 16 .*try --batch-size 8"):
+    with pytest.raises(RunError, match=r"out of memory on cpu at batch 16 .*: try --micro-batch 4 "
+                       r"or --activation-checkpointing \(or --batch-size 8\)"):
         pretrain(settings(tmp_path / "run"))
 
 

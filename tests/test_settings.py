@@ -418,7 +418,7 @@ def test_config_file_paths_are_quoted(tmp_path):
             "method: 'simclar' is not one of simclr, moco, byol, simsiam, barlow, "
             "vicreg, dino, swav, distill, mae (did you mean 'simclr'?)",
         ),
-        (PretrainSettings, {"precision": "fp16"}, "precision: 'fp16' is not one of auto, bf16, fp32"),
+        (PretrainSettings, {"precision": "fp8"}, "precision: 'fp8' is not one of auto, bf16, fp16, fp32"),
     ],
 )
 def test_a_wrong_choice_names_the_setting_and_lists_the_choices(cls, values, expected):

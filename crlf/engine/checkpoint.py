@@ -106,10 +106,11 @@ def save_state(
     metadata: dict[str, str],
     progress: dict[str, Any],
     rng: dict[str, torch.Tensor] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
     """Full training state for --resume: weights, optimizer buffers and param groups, progress (epoch, step,
-    schedule state) and, for a run stopped inside an epoch, the random generators' states (`rng`)."""
-    save_tensors(path, *state_tensors(model, optimizer, metadata, progress, rng))
+    schedule state), fp16's loss scale and, for a run stopped inside an epoch, the random generators' states (`rng`)."""
+    save_tensors(path, *state_tensors(model, optimizer, metadata, progress, rng, scaler))
 
 
 def state_tensors(
@@ -118,11 +119,16 @@ def state_tensors(
     metadata: dict[str, str],
     progress: dict[str, Any],
     rng: dict[str, torch.Tensor] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """What save_state writes, as CPU copies: training may go on (and change the live tensors in place) while
     they are hashed and written on another thread."""
     tensors = {f"model.{k}": v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     tensors.update({f"rng.{k}": v.detach().to("cpu", copy=True) for k, v in (rng or {}).items()})
+    if scaler is not None:  # fp16: the loss scale and the steps since it last changed (a host sync: once an epoch)
+        scaling = scaler.state_dict()
+        tensors["scaler.scale"] = torch.tensor([scaling["scale"]], dtype=torch.float64)
+        tensors["scaler.growth_tracker"] = torch.tensor([scaling["_growth_tracker"]], dtype=torch.int64)
     opt = optimizer.state_dict()
     for idx, buffers in opt["state"].items():
         for name, value in buffers.items():
@@ -138,9 +144,10 @@ def state_tensors(
 
 
 def load_state(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Restore weights and optimizer from a state file (strictly); returns the saved progress and generator states."""
+    """Restore weights, optimizer and fp16's loss scale (when both the run and the file have one) from a state file
+    (strictly); returns the saved progress and generator states."""
     tensors, meta = read_tensors(path)
     if meta.get("format") != STATE_FORMAT:
         raise InputError(f"{path} is not a crlf training state; delete it or start a fresh run in another --out")
@@ -159,6 +166,11 @@ def load_state(
         if problem:
             raise ValueError(problem)
         optimizer.load_state_dict({"state": state, "param_groups": groups})
+        if scaler is not None and "scaler.scale" in tensors:
+            scale, tracker = float(tensors["scaler.scale"][0]), int(tensors["scaler.growth_tracker"][0])
+            if not (math.isfinite(scale) and scale > 0 and tracker >= 0):
+                raise ValueError(f"loss scale {scale:.3g} / {tracker}")
+            scaler.load_state_dict({**scaler.state_dict(), "scale": scale, "_growth_tracker": tracker})
         rng = {k[len("rng.") :]: v for k, v in tensors.items() if k.startswith("rng.")}
         if any(v.dtype != torch.uint8 or v.ndim != 1 for v in rng.values()):
             raise ValueError("a random generator state is not a byte vector")

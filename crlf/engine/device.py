@@ -56,8 +56,12 @@ def describe(name: str, precision: str) -> dict[str, str]:
         device = select_device(name)
     except InputError as e:
         return {"device": f"unavailable ({e})"}
-    dtype = autocast_dtype(device, precision)
-    return {"device": str(device), "precision": "bf16" if dtype == torch.bfloat16 else "fp32"}
+    return {"device": str(device), "precision": precision_name(autocast_dtype(device, precision))}
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """'bf16', 'fp16' or 'fp32' for an autocast dtype (None: float32)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")  # type: ignore[arg-type]
 
 
 def _mps_available() -> bool:
@@ -65,11 +69,16 @@ def _mps_available() -> bool:
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The autocast dtype for this device: bf16 on CUDA under 'auto', None (float32) elsewhere."""
+    """The autocast dtype for this device: under 'auto' bf16 on CUDA, fp16 on CUDA GPUs without bf16 (pre-Ampere:
+    T4, V100), None (float32) elsewhere; fp16 training takes a GradScaler (crlf.engine.loop)."""
     if precision == "fp32":
         return None
-    if precision == "bf16" or device.type == "cuda":
+    if precision == "bf16":
         return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return None
 
 
@@ -78,6 +87,17 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler | None:
+    """fp16's loss scaling on `device` (None for other precisions; an InputError where torch has none for it)."""
+    if dtype != torch.float16:
+        return None
+    try:
+        return torch.amp.GradScaler(device.type)
+    except (RuntimeError, ValueError, AssertionError) as e:
+        raise InputError(f"--precision fp16 on {device.type}: torch {torch.__version__} has no gradient scaler for it "
+                         f"({str(e)[:60]}); use --precision bf16 or fp32") from None
 
 
 def seed_everything(seed: int) -> None:

@@ -175,3 +175,18 @@ def wrap(model: nn.Module, world: World) -> nn.Module:
         return model
     ids = [world.device.index] if world.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def average_gradients(model: nn.Module, world: World) -> None:
+    """The mean over processes of every parameter's gradient, as DDP's backward gives it (for steps that run the
+    model outside DDP: --micro-batch)."""
+    if not world.active:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world.world_size
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))

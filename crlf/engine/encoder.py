@@ -34,7 +34,7 @@ from crlf.limits import MIN_IMAGE_SIZE  # smaller images vanish in a ResNet's st
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "bf16", "fp32")  # as --precision
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # as --precision
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crlf.engine import augment, progress
-from crlf.engine.device import autocast, autocast_dtype, make_generator
+from crlf.engine.device import autocast, autocast_dtype, grad_scaler, make_generator
 from crlf.engine.encoder import Encoder, check_images, prepare
 from crlf.errors import InputError
 
@@ -317,6 +317,7 @@ def finetune(
     total, steps = epochs * per_epoch, 0
     augment_gen, order = make_generator(device, seed), torch.Generator().manual_seed(seed)
     dtype = autocast_dtype(device, precision)
+    scaler = grad_scaler(device, dtype)  # fp16: loss scaling, a step with an overflow skipped
     model.train()
     progress.report("fine-tuning", 0, total)
     for _ in range(epochs):
@@ -328,8 +329,13 @@ def finetune(
             with autocast(device, dtype):
                 loss = F.cross_entropy(head(model(prepare(x, mean, std))).float(), y[idx])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
             steps += 1
             progress.report("fine-tuning", steps, total)
     features = tuned.features(test_images, precision=precision)

@@ -11,13 +11,14 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
 import torch
 
-from crlf.engine import augment, distributed
+from crlf.engine import augment, distributed, gradcache
 from crlf.engine.backbones import BackboneSpec
 from crlf.engine.device import autocast, make_generator
 from crlf.engine.encoder import prepare
@@ -117,6 +118,8 @@ class Setup:
     record: dict[str, Any] = field(default_factory=dict)  # config.json's contents (main process only)
     init: dict[str, Any] | None = None  # where the backbone's starting weights came from (weights.InitSource)
     writer: Background = field(default_factory=Background)  # the per-epoch checkpoint, written while training goes on
+    scaler: torch.amp.GradScaler | None = None  # fp16's loss scaling (its state is in the checkpoint)
+    embed: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None  # model.embed compiled (--micro-batch)
 
 
 @dataclass(frozen=True)
@@ -229,27 +232,54 @@ def train_step(
     cfg: TrainConfig, s: Setup, batch: torch.Tensor | augment.Views, gen: torch.Generator, step: int, total_steps: int
 ) -> torch.Tensor:
     """One optimisation step on a uint8 batch (`step` counts from 1 over the run); returns the loss as a device
-    tensor (no host sync). An out-of-memory error names the flag that helps."""
+    tensor (no host sync but fp16's skipped-step check). An out-of-memory error names the flags that help."""
     try:
         # the method's recipe, float in [0, 1] (a streaming source on a CPU ran it in its workers: augment.Views)
         views = batch.views if isinstance(batch, augment.Views) else augment.draw(s.recipe, batch, gen)
-        views = [prepare(v, s.mean, s.std) for v in views]
-        with autocast(s.device, s.amp):
-            loss = s.step_model(views)  # the loss of the global batch
+        views = [prepare(v, s.mean, s.std) for v in views]  # drawn for the whole batch: the same for any micro-batch
         s.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(s.model.parameters(), cfg.grad_clip)
-        s.optimizer.step()
+        scale = s.scaler.scale if s.scaler is not None else _unscaled
+        if 0 < cfg.micro_batch < len(views[0]):  # outside DDP (whose backward would all-reduce every chunk)
+            loss = gradcache.backward(s.model, views, cfg.micro_batch, lambda: autocast(s.device, s.amp), scale,
+                                      s.embed, s.model if s.world.active else s.step_model)  # fmt: skip
+            distributed.average_gradients(s.model, s.world)
+        else:
+            with autocast(s.device, s.amp):
+                loss = s.step_model(views)  # the loss of the global batch
+            scale(loss).backward()
+        if s.scaler is not None:  # fp16: a step whose gradients hold an inf or NaN is skipped, the scale lowered
+            if cfg.grad_clip > 0:
+                s.scaler.unscale_(s.optimizer)
+                torch.nn.utils.clip_grad_norm_(s.model.parameters(), cfg.grad_clip)
+            s.scaler.step(s.optimizer)
+            s.scaler.update()
+        else:
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(s.model.parameters(), cfg.grad_clip)
+            s.optimizer.step()
         s.model.after_step(step, total_steps, cfg.epochs)
     except RuntimeError as e:
         text = str(e)
         if not isinstance(e, torch.cuda.OutOfMemoryError) and "out of memory" not in text \
                 and "allocate memory" not in text:  # fmt: skip
             raise
-        raise RunError(f"out of memory on {s.device} at --batch-size {cfg.batch_size} ({text.splitlines()[0][:80]}); "
-                       f"try --batch-size {max(2, cfg.batch_size // 2)}; the last checkpoint is kept") from None
+        local = cfg.batch_size // s.world.world_size
+        raise RunError(f"out of memory on {s.device} at batch {local} ({text.splitlines()[0][:80]}): try "
+                       f"--micro-batch {smaller_chunk(local, cfg.micro_batch or local)} or --activation-checkpointing "
+                       f"(or --batch-size {max(2, cfg.batch_size // 2)}); the last checkpoint is kept") from None
     return loss.detach()
+
+
+def _unscaled(loss: torch.Tensor) -> torch.Tensor:
+    return loss
+
+
+def smaller_chunk(batch: int, current: int) -> int:
+    """The largest divisor of `batch` at most a quarter of `current` (1 at least): the --micro-batch to suggest."""
+    m = max(1, current // 4)
+    while batch % m:
+        m -= 1
+    return m
 
 
 def probe(s: Setup) -> float | None:

@@ -38,6 +38,8 @@ class TrainConfig:
     freeze_epochs: int = 0
     layer_decay: float = 1.0  # ViT layer-wise lr decay (crlf.engine.optim.layer_scales)
     grad_clip: float = 0.0
+    micro_batch: int = 0  # images per forward chunk (crlf.engine.gradcache); 0: the whole batch at once
+    activation_checkpointing: bool = False
     seed: int = 0
     checkpoint_every: int = 1
     keep_checkpoints: int = 3

@@ -120,7 +120,7 @@ class RunHooks:
             with writing(self.run):
                 s.writer.wait()  # the epoch's checkpoint first, then this one over it
                 save_state(self.run.last, s.model, s.optimizer, metadata(self.cfg, s, epoch), progress.state(),
-                           states)  # fmt: skip
+                           states, s.scaler)  # fmt: skip
 
     def diverged(self, what: str, epoch: int) -> Exception:
         """The error of a run that diverged: which checkpoint is left and what to try."""
@@ -133,7 +133,8 @@ class RunHooks:
         newest K. The state is copied now and hashed and written on the writer thread while the next epoch trains;
         the previous write is waited for (and its error raised) first."""
         cfg, s, run = self.cfg, self.s, self.run
-        tensors, meta = state_tensors(s.model, s.optimizer, metadata(cfg, s, epoch), progress.state())
+        tensors, meta = state_tensors(s.model, s.optimizer, metadata(cfg, s, epoch), progress.state(),
+                                     scaler=s.scaler)  # fmt: skip
 
         def write() -> None:
             save_tensors(run.last, tensors, meta)

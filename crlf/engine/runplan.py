@@ -16,6 +16,7 @@ import torch
 
 from crlf import __version__
 from crlf.engine import distributed
+from crlf.engine.device import precision_name
 from crlf.engine.rundir import RunDir
 from crlf.errors import InputError
 
@@ -88,7 +89,7 @@ def run_record(
         "weight_decay": values["weight_decay"],
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "precision": "bf16" if amp == torch.bfloat16 else "fp32",
+        "precision": precision_name(amp),
         "world_size": world.world_size,
         **(cpu_numerics() if device.type == "cpu" else {}),
         "crlf": __version__,

@@ -21,9 +21,9 @@ import torch
 
 from crlf.engine import augment, backbones, distributed, methods, runplan, sources, trackers, weights
 from crlf.engine.checkpoint import load_state
-from crlf.engine.device import autocast_dtype, seed_everything
+from crlf.engine.device import autocast_dtype, grad_scaler, seed_everything
 from crlf.engine.files import atomic_write
-from crlf.engine.loop import Progress, Reporter, Setup, fit
+from crlf.engine.loop import Progress, Reporter, Setup, fit, smaller_chunk
 from crlf.engine.optim import build_optimizer
 from crlf.engine.plan import TrainConfig
 from crlf.engine.progress import StartInfo
@@ -188,7 +188,7 @@ def _restore(run: RunDir, s: Setup, world: distributed.World) -> tuple[Progress,
     problems = []
     for path in run.checkpoints_newest_first():
         try:
-            state, rng = load_state(path, s.model, s.optimizer)
+            state, rng = load_state(path, s.model, s.optimizer, s.scaler)
             progress = Progress.of(state)
         except (InputError, ValueError) as e:
             problems.append(str(e))
@@ -217,6 +217,11 @@ def _build(cfg: TrainConfig, world: distributed.World, load_init: bool = True) -
         raise InputError("--freeze-epochs is not supported under torchrun yet (DDP fixes the trained "
                          "parameters when it wraps the model): train the heads first in one process, or drop it")
     method = methods.get(cfg.method)
+    local = cfg.batch_size // world.world_size
+    if cfg.micro_batch and local % cfg.micro_batch:
+        per = f" ({world.world_size} processes x {local})" if world.active else ""
+        raise InputError(f"--micro-batch {cfg.micro_batch} must divide the batch of each process, {local} images"
+                         f"{per}: try --micro-batch {smaller_chunk(local, 4 * cfg.micro_batch)}")  # fmt: skip
     if cfg.images is not None:
         size = cfg.images.images.shape[-1]
         recipe = method.recipe(cfg.method_config, cfg.augment, size)
@@ -247,6 +252,11 @@ def _build(cfg: TrainConfig, world: distributed.World, load_init: bool = True) -
         log.info("backbone weights from %s (%d tensors, sha256 %s)", init["path"], init["loaded"], init["sha256"][:12])
     no_decay = {f"backbone.{n}" for n in backbones.no_weight_decay(spec, backbone)}
     model = method(backbone, cfg.method_config, spec.feature_dim)
+    if cfg.micro_batch and not (method.splits() or model.per_image_loss):
+        raise InputError(f"--micro-batch: --method {cfg.method} has neither the embed / objective split nor a "
+                         "per-image loss (crlf.engine.methods.base): drop --micro-batch")  # fmt: skip
+    if cfg.activation_checkpointing:  # the backbone only: teachers run without a graph
+        backbones.checkpoint_activations(spec, model.backbone)
     mean, std = channel_stats(feed.spaced(10_000))
     model.set_normalisation(torch.tensor(mean), torch.tensor(std))
     model = model.to(device)
@@ -275,6 +285,8 @@ def _build(cfg: TrainConfig, world: distributed.World, load_init: bool = True) -
         model=model,
         recipe=recipe,
         step_model=torch.compile(step_model) if cfg.compile else step_model,
+        embed=torch.compile(model.embed) if cfg.compile and cfg.micro_batch and method.splits() else None,
+        scaler=grad_scaler(device, amp),
         optimizer=optimizer,
         feed=feed,
         probe=feed.head(64),

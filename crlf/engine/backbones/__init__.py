@@ -11,6 +11,7 @@ from crlf.engine.backbones.base import (
     Family,
     build,
     check,
+    checkpoint_activations,
     defaults,
     describe,
     family_of,
@@ -23,5 +24,5 @@ from crlf.engine.backbones.base import (
 from crlf.engine.backbones import resnet, vit, timm  # noqa: F401
 from crlf.engine.backbones.custom import CUSTOM, custom_spec
 
-__all__ = ["CUSTOM", "BackboneSpec", "Family", "build", "check", "custom_spec", "defaults", "describe", "family_of",
-           "names", "no_weight_decay", "register", "spec_for", "width"]  # fmt: skip
+__all__ = ["CUSTOM", "BackboneSpec", "Family", "build", "check", "checkpoint_activations", "custom_spec", "defaults",
+           "describe", "family_of", "names", "no_weight_decay", "register", "spec_for", "width"]  # fmt: skip

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from crlf.errors import InputError, short_reason
 from crlf.limits import MAX_IMAGE_SIZE, MAX_WIDTH
@@ -95,6 +96,45 @@ class Family:
         """Python that builds this backbone without crlf, ready for ``load_state_dict(load_file(path))``."""
         raise NotImplementedError
 
+    def checkpoint_activations(self, net: nn.Module) -> None:
+        """Recompute `net`'s activations in the backward pass (--activation-checkpointing): a model's own
+        ``set_grad_checkpointing`` (timm's interface), else an InputError."""
+        setter = getattr(net, "set_grad_checkpointing", None)
+        try:
+            if setter is None:
+                raise NotImplementedError
+            setter(True)
+        except (NotImplementedError, AssertionError, TypeError):
+            raise InputError(f"--activation-checkpointing: this {self.name} backbone has no set_grad_checkpointing: "
+                             "drop the flag or use --micro-batch") from None
+
+
+class CheckpointedStage(nn.Sequential):
+    """A Sequential run under activation checkpointing as one piece (a ResNet stage): only its input is kept, the
+    rest recomputed in backward with the random state replayed (use_reentrant=False). Parameter names unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return super().forward(x)
+        return checkpoint(super().forward, x, use_reentrant=False, preserve_rng_state=True)
+
+
+class CheckpointedBlocks(nn.Sequential):
+    """A Sequential whose children are checkpointed one by one (a ViT's blocks), as CheckpointedStage."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self:
+            x = checkpoint(block, x, use_reentrant=False, preserve_rng_state=True) if torch.is_grad_enabled() \
+                else block(x)  # fmt: skip
+        return x
+
+
+def checkpointed(seq: nn.Module, kind: type[nn.Sequential]) -> None:
+    """Turn a plain nn.Sequential into `kind` in place (same children, names and state)."""
+    if type(seq) is not nn.Sequential:  # pragma: no cover - a family's construction error
+        raise TypeError(f"expected an nn.Sequential, got {type(seq).__name__}")
+    seq.__class__ = kind
+
 
 FAMILIES: list[Family] = []
 
@@ -135,6 +175,12 @@ def check(arch: str) -> None:
 def defaults(arch: str) -> dict[str, Any]:
     """The settings a backbone family fills (before the method's): see Family.defaults."""
     return family_of(arch).defaults
+
+
+def checkpoint_activations(spec: BackboneSpec, net: nn.Module) -> None:
+    """--activation-checkpointing on a built backbone (per ResNet stage, per ViT block, timm's own); InputError
+    for a backbone that cannot."""
+    spec.family.checkpoint_activations(net)
 
 
 def no_weight_decay(spec: BackboneSpec, net: nn.Module) -> set[str]:

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 from torch import nn
 from torchvision import models
 
-from crlf.engine.backbones.base import BackboneSpec, Family, register
+from crlf.engine.backbones.base import BackboneSpec, CheckpointedStage, Family, checkpointed, register
 
 
 def resolve_stem(stem: str, image_size: int) -> str:
@@ -49,6 +49,10 @@ class ResNets(Family):
             net.maxpool = nn.Identity()
         net.fc = nn.Identity()
         return net
+
+    def checkpoint_activations(self, net: nn.Module) -> None:
+        for stage in (net.layer1, net.layer2, net.layer3, net.layer4):
+            checkpointed(stage, CheckpointedStage)
 
     def plain_code(self, spec: BackboneSpec) -> str:
         lines = [f"net = torchvision.models.{spec.arch}(num_classes=1); net.fc = torch.nn.Identity()"]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
-from crlf.engine.backbones.base import BackboneSpec, Family, register
+from crlf.engine.backbones.base import BackboneSpec, CheckpointedBlocks, Family, checkpointed, register
 from crlf.errors import InputError
 
 
@@ -107,6 +107,9 @@ class ViTs(Family):
 
     def no_weight_decay(self, net: nn.Module) -> set[str]:
         return {"class_token", "encoder.pos_embedding"}
+
+    def checkpoint_activations(self, net: nn.Module) -> None:
+        checkpointed(net.encoder.layers, CheckpointedBlocks)
 
     def plain_code(self, spec: BackboneSpec) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self._args(spec).items())

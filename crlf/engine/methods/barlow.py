@@ -23,9 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
+from crlf.engine import distributed
 from crlf.engine.heads import build_head
 from crlf.engine.loss import barlow_loss, spread
-from crlf.engine.methods.base import Method, full_precision, opt, pair, register
+from crlf.engine.methods.base import Method, full_precision, opt, register, two_views
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,11 @@ class BarlowTwins(Method):
         self.head = build_head(self.feature_dim, c.head_hidden, c.head_out, c.head_layers, c.head_dropout)
         self.last_std: torch.Tensor | None = None  # collapse indicator of the latest forward (see the module doc)
 
-    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
-        z1, z2 = pair(lambda x: self.head(self.backbone(x)), views)  # the global batch, with gradients
+    def embed(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        return two_views(lambda x: self.head(self.backbone(x)), views)
+
+    def objective(self, embeddings: list[torch.Tensor]) -> torch.Tensor:
+        z1, z2 = (distributed.gather(z) for z in embeddings)  # the global batch, with gradients
         with full_precision(z1):
             self.last_std = spread(z1, z2)
             return barlow_loss(z1, z2, self.config.barlow_lambda, self.config.barlow_scale)

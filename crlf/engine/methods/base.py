@@ -11,6 +11,23 @@ method's real defaults), never the CLI's settings, so it works in a user's own l
     loss.backward(); optimizer.step()
     method.after_step(step, total_steps, epochs)                # teachers, queues, centres: after the optimizer step
 
+Big batches (``--micro-batch M``, crlf.engine.gradcache): a method whose loss spans the batch splits its forward in
+two, ``forward(views) = objective(embed(views))`` (Method.forward does exactly that):
+
+- ``embed(views) -> list of tensors``: the network outputs of *this process's* views that the loss needs (students
+  with gradients, teachers under no_grad), each with the batch first, row i from image i of the views (per view or
+  per crop: one tensor each), not gathered over processes; it changes no state but BatchNorm's running statistics
+  and may draw random numbers (dropout, stochastic depth: the chunk's random state is replayed).
+- ``objective(embeddings) -> loss``: the loss of the global batch from embed's outputs of the whole batch (it
+  gathers them over processes); run once per step, so queues and centres are updated here or in after_step.
+
+Gradient caching then embeds the batch in chunks of M images without a graph, back-propagates the objective to the
+embeddings and re-runs each chunk with its slice of that gradient: the loss and gradients of the whole batch. A
+method whose loss is a mean over images of the global batch (BYOL, SimSiam) sets ``per_image_loss = True`` instead:
+its chunks' losses, weighted M / B, are back-propagated one by one (no second forward). A method with neither refuses
+``--micro-batch``. A method for masked-image modelling follows the same split (the mask drawn in embed, for the
+batch's rows).
+
 ``method.backbone`` is the encoder that extract, the evaluations and the kNN monitor use. Everything the method
 keeps lives in its ``state_dict`` (parameters and buffers), so checkpoints and exact resume need nothing more.
 
@@ -73,6 +90,7 @@ class Method(nn.Module):
     adam_lr: ClassVar[float | None] = None
     adam_betas: ClassVar[tuple[float, float]] = (0.9, 0.999)
     generator: torch.Generator | None = None  # set_generator's
+    per_image_loss: ClassVar[bool] = False  # a mean over images: --micro-batch accumulates chunks (module docstring)
 
     def __init__(self, backbone: nn.Module, config: Any = None, feature_dim: int | None = None):
         super().__init__()
@@ -85,8 +103,22 @@ class Method(nn.Module):
         """The views this method trains on, for `image_size`-pixel images; default: the SimCLR pair."""
         return augment.pair_recipe(aug)
 
-    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:  # pragma: no cover - the interface
+    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """The loss of the global batch; a method without the embed / objective split overrides this."""
+        return self.objective(self.embed(views))
+
+    def embed(self, views: list[torch.Tensor]) -> list[torch.Tensor]:  # pragma: no cover - the interface
+        """This process's network outputs that the loss needs, batch first, not gathered (module docstring)."""
         raise NotImplementedError
+
+    def objective(self, embeddings: list[torch.Tensor]) -> torch.Tensor:  # pragma: no cover - the interface
+        """The loss of the global batch from embed's outputs of the whole batch (module docstring)."""
+        raise NotImplementedError
+
+    @classmethod
+    def splits(cls) -> bool:
+        """Whether the method has the embed / objective split that gradient caching needs."""
+        return cls.embed is not Method.embed and cls.objective is not Method.objective
 
     def set_normalisation(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """The per-channel statistics the views are normalised with, for a method that must see the pixels (a
@@ -176,6 +208,11 @@ def pair(net: Callable[[torch.Tensor], torch.Tensor], views: list[torch.Tensor])
     of the global batch, view by view."""
     z1, z2 = net(torch.cat(views[:2])).chunk(2)  # (B, D) each
     return distributed.gather(z1), distributed.gather(z2)
+
+
+def two_views(net: Callable[[torch.Tensor], torch.Tensor], views: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`net` over both views in one pass: this process's outputs, view by view (not gathered)."""
+    return list(net(torch.cat(views[:2])).chunk(2))
 
 
 def per_crop_size(net: Callable[[torch.Tensor], torch.Tensor], views: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -66,6 +66,7 @@ class BYOL(Method):
 
     name = "byol"
     Config = BYOLConfig
+    per_image_loss = True  # a mean over images: --micro-batch accumulates its chunks
     config: BYOLConfig
 
     def __init__(self, backbone: nn.Module, config: BYOLConfig | None = None, feature_dim: int | None = None):

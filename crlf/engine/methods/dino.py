@@ -106,13 +106,17 @@ class DINO(Method):
         """Multi-crop: 2 global views at the images' size, then the local crops."""
         return augment.multi_crop_recipe(aug, config.local_crops, min(config.local_size, image_size))
 
-    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+    def embed(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The student's outputs of every crop, then the teacher's of the two global ones (no gradient)."""
         n = len(views[0])
         student = per_crop_size(lambda x: self.head(self.backbone(x)), views)
         with torch.no_grad():
             teacher = self.teacher_head(self.teacher_backbone(torch.cat(views[:2]))).split(n)
-        student = [distributed.gather(s) for s in student]  # the loss of the global batch, with gradients
-        teacher = [distributed.gather(t) for t in teacher]
+        return [*student, *teacher]
+
+    def objective(self, embeddings: list[torch.Tensor]) -> torch.Tensor:
+        student = [distributed.gather(s) for s in embeddings[:-2]]  # the loss of the global batch, with gradients
+        teacher = [distributed.gather(t.detach()) for t in embeddings[-2:]]
         with full_precision(student[0]):
             student = [s.float() for s in student]
             teacher = [t.float() for t in teacher]

@@ -110,12 +110,21 @@ class Distill(Method):
             x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         return teacher.backbone.eval()(prepare(x, self.teacher_mean, self.teacher_std))  # device constants: no sync
 
-    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+    @property
+    def per_image_loss(self) -> bool:  # type: ignore[override]
+        """Without the NT-Xent term the loss is a mean over images: --micro-batch accumulates its chunks."""
+        return self.ssl_head is None
+
+    def embed(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per view: the projected student features, the teacher's (no gradient), and SimCLR's projections."""
         x = torch.cat(views[:2])
         features = self.backbone(x)
-        p = self.head(features)
-        t = self.teacher_features(x)
-        p, t = distributed.gather(p), distributed.gather(t)
+        out = [*self.head(features).chunk(2), *self.teacher_features(x).chunk(2)]
+        return out + (list(self.ssl_head(features).chunk(2)) if self.ssl_head is not None else [])
+
+    def objective(self, embeddings: list[torch.Tensor]) -> torch.Tensor:
+        p = torch.cat([distributed.gather(e) for e in embeddings[:2]])
+        t = torch.cat([distributed.gather(e.detach()) for e in embeddings[2:4]])
         with full_precision(p):
             if self.queue is None:
                 loss = regression_loss(p.float(), t.float())
@@ -125,7 +134,7 @@ class Distill(Method):
                 queue = self.queue.bank[0].clone()
                 loss = queue_kl(F.normalize(p.float(), dim=1), t, queue, self.config.queue_temperature)
         if self.ssl_head is not None:
-            z1, z2 = (distributed.gather(z) for z in self.ssl_head(features).chunk(2))
+            z1, z2 = (distributed.gather(z) for z in embeddings[4:])
             with full_precision(z1):
                 loss = loss + self.config.ssl_weight * nt_xent(z1, z2, self.config.temperature)
         return loss

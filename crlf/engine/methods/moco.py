@@ -87,18 +87,22 @@ class MoCo(Method):
         # two queues, one per view: queue.bank[1] holds keys of the second view
         self.queue = MemoryBank(c.queue_size, c.head_out, views=2) if c.queue_size else None
 
-    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+    def embed(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Queries of both views, then their keys (no gradient)."""
         x = torch.cat(views[:2])
         q = self.head(self.backbone(x))
         if self.predictor is not None:
             q = self.predictor(q)
         with torch.no_grad():  # the stop-gradient: keys come from the momentum encoder
             k = self.teacher_head(self.teacher_backbone(x))
-        q1, q2 = (distributed.gather(t) for t in q.chunk(2))
+        return [*q.chunk(2), *k.chunk(2)]
+
+    def objective(self, embeddings: list[torch.Tensor]) -> torch.Tensor:
+        q1, q2 = (distributed.gather(t) for t in embeddings[:2])
         with torch.no_grad():
-            k1, k2 = (distributed.gather(t) for t in k.chunk(2))
+            k1, k2 = (distributed.gather(t.detach()) for t in embeddings[2:])
         t = self.config.temperature
-        with full_precision(q):
+        with full_precision(q1):
             q1, q2 = F.normalize(q1.float(), dim=1), F.normalize(q2.float(), dim=1)
             k1, k2 = F.normalize(k1.float(), dim=1), F.normalize(k2.float(), dim=1)
             if self.queue is None:

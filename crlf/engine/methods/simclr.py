@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
+from crlf.engine import distributed
 from crlf.engine.heads import build_head
 from crlf.engine.loss import nt_xent
-from crlf.engine.methods.base import Method, full_precision, pair, register
+from crlf.engine.methods.base import Method, full_precision, register, two_views
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,10 @@ class SimCLR(Method):
         c = self.config
         self.head = build_head(self.feature_dim, c.head_hidden, c.head_out, c.head_layers, c.head_dropout)
 
-    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
-        z1, z2 = pair(lambda x: self.head(self.backbone(x)), views)  # the global batch, with gradients
+    def embed(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        return two_views(lambda x: self.head(self.backbone(x)), views)
+
+    def objective(self, embeddings: list[torch.Tensor]) -> torch.Tensor:
+        z1, z2 = (distributed.gather(z) for z in embeddings)  # the global batch, with gradients
         with full_precision(z1):
             return nt_xent(z1, z2, self.config.temperature)

@@ -40,6 +40,7 @@ class SimSiam(Method):
 
     name = "simsiam"
     Config = SimSiamConfig
+    per_image_loss = True  # a mean over images: --micro-batch accumulates its chunks
     config: SimSiamConfig
 
     def __init__(self, backbone: nn.Module, config: SimSiamConfig | None = None, feature_dim: int | None = None):

@@ -71,14 +71,17 @@ class SwAV(Method):
         """Multi-crop: 2 global views at the images' size, then the local crops."""
         return augment.multi_crop_recipe(aug, config.local_crops, min(config.local_size, image_size))
 
-    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+    def embed(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The normalised projections of every crop (the prototypes are the objective's)."""
+        return per_crop_size(lambda x: F.normalize(self.head(self.backbone(x)), dim=1), views)
+
+    def objective(self, embeddings: list[torch.Tensor]) -> torch.Tensor:
         w = self.prototypes.weight
         if self.training:
             self._before = w.detach().clone()
         # frozen: zero gradient, but still in the graph (DDP expects every parameter to get one)
         w = torch.where(self.frozen, w.detach() + 0 * w, w)
-        z = per_crop_size(lambda x: F.normalize(self.head(self.backbone(x)), dim=1), views)
-        z = [distributed.gather(x) for x in z]  # the loss of the global batch, with gradients
+        z = [distributed.gather(x) for x in embeddings]  # the loss of the global batch, with gradients
         with full_precision(z[0]):
             scores = [F.linear(x.float(), w.float()) for x in z]
             return swav_loss(scores, self.config.temperature)

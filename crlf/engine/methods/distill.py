@@ -112,8 +112,9 @@ class Distill(Method):
 
     @property
     def per_image_loss(self) -> bool:  # type: ignore[override]
-        """Without the NT-Xent term the loss is a mean over images: --micro-batch accumulates its chunks."""
-        return self.ssl_head is None
+        """Without the NT-Xent term and the queue (which a whole batch joins at once) the loss is a mean over images:
+        --micro-batch accumulates its chunks; else gradient caching."""
+        return self.ssl_head is None and self.queue is None
 
     def embed(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per view: the projected student features, the teacher's (no gradient), and SimCLR's projections."""

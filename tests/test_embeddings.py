@@ -107,8 +107,8 @@ def test_embed_api_refuses_what_the_cli_refuses_in_one_line(encoder_run, tmp_pat
     for bad in (float("nan"), float("inf")):
         _one_line_error("NaN or infinite", encoder.embed, torch.where(x > 0.5, bad, x))
         _one_line_error("NaN or infinite", encoder.features, torch.where(x > 0.5, bad, x))
-    _one_line_error("precision must be one of auto, bf16, fp32", encoder.embed, x, precision="fp8")
-    _one_line_error("precision must be one of", encoder.features, x, precision="fp16")
+    _one_line_error("precision must be one of auto, bf16, fp16, fp32", encoder.embed, x, precision="fp8")
+    _one_line_error("precision must be one of", encoder.features, x, precision="fp8")
     # the shape in the message is the caller's, not the one after a batch axis was added
     _one_line_error("got float32 (8, 8, 3)", encoder.embed, np.zeros((8, 8, 3), np.float32))
     _one_line_error("got shape (3, 8, 8, 2)", encoder.embed, np.zeros((3, 8, 8, 2), np.uint8))

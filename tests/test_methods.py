@@ -320,9 +320,9 @@ def test_a_training_step_never_makes_the_host_wait_for_the_device(optimizer):
         s = SimpleNamespace(
             model=method, step_model=method, optimizer=build_optimizer(method, optimizer, 0.1, 1e-4), amp=None,
             mean=torch.full((1, 3, 1, 1), 0.5), std=torch.full((1, 3, 1, 1), 0.25), device=torch.device("cpu"),
-            recipe=type(method).recipe(config, Augment(), 12),
+            recipe=type(method).recipe(config, Augment(), 12), scaler=None,
         )
-        cfg = SimpleNamespace(grad_clip=1.0, epochs=1, batch_size=8)
+        cfg = SimpleNamespace(grad_clip=1.0, epochs=1, batch_size=8, micro_batch=0)
         gen = torch.Generator().manual_seed(1)
         loop.train_step(cfg, s, batch, gen, 1, 4)  # the first step may build state (momentum buffers, queues)
         with _HostSyncs() as syncs:

@@ -72,7 +72,7 @@ def test_init_from_a_torchvision_file_loads_trains_and_is_recorded(tmp_path):
     student = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
     method = Distill(student, DistillConfig(teacher=str(path), teacher_arch="resnet18"), 6)  # public weights
     assert method.teacher_dim == 512 and torch.equal(method._teacher[0].backbone.conv1.weight, reference.conv1.weight)
-    with pytest.raises(InputError, match="holds no crlf metadata: .* the file with --teacher-arch ARCH"):
+    with pytest.raises(InputError, match="is not a crlf checkpoint .* the file with --teacher-arch ARCH"):
         Distill(student, DistillConfig(teacher=str(path)), 6)
 
 

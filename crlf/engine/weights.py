@@ -138,8 +138,9 @@ def open_encoder(source: str | Path, device: torch.device, arch: str | None = No
         if meta.get("format") in (ENCODER_FORMAT, STATE_FORMAT):  # a crlf file knows its backbone
             return load_encoder(path, device)
         if arch is None:
-            raise InputError(f"{quoted(path)} holds no crlf metadata: read it as public weights, the file with "
-                             f"{arch_flag} ARCH (e.g. {arch_flag} resnet50), or give a crlf encoder")  # fmt: skip
+            raise InputError(f"{quoted(path)} is not a crlf checkpoint (no crlf metadata): read it as public "
+                             f"weights, the file with {arch_flag} ARCH (e.g. {arch_flag} resnet50), or give a crlf "
+                             "encoder")  # fmt: skip
     else:
         path = _timm_cached(text.removeprefix("timm:"), "--ckpt")
         arch = arch or text

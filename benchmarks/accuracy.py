@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu import ROOT, VIT_ONLY, commit, pretrain_command, tiny_folder  # noqa: E402  (benchmarks/ is not a package)
 
 log = logging.getLogger("accuracy")
-METHODS = ["simclr", "moco", "byol", "simsiam", "barlow", "vicreg", "dino", "swav", "mae"]
+METHODS = ["simclr", "moco", "byol", "simsiam", "barlow", "vicreg", "dino", "swav", "mae", "ibot"]
 
 
 def seed_recipe() -> dict[str, Any]:

@@ -19,7 +19,7 @@ and results.json is rewritten after every stage, so a run cut short still leaves
 6. e2e_compile_graphs: e2e_compile with torch.compile's CUDA graphs (mode reduce-overhead, patched in here);
    e2e_compile_graphs_augment: the same with the augmentation (augment.apply) compiled too.
 7. throughput: benchmarks/throughput.py's table (eager: floor, crlf, torchvision DataLoader, augmentation alone).
-8. methods:    two epochs of each method (simclr moco byol simsiam barlow vicreg dino swav; mae on vit_small),
+8. methods:    two epochs of each method (simclr moco byol simsiam barlow vicreg dino swav; mae, ibot on vit_small),
                images/s of the last.
 9. evaluation: extract of train + test (60,000 images), linear-eval, knn-eval on the e2e_eager encoder, and the
                --knn-every cost: one monitor evaluation's seconds over 10 epochs of pretraining.
@@ -54,8 +54,8 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["simclr", "moco", "byol", "simsiam", "barlow", "vicreg", "dino", "swav", "mae"]
-VIT_ONLY = {"mae": "vit_small"}  # methods that train ViTs alone: the arch of their row (the others: resnet18)
+METHODS = ["simclr", "moco", "byol", "simsiam", "barlow", "vicreg", "dino", "swav", "mae", "ibot"]
+VIT_ONLY = {"mae": "vit_small", "ibot": "vit_small"}  # methods that train ViTs alone: their row's arch (else resnet18)
 log = logging.getLogger("gpu")
 
 

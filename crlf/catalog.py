@@ -123,6 +123,22 @@ METHODS: dict[str, Any] = {
             'optimizer': 'adamw',
             'defaults': {'mask_ratio': 0.75, 'decoder_depth': 4, 'decoder_width': 256},
         },
+        'ibot': {
+            'summary': "DINO on the class tokens + masked-patch distillation of the teacher's patch tokens (ViTs only).",
+            'optimizer': 'adamw',
+            'defaults': {
+                'head_hidden': 2048,
+                'head_out': 256,
+                'prototypes': 4096,
+                'temperature': 0.1,
+                'teacher_temperature': 0.07,
+                'momentum': 0.996,
+                'local_crops': 4,
+                'local_size': 16,
+                'mask_ratio': 0.3,
+                'patch_weight': 1.0,
+            },
+        },
     },
     'options': {
         'head_hidden': {
@@ -259,7 +275,7 @@ METHODS: dict[str, Any] = {
         },
         'mask_ratio': {
             'type': 'float',
-            'help': "Fraction of each image's patches masked (MAE).",
+            'help': "Fraction of each image's patches masked.",
             'identity': False,
             'bounds': {'gt': 0.0, 'lt': 1.0},
         },
@@ -274,6 +290,12 @@ METHODS: dict[str, Any] = {
             'help': "MAE decoder's width (a multiple of 32).",
             'identity': True,
             'bounds': {'ge': 32, 'le': 4096},
+        },
+        'patch_weight': {
+            'type': 'float',
+            'help': "Weight of iBOT's masked-patch loss (lambda2).",
+            'identity': False,
+            'bounds': {'ge': 0.0, 'le': 100.0},
         },
     },
 }

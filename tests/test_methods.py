@@ -125,13 +125,14 @@ def _tiny_teacher() -> str:
     return str(path)
 
 
-MASKED = {"mae"}  # the masked image modelling methods: ViTs only, masks drawn in forward
+MASKED = {"mae", "ibot"}  # the masked image modelling methods: ViTs only, masks drawn in forward
+MASKS_PER_IMAGE = {"ibot": 2}  # one per global crop (mae: one per image)
 
 
 def _tiny(name: str, **options) -> tuple[methods.Method, object]:
     """The method around a one-conv backbone (any view size), small heads, weights seeded alike in every process;
-    the multi-crop methods with two small crops; distill from a small teacher; mae around a one-block ViT of 2 px
-    patches (4 x 4 views: 4 patches) with a small decoder."""
+    the multi-crop methods with two small crops; distill from a small teacher; mae and ibot around a one-block ViT
+    of 2 px patches (4 x 4 views: 4 patches), mae with a small decoder."""
     from crlf.engine.backbones.vit import _ViT
 
     cls = methods.get(name)
@@ -149,11 +150,11 @@ def _tiny(name: str, **options) -> tuple[methods.Method, object]:
     return cls(backbone, config, 12), config
 
 
-def _rows_generator(rows: slice) -> torch.Generator:
-    """A generator whose next (n, 4) draw is rows `rows` of the whole batch's (8, 4) draw (CPU draws are
-    sequential): the masks of a process's share of the batch are the single process's masks of those images."""
+def _rows_generator(rows: slice, masks: int = 1) -> torch.Generator:
+    """A generator whose next (n x masks, 4) draw is rows `rows` of the whole batch's (8 x masks, 4) draw (CPU draws
+    are sequential): the masks of a process's share of the batch are the single process's masks of those images."""
     g = torch.Generator().manual_seed(5)
-    torch.rand(rows.start, 4, generator=g)
+    torch.rand(rows.start * masks, 4, generator=g)
     return g
 
 
@@ -175,7 +176,7 @@ def _two_process_steps(rank: int, world_size: int, port: int, out: str) -> None:
         result = {}
         for name in methods.REGISTRY:
             method, config = _tiny(name)
-            method.set_generator(_rows_generator(slice(rank * 4, rank * 4 + 4)))
+            method.set_generator(_rows_generator(slice(rank * 4, rank * 4 + 4), MASKS_PER_IMAGE.get(name, 1)))
             method = distributed.sync_batchnorm(method, torch.device("cpu"))
             loss = method(_fixed_views(config, slice(rank * 4, rank * 4 + 4)))
             loss.backward()
@@ -204,7 +205,7 @@ def test_every_method_on_two_processes_equals_one_process_on_the_whole_batch(tmp
     r0, r1 = load_file(f"{out}.0"), load_file(f"{out}.1")
     for name in methods.REGISTRY:
         method, config = _tiny(name)
-        method.set_generator(_rows_generator(slice(0, 8)))
+        method.set_generator(_rows_generator(slice(0, 8), MASKS_PER_IMAGE.get(name, 1)))
         loss = method(_fixed_views(config, slice(0, 8)))
         loss.backward()
         assert torch.allclose(r0[f"{name}.loss"], loss.reshape(1), rtol=1e-4, atol=1e-6), name

@@ -1,5 +1,6 @@
 """Masked image modelling (--method mae): the masking, the encoder on the visible patches only, the loss against its
-written-out formula, and a tiny run that learns, resumes exactly, embeds with extract and draws its reconstructions."""
+written-out formula, and a tiny run that learns, resumes exactly, embeds with extract and draws its reconstructions;
+--method ibot: its masked-patch loss against the written-out formula, its masks, a tiny run that learns and resumes."""
 
 import json
 import math
@@ -18,7 +19,8 @@ from crlf import PretrainSettings, load_encoder, pretrain
 from crlf.commands.visualize import visualize
 from crlf.engine.backbones.tokens import tokens_of
 from crlf.engine.backbones.vit import _ViT
-from crlf.engine.loss import mae_loss
+from crlf.engine.loss import mae_loss, masked_patch_loss
+from crlf.engine.methods.ibot import IBOT, IBOTConfig
 from crlf.engine.methods.mae import MAE, MAEConfig, patchify, random_masking, unpatchify
 from crlf.engine.rundir import RunDir
 from crlf.errors import InputError, Interrupted
@@ -173,3 +175,91 @@ def test_mae_takes_the_recipes_optimizer_and_refuses_a_cnn(tmp_path):
                  "--image-size", 8, "--batch-size", 8, "--epochs", 1, "--device", "cpu", "--out", tmp_path / "cnn")
     assert r.returncode == 2 and "--method mae trains ViTs only" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()[-1]) < 200 and not (tmp_path / "cnn").exists()
+
+
+# ---- ibot: DINO on the class tokens + the masked-patch loss ---------------------------------------------------------
+
+
+def test_the_masked_patch_loss_is_the_written_out_formula():
+    g = torch.Generator().manual_seed(0)
+    student = [torch.randn(2, 3, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+    teacher = [torch.randn(2, 3, 4, generator=g, dtype=torch.float64) for _ in range(2)]
+    center = torch.randn(1, 4, generator=g, dtype=torch.float64)
+    masks = [torch.tensor([[True, False, True], [False, False, False]]), torch.tensor([[False, True, False]] * 2)]
+    ts, tt = 0.1, 0.05
+
+    def softmax(row):
+        e = [math.exp(v) for v in row]
+        return [v / sum(e) for v in e]
+
+    expected = []
+    for i in range(2):
+        per_crop = []
+        for v in range(2):
+            terms = []
+            for j in range(3):
+                if masks[v][i, j]:
+                    q = softmax([(float(teacher[v][i, j, k]) - float(center[0, k])) / tt for k in range(4)])
+                    p = softmax([float(student[v][i, j, k]) / ts for k in range(4)])
+                    terms.append(-sum(q[k] * math.log(p[k]) for k in range(4)))
+            per_crop.append(sum(terms) / max(1, len(terms)))  # an image with no masked patch adds 0
+        expected.append(sum(per_crop) / 2)
+    per_image = masked_patch_loss(student, teacher, masks, center, ts, tt, reduction="none")
+    assert per_image.tolist() == pytest.approx(expected, rel=1e-9)
+    assert float(masked_patch_loss(student, teacher, masks, center, ts, tt)) == pytest.approx(sum(expected) / 2)
+    moved = [t.clone() for t in teacher]
+    moved[0][0, 1] += 5.0  # a patch the student saw: no change
+    assert torch.equal(masked_patch_loss(student, moved, masks, center, ts, tt, reduction="none"), per_image)
+
+
+def test_ibot_masks_the_students_global_crops_only_and_repeats_its_masks_per_seed():
+    method = IBOT(tiny_vit(), IBOTConfig(head_hidden=16, head_out=8, prototypes=10, local_crops=1, local_size=8))
+    views = [torch.randn(3, 3, 16, 16), torch.randn(3, 3, 16, 16), torch.randn(3, 3, 8, 8)]
+    method.set_generator(torch.Generator().manual_seed(4))
+    out = method.embed(views)
+    assert len(out) == 3 + 8 and out[3].shape == (3, 16, 10) and out[-1].shape == (3, 16)
+    assert all(int(m.sum(1).min()) == int(m.sum(1).max()) == 5 for m in out[-2:])  # int(16 x 0.7) = 11 kept
+    method.set_generator(torch.Generator().manual_seed(4))
+    assert all(torch.equal(a, b) for a, b in zip(out[-2:], method.embed(views)[-2:], strict=True))
+    with torch.no_grad():
+        method.mask_token.add_(1.0)  # the student's patches change, the teacher's do not
+    method.set_generator(torch.Generator().manual_seed(4))
+    again = method.embed(views)
+    assert not torch.allclose(again[3], out[3]) and torch.equal(again[7], out[7])
+
+
+def _ibot(out, **overrides) -> PretrainSettings:
+    values = dict(method="ibot", arch="vit_tiny", data="digits", limit=16, image_size=16, batch_size=8, epochs=2,
+                  head_hidden=32, head_out=16, prototypes=32, local_crops=1, local_size=8, lr=2e-3, warmup_epochs=0,
+                  device="cpu", out=out)  # fmt: skip
+    return PretrainSettings(**{**values, **overrides})
+
+
+def test_a_tiny_ibot_run_learns_and_resumes_exactly(tmp_path, signal_at, one_thread):
+    full = _ibot(tmp_path / "full")
+    pretrain(full)
+    losses = [m["loss"] for m in RunDir(full.out).read_metrics()]
+    assert losses[-1] < losses[0] and all(math.isfinite(v) for v in losses), losses
+    state = load_file(str(full.out / "last.safetensors"))
+    assert "model.mask_token" in state and float(state["model.patch_center"].abs().sum()) > 0  # the patch centre moved
+
+    part = _ibot(tmp_path / "part")
+    with pytest.raises(Interrupted):
+        pretrain(part, signal_at(epoch=2, step=1, sig=signal.SIGTERM))
+    pretrain(part, resume=True)
+    a, b = load_file(str(full.out / "last.safetensors")), load_file(str(part.out / "last.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "the resumed run differs"
+    assert losses == [m["loss"] for m in RunDir(part.out).read_metrics()]
+
+
+def test_ibot_takes_its_recipe_and_refuses_a_cnn_and_micro_batch(tmp_path):
+    r = run_crlf("pretrain", "--method", "ibot", "--arch", "vit_small", "--print-config")
+    assert r.returncode == 0, r.stderr
+    assert 'optimizer = "adamw"' in r.stdout and "mask_ratio = 0.3" in r.stdout and "patch_weight = 1.0" in r.stdout
+    common = ("--data", "digits", "--limit", 16, "--image-size", 8, "--batch-size", 8, "--epochs", 1, "--device", "cpu")
+    r = run_crlf("pretrain", "--method", "ibot", "--arch", "resnet18", *common, "--out", tmp_path / "cnn")
+    assert r.returncode == 2 and "--method ibot trains ViTs only" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()[-1]) < 200 and not (tmp_path / "cnn").exists()
+    r = run_crlf("pretrain", "--method", "ibot", "--arch", "vit_tiny", *common, "--micro-batch", 4,
+                 "--out", tmp_path / "mb")  # fmt: skip
+    assert r.returncode == 2 and "--micro-batch" in r.stderr and "Traceback" not in r.stderr

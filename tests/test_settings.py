@@ -416,7 +416,7 @@ def test_config_file_paths_are_quoted(tmp_path):
             PretrainSettings,
             {"method": "simclar"},
             "method: 'simclar' is not one of simclr, moco, byol, simsiam, barlow, "
-            "vicreg, dino, swav, distill, mae (did you mean 'simclr'?)",
+            "vicreg, dino, swav, distill, mae, ibot (did you mean 'simclr'?)",
         ),
         (PretrainSettings, {"precision": "fp8"}, "precision: 'fp8' is not one of auto, bf16, fp16, fp32"),
     ],

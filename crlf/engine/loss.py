@@ -173,3 +173,22 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, reduc
     m = mask.to(per_patch.dtype)
     per_image = (per_patch * m).sum(1) / m.sum(1).clamp_min(1)
     return per_image if reduction == "none" else per_image.mean()
+
+
+def masked_patch_loss(
+    student: list[torch.Tensor], teacher: list[torch.Tensor], masks: list[torch.Tensor], center: torch.Tensor,
+    student_temp: float, teacher_temp: float | torch.Tensor, reduction: str = "mean",
+) -> torch.Tensor:  # fmt: skip
+    """iBOT's masked-patch loss (official ``iBOTLoss``, its ``loss2``): per global crop v, the cross-entropy
+    H(softmax((t_v - c) / teacher_temp), softmax(s_v / student_temp)) of each patch, averaged over each image's
+    masked patches (a count of at least 1), then over the crops. student, teacher: (N, L, K) per crop, masks: (N, L)
+    per crop, True (or 1) where the student's patch was masked; the teacher side carries no gradient. Returns the
+    mean over the N images, or the (N,) per-image losses with reduction="none"."""
+    per_crop = []
+    for s, t, m in zip(student, teacher, masks, strict=True):
+        q = F.softmax((t.detach() - center) / teacher_temp, dim=-1)
+        ce = -(q * F.log_softmax(s / student_temp, dim=-1)).sum(-1)  # (N, L)
+        m = m.to(ce.dtype)
+        per_crop.append((ce * m).sum(1) / m.sum(1).clamp_min(1))
+    per_image = torch.stack(per_crop).mean(0)
+    return per_image if reduction == "none" else per_image.mean()

@@ -18,9 +18,11 @@ from crlf.engine.methods.dino import DINO, DINOConfig
 from crlf.engine.methods.swav import SwAV, SwAVConfig
 from crlf.engine.methods.distill import Distill, DistillConfig
 from crlf.engine.methods.mae import MAE, MAEConfig
+from crlf.engine.methods.ibot import IBOT, IBOTConfig
 
 __all__ = [
     "BYOL", "DINO", "REGISTRY", "BYOLConfig", "BarlowConfig", "BarlowTwins", "DINOConfig", "Method", "MoCo",
     "MoCoConfig", "SimCLR", "SimCLRConfig", "SimSiam", "SimSiamConfig", "SwAV", "SwAVConfig", "VICReg",
-    "VICRegConfig", "Distill", "DistillConfig", "MAE", "MAEConfig", "catalog", "get", "opt", "register",
+    "VICRegConfig", "Distill", "DistillConfig", "MAE", "MAEConfig", "IBOT", "IBOTConfig",
+    "catalog", "get", "opt", "register",
 ]  # fmt: skip

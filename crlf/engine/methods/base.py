@@ -77,6 +77,8 @@ SHARED_OPTIONS: dict[str, dict[str, Any]] = {
                     "bounds": {"ge": 0, "le": 32}},
     "local_size": {"help": "Local crop side in px (at most the image's).", "identity": False,
                    "bounds": {"ge": 2, "le": 4096}},
+    "mask_ratio": {"help": "Fraction of each image's patches masked.", "identity": False,
+                   "bounds": {"gt": 0.0, "lt": 1.0}},
 }  # fmt: skip
 
 

@@ -47,7 +47,7 @@ HEAD_DIM = 32  # the decoder's attention heads: official 512 wide / 16 heads
 class MAEConfig:
     """MAE's options: the masking ratio and the decoder's size."""
 
-    mask_ratio: float = opt(0.75, "Fraction of each image's patches masked (MAE).", gt=0.0, lt=1.0)
+    mask_ratio: float = 0.75
     decoder_depth: int = opt(4, "MAE decoder's transformer blocks.", identity=True, ge=1, le=24)
     decoder_width: int = opt(256, "MAE decoder's width (a multiple of 32).", identity=True, ge=32, le=4096)
 

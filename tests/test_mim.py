@@ -51,6 +51,16 @@ def tiny_mae(backbone: nn.Module, **options) -> MAE:
     return MAE(backbone, MAEConfig(decoder_width=32, decoder_depth=1, **options))
 
 
+
+def _stopped_and_resumed_equals(full, part, losses, signal_at) -> None:
+    """`part` stopped by SIGTERM in epoch 2 and resumed ends with `full`'s state and per-epoch losses, bit for bit."""
+    with pytest.raises(Interrupted):
+        pretrain(part, signal_at(epoch=2, step=1, sig=signal.SIGTERM))
+    pretrain(part, resume=True)
+    a, b = load_file(str(full.out / "last.safetensors")), load_file(str(part.out / "last.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "the resumed run differs"
+    assert losses == [m["loss"] for m in RunDir(part.out).read_metrics()]
+
 def test_the_masking_ratio_holds_per_image_and_a_seed_repeats_the_masks():
     for ratio, kept in ((0.75, 4), (0.5, 8), (0.1, 14), (0.99, 1)):
         keep, mask = random_masking(6, 16, ratio, torch.Generator().manual_seed(1), torch.device("cpu"))
@@ -141,12 +151,7 @@ def test_a_tiny_mae_run_learns_resumes_exactly_embeds_and_draws_its_reconstructi
     assert json.loads((full.out / "config.json").read_text())["lr"] == 2e-3
 
     part = _settings(tmp_path / "part")
-    with pytest.raises(Interrupted):
-        pretrain(part, signal_at(epoch=2, step=1, sig=signal.SIGTERM))
-    pretrain(part, resume=True)
-    a, b = load_file(str(full.out / "last.safetensors")), load_file(str(part.out / "last.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "the resumed run differs"
-    assert losses == [m["loss"] for m in RunDir(part.out).read_metrics()]
+    _stopped_and_resumed_equals(full, part, losses, signal_at)
 
     shown = visualize(VisualizeSettings(run=[full.out], kind=["reconstructions"], queries=3, device="cpu",
                                         out=tmp_path / "rec.png"))  # fmt: skip
@@ -244,12 +249,7 @@ def test_a_tiny_ibot_run_learns_and_resumes_exactly(tmp_path, signal_at, one_thr
     assert "model.mask_token" in state and float(state["model.patch_center"].abs().sum()) > 0  # the patch centre moved
 
     part = _ibot(tmp_path / "part")
-    with pytest.raises(Interrupted):
-        pretrain(part, signal_at(epoch=2, step=1, sig=signal.SIGTERM))
-    pretrain(part, resume=True)
-    a, b = load_file(str(full.out / "last.safetensors")), load_file(str(part.out / "last.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "the resumed run differs"
-    assert losses == [m["loss"] for m in RunDir(part.out).read_metrics()]
+    _stopped_and_resumed_equals(full, part, losses, signal_at)
 
 
 def test_ibot_takes_its_recipe_and_refuses_a_cnn_and_micro_batch(tmp_path):
